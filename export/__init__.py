@@ -1,0 +1,1 @@
+"""veil.export: placeholder package; its issue has not landed yet."""

@@ -1,0 +1,1 @@
+"""Shipped YAML training configs (package data)."""

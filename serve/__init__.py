@@ -1,0 +1,1 @@
+"""veil.serve: placeholder package; its issue has not landed yet."""
