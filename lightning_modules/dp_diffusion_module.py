@@ -94,7 +94,9 @@ class DPDiffusionModule(L.LightningModule):
         if not self.dp_cfg.enabled:
             return base
         if self._grad_sampler is None:
-            self._grad_sampler = dplib.attach_grad_sampler(self.model)
+            # object.__setattr__: not a registered submodule, or the state dict would hold the
+            # UNet twice (the hooks live on self.model's layers anyway).
+            object.__setattr__(self, "_grad_sampler", dplib.attach_grad_sampler(self.model))
         world = self.trainer.world_size if self._trainer is not None else 1
         expected = self.hparams.sample_rate * self.hparams.train_size / world  # per-rank E[|B|]
         return make_dp_optimizer(
@@ -107,12 +109,15 @@ class DPDiffusionModule(L.LightningModule):
             secure_mode=self.dp_cfg.secure_mode,
         )
 
-    def on_train_start(self):
-        ddp = self.trainer.strategy.model
-        if self.dp_cfg.enabled and hasattr(ddp, "require_backward_grad_sync"):
-            # The DP optimizer sums clipped gradients across ranks itself; DDP's averaging of
-            # unclipped gradients would be wasted work (and would hang on a rank with an empty batch).
-            ddp.require_backward_grad_sync = False
+    def _disable_ddp_gradient_sync(self) -> None:
+        # The DP optimizer sums clipped gradients across ranks itself; DDP's averaging of the
+        # unclipped ones is wasted work and would hang a rank whose Poisson batch is empty.
+        # Lightning re-enables the flag after every forward in manual optimisation, so this runs
+        # at the start of every training step.
+        if self.dp_cfg.enabled and self._trainer is not None:
+            ddp = self.trainer.strategy.model
+            if hasattr(ddp, "require_backward_grad_sync"):
+                ddp.require_backward_grad_sync = False
 
     # ---------------------------------------------------------------- loss
     def drop_attributes(self, attrs: torch.Tensor) -> torch.Tensor:
@@ -151,6 +156,7 @@ class DPDiffusionModule(L.LightningModule):
     # ---------------------------------------------------------------- step
     def training_step(self, batch, batch_idx):
         x0, attrs = batch  # (B,3,H,W) in [-1,1], (B,k) in {-1,+1}; B random under Poisson sampling
+        self._disable_ddp_gradient_sync()
         opt = self.optimizers()
         size = self.dp_cfg.max_physical_batch_size if self.dp_cfg.enabled else max(len(x0), 1)
         starts = list(range(0, len(x0), size)) or [0]

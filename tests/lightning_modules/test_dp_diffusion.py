@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_MODEL, fit_batches, make_batch
+from dp_helpers import TINY_MODEL, fit_batches, make_batch
 from veil.lightning_modules.dp_diffusion_module import DPDiffusionModule
 
 
@@ -52,10 +52,11 @@ def _hand_clipped_mean(model, draws, x, a, *, C, expected_batch):
     return [t / expected_batch for t in total]
 
 
+@pytest.mark.parametrize("kernel", ["opacus", "fused"])
 @pytest.mark.parametrize("physical", [64, 2])  # 2 < batch 5: three physical chunks = virtual steps
-def test_noise_free_update_is_the_hand_computed_clipped_mean(physical):
+def test_noise_free_update_is_the_hand_computed_clipped_mean(physical, kernel):
     torch.manual_seed(0)
-    module = _module(sigma=0.0, C=0.05, physical=physical)
+    module = _module(sigma=0.0, C=0.05, physical=physical, kernel=kernel)
     x, a = make_batch(5)
     draws = FixedDraws(module, 5)
     before = copy.deepcopy(module.model)
@@ -66,12 +67,13 @@ def test_noise_free_update_is_the_hand_computed_clipped_mean(physical):
         torch.testing.assert_close(p0.detach() - p1.detach(), g, rtol=1e-4, atol=1e-7)  # SGD, lr = 1
 
 
-def test_noise_makes_updates_depend_on_the_seed():
+@pytest.mark.parametrize("kernel", ["opacus", "fused"])
+def test_noise_makes_updates_depend_on_the_seed(kernel):
     x, a = make_batch(4)
     results = []
     for seed in (0, 0, 1):
         torch.manual_seed(0)
-        module = _module(sigma=1.0, optimizer="sgd", lr=0.1)
+        module = _module(sigma=1.0, optimizer="sgd", lr=0.1, kernel=kernel)
         fit_batches(module, [(x, a)], seed=seed)
         results.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]))
     assert torch.equal(results[0], results[1]), "same seed must give the same parameters"

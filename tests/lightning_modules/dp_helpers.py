@@ -1,7 +1,10 @@
-"""Shared fixtures for the lightning_modules tests: a tiny UNet config and a one-batch-per-step fit."""
+"""Helpers for the DP tests: a tiny UNet config, a one-batch-per-step fit, random batches.
+
+(A uniquely named module rather than conftest.py: test folders have no __init__.py, so two
+conftest modules would shadow each other on ``from conftest import``.)
+"""
 
 import lightning as L
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -37,8 +40,3 @@ def make_batch(b, *, seed=0, k=3, res=16):
     x = torch.rand(b, 3, res, res, generator=g) * 2 - 1
     a = torch.randint(0, 2, (b, k), generator=g).float() * 2 - 1
     return x, a
-
-
-@pytest.fixture
-def tiny_model_kwargs():
-    return dict(TINY_MODEL)

@@ -1,0 +1,194 @@
+"""Face images from a folder, labelled by a CSV file; plus the image and label reading CelebA shares.
+
+    ds = ImageFolderCSV("faces/", "faces/labels.csv", attributes=["smiling", "hat"], resolution=64)
+    image, attrs = ds[0]   # (3, 64, 64) in [-1, 1], (2,) in {-1, +1}
+
+The CSV has a header row. One column names the image files, relative to the folder: ``id_column``
+if given, else the first of ``image_id``, ``id``, ``filename``, ``file`` present, else the first
+column. The other columns are binary attributes written -1/1 or 0/1 (0 is read as -1).
+Images are loaded lazily: the largest centred square is cropped and resized to ``resolution``
+with Pillow's antialiased bicubic filter. Every file problem raises ``DataError`` naming the file
+(and the line); every bad argument raises ``ConfigError`` naming the option.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from veil.errors import ConfigError, DataError
+from veil.lightning_modules.data.grid import uint8_to_tensor
+
+__all__ = [
+    "ImageFolderCSV", "FileFaces", "BINARY_VALUES", "load_face_image", "center_crop_resize", "parse_binary",
+    "select_attributes", "check_files_present", "check_resolution",
+]
+
+ID_COLUMN_CANDIDATES = ("image_id", "id", "filename", "file")
+BINARY_VALUES = {"1": 1.0, "-1": -1.0, "0": -1.0, "1.0": 1.0, "-1.0": -1.0, "0.0": -1.0, "+1": 1.0}
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """Crop the largest centred square (178x218 -> 178x178) and resize it to resolution x resolution."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return square.resize((resolution, resolution), Image.BICUBIC)
+
+
+def load_face_image(path: Path, resolution: int) -> np.ndarray:
+    """Read an image file as uint8 RGB (resolution, resolution, 3); DataError if it is unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.array(center_crop_resize(im.convert("RGB"), resolution), dtype=np.uint8)  # a writable copy
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found; it is listed in the labels but absent") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: not a readable image ({e}); re-copy or remove it from the labels") from None
+
+
+def parse_binary(text: str, *, file: Path, line: int, column: str) -> float:
+    """A label cell as -1.0 or +1.0 (accepts -1, 0 and 1)."""
+    try:
+        return BINARY_VALUES[text.strip()]
+    except KeyError:
+        raise DataError(
+            f"{file}, line {line}, column {column!r}: expected a binary label -1/1 or 0/1, found {text!r}"
+        ) from None
+
+
+def select_attributes(requested: Sequence[str] | None, available: Sequence[str], *, source: Path) -> list[int]:
+    """Column positions of ``requested`` in ``available`` (all of them if None); ConfigError on unknown names."""
+    if requested is None:
+        return list(range(len(available)))
+    if isinstance(requested, str):
+        raise ConfigError(f"attributes={requested!r}: give a list of names, e.g. [{requested!r}]")
+    positions = []
+    for name in requested:
+        if name not in available:
+            close = difflib.get_close_matches(str(name), list(available), n=3, cutoff=0.5)
+            hint = f"did you mean {close}?" if close else f"available: {list(available)}"
+            raise ConfigError(f"attributes: {name!r} is not a column of {source}; {hint}")
+        positions.append(list(available).index(name))
+    if len(set(positions)) != len(positions):
+        raise ConfigError(f"attributes={list(requested)!r}: a name is repeated")
+    return positions
+
+
+def check_files_present(folder: Path, names: Sequence[str], *, listed_in: Path) -> None:
+    """DataError naming the first missing images if any file listed in ``listed_in`` is absent from ``folder``."""
+    if all("/" not in n and os.sep not in n for n in names):
+        present = set(os.listdir(folder))
+        missing = [n for n in names if n not in present]
+    else:
+        missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(
+            f"{folder / missing[0]}: image listed in {listed_in} is absent ({len(missing)} of {len(names)} missing, "
+            f"first: {missing[:3]}); copy the images into {folder} or remove their lines from {listed_in.name}"
+        )
+
+
+def check_resolution(resolution) -> None:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
+        raise ConfigError(f"resolution={resolution!r}: give an image size in pixels, at least 8")
+
+
+class FileFaces(Dataset):
+    """Lazy image files + a label matrix: the common body of ImageFolderCSV and CelebA."""
+
+    def __init__(self, folder: Path, files: list[str], labels: np.ndarray, names: list[str], resolution: int):
+        check_resolution(resolution)
+        self.folder, self.files, self.resolution = Path(folder), list(files), resolution
+        self.ids = list(files)
+        self.attribute_names = list(names)
+        self.attribute_matrix = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))  # (N, k) in {-1,+1}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image_uint8(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 (H, W, 3), cropped and resized."""
+        return load_face_image(self.folder / self.files[index], self.resolution)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(index)
+        return uint8_to_tensor(self.image_uint8(index)), self.attribute_matrix[index].clone()
+
+
+def _read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, cells) of each non-blank row."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except FileNotFoundError:
+        raise DataError(f"{csv_path}: label CSV not found; pass csv= the path of a CSV with a header row") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: not a readable CSV ({e}); expected a header, then a row per image") from None
+    if len(header) < 2:
+        raise DataError(f"{csv_path}, line 1: expected a header with an id column and at least one attribute column")
+    return header, rows
+
+
+def _id_column(header: list[str], id_column: str | None, csv_path: Path) -> int:
+    if id_column is not None:
+        if id_column not in header:
+            raise ConfigError(f"id_column={id_column!r} is not a column of {csv_path}; columns: {header}")
+        return header.index(id_column)
+    for name in ID_COLUMN_CANDIDATES:
+        if name in header:
+            return header.index(name)
+    return 0
+
+
+class ImageFolderCSV(FileFaces):
+    """``ds[i] -> (image (3,R,R) in [-1,1], attrs (k,) in {-1,+1})`` for the images that ``csv_path`` labels."""
+
+    def __init__(
+        self,
+        folder,
+        csv_path,
+        *,
+        attributes: Sequence[str] | None = None,
+        resolution: int = 64,
+        id_column: str | None = None,
+    ):
+        folder, csv_path = Path(folder), Path(csv_path)
+        check_resolution(resolution)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: image folder not found; pass root= the folder that holds the images")
+        header, rows = _read_csv_rows(csv_path)
+        id_col = _id_column(header, id_column, csv_path)
+        label_cols = [i for i in range(len(header)) if i != id_col]
+        names = [header[i] for i in label_cols]
+        picked = select_attributes(attributes, names, source=csv_path)
+        files, labels, seen = [], [], {}
+        for line, row in rows:
+            if len(row) != len(header):
+                raise DataError(
+                    f"{csv_path}, line {line}: expected {len(header)} comma-separated fields "
+                    f"like the header, found {len(row)}"
+                )
+            name = row[id_col].strip()
+            if name in seen:
+                raise DataError(f"{csv_path}, line {line}: {name!r} is listed twice (first on line {seen[name]})")
+            seen[name] = line
+            files.append(name)
+            labels.append(
+                [parse_binary(row[label_cols[p]], file=csv_path, line=line, column=names[p]) for p in picked]
+            )
+        if not files:
+            raise DataError(f"{csv_path}: no image rows after the header; expected one row per image")
+        check_files_present(folder, files, listed_in=csv_path)
+        super().__init__(folder, files, np.array(labels, np.float32), [names[p] for p in picked], resolution)
