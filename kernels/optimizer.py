@@ -1,0 +1,339 @@
+"""Opacus DP optimizers whose clip / accumulate / noise / scale stage runs fused.
+
+``FusedDPOptimizer`` and ``FusedDistributedDPOptimizer`` subclass Opacus 1.6's ``DPOptimizer`` and
+``DistributedDPOptimizer`` and keep their whole protocol: ``signal_skip_step`` for virtual batches,
+``accumulated_iterations``, ``attach_step_hook`` (the accountant), ``zero_grad`` and the
+"gradients not cleared" guard, and, for the distributed one, noise on rank 0 only followed by an
+all-reduce SUM and a division by the world size. Only the arithmetic of ``pre_step`` changes:
+
+* backend "triton" (default on CUDA): one launch for the per-sample norms of all parameters, then
+  one pass that clips, sums over the batch, adds the running sum of skipped steps, draws the noise
+  in-kernel and divides, writing straight into ``p.grad`` (reusing its memory when it exists).
+  Skipped (virtual) steps run the same pass without noise into ``p.summed_grad``.
+* backend "reference" (default on CPU, for fp64, and under TRITON_INTERPRET=1): ``veil.kernels.reference``, Opacus's exact arithmetic
+  without its temporaries. At sigma = 0 it equals Opacus; at sigma > 0 it draws the same noise as
+  Opacus given the same generator state.
+
+Noise: a ``torch.Generator`` (given, or seeded from ``seed``; with neither, torch's global RNG as
+in Opacus) on the reference path; Philox keyed by ``seed`` (or a key drawn once from the generator
+or the global RNG) at counters ``(step << 32) + flat element index`` on the triton path. Its stream
+position travels in ``state_dict()``: load it when resuming, or the same noise would be drawn twice,
+which leaks the difference of two updates. Neither backend draws Opacus's ``secure_mode`` noise, so
+``secure_mode=True`` is refused with a ``PrivacyError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from veil.errors import ConfigError, PrivacyError
+from veil.kernels.reference import (
+    add_noise_reference_,
+    clip_factors_reference,
+    clipped_sum_reference,
+    per_sample_norms_reference,
+)
+
+BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_triton() -> bool:
+    """Triton is installed and the kernels are compiled, not interpreted (the interpreter cannot read
+    CUDA tensors through pointer tables: with TRITON_INTERPRET=1, 'auto' stays on the reference path)."""
+    try:
+        from veil.kernels.multi_tensor import interpreting
+        from veil.kernels.per_sample_norms import _per_sample_sq_norms_kernel
+    except ImportError:
+        return False
+    return not interpreting(_per_sample_sq_norms_kernel)
+
+
+def _validate(*, noise_multiplier, max_grad_norm, backend, seed, generator, secure_mode) -> None:
+    """Refuse what the fused optimizer cannot honour, naming the option and the fix."""
+    if secure_mode:
+        raise PrivacyError(
+            "secure_mode=True asks for noise robust to floating-point attacks, which the fused DP kernels "
+            "do not draw (Philox / torch.normal noise); set dp.kernel: opacus to get Opacus's secure noise"
+        )
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if seed is not None and generator is not None:
+        raise ConfigError("pass a noise seed or a torch.Generator, not both (dp.seed)")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise ConfigError(f"dp.seed must be an integer in [0, 2**63), got {seed!r}")
+    if not max_grad_norm > 0:
+        raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if not noise_multiplier >= 0:
+        raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+
+
+class _FusedDPMixin:
+    """The fused ``pre_step`` and its pieces; mixed in before an Opacus DP optimizer class."""
+
+    def __init__(
+        self, optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int | None,
+        loss_reduction: str = "mean", generator=None, secure_mode: bool = False, backend: str = "auto",
+        seed: int | None = None, **kwargs,
+    ):
+        _validate(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, backend=backend,
+                  seed=seed, generator=generator, secure_mode=secure_mode)
+        super().__init__(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=generator,
+            secure_mode=secure_mode, **kwargs,
+        )
+        self.backend = backend
+        self.seed = seed
+        self._philox_seed: int | None = None  # Philox key of the triton path, fixed on first use
+        self._noise_step = 0  # noisy triton steps so far: the high 32 bits of every Philox counter
+        self._seeded_generators: dict[str, torch.Generator] = {}  # reference path, from ``seed``
+
+    # --- what the subclasses change ------------------------------------------------------------
+    def _adds_noise(self) -> bool:
+        """Whether this process adds the noise (the distributed optimizer: rank 0 only)."""
+        return True
+
+    # --- per-sample gradients, backend, denominators -----------------------------------------
+    def _grad_sample_chunks(self) -> list[list[torch.Tensor]]:
+        """chunks[k][t]: parameter t's k-th accumulated per-sample gradient (Opacus's list, not concatenated)."""
+        per_param = []
+        for p in self.params:
+            if not hasattr(p, "grad_sample"):
+                raise ValueError("Per sample gradient not found. Are you using GradSampleModule?")
+            if p.grad_sample is None:
+                raise ValueError("Per sample gradient is not initialized. Not updated in backward pass?")
+            per_param.append(p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample])
+        if len({len(gs) for gs in per_param}) > 1:
+            raise ValueError("Number of accumulated steps is inconsistent across parameters")
+        return [list(chunk) for chunk in zip(*per_param)]
+
+    def _resolve_backend(self, chunks: list[list[torch.Tensor]]) -> str:
+        """'auto' is triton when every tensor sits on one CUDA device in a dtype the kernels take."""
+        if self.backend != "auto":
+            return self.backend
+        tensors = [g for chunk in chunks for g in chunk] + self.params
+        devices = {t.device for t in tensors}
+        on_one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        dtypes_ok = all(t.dtype in _TRITON_DTYPES for t in tensors)
+        return "triton" if on_one_gpu and dtypes_ok and _compiled_triton() else "reference"
+
+    def _denominator(self) -> float:
+        """Opacus's scale_grad: expected_batch_size * accumulated_iterations for a mean loss, else 1."""
+        if self.loss_reduction == "mean":
+            return float(self.expected_batch_size * self.accumulated_iterations)
+        return 1.0
+
+    def _noise_std(self) -> float:
+        """sigma * C on the rank that adds noise, 0 elsewhere."""
+        return self.noise_multiplier * self.max_grad_norm if self._adds_noise() else 0.0
+
+    # --- noise sources ---------------------------------------------------------------------------
+    def _reference_generator(self, device: torch.device):
+        """The given generator, else one seeded from ``seed`` per device, else None (global RNG)."""
+        if self.generator is not None or self.seed is None:
+            return self.generator
+        key = str(device)
+        if key not in self._seeded_generators:
+            self._seeded_generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._seeded_generators[key]
+
+    def _philox_key(self) -> int:
+        """``seed``, else a key drawn once from the generator (or torch's global RNG)."""
+        if self._philox_seed is None:
+            if self.seed is not None:
+                self._philox_seed = self.seed
+            else:
+                device = self.generator.device if self.generator is not None else "cpu"
+                key = torch.randint(0, 2**62, (1,), generator=self.generator, device=device)
+                self._philox_seed = int(key.item())
+        return self._philox_seed
+
+    def _philox_counters(self) -> tuple[int, list[int]]:
+        """(offset of this step, start of each parameter in the flat vector); advances the step."""
+        sizes = [p.numel() for p in self.params]
+        if sum(sizes) >= 2**32:
+            raise ConfigError("the fused DP kernels' noise counters cover < 2**32 parameters; use dp.kernel: opacus")
+        offset = self._noise_step << 32
+        self._noise_step += 1
+        return offset, list(itertools.accumulate(sizes[:-1], initial=0))
+
+    # --- reference backend -------------------------------------------------------------------------
+    def _clip_and_accumulate_reference(self, chunks: list[list[torch.Tensor]]) -> None:
+        """Opacus's clip_and_accumulate, without concatenating accumulated per-sample gradients."""
+        clips = []
+        for chunk in chunks:  # rows are independent: norms of a concatenation = concatenated norms
+            if len(chunk[0]) == 0:
+                clips.append(torch.zeros((0,), device=chunk[0].device))
+                continue
+            norms = per_sample_norms_reference(chunk)
+            clips.append(clip_factors_reference(norms, max_grad_norm=self.max_grad_norm))
+        for t, p in enumerate(self.params):
+            _check_processed_flag(p.grad_sample)
+            for chunk, clip in zip(chunks, clips):
+                grad = clipped_sum_reference(chunk[t], clip_factors=clip, dtype=p.dtype)
+                p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
+            _mark_as_processed(p.grad_sample)
+
+    # --- triton backend ----------------------------------------------------------------------------
+    def _triton_clip_factors(self, chunk: list[torch.Tensor]) -> torch.Tensor:
+        """c[b] = min(1, C / (n[b] + 1e-6)) with n[b] from the one-launch norm kernel, fp32 (B,)."""
+        from veil.kernels.per_sample_norms import per_sample_sq_norms
+
+        if len(chunk[0]) == 0:
+            return torch.zeros((0,), device=chunk[0].device)
+        norms = per_sample_sq_norms(chunk).sqrt_()
+        return clip_factors_reference(norms, max_grad_norm=self.max_grad_norm)
+
+    def _triton_pass(self, chunk: list[torch.Tensor], *, final: bool) -> None:
+        """One batch of per-sample gradients into ``summed_grad`` (final=False) or, noised and divided, ``grad``."""
+        from veil.kernels.clip_and_noise import fused_clip_and_noise
+
+        params = self.params
+        clip = self._triton_clip_factors(chunk)
+        has_prev = [p.summed_grad is not None for p in params]
+        assert all(has_prev) or not any(has_prev), "summed_grad is set for some parameters only"
+        prevs = [p.summed_grad.contiguous() for p in params] if all(has_prev) else None
+        if not final:
+            outs = prevs or [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+            fused_clip_and_noise(chunk, clip_factors=clip, outputs=outs, prevs=prevs, noise_std=0.0, denominator=1.0)
+            for p, out in zip(params, outs):
+                p.summed_grad = out
+            return
+        if prevs is not None:
+            for p in params:
+                _check_processed_flag(p.summed_grad)
+        outs = [self._grad_buffer(p) for p in params]
+        std = self._noise_std()
+        offset, bases = self._philox_counters() if std > 0 else (0, None)
+        fused_clip_and_noise(
+            chunk, clip_factors=clip, outputs=outs, prevs=prevs, noise_std=std, denominator=self._denominator(),
+            seed=self._philox_key() if std > 0 else 0, philox_offset=offset, elem_bases=bases,
+        )
+        for p, out in zip(params, outs):
+            p.grad = out.view_as(p)
+            p.summed_grad = None  # consumed: nothing of it is needed after this step
+
+    @staticmethod
+    def _grad_buffer(p: torch.nn.Parameter) -> torch.Tensor:
+        """Where the update goes: p.grad's memory when it fits, else the running sum, else new memory."""
+        g = p.grad
+        if g is not None and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device and g.is_contiguous():
+            return g
+        if p.summed_grad is not None and p.summed_grad.is_contiguous():
+            return p.summed_grad
+        return torch.empty_like(p, memory_format=torch.contiguous_format)
+
+    # --- Opacus's interface ------------------------------------------------------------------------
+    def clip_and_accumulate(self) -> None:
+        """Clip each sample to norm C and add the batch sum into ``p.summed_grad``."""
+        chunks = self._grad_sample_chunks()
+        if self._resolve_backend(chunks) == "reference":
+            return self._clip_and_accumulate_reference(chunks)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+        for chunk in chunks:
+            self._triton_pass(chunk, final=False)
+        for p in self.params:
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        """``p.grad = p.summed_grad + N(0, (sigma C)^2)``, in place in ``summed_grad`` (as Opacus's rank != 0)."""
+        params = self.params
+        for p in params:
+            _check_processed_flag(p.summed_grad)
+        std = self._noise_std()
+        backend = self._resolve_backend([[p.summed_grad for p in params]])
+        if std > 0 and backend == "reference":
+            for p in params:
+                add_noise_reference_(p.summed_grad, std=std, generator=self._reference_generator(p.device))
+        elif std > 0:
+            from veil.kernels.clip_and_noise import fused_clip_and_noise
+
+            summed = [p.summed_grad.contiguous() for p in params]
+            no_samples = [s.reshape(1, -1)[:0] for s in summed]  # B = 0: the pass only adds noise
+            offset, bases = self._philox_counters()
+            fused_clip_and_noise(
+                no_samples, clip_factors=torch.zeros((0,), device=summed[0].device), outputs=summed, prevs=summed,
+                noise_std=std, denominator=1.0, seed=self._philox_key(), philox_offset=offset, elem_bases=bases,
+            )
+            for p, s in zip(params, summed):
+                p.summed_grad = s
+        for p in params:
+            p.grad = p.summed_grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Opacus's scale_grad (``p.grad /= expected_batch_size * accumulated_iterations``), the same
+        division, but with the denominator computed once: Opacus re-reads every parameter's
+        ``grad_sample`` for each parameter, O(T^2) Python that costs ~10 ms per step on a UNet."""
+        if self.loss_reduction == "mean":
+            denominator = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= denominator
+
+    def pre_step(self, closure=None) -> bool:
+        """Opacus's pre_step; on the triton backend, clip + sum + noise + scale is one pass."""
+        params = self.params
+        if not params:
+            return True
+        chunks = self._grad_sample_chunks()
+        for p in params:
+            _check_processed_flag(p.grad_sample)
+        skip = self._check_skip_next_step()
+        backend = self._resolve_backend(chunks)
+        if skip or backend == "reference":
+            self.clip_and_accumulate()
+            if skip:
+                self._is_last_step_skipped = True
+                return False
+            self.add_noise()
+            self.scale_grad()
+        else:
+            for chunk in chunks[:-1]:  # accumulated backward passes (a list of grad_samples)
+                self._triton_pass(chunk, final=False)
+            self._triton_pass(chunks[-1], final=True)
+            for p in params:
+                _mark_as_processed(p.grad_sample)
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    # --- checkpoints: the noise stream must continue, never restart ---------------------------
+    def state_dict(self):
+        state = super().state_dict()
+        state["veil_dp_noise"] = {
+            "philox_seed": self._philox_seed,
+            "noise_step": self._noise_step,
+            "generator_states": {k: g.get_state() for k, g in self._seeded_generators.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        noise = state_dict.pop("veil_dp_noise", None)
+        super().load_state_dict(state_dict)
+        if noise is not None:
+            self._philox_seed = noise["philox_seed"]
+            self._noise_step = noise["noise_step"]
+            for key, gen_state in noise["generator_states"].items():
+                self._seeded_generators[key] = torch.Generator(device=key)
+                self._seeded_generators[key].set_state(gen_state)
+
+
+class FusedDPOptimizer(_FusedDPMixin, DPOptimizer):
+    """Opacus's ``DPOptimizer`` with the fused clip / noise stage; extra keywords ``backend``, ``seed``."""
+
+
+class FusedDistributedDPOptimizer(_FusedDPMixin, DistributedDPOptimizer):
+    """Opacus's ``DistributedDPOptimizer`` with the fused stage: noise on rank 0, then all-reduce SUM / world size."""
+
+    def _adds_noise(self) -> bool:
+        return self.rank == 0
