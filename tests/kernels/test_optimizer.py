@@ -298,4 +298,12 @@ def test_unet_dp_step_matches_opacus(backend_device):
         opt, noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=3, loss_reduction=loss_reduction, **kw))
     expected = _unet_step(make(DPOptimizer), device)
     actual = _unet_step(make(FusedDPOptimizer, backend=backend), device)
+    if device.type == "cuda":
+        # Two separate UNet forward/backward passes on CUDA differ by cuDNN's algorithm choice and
+        # atomics before the optimizer sees them (H100: up to 2e-5 of the largest update entry,
+        # for the reference backend too), so the bit-exact/1e-5 bounds of the CPU runs don't apply.
+        for a, e in zip(actual, expected):
+            scale = e.float().abs().max().item()
+            torch.testing.assert_close(a.float(), e.float(), rtol=1e-4, atol=1e-4 * scale)
+        return
     _assert_close(actual, expected, backend=backend)
