@@ -82,6 +82,7 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int | None = 10
     max_steps: int | None = None  # if set, overrides max_epochs for planning and stopping
+    max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS"; epsilon is then that of the steps run
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"  # "ddp" for multi-GPU / multi-process

@@ -89,7 +89,7 @@ def build_trainer(cfg: TrainConfig, out: Path, *, progress: bool = True) -> L.Tr
     ckpt = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every_n_steps)
     return L.Trainer(
         default_root_dir=out, max_epochs=t.max_epochs if t.max_steps is None else -1,
-        max_steps=t.max_steps if t.max_steps is not None else -1,
+        max_steps=t.max_steps if t.max_steps is not None else -1, max_time=t.max_time,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         use_distributed_sampler=False,  # the DataModule shards and Poisson-samples itself
         callbacks=[ckpt, PrivacyReport(out)], logger=CSVLogger(out, name="logs"),
