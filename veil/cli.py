@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
-    from veil import cli_unlearning  # adds its subcommands (argparse only, no torch)
+    from veil import cli_editing, cli_unlearning  # each adds its subcommands (argparse only, no torch)
 
+    cli_editing.add_subcommands(sub)
     cli_unlearning.add_subcommands(sub)
     return parser
 
