@@ -170,6 +170,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def shipped_configs() -> list[str]:
-    """Paths of the YAML configs shipped with the package."""
+    """Paths of the shipped `veil train` (diffusion) configs; classifier*.yaml are `veil train-classifier`'s."""
     folder = Path(__file__).parent / "configs"
-    return sorted(str(p) for p in folder.glob("*.yaml"))
+    return sorted(str(p) for p in folder.glob("*.yaml") if not p.name.startswith("classifier"))

@@ -22,7 +22,7 @@ def _parse_data(text: str | None) -> dict:
     if not text:
         return {}
     if (Path(text) / "manifest.json").is_file():
-        from veil.lightning_modules.data.revision import load_manifest
+        from veil.lightning_modules.data.revision_manifest import load_manifest
 
         return {**load_manifest(text)["base"], "revision": text}
     if text == "synthetic":

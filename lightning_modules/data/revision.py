@@ -1,211 +1,29 @@
-"""Dataset revisions: the originals untouched, the accepted edits beside them, and a manifest.
+"""``RevisedDataset``: a base dataset with a revision's edited images and released attributes.
 
-A revision is a folder:
-
-    manifest.json        {"format": "veil-revision/1",
-                          "base": {...},                  # FaceDataModule kwargs that rebuild the base dataset
-                          "attribute_names": [...],
-                          "created": "2025-01-01T12:00:00+00:00",
-                          "changes": [{"id", "file": "images/<id>.png", "original_attributes": {name: +-1},
-                                       "released_attributes": {name: +-1}, "protected": [names],
-                                       "epsilon": float | null, "strength": float | null}, ...]}
-    images/<id>.png      uint8 RGB at the base resolution
-
-``write_revision`` writes one (the manifest last, atomically, so a reader never sees a manifest
-whose images are missing); ``load_manifest`` validates one; ``RevisedDataset(base, dir)`` serves
-the base dataset with the changed items replaced by their edited image and released attributes.
-The manifest itself is plain JSON; ``write_revision`` accepts numpy arrays as well as tensors.
+The manifest format and its reader/writer live in ``revision_manifest`` (plain Python, no torch,
+so the serving path can use them); they are re-exported here for convenience.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from veil.errors import ConfigError, DataError
-from veil.lightning_modules.data.grid import tensor_to_uint8, uint8_to_tensor
+from veil.errors import DataError
+from veil.lightning_modules.data.grid import uint8_to_tensor
+from veil.lightning_modules.data.revision_manifest import (  # noqa: F401  (re-exported)
+    FORMAT,
+    MANIFEST,
+    RevisionChange,
+    load_manifest,
+    write_revision,
+)
 
-__all__ = ["FORMAT", "RevisionChange", "write_revision", "load_manifest", "RevisedDataset"]
-
-FORMAT = "veil-revision/1"
-MANIFEST = "manifest.json"
-
-
-@dataclass
-class RevisionChange:
-    """One accepted edit: the attributes the image had, those released with it, and how it was privatized."""
-
-    id: str
-    original_attributes: Mapping[str, int]
-    released_attributes: Mapping[str, int]
-    protected: Sequence[str] = field(default_factory=tuple)
-    epsilon: float | None = None
-    strength: float | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.id, str) or not self.id:
-            raise ConfigError(f"RevisionChange.id={self.id!r}: give the item's string id")
-        for name in ("original_attributes", "released_attributes"):
-            values = getattr(self, name)
-            bad = {k: v for k, v in values.items() if v not in (-1, 1)}
-            if bad:
-                raise ConfigError(f"RevisionChange.{name} for {self.id!r}: values must be -1 or +1, got {bad}")
-            setattr(self, name, {str(k): int(v) for k, v in values.items()})
-        self.protected = [str(p) for p in self.protected]
-        for key in ("epsilon", "strength"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-                raise ConfigError(f"RevisionChange.{key}={value!r} for {self.id!r}: must be finite and >= 0, or None")
-
-    def to_json(self, file: str) -> dict:
-        return {
-            "id": self.id,
-            "file": file,
-            "original_attributes": dict(self.original_attributes),
-            "released_attributes": dict(self.released_attributes),
-            "protected": list(self.protected),
-            "epsilon": None if self.epsilon is None else float(self.epsilon),
-            "strength": None if self.strength is None else float(self.strength),
-        }
-
-
-def _image_file_names(ids: Sequence[str]) -> dict[str, str]:
-    """A safe, unique ``images/<name>.png`` for each id (ids may hold '/' or other odd characters)."""
-    names, used = {}, set()
-    for item_id in ids:
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", item_id).lstrip(".") or "item"
-        name, k = stem, 1
-        while name.lower() in used:
-            name, k = f"{stem}-{k}", k + 1
-        used.add(name.lower())
-        names[item_id] = f"images/{name}.png"
-    return names
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _check_changes(changes: Sequence[RevisionChange], names: list[str], images: Mapping) -> None:
-    ids = [c.id for c in changes]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"changes: an id appears twice ({sorted({i for i in ids if ids.count(i) > 1})[:3]})")
-    for c in changes:
-        for label in ("original_attributes", "released_attributes"):
-            if set(getattr(c, label)) != set(names):
-                keys = sorted(getattr(c, label))
-                raise ConfigError(f"changes[{c.id!r}].{label}: keys {keys} differ from attribute_names {names}")
-        if not set(c.protected) <= set(names):
-            extra = sorted(set(c.protected) - set(names))
-            raise ConfigError(f"changes[{c.id!r}].protected: {extra} are not in attribute_names")
-        if c.id not in images:
-            raise ConfigError(f"images: no edited image for changed id {c.id!r}")
-
-
-def write_revision(
-    out_dir,
-    *,
-    base_spec: dict,
-    attribute_names: Sequence[str],
-    changes: Sequence[RevisionChange],
-    images: Mapping[str, "torch.Tensor | np.ndarray"],
-) -> Path:
-    """Write the edited ``images`` (id -> (3,H,W) in [-1,1]) and the manifest into ``out_dir``.
-
-    Returns ``out_dir``. The manifest is written last and atomically (temp file + os.replace).
-    """
-    names = [str(n) for n in attribute_names]
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"attribute_names={names!r}: give distinct names")
-    try:
-        base_json = json.loads(json.dumps(dict(base_spec)))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"base_spec: must be JSON-serialisable ({e})") from None
-    _check_changes(changes, names, images)
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    files = _image_file_names([c.id for c in changes])
-    size = base_json.get("resolution")
-    for c in changes:
-        pixels = tensor_to_uint8(images[c.id])  # (H, W, 3)
-        if size is not None and pixels.shape[:2] != (size, size):
-            found = f"{pixels.shape[1]}x{pixels.shape[0]}"
-            raise ConfigError(f"images[{c.id!r}]: {found}, expected the base resolution {size}x{size}")
-        _atomic_write_bytes(out_dir / files[c.id], lambda p, px=pixels: Image.fromarray(px).save(p, format="PNG"))
-    manifest = {
-        "format": FORMAT,
-        "base": base_json,
-        "attribute_names": names,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "changes": [c.to_json(files[c.id]) for c in changes],
-    }
-    text = json.dumps(manifest, indent=1) + "\n"
-    _atomic_write_bytes(out_dir / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
-    return out_dir
-
-
-def _validate_change(c, k: int, names: list[str], root: Path, where: str) -> None:
-    if not isinstance(c, dict) or not isinstance(c.get("id"), str) or not isinstance(c.get("file"), str):
-        raise DataError(f"{where}: changes[{k}] needs string 'id' and 'file' fields")
-    for label in ("original_attributes", "released_attributes"):
-        values = c.get(label)
-        ok = isinstance(values, dict) and set(values) == set(names) and all(v in (-1, 1) for v in values.values())
-        if not ok:
-            raise DataError(f"{where}: changes[{k}] ({c['id']!r}).{label} must map each of {names} to -1 or +1")
-    if not isinstance(c.get("protected", []), list) or not set(c.get("protected", [])) <= set(names):
-        raise DataError(f"{where}: changes[{k}] ({c['id']!r}).protected must be a list of attribute names")
-    for key in ("epsilon", "strength"):
-        value = c.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise DataError(f"{where}: changes[{k}] ({c['id']!r}).{key} must be a number or null, got {value!r}")
-    image = (root / c["file"]).resolve()
-    if root.resolve() not in image.parents or not image.is_file():
-        raise DataError(f"{root / c['file']}: edited image of {c['id']!r} is missing (named in {where})")
-
-
-def load_manifest(path) -> dict:
-    """Read and validate a revision manifest (``path`` is the revision folder or its manifest.json)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".json":
-        path = path / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: revision manifest not found; pass the folder that write_revision created") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable JSON manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path}: expected format {FORMAT!r}, found {found!r}")
-    names = manifest.get("attribute_names")
-    is_str_list = isinstance(names, list) and all(isinstance(n, str) for n in names)
-    if not is_str_list or not names or len(set(names)) != len(names):
-        raise DataError(f"{path}: 'attribute_names' must be a non-empty list of distinct strings")
-    if not isinstance(manifest.get("base"), dict) or not isinstance(manifest.get("changes"), list):
-        raise DataError(f"{path}: expected a 'base' object and a 'changes' list")
-    for k, change in enumerate(manifest["changes"]):
-        _validate_change(change, k, names, path.parent, str(path))
-    ids = [c["id"] for c in manifest["changes"]]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: an id is listed twice in 'changes'")
-    return manifest
+__all__ = ["FORMAT", "MANIFEST", "RevisionChange", "write_revision", "load_manifest", "RevisedDataset"]
 
 
 class RevisedDataset(Dataset):
