@@ -252,5 +252,7 @@ def make_dp_optimizer(**kwargs):
     if kernel == "auto":
         from veil.kernels import default_kernel
 
-        kernel = default_kernel(next(iter(kwargs["optimizer"].param_groups[0]["params"])).device)
+        # The fused kernels refuse secure_mode (they do not draw cryptographically secure noise).
+        device = next(iter(kwargs["optimizer"].param_groups[0]["params"])).device
+        kernel = "opacus" if kwargs.get("secure_mode") else default_kernel(device)
     return _make(kernel=kernel, **kwargs)

@@ -118,3 +118,17 @@ def test_target_epsilon_solves_sigma_with_opacus():
                                sample_rate=0.1, planned_steps=50, dp=dp)
     want = get_noise_multiplier(target_epsilon=3.0, target_delta=0.01, sample_rate=0.1, steps=50, accountant="rdp")
     assert module.noise_multiplier == pytest.approx(want)
+
+
+def test_auto_kernel_is_fused_unless_secure_mode():
+    from opacus.optimizers import DPOptimizer
+
+    from veil.kernels.optimizer import FusedDPOptimizer
+
+    module = _module(kernel="auto")
+    assert isinstance(module.configure_optimizers(), FusedDPOptimizer)
+    dp = dict(target_epsilon=None, noise_multiplier=1.0, kernel="auto", secure_mode=True)
+    secure = DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=10,
+                               sample_rate=0.5, planned_steps=10, dp=dp)
+    opt = secure.configure_optimizers()
+    assert type(opt) is DPOptimizer and opt.secure_mode
