@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,28 @@ import lightning as L
 
 from veil.errors import ConfigError
 from veil.lightning_modules.config import TrainConfig
+
+
+# Known-harmless warnings that would bury the progress bar; each is explained here once.
+KNOWN_WARNINGS = (
+    # Opacus' hooks register full backward hooks; the UNet's first input does not require grad.
+    "Full backward hook is firing when gradients are computed with respect to module outputs",
+    # Manual optimisation: we want the checkpoint to hold the state *after* the optimizer step.
+    "Using ModelCheckpoint with manual optimization",
+    # No validation_step on purpose: a validation loss would leak outside the DP accounting.
+    "You passed in a `val_dataloader` but have no `validation_step`",
+    # Opacus' RDP order grid while solving sigma; the PRV accountant (default) is unaffected.
+    "Optimal order is the",
+    # Lightning internals on this torch version.
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+)
+
+
+def silence_known_warnings() -> None:
+    import warnings
+
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}.*")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -107,6 +130,7 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
     if not resume and ckpt_path.exists():
         raise ConfigError(f"--out {out} already holds last.ckpt; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    silence_known_warnings()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.setup("fit")  # fails here, before training, on missing data or unknown attributes
