@@ -214,7 +214,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", required=True, help="last.ckpt of `veil train`")
     p.add_argument("--protect", default="eyeglasses,smiling", help="protected attributes (default eyeglasses,smiling)")
     p.add_argument("--epsilons", default="0,1,2,4,inf", help="comma-separated epsilons (default 0,1,2,4,inf)")
-    p.add_argument("--strengths", default="0.4,0.55,0.7,0.85", help="comma-separated strengths (default: the levels')")
+    p.add_argument("--strengths", default="0.4,0.55,0.7,0.95", help="comma-separated strengths (default: the levels')")
     p.add_argument("--num-images", type=int, default=200, help="edited images (val + test splits; default 200)")
     p.add_argument("--attacker-images", type=int, default=2048, help="attacker training images (default 2048)")
     p.add_argument("--attacker-epochs", type=int, default=4, help="attacker training epochs (default 4)")

@@ -5,7 +5,7 @@
                                                     is almost always released as it is
     medium     2.0      0.55        88.1 %          about one protected attribute in eight is flipped
     high       1.0      0.70        73.1 %          one in four flipped; the image is redrawn more deeply
-    max        0.0      0.85        50.0 %          a fair coin: the released value says nothing about
+    max        0.0      0.95        50.0 %          a fair coin: the released value says nothing about
                                                     the original; the image keeps only coarse layout
 
 epsilon is the randomized-response level of each protected attribute (see mechanism.py): an
@@ -68,7 +68,7 @@ LEVELS: dict[str, PrivacyLevel] = {
     "low": PrivacyLevel("low", 4.0, 0.40),
     "medium": PrivacyLevel("medium", 2.0, 0.55),
     "high": PrivacyLevel("high", 1.0, 0.70),
-    "max": PrivacyLevel("max", 0.0, 0.85),
+    "max": PrivacyLevel("max", 0.0, 0.95),
 }
 LEVEL_NAMES = tuple(LEVELS)  # least to most private
 
