@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,10 +156,14 @@ def test_cli_unlearn_writes_checkpoint_and_report(setup, tmp_path, capsys):
 def test_two_gloo_processes_give_the_one_process_update(setup, tmp_path):
     ckpt_path, revision, _, _ = setup
     script = Path(__file__).with_name("unlearn_ddp_script.py")
-    env = {**os.environ, "UNLEARN_PORT": str(29500 + os.getpid() % 500)}
     for world in (1, 2):
-        subprocess.run([sys.executable, str(script), str(ckpt_path), str(revision), str(tmp_path), str(world)],
-                       check=True, env=env, timeout=300, capture_output=True)
+        # A port the OS says is free right now (a fixed one collided with other runs' sockets).
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env = {**os.environ, "UNLEARN_PORT": str(sock.getsockname()[1])}
+        done = subprocess.run([sys.executable, str(script), str(ckpt_path), str(revision), str(tmp_path), str(world)],
+                              env=env, timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     for method in ("second", "first"):
         single = torch.load(tmp_path / f"{method}_world1_rank0.pt")
         ranks = [torch.load(tmp_path / f"{method}_world2_rank{r}.pt") for r in (0, 1)]
