@@ -21,7 +21,6 @@ features, so that unlearning the head needs no pass over the training images.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -31,7 +30,7 @@ from veil.lightning_modules import dp as dplib
 from veil.lightning_modules.classifier import CHECKPOINT_KIND, AttributeClassifier, attribute_bce
 
 
-class AttributeClassifierModule(L.LightningModule):
+class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
     def __init__(
         self,
         *,
@@ -51,14 +50,9 @@ class AttributeClassifierModule(L.LightningModule):
         self.automatic_optimization = False
         self.model = AttributeClassifier(**model_kwargs)
         self.dp_cfg = dplib.DPConfig(**(dp or {"enabled": False}))
-        self.delta = self.dp_cfg.delta if self.dp_cfg.delta is not None else 1.0 / train_size
-        self.noise_multiplier, self.accountant = 0.0, None
-        if self.dp_cfg.enabled:
-            self.noise_multiplier = dplib.resolve_noise_multiplier(
-                self.dp_cfg, sample_rate=sample_rate, steps=planned_steps, delta=self.delta
-            )
-            self.accountant = dplib.make_accountant(self.dp_cfg.accountant)
-        self.dp_steps = 0
+        self.accounting = dplib.PrivacyAccounting(
+            self.dp_cfg, train_size=train_size, sample_rate=sample_rate, planned_steps=planned_steps
+        )
         self.train_features: torch.Tensor | None = None  # (N, D) cache for unlearning; never under DP
         self._grad_sampler = None  # Opacus GradSampleModule, kept out of the state dict
 
@@ -110,8 +104,7 @@ class AttributeClassifierModule(L.LightningModule):
                 opt.optimizer.signal_skip_step(do_skip=True)  # virtual step: clip and accumulate
                 opt.optimizer.step()
             opt.zero_grad(set_to_none=True)
-        self.dp_steps += 1
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.hparams.sample_rate)
+        self.accounting.step()
         return total / max(len(x), 1)
 
     def training_step(self, batch, batch_idx):
@@ -126,27 +119,12 @@ class AttributeClassifierModule(L.LightningModule):
             self.manual_backward(loss_t)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            self.dp_steps += 1
+            self.accounting.step()
             loss = float(loss_t.detach())
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=max(len(x), 1))
         return torch.tensor(loss)
 
     # ------------------------------------------------------------------- privacy + checkpoints
-    def epsilon(self) -> float:
-        if self.accountant is None or self.noise_multiplier == 0:
-            return math.inf
-        return dplib.epsilon_of(self.accountant, delta=self.delta)
-
-    def privacy(self) -> dict[str, Any]:
-        if self.accountant is None:
-            return {"enabled": False, "epsilon": None, "steps": self.dp_steps}
-        record = dplib.privacy_record(
-            accountant=self.accountant, accountant_name=self.dp_cfg.accountant, delta=self.delta,
-            noise_multiplier=self.noise_multiplier, max_grad_norm=self.dp_cfg.max_grad_norm,
-            sample_rate=self.hparams.sample_rate, steps=self.dp_steps,
-        )
-        return {"enabled": True, **record}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["veil"] = {
             "kind": CHECKPOINT_KIND,
@@ -155,8 +133,6 @@ class AttributeClassifierModule(L.LightningModule):
             "data_spec": self.hparams.data_spec,
             "recipe": self.hparams.recipe,
             "l2": self.l2_coefficients(),
-            "dp_steps": self.dp_steps,
-            "accountant_state": self.accountant.state_dict() if self.accountant is not None else None,
-            "privacy": self.privacy(),
+            **self.accounting.state_dict(),  # dp_steps, accountant_state, privacy
             "train_features": self.train_features,
         }

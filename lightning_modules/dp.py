@@ -148,3 +148,77 @@ def privacy_record(
         "accountant": accountant_name,
         "noise_multiplicity": noise_multiplicity,
     }
+
+
+class PrivacyAccounting:
+    """Sigma, delta, accountant and step count of one training run: the bookkeeping every DP
+    module shares. Non-private runs (``cfg.enabled`` false) count steps and report no guarantee."""
+
+    def __init__(self, cfg: DPConfig, *, train_size: int, sample_rate: float, planned_steps: int):
+        self.cfg, self.sample_rate, self.steps = cfg, sample_rate, 0
+        self.delta = cfg.delta if cfg.delta is not None else 1.0 / train_size
+        self.noise_multiplier, self.accountant = 0.0, None
+        if cfg.enabled:
+            self.noise_multiplier = resolve_noise_multiplier(
+                cfg, sample_rate=sample_rate, steps=planned_steps, delta=self.delta
+            )
+            self.accountant = make_accountant(cfg.accountant)
+
+    def step(self) -> None:
+        """One logical (noised) optimizer step at (sigma, q)."""
+        self.steps += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def epsilon(self) -> float:
+        if self.accountant is None or self.noise_multiplier == 0:
+            return math.inf  # no noise, no guarantee (the accountants diverge at sigma = 0)
+        return epsilon_of(self.accountant, delta=self.delta)
+
+    def record(self) -> dict[str, Any]:
+        """The ``privacy`` record of checkpoints and privacy.json."""
+        if self.accountant is None:
+            return {"enabled": False, "epsilon": None, "steps": self.steps}
+        return {"enabled": True, **privacy_record(
+            accountant=self.accountant, accountant_name=self.cfg.accountant, delta=self.delta,
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm,
+            sample_rate=self.sample_rate, steps=self.steps, noise_multiplicity=self.cfg.noise_multiplicity,
+        )}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dp_steps": self.steps,
+            "accountant_state": self.accountant.state_dict() if self.accountant is not None else None,
+            "privacy": self.record(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the step count, the accountant's history, and the sigma the run started with."""
+        self.steps = int(state.get("dp_steps", 0))
+        if self.accountant is not None and state.get("accountant_state") is not None:
+            self.noise_multiplier = float((state.get("privacy") or {}).get("noise_multiplier", self.noise_multiplier))
+            self.accountant.load_state_dict(state["accountant_state"])
+
+
+class AccountedModule:
+    """Mixin for a LightningModule with ``self.accounting`` (a PrivacyAccounting): read-only views."""
+
+    accounting: PrivacyAccounting
+
+    @property
+    def dp_steps(self) -> int:
+        return self.accounting.steps
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.accounting.noise_multiplier
+
+    @property
+    def accountant(self):
+        return self.accounting.accountant
+
+    def epsilon(self) -> float:
+        return self.accounting.epsilon()
+
+    def privacy(self) -> dict[str, Any]:
+        return self.accounting.record()

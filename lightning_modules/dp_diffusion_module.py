@@ -19,7 +19,6 @@ clipped gradients across ranks, so every rank applies the same update.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import lightning as L
@@ -41,7 +40,7 @@ def default_scheduler_config(num_train_timesteps: int = 1000) -> dict[str, Any]:
     }
 
 
-class DPDiffusionModule(L.LightningModule):
+class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
     def __init__(
         self,
         *,
@@ -72,15 +71,9 @@ class DPDiffusionModule(L.LightningModule):
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 
         self.dp_cfg = dplib.DPConfig(**(dp or {}))
-        self.delta = self.dp_cfg.delta if self.dp_cfg.delta is not None else 1.0 / train_size
-        self.noise_multiplier = 0.0
-        self.accountant = None
-        if self.dp_cfg.enabled:
-            self.noise_multiplier = dplib.resolve_noise_multiplier(
-                self.dp_cfg, sample_rate=sample_rate, steps=planned_steps, delta=self.delta
-            )
-            self.accountant = dplib.make_accountant(self.dp_cfg.accountant)
-        self.dp_steps = 0
+        self.accounting = dplib.PrivacyAccounting(
+            self.dp_cfg, train_size=train_size, sample_rate=sample_rate, planned_steps=planned_steps
+        )
         self._grad_sampler = None  # Opacus GradSampleModule, not a registered submodule
         self._epsilon_cache = 0.0
 
@@ -102,7 +95,7 @@ class DPDiffusionModule(L.LightningModule):
         return make_dp_optimizer(
             kernel=self.dp_cfg.kernel,
             optimizer=base,
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=self.accounting.noise_multiplier,
             max_grad_norm=self.dp_cfg.max_grad_norm,
             expected_batch_size=expected,
             distributed=world > 1,
@@ -188,9 +181,8 @@ class DPDiffusionModule(L.LightningModule):
         return torch.tensor(loss)
 
     def _after_step(self) -> None:
-        self.dp_steps += 1
-        if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.hparams.sample_rate)
+        self.accounting.step()
+        if self.accounting.accountant is not None:
             if self.dp_steps % 25 == 0 or self.dp_steps == 1:
                 self._epsilon_cache = self.epsilon()
             self.log("privacy/epsilon", self._epsilon_cache, prog_bar=True, on_step=True)
@@ -200,27 +192,11 @@ class DPDiffusionModule(L.LightningModule):
                 e.lerp_(p.detach(), 1 - decay)
 
     def on_train_epoch_end(self):
-        if self.accountant is not None:
+        if self.accounting.accountant is not None:
             self._epsilon_cache = self.epsilon()
             self.log("privacy/epsilon", self._epsilon_cache, prog_bar=True)
 
     # ---------------------------------------------------------------- privacy + checkpoints
-    def epsilon(self) -> float:
-        if self.accountant is None or self.noise_multiplier == 0:
-            return math.inf  # no noise, no guarantee (the accountants diverge at sigma = 0)
-        return dplib.epsilon_of(self.accountant, delta=self.delta)
-
-    def privacy(self) -> dict[str, Any]:
-        if self.accountant is None:
-            return {"enabled": False, "epsilon": None, "steps": self.dp_steps}
-        record = dplib.privacy_record(
-            accountant=self.accountant, accountant_name=self.dp_cfg.accountant, delta=self.delta,
-            noise_multiplier=self.noise_multiplier, max_grad_norm=self.dp_cfg.max_grad_norm,
-            sample_rate=self.hparams.sample_rate, steps=self.dp_steps,
-            noise_multiplicity=self.dp_cfg.noise_multiplicity,
-        )
-        return {"enabled": True, **record}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["veil"] = {
             "kind": CHECKPOINT_KIND,
@@ -228,19 +204,12 @@ class DPDiffusionModule(L.LightningModule):
             "scheduler_config": dict(self.scheduler_config),
             "attribute_names": list(self.hparams.attribute_names),
             "data_spec": self.hparams.data_spec,
-            "dp_steps": self.dp_steps,
-            "accountant_state": self.accountant.state_dict() if self.accountant is not None else None,
-            "privacy": self.privacy(),
+            **self.accounting.state_dict(),  # dp_steps, accountant_state, privacy
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("veil", {})
-        self.dp_steps = int(state.get("dp_steps", 0))
-        privacy = state.get("privacy") or {}
-        if self.accountant is not None and state.get("accountant_state") is not None:
-            # Resume with the sigma the run started with, whatever the planned steps are now.
-            self.noise_multiplier = float(privacy.get("noise_multiplier", self.noise_multiplier))
-            self.accountant.load_state_dict(state["accountant_state"])
+        self.accounting.load_state_dict(checkpoint.get("veil", {}))
+        if self.accounting.accountant is not None:
             self._epsilon_cache = self.epsilon()
 
 
