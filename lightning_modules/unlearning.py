@@ -53,9 +53,14 @@ def distributed() -> bool:
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (a no-op in one process); returns it."""
+    """Sum ``t`` over ranks in place (a no-op in one process); returns it.
+
+    The sum is then broadcast from rank 0: an all-reduce does not promise bit-identical results
+    on every rank, and the solvers branch on these values (CG's stopping tests), so ranks whose
+    last bits differed could run different numbers of collectives and deadlock or abort."""
     if distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.broadcast(t, src=0)
     return t
 
 

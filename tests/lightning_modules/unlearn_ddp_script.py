@@ -38,6 +38,7 @@ def run(rank: int, world: int, ckpt: str, revision: str, out: str) -> None:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save(flat, os.path.join(out, f"{method}_world{world}_rank{rank}.pt"))
     if world > 1:
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()
 
 
