@@ -81,9 +81,11 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     return editor, dm, indices, list(protect)
 
 
-def _batch(dataset, indices):
+def _selected(dataset, indices, names):
+    """ids, images (B,3,H,W), attributes (B,k) and the attributes as dicts of the chosen items."""
     items = [dataset[i] for i in indices]
-    return torch.stack([x for x, _ in items]), torch.stack([a for _, a in items])  # (B,3,H,W), (B,k)
+    x, a = torch.stack([x for x, _ in items]), torch.stack([a for _, a in items])
+    return [dataset.ids[i] for i in indices], x, a, [_as_dict(names, row) for row in a]
 
 
 def _as_dict(names, row) -> dict[str, int]:
@@ -112,10 +114,8 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
         raise ConfigError(f"--out {out}: {out / 'revision'} exists; choose a new --out (share a ledger with --ledger)")
     editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
                                                       protect=protect, steps=steps, guidance=guidance, use_ema=use_ema)
-    ds, names = dm.dataset, editor.attribute_names
-    image_ids = [ds.ids[i] for i in indices]
-    x, a = _batch(ds, indices)
-    originals = [_as_dict(names, row) for row in a]
+    names = editor.attribute_names
+    image_ids, x, a, originals = _selected(dm.dataset, indices, names)
     with ReleaseLedger(ledger or out / LEDGER_FILE, budget=budget) as book:
         # 1. every budget first, so nothing is edited when one image would be refused
         for image_id in image_ids:
@@ -167,10 +167,8 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
     rows = sweep_levels(epsilons=epsilons, strength=strength, level=level)
     editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
                                                       protect=protect, steps=steps, guidance=guidance, use_ema=use_ema)
-    ds, names = dm.dataset, editor.attribute_names
-    image_ids = [ds.ids[i] for i in indices]
-    x, a = _batch(ds, indices)
-    originals = [_as_dict(names, row) for row in a]
+    names = editor.attribute_names
+    image_ids, x, a, originals = _selected(dm.dataset, indices, names)
     grid, table = [x], []
     inverted: dict[float, torch.Tensor] = {}
     for k, lv in enumerate(rows):
