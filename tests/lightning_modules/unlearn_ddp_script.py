@@ -37,9 +37,16 @@ def run(rank: int, world: int, ckpt: str, revision: str, out: str) -> None:
         unlearner.unlearn(train=(x[mine], attrs[mine]), changed=changed, revised=revised)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save(flat, os.path.join(out, f"{method}_world{world}_rank{rank}.pt"))
+    print(f"rank {rank}/{world}: results saved", file=sys.stderr, flush=True)  # shown if a later step fails
     if world > 1:
         dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()
+        # Results are on disk. Leave without running C++ static destructors: in some fresh-clone
+        # CI runs a gloo worker thread outlived teardown and the exit aborted with SIGABRT
+        # ("terminate called without an active exception") after all work was done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
