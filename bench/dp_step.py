@@ -40,7 +40,7 @@ def run_one(mode: str, batch: int, config: str, warmup: int, repeats: int, devic
               kernel=mode if mode != "nonprivate" else "auto", noise_multiplicity=1,
               max_physical_batch_size=batch)
     model_kwargs = dict(num_attributes=6, resolution=cfg.data.resolution,
-                        **{k: tuple(v) if isinstance(v, list) else v for k, v in vars(cfg.model).items()})
+                        **cfg.model.kwargs())
     module = DPDiffusionModule(model_kwargs=model_kwargs, attribute_names=[f"a{i}" for i in range(6)],
                                train_size=batch * 20, sample_rate=0.05, planned_steps=100, dp=dp).to(device)
     opt = module.configure_optimizers()

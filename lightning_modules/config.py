@@ -52,6 +52,11 @@ class ModelConfig:
     norm_num_groups: int = 16
     attention_head_dim: int = 32
     dropout: float = 0.0
+    init_from: str | None = None  # start from this (public-data) checkpoint; see finetune.py
+
+    def kwargs(self) -> dict[str, Any]:
+        """The denoiser's constructor arguments (everything but init_from)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(self).items() if k != "init_from"}
 
     def __post_init__(self):
         if len(self.attention_levels) != len(self.block_out_channels):
@@ -68,8 +73,15 @@ class OptimConfig:
     ema_decay: float = 0.999
     cond_drop_prob: float = 0.1
     attr_drop_prob: float = 0.1
+    trainable: list[str] | None = None  # null: all; else globs or groups (conditioning, norms); finetune.py
 
     def __post_init__(self):
+        for name in ("cond_drop_prob", "attr_drop_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.trainable is not None and (isinstance(self.trainable, str) or not self.trainable):
+            raise ConfigError(f"optim.trainable must be a non-empty list (e.g. [conditioning, norms]) or null, "
+                              f"got {self.trainable!r}")
         if self.name not in ("adamw", "sgd"):
             raise ConfigError(f"optim.name must be adamw or sgd, got {self.name!r}")
         if not self.lr > 0:

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 
 from veil.lightning_modules import dp as dplib
+from veil.lightning_modules.finetune import freeze_all_but
 from veil.lightning_modules.unet import AttributeConditionalUNet
 
 CHECKPOINT_KIND = "veil/dp-diffusion"
@@ -58,11 +59,15 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
         attr_drop_prob: float = 0.1,
         ema_decay: float = 0.999,
         data_spec: dict[str, Any] | None = None,
+        trainable: list[str] | None = None,
+        initialized_from: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = AttributeConditionalUNet(**model_kwargs)
+        # optim.trainable: DP-SGD clips, noises and updates only these; the rest stay as loaded.
+        self.num_trainable = freeze_all_but(self.model, trainable)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.scheduler_config = scheduler_config or default_scheduler_config()
         from diffusers import DDPMScheduler
@@ -79,7 +84,7 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        params, h = self.model.parameters(), self.hparams
+        params, h = self.trainable_parameters(), self.hparams
         if h.optimizer == "sgd":
             base = torch.optim.SGD(params, lr=h.lr, weight_decay=h.weight_decay)
         else:
@@ -101,6 +106,9 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
             distributed=world > 1,
             secure_mode=self.dp_cfg.secure_mode,
         )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _disable_ddp_gradient_sync(self) -> None:
         # The DP optimizer sums clipped gradients across ranks itself; DDP's averaging of the
@@ -137,13 +145,13 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
         self.manual_backward(loss * weight)
         if k > 1:
             # Rows of one example are adjacent: its gradient is the mean over its K rows.
-            for p in self.model.parameters():
+            for p in self.trainable_parameters():
                 gs = p.grad_sample
                 p.grad_sample = gs.view(b, k, *gs.shape[1:]).mean(dim=1)
         return float(loss.detach())
 
     def _empty_grad_samples(self) -> None:
-        for p in self.model.parameters():
+        for p in self.trainable_parameters():
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
     # ---------------------------------------------------------------- step
@@ -205,10 +213,23 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
             "attribute_names": list(self.hparams.attribute_names),
             "data_spec": self.hparams.data_spec,
             **self.accounting.state_dict(),  # dp_steps, accountant_state, privacy
+            "privacy": self.privacy(),
+            "initialized_from": self.hparams.initialized_from,
         }
+
+    def privacy(self) -> dict[str, Any]:
+        """The accounting's record, plus where the weights started when ``model.init_from`` was set
+        (epsilon covers this run's data only; the start's own record is inside)."""
+        record = self.accounting.record()
+        if self.hparams.initialized_from:
+            record["initialized_from"] = self.hparams.initialized_from
+        if self.num_trainable < sum(p.numel() for p in self.model.parameters()):
+            record["trainable_parameters"] = self.num_trainable
+        return record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.accounting.load_state_dict(checkpoint.get("veil", {}))
+        self.hparams.initialized_from = checkpoint.get("veil", {}).get("initialized_from")
         if self.accounting.accountant is not None:
             self._epsilon_cache = self.epsilon()
 

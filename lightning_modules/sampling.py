@@ -29,6 +29,9 @@ class DiffusionCheckpoint:
     attribute_names: list[str]
     privacy: dict[str, Any]
     data_spec: dict[str, Any] | None
+    model_kwargs: dict[str, Any]
+    cond_drop_prob: float | None  # 1.0: trained without attribute labels (None: not recorded)
+    initialized_from: dict[str, Any] | None = None  # provenance of a fine-tuned model's start
 
 
 def load_diffusion_checkpoint(path: str | Path, *, use_ema: bool = True, map_location="cpu") -> DiffusionCheckpoint:
@@ -47,7 +50,12 @@ def load_diffusion_checkpoint(path: str | Path, *, use_ema: bool = True, map_loc
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
     model.eval()
-    return DiffusionCheckpoint(model, meta["scheduler_config"], meta["attribute_names"], meta["privacy"], meta.get("data_spec"))
+    hparams = ckpt.get("hyper_parameters") or {}
+    return DiffusionCheckpoint(
+        model, meta["scheduler_config"], meta["attribute_names"], meta["privacy"], meta.get("data_spec"),
+        model_kwargs=dict(meta["model_kwargs"]), cond_drop_prob=hparams.get("cond_drop_prob"),
+        initialized_from=meta.get("initialized_from"),
+    )
 
 
 def parse_attribute_spec(spec: str, attribute_names: list[str]) -> torch.Tensor:

@@ -91,16 +91,13 @@ def planned_steps(cfg: TrainConfig, sample_rate: float) -> int:
 def build_module(cfg: TrainConfig, dm):
     from veil.lightning_modules.dp_diffusion_module import DPDiffusionModule
 
-    model_kwargs = {
-        "num_attributes": len(dm.attribute_names),
-        "resolution": cfg.data.resolution,
-        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(cfg.model).items()},
-    }
+    model_kwargs = {"num_attributes": len(dm.attribute_names), "resolution": cfg.data.resolution, **cfg.model.kwargs()}
     return DPDiffusionModule(
         model_kwargs=model_kwargs, attribute_names=list(dm.attribute_names), train_size=dm.train_size,
         sample_rate=dm.sample_rate, planned_steps=planned_steps(cfg, dm.sample_rate), dp=cfg.dp.to_dict(),
         optimizer=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, cond_drop_prob=cfg.optim.cond_drop_prob,
         attr_drop_prob=cfg.optim.attr_drop_prob, ema_decay=cfg.optim.ema_decay, data_spec=dm.spec(),
+        trainable=cfg.optim.trainable,
     )
 
 
@@ -125,6 +122,9 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
     """Train; return the privacy record (also written to OUT/privacy.json)."""
     out = Path(out)
     ckpt_path = out / "last.ckpt"
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from {cfg.model.init_from} does not exist; pass the last.ckpt of a veil train "
+                          "run on public data (see lightning_modules/configs/synthetic32_public.yaml)")
     if resume and not ckpt_path.is_file():
         raise ConfigError(f"--resume: {ckpt_path} does not exist; start without --resume")
     if not resume and ckpt_path.exists():
@@ -135,6 +135,10 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
     dm = build_datamodule(cfg)
     dm.setup("fit")  # fails here, before training, on missing data or unknown attributes
     module = build_module(cfg, dm)
+    if cfg.model.init_from and not resume:  # on resume the weights come from last.ckpt
+        from veil.lightning_modules.finetune import load_start
+
+        module.hparams.initialized_from = load_start(module, cfg.model.init_from, data_spec=dm.spec())
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer = build_trainer(cfg, out, progress=progress)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
@@ -150,8 +154,17 @@ def describe(record: dict[str, Any]) -> str:
         return f"non-private training: {record['steps']} steps, no privacy guarantee (epsilon = inf)"
     eps = record["epsilon"]
     eps_s = "inf (noise multiplier 0)" if eps is None or not math.isfinite(eps) else f"{eps:.3f}"
+    start = record.get("initialized_from")
+    note = ""
+    if start:
+        d = start.get("data_spec") or {}
+        note = (f"; started from {start['path']} ({d.get('source')} data, seed {d.get('seed')}, "
+                f"{'with' if start.get('used_attribute_labels') else 'without'} attribute labels), "
+                "which this epsilon does not cover")
+    if "trainable_parameters" in record:
+        note += f"; {record['trainable_parameters']:,} parameters trained"
     return (
         f"privacy spent: epsilon = {eps_s} at delta = {record['delta']:.2e} "
         f"({record['accountant']} accountant; sigma = {record['noise_multiplier']:.3f}, C = {record['max_grad_norm']}, "
-        f"q = {record['sample_rate']:.4f}, {record['steps']} steps)"
+        f"q = {record['sample_rate']:.4f}, {record['steps']} steps){note}"
     )

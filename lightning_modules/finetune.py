@@ -1,0 +1,129 @@
+"""Public pretraining, then private fine-tuning: start weights and the parameters DP-SGD trains.
+
+DP-SGD's noise has norm about sigma * C * sqrt(P) / B for P trained parameters and logical batch
+B, so a private run learns fastest when it starts from a model that already draws images and
+trains only the parameters it must. Two options of ``veil train`` do that:
+
+- ``model.init_from: PUBLIC.ckpt`` starts model and EMA from the EMA weights of another
+  ``veil train`` checkpoint, trained on *public* data (for example FFHQ before a private CelebA
+  run, or synthetic faces of another seed). The privacy record of the new run covers the new
+  run's data only and says where its start came from (``initialized_from``). Pretraining on the
+  private data itself would spend budget no accountant counted, so ``check_disjoint`` refuses a
+  start whose training data is the same dataset (same synthetic seed, same CelebA or folder root).
+  Train the public model with ``optim.cond_drop_prob: 1.0`` to keep its labels out of it
+  (attributes then always enter as 0): everything the fine-tuned model knows about attributes
+  was then learned under DP.
+- ``optim.trainable: [...]`` trains only the parameters whose names match a glob pattern or a
+  named group (``PARAMETER_GROUPS``); the rest stay frozen and no per-sample gradient is kept for
+  them. The ``conditioning`` group is the attribute MLP and every path through which the
+  timestep-plus-attribute embedding reaches the UNet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from veil.errors import ConfigError, PrivacyError
+
+PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
+    # attribute MLP, timestep MLP, and each ResNet block's projection of that embedding
+    "conditioning": ("attribute_embedding.*", "unet.time_embedding.*", "*.time_emb_proj.*"),
+    # every GroupNorm scale and shift (ResNet blocks, attention, output)
+    "norms": ("*norm*.weight", "*norm*.bias"),
+}
+
+
+def resolve_trainable(model: nn.Module, trainable: Sequence[str] | None) -> list[str]:
+    """Names of the parameters to train: all (``None``), or those matching any pattern or group."""
+    names = [n for n, _ in model.named_parameters()]
+    if trainable is None:
+        return names
+    if isinstance(trainable, str) or not trainable:
+        raise ConfigError(f"optim.trainable must be a non-empty list of patterns or groups {sorted(PARAMETER_GROUPS)}, "
+                          f"or null for all parameters; got {trainable!r}")
+    chosen: set[str] = set()
+    for entry in trainable:
+        patterns = PARAMETER_GROUPS.get(entry, (entry,))
+        hits = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        if not hits:
+            raise ConfigError(f"optim.trainable: {entry!r} matches no parameter; use a group "
+                              f"{sorted(PARAMETER_GROUPS)} or a glob over names such as {names[0]!r}")
+        chosen |= hits
+    return [n for n in names if n in chosen]
+
+
+def freeze_all_but(model: nn.Module, trainable: Sequence[str] | None) -> int:
+    """Set requires_grad on the chosen parameters only; returns how many scalars are trained."""
+    keep = set(resolve_trainable(model, trainable))
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+        count += p.numel() if name in keep else 0
+    return count
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def same_dataset(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Do two data specs (``FaceDataModule.spec()``) draw from the same images?"""
+    if not a or not b or a.get("source") != b.get("source"):
+        return False
+    if a["source"] == "synthetic":  # image i depends only on (seed, i)
+        return a.get("seed") == b.get("seed")
+    return Path(str(a.get("root"))).resolve() == Path(str(b.get("root"))).resolve()
+
+
+def check_disjoint(*, init_data: dict[str, Any] | None, train_data: dict[str, Any], path: Path) -> None:
+    if init_data is None:
+        raise PrivacyError(f"model.init_from {path}: the checkpoint does not say what data it was trained on, "
+                           "so veil cannot check that it is not the private data; retrain it with veil train")
+    if same_dataset(init_data, train_data):
+        where = f"seed {train_data.get('seed')}" if train_data["source"] == "synthetic" else str(train_data.get("root"))
+        raise PrivacyError(
+            f"model.init_from {path} was trained on the same {train_data['source']} data ({where}) as this run; "
+            "its privacy cost is not in this run's accounting. Start from a model trained on other (public) "
+            "data, e.g. synthetic faces with another seed"
+        )
+
+
+def load_start(module, path: str | Path, *, data_spec: dict[str, Any]) -> dict[str, Any]:
+    """Copy the EMA weights of checkpoint ``path`` into ``module.model`` and ``module.ema``.
+
+    Checks that the architecture is the same and the data disjoint; returns the provenance record
+    (path, sha256, its data, its privacy record, whether it saw attribute labels).
+    """
+    from veil.lightning_modules.sampling import load_diffusion_checkpoint
+
+    path = Path(path)
+    start = load_diffusion_checkpoint(path)  # CheckpointError if missing or not a diffusion checkpoint
+    want = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(module.hparams.model_kwargs).items()}
+    have = {k: tuple(v) if isinstance(v, list) else v for k, v in start.model_kwargs.items()}
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ConfigError(f"model.init_from {path}: its model differs in {diff} "
+                          f"({', '.join(f'{k}={have.get(k)!r}, config {want.get(k)!r}' for k in diff)})")
+    check_disjoint(init_data=start.data_spec, train_data=data_spec, path=path)
+    state = start.model.state_dict()
+    with torch.no_grad():
+        module.model.load_state_dict(state)
+        module.ema.load_state_dict(state)
+    return {
+        "path": str(path),
+        "sha256": _sha256(path),
+        "data_spec": start.data_spec,
+        "privacy": start.privacy,
+        "used_attribute_labels": start.cond_drop_prob is None or start.cond_drop_prob < 1.0,
+    }
