@@ -12,7 +12,8 @@ trains only the parameters it must. Two options of ``veil train`` do that:
   start whose training data is the same dataset (same synthetic seed, same CelebA or folder root).
   Train the public model with ``optim.cond_drop_prob: 1.0`` to keep its labels out of it
   (attributes then always enter as 0): everything the fine-tuned model knows about attributes
-  was then learned under DP.
+  was then learned under DP. From such a start the first attribute layer is zeroed, so the
+  private run begins as the public model whatever the attributes say.
 - ``optim.trainable: [...]`` trains only the parameters whose names match a glob pattern or a
   named group (``PARAMETER_GROUPS``); the rest stay frozen and no per-sample gradient is kept for
   them. The ``conditioning`` group is the attribute MLP and every path through which the
@@ -117,6 +118,12 @@ def load_start(module, path: str | Path, *, data_spec: dict[str, Any]) -> dict[s
                           f"({', '.join(f'{k}={have.get(k)!r}, config {want.get(k)!r}' for k in diff)})")
     check_disjoint(init_data=start.data_spec, train_data=data_spec, path=path)
     state = start.model.state_dict()
+    used_labels = start.cond_drop_prob is None or start.cond_drop_prob < 1.0
+    if not used_labels:
+        # Trained on all-zero attributes, the first attribute layer never got a gradient: its
+        # weights are still the random init and would feed noise into every block. Zero them so
+        # the run starts as the public model for any attributes, and DP-SGD learns the mapping.
+        state["attribute_embedding.0.weight"] = torch.zeros_like(state["attribute_embedding.0.weight"])
     with torch.no_grad():
         module.model.load_state_dict(state)
         module.ema.load_state_dict(state)
@@ -125,5 +132,5 @@ def load_start(module, path: str | Path, *, data_spec: dict[str, Any]) -> dict[s
         "sha256": _sha256(path),
         "data_spec": start.data_spec,
         "privacy": start.privacy,
-        "used_attribute_labels": start.cond_drop_prob is None or start.cond_drop_prob < 1.0,
+        "used_attribute_labels": used_labels,
     }

@@ -115,10 +115,17 @@ def test_private_run_starts_from_the_public_weights_and_records_them(public, tmp
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
     provenance = load_start(module, public, data_spec=dm.spec())
-    start = load_diffusion_checkpoint(public).model.state_dict()
-    for key, value in module.model.state_dict().items():
-        assert torch.equal(value, start[key]) and torch.equal(module.ema.state_dict()[key], start[key])
+    start = load_diffusion_checkpoint(public).model
+    zeroed = "attribute_embedding.0.weight"  # never trained without labels: starts at 0
+    for key, value in start.state_dict().items():
+        want = torch.zeros_like(value) if key == zeroed else value
+        assert torch.equal(module.model.state_dict()[key], want) and torch.equal(module.ema.state_dict()[key], want)
     assert provenance["used_attribute_labels"] is False and provenance["data_spec"]["seed"] == 1
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 900])
+    with torch.no_grad():  # the start ignores attributes, exactly as the public model did
+        unconditional = start(x, t, torch.zeros(2, 6))
+        assert torch.allclose(module.model(x, t, torch.ones(2, 6)), unconditional, atol=1e-6)
+        assert not torch.allclose(start(x, t, torch.ones(2, 6)), unconditional, atol=1e-6)
 
     assert _train(tmp_path, f"model.init_from={public}", "optim.trainable=[conditioning]", "trainer.max_steps=2") == 0
     record = json.loads((tmp_path / "privacy.json").read_text())
