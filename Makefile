@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
 	touch $@
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench finetune
 setup: $(VENV)/.installed
 
 demo: setup
@@ -21,6 +21,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Private fine-tuning from a public start (docs/training.md): ~40 + ~40 minutes on a 2-core CPU.
+finetune: setup
+	test -f runs/public/last.ckpt || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
+	rm -rf runs/dp_finetune
+	$(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_dp_finetune.yaml --out runs/dp_finetune
+	$(PY) bench/sample_quality.py --checkpoint runs/dp_finetune/last.ckpt --grid runs/dp_finetune/samples.png
 
 bench: setup
 	$(PY) bench/dp_step.py

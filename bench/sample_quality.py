@@ -56,7 +56,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from veil.lightning_modules.data.grid import save_grid
     from veil.lightning_modules.sampling import ddim_sample, load_diffusion_checkpoint
