@@ -12,8 +12,9 @@ trains only the parameters it must. Two options of ``veil train`` do that:
   start whose training data is the same dataset (same synthetic seed, same CelebA or folder root).
   Train the public model with ``optim.cond_drop_prob: 1.0`` to keep its labels out of it
   (attributes then always enter as 0): everything the fine-tuned model knows about attributes
-  was then learned under DP. From such a start the first attribute layer is zeroed, so the
-  private run begins as the public model whatever the attributes say.
+  was then learned under DP. From such a start the attribute MLP's output layer is zeroed (its
+  constant folded into the bias), so the private run begins as the public model whatever the
+  attributes say.
 - ``optim.trainable: [...]`` trains only the parameters whose names match a glob pattern or a
   named group (``PARAMETER_GROUPS``); the rest stay frozen and no per-sample gradient is kept for
   them. The ``conditioning`` group is the attribute MLP and every block's projection of the
@@ -125,10 +126,16 @@ def load_start(module, path: str | Path, *, data_spec: dict[str, Any]) -> dict[s
     state = start.model.state_dict()
     used_labels = start.cond_drop_prob is None or start.cond_drop_prob < 1.0
     if not used_labels:
-        # Trained on all-zero attributes, the first attribute layer never got a gradient: its
-        # weights are still the random init and would feed noise into every block. Zero them so
-        # the run starts as the public model for any attributes, and DP-SGD learns the mapping.
-        state["attribute_embedding.0.weight"] = torch.zeros_like(state["attribute_embedding.0.weight"])
+        # Trained on all-zero attributes, the attribute MLP c(a) = W2 silu(W1 a + b1) + b2 only ever
+        # output its constant c(0); W1 is still the random init and would shift every block when
+        # attributes are given. Fold c(0) into b2 and zero W2: the run starts as the public model
+        # for any attributes, and W2's gradient, g_c (x) silu(W1 a + b1), carries the attributes
+        # from the first step (zeroing W1 instead leaves W2's gradient attribute-free and W1's
+        # damped by W2: a first CPU run learned nothing visible in 100 steps).
+        b1 = state["attribute_embedding.0.bias"]
+        w2, b2 = state["attribute_embedding.2.weight"], state["attribute_embedding.2.bias"]
+        state["attribute_embedding.2.bias"] = b2 + w2 @ torch.nn.functional.silu(b1)  # c(0)
+        state["attribute_embedding.2.weight"] = torch.zeros_like(w2)
     with torch.no_grad():
         module.model.load_state_dict(state)
         module.ema.load_state_dict(state)

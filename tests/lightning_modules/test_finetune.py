@@ -116,10 +116,12 @@ def test_private_run_starts_from_the_public_weights_and_records_them(public, tmp
     module = build_module(cfg, dm)
     provenance = load_start(module, public, data_spec=dm.spec())
     start = load_diffusion_checkpoint(public).model
-    zeroed = "attribute_embedding.0.weight"  # never trained without labels: starts at 0
+    refolded = {"attribute_embedding.2.weight", "attribute_embedding.2.bias"}  # c(a) = c(0) at the start
     for key, value in start.state_dict().items():
-        want = torch.zeros_like(value) if key == zeroed else value
-        assert torch.equal(module.model.state_dict()[key], want) and torch.equal(module.ema.state_dict()[key], want)
+        if key not in refolded:
+            assert torch.equal(module.model.state_dict()[key], value) and torch.equal(module.ema.state_dict()[key], value)
+    assert not module.model.attribute_embedding[2].weight.any()
+    assert torch.equal(module.ema.attribute_embedding[2].bias, module.model.attribute_embedding[2].bias)
     assert provenance["used_attribute_labels"] is False and provenance["data_spec"]["seed"] == 1
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 900])
     with torch.no_grad():  # the start ignores attributes, exactly as the public model did
