@@ -74,11 +74,15 @@ class OptimConfig:
     cond_drop_prob: float = 0.1
     attr_drop_prob: float = 0.1
     trainable: list[str] | None = None  # null: all; else globs or groups (conditioning, norms); finetune.py
+    lr_scale: dict[str, float] | None = None  # {glob or group: factor}: lr * factor for those parameters
 
     def __post_init__(self):
         for name in ("cond_drop_prob", "attr_drop_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_scale is not None and (not isinstance(self.lr_scale, dict)
+                                          or not all(isinstance(v, (int, float)) and v > 0 for v in self.lr_scale.values())):
+            raise ConfigError(f"optim.lr_scale must map parameter globs or groups to factors > 0, got {self.lr_scale!r}")
         if self.trainable is not None and (isinstance(self.trainable, str) or not self.trainable):
             raise ConfigError(f"optim.trainable must be a non-empty list (e.g. [conditioning, norms]) or null, "
                               f"got {self.trainable!r}")

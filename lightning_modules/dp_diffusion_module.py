@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from veil.lightning_modules import dp as dplib
-from veil.lightning_modules.finetune import freeze_all_but
+from veil.lightning_modules.finetune import freeze_all_but, lr_groups
 from veil.lightning_modules.unet import AttributeConditionalUNet
 
 CHECKPOINT_KIND = "veil/dp-diffusion"
@@ -60,6 +60,7 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
         ema_decay: float = 0.999,
         data_spec: dict[str, Any] | None = None,
         trainable: list[str] | None = None,
+        lr_scale: dict[str, float] | None = None,
         initialized_from: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -84,7 +85,8 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        params, h = self.trainable_parameters(), self.hparams
+        h = self.hparams
+        params = lr_groups(self.model, h.lr, h.lr_scale)
         if h.optimizer == "sgd":
             base = torch.optim.SGD(params, lr=h.lr, weight_decay=h.weight_decay)
         else:

@@ -66,6 +66,22 @@ def resolve_trainable(model: nn.Module, trainable: Sequence[str] | None) -> list
     return [n for n in names if n in chosen]
 
 
+def lr_groups(model: nn.Module, lr: float, lr_scale: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of the trainable parameters: lr * the factor of the first
+    ``lr_scale`` entry (a group or glob) that matches the name, else lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    factors: dict[float, list[nn.Parameter]] = {}
+    for entry in lr_scale or {}:
+        patterns = PARAMETER_GROUPS.get(entry, (entry,))
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named for pat in patterns):
+            raise ConfigError(f"optim.lr_scale: {entry!r} matches no trainable parameter")
+    for name, p in named:
+        factor = next((float(f) for entry, f in (lr_scale or {}).items()
+                       if any(fnmatch.fnmatchcase(name, pat) for pat in PARAMETER_GROUPS.get(entry, (entry,)))), 1.0)
+        factors.setdefault(factor, []).append(p)
+    return [{"params": ps, "lr": lr * f} for f, ps in factors.items()]
+
+
 def freeze_all_but(model: nn.Module, trainable: Sequence[str] | None) -> int:
     """Set requires_grad on the chosen parameters only; returns how many scalars are trained."""
     keep = set(resolve_trainable(model, trainable))

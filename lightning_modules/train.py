@@ -97,7 +97,7 @@ def build_module(cfg: TrainConfig, dm):
         sample_rate=dm.sample_rate, planned_steps=planned_steps(cfg, dm.sample_rate), dp=cfg.dp.to_dict(),
         optimizer=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, cond_drop_prob=cfg.optim.cond_drop_prob,
         attr_drop_prob=cfg.optim.attr_drop_prob, ema_decay=cfg.optim.ema_decay, data_spec=dm.spec(),
-        trainable=cfg.optim.trainable,
+        trainable=cfg.optim.trainable, lr_scale=cfg.optim.lr_scale,
     )
 
 

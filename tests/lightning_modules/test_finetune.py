@@ -9,11 +9,7 @@ from ddp_train_script import TINY
 from dp_helpers import TINY_MODEL, fit_batches, make_batch
 from veil.lightning_modules.config import load_config
 from veil.lightning_modules.dp_diffusion_module import DPDiffusionModule
-from veil.lightning_modules.finetune import (
-    PARAMETER_GROUPS,
-    resolve_trainable,
-    same_dataset,
-)
+from veil.lightning_modules.finetune import PARAMETER_GROUPS, lr_groups, resolve_trainable, same_dataset
 from veil.lightning_modules.train import run_training
 from veil.lightning_modules.unet import AttributeConditionalUNet
 
@@ -21,11 +17,11 @@ from veil.cli import main
 from veil.errors import ConfigError, PrivacyError
 
 
-def _module(trainable, *, sigma=0.0, C=0.05, kernel="opacus"):
+def _module(trainable, *, sigma=0.0, C=0.05, kernel="opacus", lr_scale=None):
     dp = dict(enabled=True, target_epsilon=None, noise_multiplier=sigma, max_grad_norm=C, kernel=kernel)
     return DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=10,
                              sample_rate=0.5, planned_steps=10, dp=dp, optimizer="sgd", lr=1.0,
-                             cond_drop_prob=0.0, attr_drop_prob=0.0, trainable=trainable)
+                             cond_drop_prob=0.0, attr_drop_prob=0.0, trainable=trainable, lr_scale=lr_scale)
 
 
 def test_groups_and_patterns_resolve_to_parameter_names():
@@ -43,6 +39,18 @@ def test_groups_and_patterns_resolve_to_parameter_names():
     assert set(PARAMETER_GROUPS) == {"conditioning", "norms"}
 
 
+def test_lr_scale_groups_and_bad_entries():
+    model = AttributeConditionalUNet(**TINY_MODEL)
+    groups = lr_groups(model, 0.1, {"attribute_embedding.*": 10, "norms": 2})
+    by_lr = {round(g["lr"], 9): len(g["params"]) for g in groups}
+    assert by_lr[1.0] == 4 and by_lr[0.2] == len(resolve_trainable(model, ["norms"]))
+    assert sum(by_lr.values()) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="optim.lr_scale"):
+        lr_groups(model, 0.1, {"monocle.*": 2})
+    with pytest.raises(ConfigError, match="optim.lr_scale"):
+        load_config(None, TINY + ["optim.lr_scale={norms: -1}"])
+
+
 @pytest.mark.parametrize("bad", [["monocle.*"], [], "conditioning"])
 def test_a_bad_trainable_entry_names_the_option(bad):
     with pytest.raises(ConfigError, match="optim.trainable"):
@@ -52,9 +60,10 @@ def test_a_bad_trainable_entry_names_the_option(bad):
 @pytest.mark.parametrize("kernel", ["opacus", "fused"])
 @pytest.mark.parametrize("trainable", [["conditioning"], ["conditioning", "norms"]])
 def test_noise_free_update_clips_over_the_trainable_parameters_only(trainable, kernel):
-    """Norms, clipping and the update use the trainable subset; frozen parameters do not move."""
+    """Norms, clipping and the update use the trainable subset; frozen parameters do not move;
+    optim.lr_scale multiplies the step of the parameters it names (SGD: exactly)."""
     torch.manual_seed(0)
-    module = _module(trainable, C=0.01, kernel=kernel)
+    module = _module(trainable, C=0.01, kernel=kernel, lr_scale={"attribute_embedding.*": 3.0})
     x, a = make_batch(4)
     g = torch.Generator().manual_seed(3)
     t, noise = torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 3, 16, 16, generator=g)
@@ -73,7 +82,7 @@ def test_noise_free_update_clips_over_the_trainable_parameters_only(trainable, k
         grads = {n: p.grad for n, p in ref.named_parameters() if n in names}
         factor = min(1.0, 0.01 / (torch.sqrt(sum(v.pow(2).sum() for v in grads.values())).item() + 1e-6))
         for n in names:
-            want[n] += factor * grads[n] / (0.5 * 10)
+            want[n] += factor * grads[n] / (0.5 * 10) * (3.0 if n.startswith("attribute_embedding.") else 1.0)
     rows = iter(range(4))
     module.per_row_loss = lambda x0, attrs: loss(module.model, torch.tensor([next(rows) for _ in range(len(x0))]))
     fit_batches(module, [(x, a)])
