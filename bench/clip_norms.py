@@ -8,9 +8,12 @@ of the start checkpoint's own training data (public by construction: veil refuse
 on the private set), it computes per-sample gradients of the DDPM loss and prints:
 
 1. quantiles of the per-sample gradient norm over the trained parameters;
-2. for each candidate C: the fraction of samples clipped, the signal |E[clip_C(g)]| (estimated
-   without bias as the dot product of two independent half-batch means), the noise norm of one
-   DP step sigma * C * sqrt(P) / B at the config's sigma and batch, and their ratio.
+2. for each candidate C: the fraction of samples clipped; the signal |E[clip_C(g)]|, estimated
+   without bias as the dot product of two disjoint half-batch means, averaged over 16 random
+   splits (+- its spread: a spread as large as the value means the signal is below what these
+   images can resolve); the DP noise norm of one step sigma * C * sqrt(P) / B at the config's
+   sigma and batch; the minibatch (sampling) noise of the mean of B clipped gradients,
+   sqrt(E|clip(g)|^2 / B), which a non-private run of the same batch has too; signal / DP noise.
 
 Nothing here touches the private data, so it spends no privacy budget. Signal/noise well below 1
 means the step is mostly noise; C far above the median norm only adds noise (nothing is clipped).
@@ -82,15 +85,21 @@ def main() -> None:
     print(f"trained parameters P = {P:,}; sigma = {sigma:.3f} at batch B = {B}; {args.n} public images")
     print("per-sample gradient norm quantiles 10/25/50/75/90%: "
           + " / ".join(f"{v:.4g}" for v in torch.quantile(norms, q).tolist()))
-    print("| C | clipped | signal E[clip(g)] | noise sigma C sqrt(P) / B | signal / noise |")
-    print("|---|---|---|---|---|")
-    half = args.n // 2
+    print("| C | clipped | signal E[clip(g)] (+- spread) | DP noise sigma C sqrt(P) / B | sampling noise | signal / DP noise |")
+    print("|---|---|---|---|---|---|")
+    half, gen = args.n // 2, torch.Generator().manual_seed(0)
     for c in (float(v) for v in args.clip.split(",")):
-        clipped = grads * (c / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1)
-        signal = max(float(clipped[:half].mean(0) @ clipped[half : 2 * half].mean(0)), 0.0) ** 0.5
+        clipped = grads * (c / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1)  # (n, P)
+        dots = []
+        for _ in range(16):
+            perm = torch.randperm(args.n, generator=gen)
+            dots.append(float(clipped[perm[:half]].mean(0) @ clipped[perm[half : 2 * half]].mean(0)))
+        dots = torch.tensor(dots)
+        signal, spread = max(float(dots.mean()), 0.0) ** 0.5, float(dots.std()) ** 0.5
         noise = sigma * c * P**0.5 / B
+        sampling = float(clipped.pow(2).sum(1).mean() / B) ** 0.5
         frac = float((norms > c).float().mean())
-        print(f"| {c:g} | {frac:.0%} | {signal:.3g} | {noise:.3g} | {signal / noise:.2f} |")
+        print(f"| {c:g} | {frac:.0%} | {signal:.3g} (+- {spread:.2g}) | {noise:.3g} | {sampling:.3g} | {signal / noise:.2f} |")
 
 
 if __name__ == "__main__":
