@@ -47,6 +47,11 @@ PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def matches(name: str, entry: str) -> bool:
+    """Does parameter ``name`` match ``entry``, a group of PARAMETER_GROUPS or a glob?"""
+    return any(fnmatch.fnmatchcase(name, p) for p in PARAMETER_GROUPS.get(entry, (entry,)))
+
+
 def resolve_trainable(model: nn.Module, trainable: Sequence[str] | None) -> list[str]:
     """Names of the parameters to train: all (``None``), or those matching any pattern or group."""
     names = [n for n, _ in model.named_parameters()]
@@ -57,8 +62,7 @@ def resolve_trainable(model: nn.Module, trainable: Sequence[str] | None) -> list
                           f"or null for all parameters; got {trainable!r}")
     chosen: set[str] = set()
     for entry in trainable:
-        patterns = PARAMETER_GROUPS.get(entry, (entry,))
-        hits = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        hits = {n for n in names if matches(n, entry)}
         if not hits:
             raise ConfigError(f"optim.trainable: {entry!r} matches no parameter; use a group "
                               f"{sorted(PARAMETER_GROUPS)} or a glob over names such as {names[0]!r}")
@@ -70,14 +74,13 @@ def lr_groups(model: nn.Module, lr: float, lr_scale: dict[str, float] | None) ->
     """Optimizer parameter groups of the trainable parameters: lr * the factor of the first
     ``lr_scale`` entry (a group or glob) that matches the name, else lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    factors: dict[float, list[nn.Parameter]] = {}
-    for entry in lr_scale or {}:
-        patterns = PARAMETER_GROUPS.get(entry, (entry,))
-        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named for pat in patterns):
+    scale = lr_scale or {}
+    for entry in scale:
+        if not any(matches(n, entry) for n, _ in named):
             raise ConfigError(f"optim.lr_scale: {entry!r} matches no trainable parameter")
+    factors: dict[float, list[nn.Parameter]] = {}
     for name, p in named:
-        factor = next((float(f) for entry, f in (lr_scale or {}).items()
-                       if any(fnmatch.fnmatchcase(name, pat) for pat in PARAMETER_GROUPS.get(entry, (entry,)))), 1.0)
+        factor = next((float(f) for entry, f in scale.items() if matches(name, entry)), 1.0)
         factors.setdefault(factor, []).append(p)
     return [{"params": ps, "lr": lr * f} for f, ps in factors.items()]
 

@@ -40,3 +40,11 @@ def make_batch(b, *, seed=0, k=3, res=16):
     x = torch.rand(b, 3, res, res, generator=g) * 2 - 1
     a = torch.randint(0, 2, (b, k), generator=g).float() * 2 - 1
     return x, a
+
+
+def train_cli(out, overrides, *extra, resume=False):
+    """`veil train --out OUT --no-progress --set ...` (overrides, then extra), optionally --resume."""
+    from veil.cli import main
+
+    args = ["train", "--out", str(out), "--no-progress"] + [a for kv in list(overrides) + list(extra) for a in ("--set", kv)]
+    return main(args + (["--resume"] if resume else []))

@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 from ddp_train_script import TINY
-from dp_helpers import TINY_MODEL, fit_batches, make_batch
+from dp_helpers import TINY_MODEL, fit_batches, make_batch, train_cli
 from veil.lightning_modules.config import load_config
 from veil.lightning_modules.dp_diffusion_module import DPDiffusionModule
 from veil.lightning_modules.finetune import PARAMETER_GROUPS, lr_groups, resolve_trainable, same_dataset
 from veil.lightning_modules.train import run_training
 from veil.lightning_modules.unet import AttributeConditionalUNet
 
-from veil.cli import main
 from veil.errors import ConfigError, PrivacyError
 
 
@@ -103,8 +102,7 @@ def test_same_dataset_compares_synthetic_seeds_and_roots(tmp_path):
 
 
 def _train(out, *extra, resume=False):
-    args = ["train", "--out", str(out), "--no-progress"] + [a for kv in TINY + list(extra) for a in ("--set", kv)]
-    return main(args + (["--resume"] if resume else []))
+    return train_cli(out, TINY, *extra, resume=resume)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddp_train_script import TINY
+from dp_helpers import train_cli
 from veil.cli import main
 from veil.errors import ConfigError, DataError
 from veil.lightning_modules.config import load_config
@@ -19,8 +20,7 @@ PRIVACY_KEYS = {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample
 
 
 def _train(out, *extra, resume=False):
-    args = ["train", "--out", str(out), "--no-progress"] + [a for kv in TINY + list(extra) for a in ("--set", kv)]
-    return main(args + (["--resume"] if resume else []))
+    return train_cli(out, TINY, *extra, resume=resume)
 
 
 @pytest.fixture(scope="module")
