@@ -1,6 +1,8 @@
 """Do samples show the attributes they were asked for? A grid, and a probe classifier's verdict.
 
     python bench/sample_quality.py --checkpoint runs/long/last.ckpt --grid docs/samples.png
+    python bench/sample_quality.py --checkpoint runs/public/last.ckpt --classifier runs/guide/last.ckpt \
+        --grid docs/samples_guided.png          # classifier guidance
 
 1. Train a small CNN probe on real synthetic faces (fresh seed), report its held-out accuracy.
 2. For each attribute a and value v in {+1, -1}: draw ``--n`` samples with a = v and every other
@@ -54,7 +56,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="samples per (attribute, value)")
     parser.add_argument("--eval-n", type=int, default=64, help="samples per (attribute, value) for the accuracy")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: 2, or 0 for a model trained without labels)")
+    parser.add_argument("--classifier", help="noise-conditional guidance classifier checkpoint")
+    parser.add_argument("--classifier-scale", type=float, default=3.0)
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -62,11 +67,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from veil.lightning_modules.data.grid import save_grid
-    from veil.lightning_modules.sampling import ddim_sample, load_diffusion_checkpoint
+    from veil.lightning_modules.sampling import (
+        combined_privacy, ddim_sample, default_guidance, load_diffusion_checkpoint, load_guidance_classifier,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_diffusion_checkpoint(args.checkpoint)
     model, names = ckpt.model.to(device), ckpt.attribute_names
+    guidance = default_guidance(ckpt) if args.guidance is None else args.guidance
+    guide = None
+    if args.classifier:
+        guide = load_guidance_classifier(args.classifier, scheduler_config=ckpt.scheduler_config,
+                                         scale=args.classifier_scale)
+        guide.model.to(device)
     res = model.unet.config.sample_size
     probe, real_acc = train_probe(res, names, device)
     rows, sample_acc = [], []
@@ -76,21 +89,26 @@ def main() -> None:
             attrs = torch.zeros(args.eval_n, len(names))
             attrs[:, j] = value
             gen = torch.Generator().manual_seed(j)  # same noise for +1 and -1
-            imgs = ddim_sample(model, ckpt.scheduler_config, attrs, num_steps=args.steps,
-                               guidance_scale=args.guidance, generator=gen)
+            imgs = ddim_sample(model, ckpt.scheduler_config, attrs, num_steps=args.steps, guidance_scale=guidance,
+                               generator=gen, guide=guide,
+                               guide_targets=guide.targets_for(attrs, names) if guide else None)
             with torch.no_grad():
                 correct += ((probe(imgs.to(device))[:, j] > 0) == (value > 0)).sum().item()
             rows.append(imgs[: args.n].cpu())
         sample_acc.append(correct / (2 * args.eval_n))
     save_grid(torch.cat(rows), args.grid, nrow=args.n, scale=2)
-    print(f"checkpoint {args.checkpoint}; privacy {json.dumps(ckpt.privacy)}")
+    print(f"checkpoint {args.checkpoint}; classifier-free guidance {guidance}; "
+          f"classifier {args.classifier} (scale {args.classifier_scale if guide else '-'})")
+    print(f"privacy: {combined_privacy(ckpt, guide)}")
     print("| attribute | probe acc. on real images | probe acc. on samples (requested value) |")
     print("| --- | --- | --- |")
     for name, r, s in zip(names, real_acc.tolist(), sample_acc):
         print(f"| {name} | {r:.3f} | {s:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"privacy": ckpt.privacy, "attributes": names, "probe_real": real_acc.tolist(),
+            json.dump({"privacy": ckpt.privacy, "classifier_privacy": guide.privacy if guide else None,
+                       "classifier_scale": args.classifier_scale if guide else None, "guidance": guidance,
+                       "summary": combined_privacy(ckpt, guide), "attributes": names, "probe_real": real_acc.tolist(),
                        "samples": sample_acc}, f, indent=2)
 
 

@@ -10,11 +10,16 @@ that Opacus can compute per-sample gradients and the model can be trained with D
 
 ``features`` is the penultimate representation: with it frozen, ``head`` is a logistic regression
 (convex in the head's parameters), which is what exact feature unlearning works on.
+
+``noise_conditional=True`` makes it a classifier of *noised* images x_t (the guidance classifier of
+``sampling.ddim_sample``): a sinusoidal embedding of the diffusion timestep t -> Linear -> SiLU is
+added, per channel, after each block's GroupNorm (t = 0, the default, is a clean image).
 Labels are attribute vectors in {-1, +1}^k; ``attribute_bce`` maps them to {0, 1}.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -35,6 +40,8 @@ class AttributeClassifier(nn.Module):
         channels: Sequence[int] = (16, 32, 64),
         norm_num_groups: int = 8,
         feature_dim: int = 64,
+        noise_conditional: bool = False,
+        time_embedding_dim: int = 64,
     ):
         super().__init__()
         channels = [int(c) for c in channels]
@@ -52,14 +59,40 @@ class AttributeClassifier(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in * side * side, feature_dim)
         self.head = nn.Linear(feature_dim, num_attributes)
+        self.noise_conditional = bool(noise_conditional)
+        if self.noise_conditional:
+            self.time_embedding_dim = int(time_embedding_dim)
+            self.time_mlp = nn.Sequential(nn.Linear(self.time_embedding_dim, self.time_embedding_dim), nn.SiLU())
+            self.time_shift = nn.ModuleList(nn.Linear(self.time_embedding_dim, c) for c in channels)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features: (B, 3, R, R) -> (B, feature_dim)."""
-        h = self.trunk(x)  # (B, C, R/2^L, R/2^L)
+    def _trunk(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if not self.noise_conditional:
+            return self.trunk(x)
+        if t is None:
+            t = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+        temb = self.time_mlp(timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.time_embedding_dim))
+        h = x
+        for i, shift in enumerate(self.time_shift):  # trunk = [conv, norm, silu] * L
+            conv, norm, act = self.trunk[3 * i : 3 * i + 3]
+            h = act(norm(conv(h)) + shift(temb)[:, :, None, None])
+        return h
+
+    def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Penultimate features: (B, 3, R, R) [, timesteps (B,)] -> (B, feature_dim)."""
+        h = self._trunk(x, t)  # (B, C, R/2^L, R/2^L)
         return F.silu(self.proj(h.flatten(1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (B, k) logits
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k) logits; ``t`` (B,) diffusion timesteps of a noise-conditional model (None: clean, t = 0)."""
+        return self.head(self.features(x, t))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), as in DDPM (sin half, cos half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
 def attribute_bce(logits: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
@@ -72,11 +105,14 @@ def attribute_bce(logits: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-    """Logits (N, k) for images (N, 3, R, R), in eval mode, batch by batch."""
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, t: int | None = None) -> torch.Tensor:
+    """Logits (N, k) for images (N, 3, R, R), in eval mode, batch by batch (``t``: timestep of a
+    noise-conditional model; the images are then x_t, already noised)."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else \
-        torch.zeros(0, model.head.out_features)
+    if not len(x):
+        return torch.zeros(0, model.head.out_features)
+    extra = () if t is None else (torch.full((1,), int(t), dtype=torch.long),)
+    return torch.cat([model(x[i : i + batch_size], *extra) for i in range(0, len(x), batch_size)])
 
 
 def accuracy(logits: torch.Tensor, attrs: torch.Tensor) -> float:

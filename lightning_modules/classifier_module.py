@@ -9,6 +9,10 @@ record). Manual optimisation, so one step is the same with and without DP:
 2. under DP, split into physical chunks of at most ``dp.max_physical_batch_size``; each chunk's
    mean BCE is back-propagated and the DP optimizer clips per sample, and at the last chunk adds
    noise and divides by the expected batch size (earlier chunks are virtual steps);
+   A noise-conditional model (``model_kwargs["noise_conditional"]``, the guidance classifier) is
+   trained on x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps with t uniform over the diffusion
+   schedule ``scheduler_config``; under DP each example's loss averages ``dp.noise_multiplicity``
+   draws of (t, eps), so its one clipped gradient carries less sampling noise at no privacy cost;
 3. Adam with an L2 term of ``head_l2`` on the head's parameters (coupled weight decay, i.e. the
    gradient of (head_l2 / 2) ||theta_head||^2, which is the objective unlearning differentiates).
 
@@ -44,11 +48,20 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
         head_l2: float = 1e-3,
         data_spec: dict[str, Any] | None = None,
         recipe: dict[str, Any] | None = None,
+        scheduler_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = AttributeClassifier(**model_kwargs)
+        if self.model.noise_conditional:
+            from diffusers import DDPMScheduler
+
+            from veil.lightning_modules.dp_diffusion_module import default_scheduler_config
+
+            self.scheduler_config = dict(scheduler_config or default_scheduler_config())
+            abar = DDPMScheduler(**self.scheduler_config).alphas_cumprod.float()
+            self.register_buffer("alphas_cumprod", abar, persistent=False)
         self.dp_cfg = dplib.DPConfig(**(dp or {"enabled": False}))
         self.accounting = dplib.PrivacyAccounting(
             self.dp_cfg, train_size=train_size, sample_rate=sample_rate, planned_steps=planned_steps
@@ -82,6 +95,24 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def batch_loss(self, x: torch.Tensor, attrs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(mean loss over the rows, K): K rows per example (K noise draws of a noise-conditional model
+        under DP, else 1), adjacent, so that ``_average_grad_samples`` can fold them back."""
+        if not self.model.noise_conditional:
+            return attribute_bce(self.model(x), attrs).mean(), 1
+        k = self.dp_cfg.noise_multiplicity if self.dp_cfg.enabled else 1
+        x, attrs = x.repeat_interleave(k, 0), attrs.repeat_interleave(k, 0)
+        t = torch.randint(0, len(self.alphas_cumprod), (x.shape[0],), device=x.device)
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * x + (1 - abar).sqrt() * torch.randn_like(x)
+        return attribute_bce(self.model(x_t, t), attrs).mean(), k
+
+    def _average_grad_samples(self, b: int, k: int) -> None:
+        if k > 1:  # each example's gradient is the mean over its K rows
+            for p in self.model.parameters():
+                gs = p.grad_sample
+                p.grad_sample = gs.view(b, k, *gs.shape[1:]).mean(dim=1)
+
     def _empty_grad_samples(self) -> None:
         for p in self.model.parameters():
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
@@ -95,8 +126,9 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
             if len(xc) == 0:
                 self._empty_grad_samples()
             else:
-                loss = attribute_bce(self.model(xc), ac).mean()
+                loss, k = self.batch_loss(xc, ac)
                 self.manual_backward(loss)
+                self._average_grad_samples(len(xc), k)
                 total += float(loss.detach()) * len(xc)
             if i == len(starts) - 1:
                 opt.step()  # clip + noise + divide by the expected batch size
@@ -115,7 +147,7 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
                 self.trainer.strategy.model.require_backward_grad_sync = False  # the DP optimizer sums
             loss = self._dp_step(opt, x, attrs)
         else:
-            loss_t = attribute_bce(self.model(x), attrs).mean()
+            loss_t, _ = self.batch_loss(x, attrs)
             self.manual_backward(loss_t)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -133,6 +165,7 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
             "data_spec": self.hparams.data_spec,
             "recipe": self.hparams.recipe,
             "l2": self.l2_coefficients(),
+            "scheduler_config": getattr(self, "scheduler_config", None),  # noise-conditional models only
             **self.accounting.state_dict(),  # dp_steps, accountant_state, privacy
             "train_features": self.train_features,
         }

@@ -60,6 +60,9 @@ class ClassifierRecipe:
         if dp.enabled and self.refit_head:
             raise ConfigError("refit_head: refitting the head on the data is not private; "
                               "set refit_head: false when dp.enabled is true")
+        if self.model.get("noise_conditional") and self.refit_head:
+            raise ConfigError("refit_head: a noise-conditional (guidance) classifier's head is not a logistic "
+                              "regression on fixed features; set refit_head: false with model.noise_conditional")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +98,20 @@ def tensors(dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor
 
 def test_accuracy(model, data: tuple[torch.Tensor, torch.Tensor]) -> float:
     return accuracy(predict(model, data[0]), data[1])
+
+
+def noisy_accuracy(model, alphas_cumprod: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor], *,
+                   fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75), seed: int = 0) -> dict[str, float]:
+    """A noise-conditional classifier's accuracy on x_t, at timesteps t = fraction * T (seeded noise)."""
+    x, attrs = data
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for f in fractions:
+        t = min(int(f * len(alphas_cumprod)), len(alphas_cumprod) - 1)
+        abar = alphas_cumprod[t].cpu()
+        x_t = abar.sqrt() * x + (1 - abar).sqrt() * torch.randn(x.shape, generator=gen)
+        out[str(t)] = accuracy(predict(model, x_t, t=t), attrs)
+    return out
 
 
 def load_classifier(path) -> tuple[AttributeClassifier, dict[str, Any]]:
@@ -281,6 +298,8 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
     record = {"checkpoint": str(out / "last.ckpt"), "seconds": seconds, "steps": module.dp_steps,
               "head_newton_iterations": newton, "test_accuracy": test_accuracy(module.model, test),
               "privacy": module.privacy()}
+    if module.model.noise_conditional:
+        record["test_accuracy_by_timestep"] = noisy_accuracy(module.model, module.alphas_cumprod, test)
     (out / "train_report.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -341,6 +360,9 @@ def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: st
     """
     out = Path(out)
     clf, ckpt = load_classifier(model)
+    if clf.noise_conditional:
+        raise ConfigError(f"--model {model}: a noise-conditional (guidance) classifier; unlearning updates "
+                          "classifiers of clean images")
     data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
     retrained = _retrain(ckpt, data.dm_rev, out / "retrained") if compare_retrain else None
     report = unlearn_and_measure(clf, ckpt, data, method=method, params=params, retrained=retrained, **knobs)
