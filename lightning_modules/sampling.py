@@ -207,14 +207,18 @@ def ddim_sample(
     res = resolution or model.unet.config.sample_size
     x = torch.randn((attrs.shape[0], 3, res, res), generator=generator).to(device)
     attrs = attrs.to(device)
-    if guide is not None:
+    guiding = guide is not None and guide.scale > 0
+    if guiding:
         guide_targets = (attrs if guide_targets is None else guide_targets).to(device)
         abar = sched.alphas_cumprod.to(device)
+        guiding = bool((guide_targets != 0).any())  # nothing specified: plain sampling
     for t in sched.timesteps:
         tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         eps = guided_eps(model, x, tt, attrs, guidance_scale)
-        if guide is not None and guide.scale > 0:
+        if guiding:
             grad = guide.log_prob_grad(x, tt, guide_targets)
             eps = eps - guide.scale * (1 - abar[int(t)]).sqrt() * grad
-        x = sched.step(eps, t, x, eta=0.0).prev_sample
+        # Under guidance, re-derive eps from the clipped x0 (as GLIDE does): otherwise a guidance
+        # push that the clip removes from x0 survives, reversed, in the "direction to x_t" term.
+        x = sched.step(eps, t, x, eta=0.0, use_clipped_model_output=guiding).prev_sample
     return x.clamp(-1, 1)
