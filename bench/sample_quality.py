@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: 2, or 0 for a model trained without labels)")
     parser.add_argument("--classifier", help="noise-conditional guidance classifier checkpoint")
-    parser.add_argument("--classifier-scale", type=float, default=3.0)
+    parser.add_argument("--classifier-scale", type=float, default=10.0)
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()

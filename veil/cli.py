@@ -2,7 +2,7 @@
 
     veil train   --config CONFIG.yaml --out DIR [--set key=value ...] [--resume]
     veil sample  --checkpoint DIR/last.ckpt --attributes smiling=1,hat=0 --n 16 --out grid.png
-                 [--classifier CLF/last.ckpt --classifier-scale 3]   (classifier guidance)
+                 [--classifier CLF/last.ckpt --classifier-scale 10]  (classifier guidance)
 
 ``veil <cmd> --help`` documents every option. Errors of the user's making (bad config, missing
 files) print one line naming the option and exit with status 2; anything else is a bug and keeps
@@ -55,8 +55,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--classifier", help="noise-conditional classifier checkpoint (`veil train-classifier` with "
                                         "model.noise_conditional, e.g. configs/classifier32_guidance.yaml) that "
                                         "steers the samples to --attributes")
-    p.add_argument("--classifier-scale", type=float, default=3.0,
-                   help="classifier guidance scale s (default 3.0; used with --classifier)")
+    p.add_argument("--classifier-scale", type=float, default=10.0,
+                   help="classifier guidance scale s (default 10.0; used with --classifier)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", required=True, help="PNG grid to write")
