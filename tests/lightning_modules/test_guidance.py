@@ -141,7 +141,8 @@ def test_log_prob_grad_is_the_gradient_of_the_specified_attributes_only():
     torch.testing.assert_close(guide.log_prob_grad(x, t, targets), want)
 
 
-def test_guidance_steers_samples_and_scale_zero_changes_nothing():
+def _draw(guide, targets, *, steps):
+    """4 samples of a random tiny UNet (unconditional), the same initial noise every call."""
     from veil.lightning_modules.dp_diffusion_module import default_scheduler_config
     from veil.lightning_modules.unet import AttributeConditionalUNet
 
@@ -149,41 +150,27 @@ def test_guidance_steers_samples_and_scale_zero_changes_nothing():
 
     torch.manual_seed(0)
     unet = AttributeConditionalUNet(**TINY_MODEL).eval()
-    attrs = torch.zeros(4, 3)
+    return S.ddim_sample(unet, default_scheduler_config(), torch.zeros(4, 3), num_steps=steps, guidance_scale=0.0,
+                         generator=torch.Generator().manual_seed(1), guide=guide, guide_targets=targets)
 
-    def draw(guide, targets):
-        return S.ddim_sample(unet, default_scheduler_config(), attrs, num_steps=5, guidance_scale=0.0,
-                             generator=torch.Generator().manual_seed(1), guide=guide, guide_targets=targets)
 
-    plain = draw(None, None)
+def test_guidance_steers_samples_and_scale_zero_changes_nothing():
+    plain = _draw(None, None, steps=5)
     up, down = torch.ones(4, 1), -torch.ones(4, 1)
-    torch.testing.assert_close(draw(_guide(scale=0.0), up), plain)
-    brighter, darker = draw(_guide(scale=5.0), up), draw(_guide(scale=5.0), down)
+    torch.testing.assert_close(_draw(_guide(scale=0.0), up, steps=5), plain)
+    brighter, darker = _draw(_guide(scale=5.0), up, steps=5), _draw(_guide(scale=5.0), down, steps=5)
     assert brighter.mean() > plain.mean() + 0.04 > darker.mean() + 0.08  # measured: 0.044, -0.018, -0.102
-    unspecified = draw(_guide(scale=5.0), torch.zeros(4, 1))  # attribute 0 = unknown: no pull
+    unspecified = _draw(_guide(scale=5.0), torch.zeros(4, 1), steps=5)  # attribute 0 = unknown: no pull
     torch.testing.assert_close(unspecified, plain)
 
 
 def test_strong_guidance_is_not_reversed_by_the_x0_clip():
     """At a large scale the guided x0 saturates at the clip; the step must then re-derive eps from
     the clipped x0, or the push survives reversed in DDIM's direction term (measured before the fix:
-    guidance toward 'bright' gave darker samples than unguided ones)."""
-    from veil.lightning_modules.dp_diffusion_module import default_scheduler_config
-    from veil.lightning_modules.unet import AttributeConditionalUNet
-
-    from dp_helpers import TINY_MODEL
-
-    torch.manual_seed(0)
-    unet = AttributeConditionalUNet(**TINY_MODEL).eval()
-    attrs = torch.zeros(4, 3)
-
-    def draw(guide, targets):
-        return S.ddim_sample(unet, default_scheduler_config(), attrs, num_steps=10, guidance_scale=0.0,
-                             generator=torch.Generator().manual_seed(1), guide=guide, guide_targets=targets)
-
-    plain = draw(None, None).mean()
-    assert draw(_guide(scale=200.0), torch.ones(4, 1)).mean() > plain + 0.1
-    assert draw(_guide(scale=200.0), -torch.ones(4, 1)).mean() < plain - 0.1
+    guidance toward 'bright' gave all-black samples)."""
+    plain = _draw(None, None, steps=10).mean()
+    assert _draw(_guide(scale=200.0), torch.ones(4, 1), steps=10).mean() > plain + 0.1
+    assert _draw(_guide(scale=200.0), -torch.ones(4, 1), steps=10).mean() < plain - 0.1
 
 
 def test_targets_map_by_name_and_unknown_attributes_fail():
