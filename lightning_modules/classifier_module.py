@@ -54,14 +54,13 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = AttributeClassifier(**model_kwargs)
+        self.scheduler_config: dict[str, Any] | None = None  # the noise schedule of a noise-conditional model
         if self.model.noise_conditional:
-            from diffusers import DDPMScheduler
-
             from veil.lightning_modules.dp_diffusion_module import default_scheduler_config
+            from veil.lightning_modules.editor import alphas_cumprod_table
 
             self.scheduler_config = dict(scheduler_config or default_scheduler_config())
-            abar = DDPMScheduler(**self.scheduler_config).alphas_cumprod.float()
-            self.register_buffer("alphas_cumprod", abar, persistent=False)
+            self.register_buffer("alphas_cumprod", alphas_cumprod_table(self.scheduler_config), persistent=False)
         self.dp_cfg = dplib.DPConfig(**(dp or {"enabled": False}))
         self.accounting = dplib.PrivacyAccounting(
             self.dp_cfg, train_size=train_size, sample_rate=sample_rate, planned_steps=planned_steps
@@ -97,21 +96,16 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
 
     def batch_loss(self, x: torch.Tensor, attrs: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(mean loss over the rows, K): K rows per example (K noise draws of a noise-conditional model
-        under DP, else 1), adjacent, so that ``_average_grad_samples`` can fold them back."""
+        under DP, else 1), adjacent, so that ``dp.fold_noise_draws`` can fold them back."""
+        from veil.lightning_modules.dp_diffusion_module import q_sample
+
         if not self.model.noise_conditional:
             return attribute_bce(self.model(x), attrs).mean(), 1
         k = self.dp_cfg.noise_multiplicity if self.dp_cfg.enabled else 1
         x, attrs = x.repeat_interleave(k, 0), attrs.repeat_interleave(k, 0)
         t = torch.randint(0, len(self.alphas_cumprod), (x.shape[0],), device=x.device)
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x + (1 - abar).sqrt() * torch.randn_like(x)
+        x_t = q_sample(x, self.alphas_cumprod, t, torch.randn_like(x))
         return attribute_bce(self.model(x_t, t), attrs).mean(), k
-
-    def _average_grad_samples(self, b: int, k: int) -> None:
-        if k > 1:  # each example's gradient is the mean over its K rows
-            for p in self.model.parameters():
-                gs = p.grad_sample
-                p.grad_sample = gs.view(b, k, *gs.shape[1:]).mean(dim=1)
 
     def _empty_grad_samples(self) -> None:
         for p in self.model.parameters():
@@ -128,7 +122,7 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
             else:
                 loss, k = self.batch_loss(xc, ac)
                 self.manual_backward(loss)
-                self._average_grad_samples(len(xc), k)
+                dplib.fold_noise_draws(self.model.parameters(), len(xc), k)
                 total += float(loss.detach()) * len(xc)
             if i == len(starts) - 1:
                 opt.step()  # clip + noise + divide by the expected batch size
@@ -165,7 +159,7 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
             "data_spec": self.hparams.data_spec,
             "recipe": self.hparams.recipe,
             "l2": self.l2_coefficients(),
-            "scheduler_config": getattr(self, "scheduler_config", None),  # noise-conditional models only
+            "scheduler_config": self.scheduler_config,
             **self.accounting.state_dict(),  # dp_steps, accountant_state, privacy
             "train_features": self.train_features,
         }

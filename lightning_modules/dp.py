@@ -99,6 +99,15 @@ def attach_grad_sampler(model: nn.Module, *, fix_contiguity: bool = True):
     return GradSampleModule(model, batch_first=True, loss_reduction="mean")
 
 
+def fold_noise_draws(params, b: int, k: int) -> None:
+    """Noise multiplicity: the K rows of each example are adjacent in the batch; make each parameter's
+    per-sample gradient the mean over its example's K rows, (b*K, ...) -> (b, ...)."""
+    if k > 1:
+        for p in params:
+            gs = p.grad_sample
+            p.grad_sample = gs.view(b, k, *gs.shape[1:]).mean(dim=1)
+
+
 def resolve_noise_multiplier(
     cfg: DPConfig, *, sample_rate: float, steps: int, delta: float
 ) -> float:

@@ -41,6 +41,12 @@ def default_scheduler_config(num_train_timesteps: int = 1000) -> dict[str, Any]:
     }
 
 
+def q_sample(x0: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward (noising) process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t (B,) or a scalar."""
+    alpha_prod_t = alphas_cumprod[t].reshape(-1, 1, 1, 1)  # cumulative alpha at t
+    return alpha_prod_t.sqrt() * x0 + (1 - alpha_prod_t).sqrt() * noise
+
+
 class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
     def __init__(
         self,
@@ -134,8 +140,7 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
         """DDPM eps-prediction MSE, one value per row: x0 (R,3,H,W), attrs (R,k) -> (R,)."""
         t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        alpha_prod_t = self.alphas_cumprod[t].view(-1, 1, 1, 1)  # cumulative alpha at t
-        x_t = alpha_prod_t.sqrt() * x0 + (1 - alpha_prod_t).sqrt() * noise
+        x_t = q_sample(x0, self.alphas_cumprod, t, noise)
         eps_hat = self.model(x_t, t, self.drop_attributes(attrs))
         return (eps_hat - noise).pow(2).mean(dim=(1, 2, 3))
 
@@ -145,11 +150,7 @@ class DPDiffusionModule(dplib.AccountedModule, L.LightningModule):
         rows = self.per_row_loss(x0.repeat_interleave(k, 0), attrs.repeat_interleave(k, 0))
         loss = rows.mean()
         self.manual_backward(loss * weight)
-        if k > 1:
-            # Rows of one example are adjacent: its gradient is the mean over its K rows.
-            for p in self.trainable_parameters():
-                gs = p.grad_sample
-                p.grad_sample = gs.view(b, k, *gs.shape[1:]).mean(dim=1)
+        dplib.fold_noise_draws(self.trainable_parameters(), b, k)
         return float(loss.detach())
 
     def _empty_grad_samples(self) -> None:

@@ -112,14 +112,19 @@ def same_dataset(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return Path(str(a.get("root"))).resolve() == Path(str(b.get("root"))).resolve()
 
 
+def data_location(spec: dict[str, Any]) -> str:
+    """'seed 0' (synthetic) or the data root: which images of its source a data spec draws."""
+    return f"seed {spec.get('seed')}" if spec.get("source") == "synthetic" else str(spec.get("root"))
+
+
 def check_disjoint(*, init_data: dict[str, Any] | None, train_data: dict[str, Any], path: Path) -> None:
     if init_data is None:
         raise PrivacyError(f"model.init_from {path}: the checkpoint does not say what data it was trained on, "
                            "so veil cannot check that it is not the private data; retrain it with veil train")
     if same_dataset(init_data, train_data):
-        where = f"seed {train_data.get('seed')}" if train_data["source"] == "synthetic" else str(train_data.get("root"))
         raise PrivacyError(
-            f"model.init_from {path} was trained on the same {train_data['source']} data ({where}) as this run; "
+            f"model.init_from {path} was trained on the same {train_data['source']} data "
+            f"({data_location(train_data)}) as this run; "
             "its privacy cost is not in this run's accounting. Start from a model trained on other (public) "
             "data, e.g. synthetic faces with another seed"
         )

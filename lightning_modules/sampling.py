@@ -140,8 +140,7 @@ class GuidanceClassifier:
 def load_guidance_classifier(path: str | Path, *, scheduler_config: dict[str, Any], scale: float) -> GuidanceClassifier:
     """The classifier of a ``veil train-classifier`` checkpoint, checked to be noise-conditional on the
     same noise schedule as the denoiser (``scheduler_config``)."""
-    from diffusers import DDPMScheduler
-
+    from veil.lightning_modules.editor import alphas_cumprod_table
     from veil.lightning_modules.unlearn import load_classifier
 
     if not scale >= 0:
@@ -151,8 +150,7 @@ def load_guidance_classifier(path: str | Path, *, scheduler_config: dict[str, An
         raise ConfigError(f"--classifier {path}: a classifier of clean images; guidance needs one trained on "
                           "noised images (model.noise_conditional: true, e.g. configs/classifier32_guidance.yaml)")
     meta = ckpt["veil"]
-    own = DDPMScheduler(**meta["scheduler_config"]).alphas_cumprod
-    theirs = DDPMScheduler(**scheduler_config).alphas_cumprod
+    own, theirs = alphas_cumprod_table(meta["scheduler_config"]), alphas_cumprod_table(scheduler_config)
     if own.shape != theirs.shape or not torch.allclose(own, theirs):
         raise ConfigError(f"--classifier {path}: trained on another noise schedule than the diffusion model "
                           f"({meta['scheduler_config']} vs {scheduler_config})")
@@ -162,7 +160,7 @@ def load_guidance_classifier(path: str | Path, *, scheduler_config: dict[str, An
 
 def combined_privacy(ckpt: DiffusionCheckpoint, guide: GuidanceClassifier | None) -> str:
     """One line: what the samples cost in privacy, on whose data."""
-    from veil.lightning_modules.finetune import same_dataset
+    from veil.lightning_modules.finetune import data_location, same_dataset
 
     def one(privacy: dict[str, Any]) -> str:
         if not privacy.get("enabled"):
@@ -170,10 +168,7 @@ def combined_privacy(ckpt: DiffusionCheckpoint, guide: GuidanceClassifier | None
         return f"epsilon {privacy['epsilon']:.3f}, delta {privacy['delta']:.3g}"
 
     def data(spec: dict[str, Any] | None) -> str:
-        if not spec:
-            return "unrecorded data"
-        where = f"seed {spec.get('seed')}" if spec.get("source") == "synthetic" else str(spec.get("root"))
-        return f"{spec.get('source')} {where}"
+        return f"{spec.get('source')} {data_location(spec)}" if spec else "unrecorded data"
 
     unet = f"denoiser: {one(ckpt.privacy)} on {data(ckpt.data_spec)}"
     if ckpt.cond_drop_prob == 1.0:

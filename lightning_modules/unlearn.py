@@ -103,13 +103,14 @@ def test_accuracy(model, data: tuple[torch.Tensor, torch.Tensor]) -> float:
 def noisy_accuracy(model, alphas_cumprod: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor], *,
                    fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75), seed: int = 0) -> dict[str, float]:
     """A noise-conditional classifier's accuracy on x_t, at timesteps t = fraction * T (seeded noise)."""
+    from veil.lightning_modules.dp_diffusion_module import q_sample
+
     x, attrs = data
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for f in fractions:
         t = min(int(f * len(alphas_cumprod)), len(alphas_cumprod) - 1)
-        abar = alphas_cumprod[t].cpu()
-        x_t = abar.sqrt() * x + (1 - abar).sqrt() * torch.randn(x.shape, generator=gen)
+        x_t = q_sample(x, alphas_cumprod.cpu(), torch.tensor(t), torch.randn(x.shape, generator=gen))
         out[str(t)] = accuracy(predict(model, x_t, t=t), attrs)
     return out
 

@@ -62,7 +62,7 @@ def test_opacus_per_sample_gradients_of_the_noise_conditional_classifier():
 def test_noise_multiplicity_averages_each_examples_k_draws():
     """Under DP with K draws, an example's gradient is the mean of its K rows' gradients (same t, noise)."""
     from veil.lightning_modules.classifier_module import AttributeClassifierModule
-    from veil.lightning_modules.dp import attach_grad_sampler
+    from veil.lightning_modules.dp import attach_grad_sampler, fold_noise_draws
 
     k, b = 3, 4
     module = AttributeClassifierModule(
@@ -88,7 +88,7 @@ def test_noise_multiplicity_averages_each_examples_k_draws():
     torch.manual_seed(5)
     loss, got_k = module.batch_loss(x, a)
     loss.backward()
-    module._average_grad_samples(b, got_k)
+    fold_noise_draws(model.parameters(), b, got_k)
     assert got_k == k
     torch.testing.assert_close(model.head.weight.grad_sample, torch.stack(want), rtol=1e-4, atol=1e-6)
     sampler._close()
