@@ -28,7 +28,7 @@ import torch
 
 def per_sample_gradients(module, x: torch.Tensor, attrs: torch.Tensor, *, chunk: int, seed: int) -> torch.Tensor:
     """(n, P) per-sample gradients of the DDPM loss over the trainable parameters."""
-    from veil.lightning_modules import dp as dplib
+    from veil.lightning_modules.dp import accounting as dplib
 
     dplib.attach_grad_sampler(module.model)
     params = module.trainable_parameters()
@@ -60,11 +60,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from veil.lightning_modules.config import load_config
+    from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
     from veil.lightning_modules.data.datamodule import FaceDataModule
-    from veil.lightning_modules.finetune import load_start
-    from veil.lightning_modules.sampling import load_diffusion_checkpoint
-    from veil.lightning_modules.train import build_datamodule, build_module
+    from veil.lightning_modules.training.config import load_config
+    from veil.lightning_modules.training.diffusion import build_datamodule, build_module
+    from veil.lightning_modules.training.init_from import load_start
 
     cfg = load_config(args.config, args.set)
     if not cfg.model.init_from:

@@ -29,7 +29,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from veil.lightning_modules.sampling import ddim_sample, load_diffusion_checkpoint, load_guidance_classifier
+    from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
+    from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
+    from veil.lightning_modules.diffusion.sample import ddim_sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_diffusion_checkpoint(args.checkpoint)

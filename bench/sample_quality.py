@@ -66,9 +66,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
     from veil.lightning_modules.data.grid import save_grid
-    from veil.lightning_modules.sampling import (
-        combined_privacy, ddim_sample, default_guidance, load_diffusion_checkpoint, load_guidance_classifier,
+    from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
+    from veil.lightning_modules.diffusion.sample import (
+        combined_privacy,
+        ddim_sample,
+        default_guidance,
     )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

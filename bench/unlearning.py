@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The flip revision (a stand-in for private edits) is a test helper; the benchmark shares it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+
 METHODS = (  # (label, method, knobs)
     ("first/head", "first", {"params": ["head"]}),
     ("second/head (CG)", "second", {"params": ["head"]}),
@@ -51,31 +54,33 @@ def _row(label: str, frac: float, r: dict) -> dict:
 
 def run(args) -> list[dict]:
     import torch
-
-    from veil.lightning_modules import unlearn as UL
+    from revisions import synthetic_flip_revision
+    from veil.lightning_modules import checkpoints as CK
     from veil.lightning_modules.data.datamodule import FaceDataModule
+    from veil.lightning_modules.training import classifier as TC
+    from veil.lightning_modules.unlearning import job as UJ
 
     torch.set_num_threads(1)
-    recipe = UL.ClassifierRecipe(epochs=args.epochs, seed=0)
+    recipe = TC.ClassifierRecipe(epochs=args.epochs, seed=0)
     dm = FaceDataModule(source="synthetic", num_images=args.num_images, resolution=32, seed=0,
                         val_fraction=0.0, test_fraction=0.2, batch_size=recipe.batch_size, poisson=False)
     dm.dataset.render_all()  # load once: both sides are timed on images already in memory
     tmp = Path(tempfile.mkdtemp(prefix="veil-unlearn-bench-"))
-    record = UL.train_classifier(recipe=recipe, datamodule=dm, out=tmp / "clf")
+    record = TC.train_classifier(recipe=recipe, datamodule=dm, out=tmp / "clf")
     print(f"trained: {dm.train_size} train images, test accuracy {record['test_accuracy']:.4f}, "
           f"{record['seconds']:.1f}s", file=sys.stderr)
     rows = []
     for frac in args.fractions:
-        revision = UL.synthetic_flip_revision(tmp / f"rev{frac}", datamodule=dm, fraction=frac, seed=1)
-        _, ckpt = UL.load_classifier(tmp / "clf" / "last.ckpt")
-        data = UL.UnlearningData.build(ckpt, revision, base=dm)
-        retrained = UL._retrain(ckpt, data.dm_rev, tmp / f"retrained{frac}")
+        revision = synthetic_flip_revision(tmp / f"rev{frac}", datamodule=dm, fraction=frac, seed=1)
+        _, ckpt = CK.load_classifier(tmp / "clf" / "last.ckpt")
+        data = UJ.UnlearningData.build(ckpt, revision, base=dm)
+        retrained = UJ._retrain(ckpt, data.dm_rev, tmp / f"retrained{frac}")
         for label, method, knobs in METHODS:
-            clf, ckpt = UL.load_classifier(tmp / "clf" / "last.ckpt")
+            clf, ckpt = CK.load_classifier(tmp / "clf" / "last.ckpt")
             times = []
             for _ in range(args.repeats):  # median of repeats from the same start
-                clf, ckpt = UL.load_classifier(tmp / "clf" / "last.ckpt")
-                report = UL.unlearn_and_measure(clf, ckpt, data, method=method, retrained=retrained, **knobs)
+                clf, ckpt = CK.load_classifier(tmp / "clf" / "last.ckpt")
+                report = UJ.unlearn_and_measure(clf, ckpt, data, method=method, retrained=retrained, **knobs)
                 times.append(report["update_seconds"])
             report["update_seconds"] = statistics.median(times)
             report["speedup"] = retrained[1] / report["update_seconds"]

@@ -1,14 +1,13 @@
 """``AttributeClassifierModule``: training of ``AttributeClassifier``, optionally private by DP-SGD.
 
-Training logic only; the network is ``classifier.AttributeClassifier`` and the DP plumbing is
-``dp.py`` (the same as ``DPDiffusionModule``'s: Opacus per-sample hooks through
-``dp.attach_grad_sampler``, ``veil.kernels.make_dp_optimizer``, the accountant and the privacy
-record). Manual optimisation, so one step is the same with and without DP:
+Training logic only; the network is ``models.classifier.AttributeClassifier`` and the DP plumbing
+is ``dp/``, the same as ``DPDiffusionModule``'s (the one optimizer factory, the one chunked DP step
+``dp.step.dp_training_step``, the accountant and the privacy record). Manual optimisation, so one
+step is the same with and without DP:
 
 1. a batch (Poisson-sampled under DP, shuffled otherwise, from ``FaceDataModule``);
-2. under DP, split into physical chunks of at most ``dp.max_physical_batch_size``; each chunk's
-   mean BCE is back-propagated and the DP optimizer clips per sample, and at the last chunk adds
-   noise and divides by the expected batch size (earlier chunks are virtual steps);
+2. ``dp_training_step`` with this module's loss, the mean BCE over the attributes (under DP: in
+   physical chunks, clipped per sample, noised once per logical step);
    A noise-conditional model (``model_kwargs["noise_conditional"]``, the guidance classifier) is
    trained on x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps with t uniform over the diffusion
    schedule ``scheduler_config``; under DP each example's loss averages ``dp.noise_multiplicity``
@@ -29,12 +28,20 @@ from typing import Any
 
 import lightning as L
 import torch
+from veil.lightning_modules.checkpoints import CLASSIFIER_KIND
+from veil.lightning_modules.diffusion.schedule import (
+    alphas_cumprod_table,
+    default_scheduler_config,
+    q_sample,
+)
+from veil.lightning_modules.dp.accounting import AccountedModule, PrivacyAccounting
+from veil.lightning_modules.dp.config import DPConfig
+from veil.lightning_modules.dp.optimizer import dp_optimizer_for
+from veil.lightning_modules.dp.step import dp_training_step
+from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
 
-from veil.lightning_modules import dp as dplib
-from veil.lightning_modules.classifier import CHECKPOINT_KIND, AttributeClassifier, attribute_bce
 
-
-class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
+class AttributeClassifierModule(AccountedModule, L.LightningModule):
     def __init__(
         self,
         *,
@@ -56,13 +63,10 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
         self.model = AttributeClassifier(**model_kwargs)
         self.scheduler_config: dict[str, Any] | None = None  # the noise schedule of a noise-conditional model
         if self.model.noise_conditional:
-            from veil.lightning_modules.dp_diffusion_module import default_scheduler_config
-            from veil.lightning_modules.editor import alphas_cumprod_table
-
             self.scheduler_config = dict(scheduler_config or default_scheduler_config())
             self.register_buffer("alphas_cumprod", alphas_cumprod_table(self.scheduler_config), persistent=False)
-        self.dp_cfg = dplib.DPConfig(**(dp or {"enabled": False}))
-        self.accounting = dplib.PrivacyAccounting(
+        self.dp_cfg = DPConfig(**(dp or {"enabled": False}))
+        self.accounting = PrivacyAccounting(
             self.dp_cfg, train_size=train_size, sample_rate=sample_rate, planned_steps=planned_steps
         )
         self.train_features: torch.Tensor | None = None  # (N, D) cache for unlearning; never under DP
@@ -77,28 +81,14 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("head.")]
         base = torch.optim.Adam([{"params": rest, "weight_decay": 0.0},
                                  {"params": head, "weight_decay": self.hparams.head_l2}], lr=self.hparams.lr)
-        if not self.dp_cfg.enabled:
-            return base
-        if self._grad_sampler is None:
-            object.__setattr__(self, "_grad_sampler", dplib.attach_grad_sampler(self.model))
-        world = self.trainer.world_size if self._trainer is not None else 1
-        from veil.lightning_modules.dp_diffusion_module import make_dp_optimizer
-
-        return make_dp_optimizer(
-            kernel=self.dp_cfg.kernel, optimizer=base, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.dp_cfg.max_grad_norm,
-            expected_batch_size=self.hparams.sample_rate * self.hparams.train_size / world,
-            distributed=world > 1, secure_mode=self.dp_cfg.secure_mode,
-        )
+        return dp_optimizer_for(self, base) if self.dp_cfg.enabled else base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def batch_loss(self, x: torch.Tensor, attrs: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(mean loss over the rows, K): K rows per example (K noise draws of a noise-conditional model
-        under DP, else 1), adjacent, so that ``dp.fold_noise_draws`` can fold them back."""
-        from veil.lightning_modules.dp_diffusion_module import q_sample
-
+        under DP, else 1), adjacent, so that ``dp.grad_sample.fold_noise_draws`` can fold them back."""
         if not self.model.noise_conditional:
             return attribute_bce(self.model(x), attrs).mean(), 1
         k = self.dp_cfg.noise_multiplicity if self.dp_cfg.enabled else 1
@@ -107,59 +97,24 @@ class AttributeClassifierModule(dplib.AccountedModule, L.LightningModule):
         x_t = q_sample(x, self.alphas_cumprod, t, torch.randn_like(x))
         return attribute_bce(self.model(x_t, t), attrs).mean(), k
 
-    def _empty_grad_samples(self) -> None:
-        for p in self.model.parameters():
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-
-    def _dp_step(self, opt, x: torch.Tensor, attrs: torch.Tensor) -> float:
-        size = self.dp_cfg.max_physical_batch_size
-        starts = list(range(0, len(x), size)) or [0]
-        total = 0.0
-        for i, s in enumerate(starts):
-            xc, ac = x[s : s + size], attrs[s : s + size]
-            if len(xc) == 0:
-                self._empty_grad_samples()
-            else:
-                loss, k = self.batch_loss(xc, ac)
-                self.manual_backward(loss)
-                dplib.fold_noise_draws(self.model.parameters(), len(xc), k)
-                total += float(loss.detach()) * len(xc)
-            if i == len(starts) - 1:
-                opt.step()  # clip + noise + divide by the expected batch size
-            else:
-                opt.optimizer.signal_skip_step(do_skip=True)  # virtual step: clip and accumulate
-                opt.optimizer.step()
-            opt.zero_grad(set_to_none=True)
-        self.accounting.step()
-        return total / max(len(x), 1)
-
     def training_step(self, batch, batch_idx):
         x, attrs = batch  # (B, 3, R, R) in [-1, 1], (B, k) in {-1, +1}
-        opt = self.optimizers()
-        if self.dp_cfg.enabled:
-            if self._trainer is not None and hasattr(self.trainer.strategy.model, "require_backward_grad_sync"):
-                self.trainer.strategy.model.require_backward_grad_sync = False  # the DP optimizer sums
-            loss = self._dp_step(opt, x, attrs)
-        else:
-            loss_t, _ = self.batch_loss(x, attrs)
-            self.manual_backward(loss_t)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.accounting.step()
-            loss = float(loss_t.detach())
+        loss = dp_training_step(self, self.optimizers(), x, attrs, chunk_loss=self.batch_loss,
+                                params=list(self.model.parameters()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=max(len(x), 1))
         return torch.tensor(loss)
 
     # ------------------------------------------------------------------- privacy + checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["veil"] = {
-            "kind": CHECKPOINT_KIND,
+            "kind": CLASSIFIER_KIND,
             "model_kwargs": dict(self.hparams.model_kwargs),
             "attribute_names": list(self.hparams.attribute_names),
             "data_spec": self.hparams.data_spec,
             "recipe": self.hparams.recipe,
             "l2": self.l2_coefficients(),
             "scheduler_config": self.scheduler_config,
-            **self.accounting.state_dict(),  # dp_steps, accountant_state, privacy
+            **self.accounting.state_dict(),  # dp_steps, accountant_state
+            "privacy": self.privacy(),
             "train_features": self.train_features,
         }

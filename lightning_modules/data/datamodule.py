@@ -178,7 +178,12 @@ class FaceDataModule(L.LightningDataModule):
     # -- datasets --------------------------------------------------------------------------------------
     def build_dataset(self) -> Dataset:
         """The full dataset (every split), wrapped in a RevisedDataset when ``revision`` is set."""
-        from veil.lightning_modules.data import celeba, image_folder, revision, synthetic_faces
+        from veil.lightning_modules.data import (
+            celeba,
+            image_folder,
+            revision,
+            synthetic_faces,
+        )
 
         if self.source == "synthetic":
             ds = synthetic_faces.SyntheticFaces(num_images=self.num_images, resolution=self.resolution,
@@ -252,10 +257,6 @@ class FaceDataModule(L.LightningDataModule):
         if self.batch_size > n:
             raise ConfigError(f"batch_size={self.batch_size} is larger than the training set ({n} images); lower it")
         return self.batch_size / n
-
-    def expected_batch_size(self, world_size: int = 1) -> float:
-        """Expected batch size on each of ``world_size`` ranks (the global expectation is batch_size)."""
-        return self.batch_size / world_size
 
     # -- loaders ---------------------------------------------------------------------------------------
     def _collate(self) -> FaceCollate:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from veil.lightning_modules.data.grid import uint8_to_tensor
 
 from veil.errors import DataError
-from veil.lightning_modules.data.grid import uint8_to_tensor
-from veil.lightning_modules.data.revision_manifest import (  # noqa: F401  (re-exported)
+from veil.privacy.revision_manifest import (  # noqa: F401  (re-exported)
     FORMAT,
     MANIFEST,
     RevisionChange,

@@ -18,9 +18,12 @@ import math
 
 import pytest
 import torch
-
 from veil.kernels.clip_and_noise import fused_clip_and_noise
-from veil.kernels.reference import clip_factors_reference, dp_update_reference, per_sample_norms_reference
+from veil.kernels.reference import (
+    clip_factors_reference,
+    dp_update_reference,
+    per_sample_norms_reference,
+)
 
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

@@ -21,10 +21,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
+from veil.kernels.optimizer import FusedDistributedDPOptimizer, FusedDPOptimizer
+from veil.lightning_modules.dp.optimizer import make_dp_optimizer, resolve_kernel
 
 from veil.errors import ConfigError, PrivacyError
-from veil.kernels import default_kernel, make_dp_optimizer
-from veil.kernels.optimizer import FusedDistributedDPOptimizer, FusedDPOptimizer
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -84,7 +84,7 @@ def test_make_dp_optimizer_picks_the_class():
     assert type(make_dp_optimizer(kernel="opacus", optimizer=torch.optim.SGD(params, lr=1), **args)) is DPOptimizer
     fused = make_dp_optimizer(kernel="fused", optimizer=torch.optim.SGD(params, lr=1), seed=0, **args)
     assert type(fused) is FusedDPOptimizer and fused.backend == "auto" and fused.seed == 0
-    assert default_kernel() == default_kernel(torch.device("cpu")) == "fused"
+    assert resolve_kernel("auto") == "fused" and resolve_kernel("auto", secure_mode=True) == "opacus"
     with pytest.raises(ConfigError, match="dp.kernel"):
         make_dp_optimizer(kernel="triton", optimizer=torch.optim.SGD(params, lr=1), **args)
 

@@ -26,8 +26,8 @@ def test_importing_veil_is_light(tmp_path):
     # The serving path needs the CLI parser, the privacy bookkeeping and revision manifests
     # without torch (DESIGN.md): none of these may pull it in.
     code = ("import sys, veil, veil.errors, veil.cli, veil.lightning_modules.data, "
-            "veil.lightning_modules.data.revision_manifest, veil.lightning_modules.privacy.ledger, "
-            "veil.lightning_modules.privacy.session, veil.lightning_modules.privacy.levels; "
+            "veil.privacy.revision_manifest, veil.privacy.ledger, "
+            "veil.privacy.session, veil.privacy.levels; "
             "veil.cli.build_parser(); print('torch' in sys.modules)")
     assert _in_fresh_process(code, tmp_path).strip() == "False"
 

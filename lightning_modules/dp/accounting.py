@@ -1,0 +1,145 @@
+"""Privacy accounting of one DP-SGD run: sigma, delta, Opacus's accountant, and the one privacy record.
+
+``resolve_noise_multiplier`` and the accountants are called exactly as Opacus's
+``PrivacyEngine.make_private_with_epsilon`` calls them. ``PrivacyAccounting.record`` is the only
+place the ``privacy`` record of checkpoints, privacy.json and exports is assembled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from veil.lightning_modules.dp.config import DPConfig
+
+from veil.privacy.mechanism import json_epsilon
+
+
+def resolve_noise_multiplier(
+    cfg: DPConfig, *, sample_rate: float, steps: int, delta: float
+) -> float:
+    """sigma: given directly, or solved so that epsilon(steps) = target_epsilon (Opacus's search)."""
+    if cfg.noise_multiplier is not None:
+        return float(cfg.noise_multiplier)
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=cfg.target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=cfg.accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+def make_accountant(name: str):
+    from opacus.accountants import create_accountant
+
+    return create_accountant(name)
+
+
+def epsilon_of(accountant, *, delta: float) -> float:
+    """Current epsilon; 0 before the first step (Opacus's PRV raises on an empty history)."""
+    if not accountant.history:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+class PrivacyAccounting:
+    """Sigma, delta, accountant and step count of one training run: the bookkeeping every DP
+    module shares. Non-private runs (``cfg.enabled`` false) count steps and report no guarantee."""
+
+    def __init__(self, cfg: DPConfig, *, train_size: int, sample_rate: float, planned_steps: int):
+        self.cfg, self.sample_rate, self.steps = cfg, sample_rate, 0
+        self.delta = cfg.delta if cfg.delta is not None else 1.0 / train_size
+        self.noise_multiplier, self.accountant = 0.0, None
+        if cfg.enabled:
+            self.noise_multiplier = resolve_noise_multiplier(
+                cfg, sample_rate=sample_rate, steps=planned_steps, delta=self.delta
+            )
+            self.accountant = make_accountant(cfg.accountant)
+
+    def step(self) -> None:
+        """One logical (noised) optimizer step at (sigma, q)."""
+        self.steps += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def epsilon(self) -> float:
+        if self.accountant is None or self.noise_multiplier == 0:
+            return math.inf  # no noise, no guarantee (the accountants diverge at sigma = 0)
+        return epsilon_of(self.accountant, delta=self.delta)
+
+    def record(self, *, initialized_from: dict[str, Any] | None = None,
+               trainable_parameters: int | None = None) -> dict[str, Any]:
+        """The ``privacy`` record of checkpoints, privacy.json and exports.
+
+        ``initialized_from``: where the weights started (``model.init_from``; epsilon covers this
+        run's data only, the start's own record is inside); ``trainable_parameters``: how many
+        scalars DP-SGD trained when that is a subset.
+        """
+        if self.accountant is None:
+            record: dict[str, Any] = {"enabled": False, "epsilon": None, "steps": self.steps}
+        else:
+            record = {
+                "enabled": True,
+                "epsilon": json_epsilon(self.epsilon(), infinite=None),  # null = unbounded (sigma = 0)
+                "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier,
+                "max_grad_norm": self.cfg.max_grad_norm,
+                "sample_rate": self.sample_rate,
+                "steps": self.steps,
+                "accountant": self.cfg.accountant,
+                "noise_multiplicity": self.cfg.noise_multiplicity,
+            }
+        if initialized_from:
+            record["initialized_from"] = initialized_from
+        if trainable_parameters is not None:
+            record["trainable_parameters"] = trainable_parameters
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the accounting (the record itself is written beside it)."""
+        return {
+            "dp_steps": self.steps,
+            "accountant_state": self.accountant.state_dict() if self.accountant is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the step count, the accountant's history, and the sigma the run started with."""
+        self.steps = int(state.get("dp_steps", 0))
+        if self.accountant is not None and state.get("accountant_state") is not None:
+            self.noise_multiplier = float((state.get("privacy") or {}).get("noise_multiplier", self.noise_multiplier))
+            self.accountant.load_state_dict(state["accountant_state"])
+
+
+class AccountedModule:
+    """Mixin for a LightningModule with ``self.accounting`` (a PrivacyAccounting): read-only views.
+
+    ``privacy_provenance`` (override) adds what the record says beyond the accounting itself."""
+
+    accounting: PrivacyAccounting
+
+    @property
+    def dp_steps(self) -> int:
+        return self.accounting.steps
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.accounting.noise_multiplier
+
+    @property
+    def accountant(self):
+        return self.accounting.accountant
+
+    def epsilon(self) -> float:
+        return self.accounting.epsilon()
+
+    def privacy_provenance(self) -> dict[str, Any]:
+        return {}
+
+    def privacy(self) -> dict[str, Any]:
+        return self.accounting.record(**self.privacy_provenance())

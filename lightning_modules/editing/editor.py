@@ -1,0 +1,104 @@
+"""``PrivateEditor``: a loaded denoiser that edits images towards given attributes (the private edit).
+
+Editing images x0 (B,3,H,W) in [-1,1] with their attributes a and privatized attributes a~ (the math
+is ``diffusion.ddim``'s, the one DDIM implementation):
+
+    1. t0 = the DDIM grid point nearest strength * T (``ddim.edit_timesteps``);
+    2. invert x0 up the grid to x_t0 under a (no guidance);
+    3. regenerate from x_t0 down to a clean image under a~ with classifier-free guidance w.
+
+Both walks are deterministic (DDIM, eta = 0), so an edit is a function of (x0, a, a~, strength);
+the only randomness of a private edit is the randomized response that chose a~ (veil.privacy.mechanism).
+The editor is also the ``EditFn`` of ``veil.privacy.session``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from veil.lightning_modules.diffusion.ddim import (
+    ddim_invert,
+    ddim_regenerate,
+    edit_timesteps,
+)
+from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
+
+from veil.errors import ConfigError
+
+__all__ = ["PrivateEditor"]
+
+
+class PrivateEditor:
+    """A loaded denoiser that edits images towards given attributes; also the sessions' ``EditFn``.
+
+    ``edit`` is the batched tensor API; calling the editor (``editor(images, originals=..., targets=...,
+    strength=...)``) takes attribute dicts, as EditSession does.
+    """
+
+    def __init__(self, model, scheduler_config: Mapping[str, Any], attribute_names: Sequence[str], *,
+                 num_steps: int = 50, guidance_scale: float = 2.0, inversion_guidance: float = 1.0,
+                 clip_sample: bool | None = None, batch_size: int = 64):
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ConfigError(f"--guidance={guidance_scale!r}: must be a number >= 0 (1 = plain conditional)")
+        self.model = model.eval()
+        self.attribute_names = list(attribute_names)
+        self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+        edit_timesteps(strength=1.0, num_steps=num_steps, num_train_timesteps=self.num_train_timesteps)  # validate
+        self.num_steps, self.guidance_scale, self.inversion_guidance = num_steps, float(guidance_scale), inversion_guidance
+        self.clip_sample = bool(scheduler_config.get("clip_sample", True) if clip_sample is None else clip_sample)
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.alphas_cumprod = alphas_cumprod_table(scheduler_config).to(self.device)  # (T,)
+
+    @classmethod
+    def from_checkpoint(cls, path, *, use_ema: bool = True, **kwargs) -> "PrivateEditor":
+        from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
+
+        ckpt = load_diffusion_checkpoint(path, use_ema=use_ema)
+        return cls(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, **kwargs)
+
+    def timesteps(self, strength: float) -> torch.Tensor:
+        return edit_timesteps(strength=strength, num_steps=self.num_steps, num_train_timesteps=self.num_train_timesteps)
+
+    def attribute_vector(self, attributes: Mapping[str, int]) -> torch.Tensor:
+        """{name: -1|0|+1} -> (k,) float in the model's attribute order; names not given are unknown (0)."""
+        unknown = sorted(set(attributes) - set(self.attribute_names))
+        if unknown:
+            raise ConfigError(f"attributes {unknown} are not known to the model ({self.attribute_names})")
+        return torch.tensor([float(attributes.get(n, 0)) for n in self.attribute_names])
+
+    def _chunks(self, *tensors):
+        for i in range(0, tensors[0].shape[0], self.batch_size):
+            yield [x[i : i + self.batch_size].to(self.device) for x in tensors]
+
+    def invert(self, images: torch.Tensor, originals: torch.Tensor, *, strength: float) -> torch.Tensor:
+        """images (B,3,H,W), originals (B,k) -> x_t0 (B,3,H,W)."""
+        ts = self.timesteps(strength)
+        return torch.cat([ddim_invert(self.model, x, a, self.alphas_cumprod, ts, self.inversion_guidance).cpu()
+                          for x, a in self._chunks(images, originals)])
+
+    def regenerate(self, x_t0: torch.Tensor, targets: torch.Tensor, *, strength: float) -> torch.Tensor:
+        """x_t0 (B,3,H,W), targets (B,k) -> edited images (B,3,H,W) in [-1,1]."""
+        ts = self.timesteps(strength)
+        return torch.cat([ddim_regenerate(self.model, x, a, self.alphas_cumprod, ts, self.guidance_scale,
+                                          self.clip_sample).cpu() for x, a in self._chunks(x_t0, targets)])
+
+    def edit(self, images: torch.Tensor, originals: torch.Tensor, targets: torch.Tensor, *,
+             strength: float) -> torch.Tensor:
+        """Batched private edit (steps 1-3 of the module docstring): (B,3,H,W), (B,k), (B,k) -> (B,3,H,W)."""
+        if images.ndim != 4 or originals.shape != targets.shape or originals.shape[0] != images.shape[0]:
+            raise ValueError(f"edit: images {tuple(images.shape)}, originals {tuple(originals.shape)}, "
+                             f"targets {tuple(targets.shape)} do not line up as (B,3,H,W), (B,k), (B,k)")
+        return self.regenerate(self.invert(images, originals, strength=strength), targets, strength=strength)
+
+    def __call__(self, images: Sequence[torch.Tensor], *, originals: Sequence[Mapping[str, int]],
+                 targets: Sequence[Mapping[str, int]], strength: float) -> list[torch.Tensor]:
+        """The EditFn of privacy.session: lists of (3,H,W) images and attribute dicts in, list of edits out."""
+        a = torch.stack([self.attribute_vector(o) for o in originals])  # (B,k)
+        a_new = torch.stack([self.attribute_vector(t) for t in targets])  # (B,k)
+        if all(im is images[0] for im in images) and bool((a == a[0]).all()):
+            # previews of one image: invert once, regenerate every target from the same x_t0
+            x_t0 = self.invert(images[0][None], a[:1], strength=strength).expand(len(images), -1, -1, -1)
+            return list(self.regenerate(x_t0, a_new, strength=strength))
+        return list(self.edit(torch.stack(list(images)), a, a_new, strength=strength))

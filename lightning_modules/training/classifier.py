@@ -1,0 +1,171 @@
+"""``veil train-classifier``: train the attribute classifier with its recipe, optionally with DP-SGD.
+
+    veil train-classifier --data source=synthetic,num_images=3000 --out runs/clf
+
+``train_classifier`` trains ``AttributeClassifier`` with the recipe (``ClassifierRecipe``, also
+``lightning_modules/configs/classifier32.yaml``), optionally with DP-SGD, then (non-private runs,
+``refit_head``) refits the head to the exact optimum of its L2-regularised logistic regression on
+the frozen features. It writes OUT/last.ckpt (``checkpoints.CLASSIFIER_KIND``: model, data spec,
+recipe, privacy record, and the cached training features of a non-private run, so that unlearning
+the head needs no pass over the training images) and OUT/train_report.json. The unlearning job's
+retraining baseline calls it with the recipe stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import yaml
+from veil.lightning_modules.diffusion.schedule import q_sample
+from veil.lightning_modules.dp.config import DPConfig
+from veil.lightning_modules.models.classifier import accuracy, attribute_bce, predict
+from veil.lightning_modules.training.config import apply_overrides
+from veil.lightning_modules.unlearning import influence as U
+
+from veil.errors import ConfigError
+
+
+@dataclass
+class ClassifierRecipe:
+    """How a classifier is trained; stored in its checkpoint so the retrain baseline repeats it."""
+
+    seed: int = 0
+    epochs: int = 4
+    lr: float = 3e-3
+    batch_size: int = 64
+    head_l2: float = 1e-3  # L2 on the head: keeps its logistic regression strictly convex
+    refit_head: bool = True  # after training, fit the head to its exact optimum (non-private runs only)
+    model: dict[str, Any] = field(default_factory=lambda: {"channels": [16, 32, 64], "feature_dim": 64,
+                                                           "norm_num_groups": 8})
+    dp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"epochs={self.epochs}: must be >= 1")
+        if not self.lr > 0 or self.batch_size < 1 or self.head_l2 < 0:
+            raise ConfigError(f"lr={self.lr}, batch_size={self.batch_size}, head_l2={self.head_l2}: "
+                              "need lr > 0, batch_size >= 1, head_l2 >= 0")
+        dp = DPConfig(**self.dp)  # validates, naming the dp.* option
+        if dp.enabled and self.refit_head:
+            raise ConfigError("refit_head: refitting the head on the data is not private; "
+                              "set refit_head: false when dp.enabled is true")
+        if self.model.get("noise_conditional") and self.refit_head:
+            raise ConfigError("refit_head: a noise-conditional (guidance) classifier's head is not a logistic "
+                              "regression on fixed features; set refit_head: false with model.noise_conditional")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> tuple[ClassifierRecipe, dict[str, Any]]:
+    """(recipe, data options) from a YAML file (keys of ClassifierRecipe plus a ``data`` section) and KEY=VALUE overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path} does not exist")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = apply_overrides(raw, list(overrides))
+    data = raw.pop("data", None) or {}
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierRecipe)})
+    if unknown:
+        raise ConfigError(f"unknown classifier option(s) {unknown}; valid: data, "
+                          f"{[f.name for f in dataclasses.fields(ClassifierRecipe)]}")
+    return ClassifierRecipe(**raw), dict(data)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def tensors(dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack items of ``dataset``: images (n, 3, R, R), attrs (n, k)."""
+    items = [dataset[i] for i in indices]
+    if not items:
+        r, k = dataset.resolution, len(dataset.attribute_names)
+        return torch.zeros(0, 3, r, r), torch.zeros(0, k)
+    return torch.stack([x for x, _ in items]), torch.stack([a for _, a in items])
+
+
+def test_accuracy(model, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    return accuracy(predict(model, data[0]), data[1])
+
+
+def noisy_accuracy(model, alphas_cumprod: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor], *,
+                   fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75), seed: int = 0) -> dict[str, float]:
+    """A noise-conditional classifier's accuracy on x_t, at timesteps t = fraction * T (seeded noise)."""
+    x, attrs = data
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for f in fractions:
+        t = min(int(f * len(alphas_cumprod)), len(alphas_cumprod) - 1)
+        x_t = q_sample(x, alphas_cumprod.cpu(), torch.tensor(t), torch.randn(x.shape, generator=gen))
+        out[str(t)] = accuracy(predict(model, x_t, t=t), attrs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+def _trainer(out: Path, epochs: int, progress: bool) -> L.Trainer:
+    return L.Trainer(default_root_dir=out, max_epochs=epochs, accelerator="cpu" if not torch.cuda.is_available()
+                     else "auto", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
+                     limit_val_batches=0, num_sanity_val_steps=0)
+
+
+@torch.no_grad()
+def features_of(model, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.features(x[i : i + 512]) for i in range(0, len(x), 512)])
+
+
+def refit_head(model, feats: torch.Tensor, attrs: torch.Tensor, *, l2: float) -> int:
+    """Fit the head to the optimum of its L2-regularised logistic regression on frozen features (Newton)."""
+    obj = U.Objective(model.head, ["weight", "bias"], attribute_bce, {"weight": l2, "bias": l2})
+    vec, iters = U.newton_minimize(obj, obj.flat(), U.iter_batches(feats, attrs, 1024), max_iter=20, tol=1e-8)
+    obj.assign(vec)
+    return iters
+
+
+def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = None, out: str | Path,
+                     datamodule=None, progress: bool = False) -> dict[str, Any]:
+    """Train on ``data`` (FaceDataModule options) or a ready ``datamodule``; write OUT/last.ckpt; return a record."""
+    from veil.lightning_modules.classifier_module import AttributeClassifierModule
+    from veil.lightning_modules.data.datamodule import FaceDataModule
+
+    out = Path(out)
+    if (out / "last.ckpt").exists():
+        raise ConfigError(f"--out {out} already holds last.ckpt; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    dm = datamodule or FaceDataModule(**{**(data or {}), "batch_size": recipe.batch_size,
+                                         "poisson": bool(recipe.dp.get("enabled"))})
+    dm.setup("fit")
+    L.seed_everything(recipe.seed, verbose=False)
+    steps = recipe.epochs * (int(1 / dm.sample_rate) if dm.poisson else dm.train_size // dm.batch_size)
+    model_kwargs = {"num_attributes": len(dm.attribute_names), "resolution": dm.resolution, **recipe.model}
+    module = AttributeClassifierModule(
+        model_kwargs=model_kwargs, attribute_names=dm.attribute_names, train_size=dm.train_size,
+        sample_rate=dm.sample_rate, planned_steps=max(steps, 1), dp=recipe.dp, lr=recipe.lr,
+        head_l2=recipe.head_l2, data_spec=dm.spec(), recipe=recipe.to_dict(),
+    )
+    start = time.perf_counter()
+    trainer = _trainer(out, recipe.epochs, progress)
+    trainer.fit(module, datamodule=dm)
+    newton = None
+    if recipe.refit_head:
+        x, attrs = tensors(dm.dataset, dm.split_indices("train"))
+        feats = features_of(module.model, x)
+        newton = refit_head(module.model, feats, attrs, l2=recipe.head_l2)
+        module.train_features = feats  # non-private runs only (refit_head is refused under DP)
+    seconds = time.perf_counter() - start
+    trainer.save_checkpoint(out / "last.ckpt")
+    test = tensors(dm.dataset, dm.split_indices("test"))
+    record = {"checkpoint": str(out / "last.ckpt"), "seconds": seconds, "steps": module.dp_steps,
+              "head_newton_iterations": newton, "test_accuracy": test_accuracy(module.model, test),
+              "privacy": module.privacy()}
+    if module.model.noise_conditional:
+        record["test_accuracy_by_timestep"] = noisy_accuracy(module.model, module.alphas_cumprod, test)
+    (out / "train_report.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

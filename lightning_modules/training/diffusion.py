@@ -1,0 +1,169 @@
+"""``veil train``: DP-SGD training of the attribute-conditional diffusion model.
+
+    veil train --config lightning_modules/configs/synthetic32.yaml --out runs/dp32
+
+writes ``OUT/last.ckpt`` (every ``trainer.checkpoint_every_n_steps`` steps and at the end, so a
+crash loses at most that many steps; ``--resume`` continues from it, accounting included) and
+``OUT/privacy.json`` (epsilon, delta, noise multiplier, max grad norm, sample rate, steps,
+accountant). Everything that can be checked is checked before the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from veil.lightning_modules.training.config import TrainConfig
+
+from veil.errors import ConfigError
+
+# Known-harmless warnings that would bury the progress bar; each is explained here once.
+KNOWN_WARNINGS = (
+    # Opacus' hooks register full backward hooks; the UNet's first input does not require grad.
+    "Full backward hook is firing when gradients are computed with respect to module outputs",
+    # Manual optimisation: we want the checkpoint to hold the state *after* the optimizer step.
+    "Using ModelCheckpoint with manual optimization",
+    # No validation_step on purpose: a validation loss would leak outside the DP accounting.
+    "You passed in a `val_dataloader` but have no `validation_step`",
+    # Opacus' RDP order grid while solving sigma; the PRV accountant (default) is unaffected.
+    "Optimal order is the",
+    # Lightning internals on this torch version.
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+)
+
+
+def silence_known_warnings() -> None:
+    import warnings
+
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}.*")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class PrivacyReport(L.Callback):
+    """Keeps OUT/privacy.json current: after every checkpoint save and at the end of training."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def _write(self, pl_module) -> None:
+        write_json_atomic(self.out / "privacy.json", pl_module.privacy())
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.is_global_zero:
+            self._write(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self._write(pl_module)
+
+
+def build_datamodule(cfg: TrainConfig):
+    from veil.lightning_modules.data.datamodule import FaceDataModule
+
+    d = cfg.data
+    return FaceDataModule(
+        source=d.source, root=d.root, csv=d.csv, attributes=d.attributes, resolution=d.resolution,
+        num_images=d.num_images, seed=cfg.seed, batch_size=d.batch_size, poisson=cfg.dp.enabled,
+        val_fraction=d.val_fraction, test_fraction=d.test_fraction, revision=d.revision,
+        num_workers=d.num_workers,
+    )
+
+
+def planned_steps(cfg: TrainConfig, sample_rate: float) -> int:
+    steps_per_epoch = int(1 / sample_rate)
+    if cfg.trainer.max_steps is not None:
+        return cfg.trainer.max_steps
+    return cfg.trainer.max_epochs * steps_per_epoch
+
+
+def build_module(cfg: TrainConfig, dm):
+    from veil.lightning_modules.diffusion_module import DPDiffusionModule
+
+    model_kwargs = {"num_attributes": len(dm.attribute_names), "resolution": cfg.data.resolution, **cfg.model.kwargs()}
+    return DPDiffusionModule(
+        model_kwargs=model_kwargs, attribute_names=list(dm.attribute_names), train_size=dm.train_size,
+        sample_rate=dm.sample_rate, planned_steps=planned_steps(cfg, dm.sample_rate), dp=cfg.dp.to_dict(),
+        optimizer=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, cond_drop_prob=cfg.optim.cond_drop_prob,
+        attr_drop_prob=cfg.optim.attr_drop_prob, ema_decay=cfg.optim.ema_decay, data_spec=dm.spec(),
+        trainable=cfg.optim.trainable, lr_scale=cfg.optim.lr_scale,
+    )
+
+
+def build_trainer(cfg: TrainConfig, out: Path, *, progress: bool = True) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every_n_steps)
+    return L.Trainer(
+        default_root_dir=out, max_epochs=t.max_epochs if t.max_steps is None else -1,
+        max_steps=t.max_steps if t.max_steps is not None else -1, max_time=t.max_time,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+        use_distributed_sampler=False,  # the DataModule shards and Poisson-samples itself
+        callbacks=[ckpt, PrivacyReport(out)], logger=CSVLogger(out, name="logs"),
+        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=progress,
+        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+    )
+
+
+def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train; return the privacy record (also written to OUT/privacy.json)."""
+    out = Path(out)
+    ckpt_path = out / "last.ckpt"
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from {cfg.model.init_from} does not exist; pass the last.ckpt of a veil train "
+                          "run on public data (see lightning_modules/configs/synthetic32_public.yaml)")
+    if resume and not ckpt_path.is_file():
+        raise ConfigError(f"--resume: {ckpt_path} does not exist; start without --resume")
+    if not resume and ckpt_path.exists():
+        raise ConfigError(f"--out {out} already holds last.ckpt; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    silence_known_warnings()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")  # fails here, before training, on missing data or unknown attributes
+    module = build_module(cfg, dm)
+    if cfg.model.init_from and not resume:  # on resume the weights come from last.ckpt
+        from veil.lightning_modules.training.init_from import load_start
+
+        module.hparams.initialized_from = load_start(module, cfg.model.init_from, data_spec=dm.spec())
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    trainer = build_trainer(cfg, out, progress=progress)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
+    trainer.save_checkpoint(ckpt_path)
+    record = module.privacy()
+    if trainer.is_global_zero:
+        write_json_atomic(out / "privacy.json", record)
+    return record
+
+
+def describe(record: dict[str, Any]) -> str:
+    if not record.get("enabled"):
+        return f"non-private training: {record['steps']} steps, no privacy guarantee (epsilon = inf)"
+    eps = record["epsilon"]
+    eps_s = "inf (noise multiplier 0)" if eps is None or not math.isfinite(eps) else f"{eps:.3f}"
+    start = record.get("initialized_from")
+    note = ""
+    if start:
+        d = start.get("data_spec") or {}
+        note = (f"; started from {start['path']} ({d.get('source')} data, seed {d.get('seed')}, "
+                f"{'with' if start.get('used_attribute_labels') else 'without'} attribute labels), "
+                "which this epsilon does not cover")
+    if "trainable_parameters" in record:
+        note += f"; {record['trainable_parameters']:,} parameters trained"
+    return (
+        f"privacy spent: epsilon = {eps_s} at delta = {record['delta']:.2e} "
+        f"({record['accountant']} accountant; sigma = {record['noise_multiplier']:.3f}, C = {record['max_grad_norm']}, "
+        f"q = {record['sample_rate']:.4f}, {record['steps']} steps){note}"
+    )

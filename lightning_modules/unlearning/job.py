@@ -1,0 +1,207 @@
+"""``veil unlearn``: update a trained attribute classifier to a dataset revision, and measure it.
+
+    veil unlearn --model runs/clf/last.ckpt --revision runs/rev --method second --compare-retrain --out runs/unl
+
+``run_unlearn`` builds the tensors the update needs (``UnlearningData``: the training set as trained
+on, the changed samples and their revision), runs ``FeatureUnlearningModule`` through a Lightning
+``Trainer`` (so ``trainer.devices`` / ``trainer.strategy`` spread it over processes as for training),
+and writes OUT/unlearned.ckpt and OUT/unlearn_report.json; with ``compare_retrain`` it also retrains
+from scratch on the revised data with the same recipe and seed (the baseline) and compares.
+
+What the model "still remembers" is measured on the changed training samples: on their *revised*
+images, how often it predicts the *original* value of each edited (flipped) protected attribute.
+The retrained model never saw the originals, so its rate is the floor to compare against.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from veil.lightning_modules.checkpoints import load_classifier
+from veil.lightning_modules.models.classifier import AttributeClassifier, predict
+from veil.lightning_modules.training.classifier import (
+    ClassifierRecipe,
+    features_of,
+    tensors,
+    test_accuracy,
+    train_classifier,
+)
+
+from veil.errors import CheckpointError, ConfigError, DataError
+
+
+@dataclass
+class UnlearningData:
+    """The tensors one unlearning run needs, from the checkpoint's data spec and a revision."""
+
+    dm_rev: Any
+    train: tuple[torch.Tensor, torch.Tensor]  # as trained on
+    changed_positions: torch.Tensor  # (m,) rows of ``train`` that the revision changed
+    revised_changed: tuple[torch.Tensor, torch.Tensor]  # their revision (m rows)
+    revised_train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]  # revised dataset's test split
+    original_changed: torch.Tensor  # (m, k) the attributes the changed samples had
+    flipped: torch.Tensor  # (m, k) bool: protected attributes the revision changed
+    changed_elsewhere: int  # changed samples outside the training split (not unlearned)
+
+    @classmethod
+    def build(cls, ckpt: dict[str, Any], revision, *, base=None) -> "UnlearningData":
+        """``base``: a FaceDataModule of the checkpoint's data whose images are loaded already (benchmarks)."""
+        from veil.lightning_modules.data.datamodule import FaceDataModule
+        from veil.lightning_modules.data.revision import RevisedDataset
+
+        spec = ckpt["veil"].get("data_spec")
+        if not isinstance(spec, dict):
+            raise CheckpointError("checkpoint has no data_spec; it was not written by `veil train-classifier`")
+        if not Path(revision).is_dir():
+            raise DataError(f"{revision}: revision folder not found; pass the folder write_revision created")
+        dm, dm_rev = FaceDataModule.from_spec(spec), FaceDataModule.from_spec(spec, revision=str(revision))
+        if base is not None:
+            dm._dataset, dm_rev._dataset = base.dataset, RevisedDataset(base.dataset, revision)
+        rev_ds = dm_rev.dataset  # DataError here if the revision names ids that are not in the dataset
+        train_idx = dm.split_indices("train")
+        position = {i: p for p, i in enumerate(train_idx)}
+        changed = [i for i in rev_ds.changed_indices if i in position]
+        by_id = {c["id"]: c for c in rev_ds.manifest["changes"]}
+        names = rev_ds.attribute_names
+        changes = [by_id[rev_ds.ids[i]] for i in changed]
+        original = torch.tensor([[float(c["original_attributes"][n]) for n in names] for c in changes]).reshape(-1, len(names))
+        flipped = torch.tensor([[n in c["protected"] and c["original_attributes"][n] != c["released_attributes"][n]
+                                 for n in names] for c in changes], dtype=torch.bool).reshape(-1, len(names))
+        train = tensors(dm.dataset, train_idx)
+        revised_changed = tensors(rev_ds, changed)
+        positions = torch.tensor([position[i] for i in changed], dtype=torch.long)
+        rx, ra = train[0].clone(), train[1].clone()
+        rx[positions], ra[positions] = revised_changed
+        return cls(dm_rev, train, positions, revised_changed, (rx, ra), tensors(rev_ds, dm_rev.split_indices("test")),
+                   original, flipped, len(rev_ds.changed_indices) - len(changed))
+
+
+def snapshot(model: AttributeClassifier) -> AttributeClassifier:
+    return copy.deepcopy(model).eval()
+
+
+def check_only_selected_changed(before, after, names: Sequence[str]) -> None:
+    """Internal invariant: parameters outside the selected subset are bit-identical."""
+    old = dict(before.named_parameters())
+    for n, p in after.named_parameters():
+        assert n in names or torch.equal(p, old[n]), f"unlearning touched {n}, which it was not asked to"
+
+
+def base_report(*, method, params, info, data: UnlearningData, seconds: float) -> dict[str, Any]:
+    return {"method": method, "params": list(params) if params else None, "update_seconds": seconds,
+            "changed_train_samples": len(data.changed_positions), "changed_outside_train": data.changed_elsewhere,
+            "train_size": len(data.train[0]), "update": info}
+
+
+def add_model_metrics(report: dict[str, Any], key: str, model, data: UnlearningData) -> None:
+    """Test accuracy, and what the model predicts for the flipped attributes of the changed samples."""
+    report.setdefault("test_accuracy", {})[key] = test_accuracy(model, data.test)
+    logits = predict(model, data.revised_changed[0])  # (m, k) on the revised images
+    mask = data.flipped
+    said_original = ((logits > 0) == (data.original_changed > 0))[mask].float()
+    p_original = torch.sigmoid(logits * data.original_changed)[mask]  # probability given to the original value
+    nan = float("nan")
+    report.setdefault("changed_original_attribute_accuracy", {})[key] = float(said_original.mean()) if mask.any() else nan
+    report.setdefault("changed_original_attribute_probability", {})[key] = float(p_original.mean()) if mask.any() else nan
+
+
+@torch.no_grad()
+def distances(before, after, retrained, names: Sequence[str]) -> dict[str, float]:
+    """L2 distance in parameters to the retrained model, over all parameters and over the updated ones."""
+    def dist(model, only=None):
+        ref = dict(retrained.named_parameters())
+        return float(torch.sqrt(sum(((p - ref[n]) ** 2).sum() for n, p in model.named_parameters()
+                                    if only is None or n in only)))
+    return {"before": dist(before), "after": dist(after),
+            "updated_params_before": dist(before, names), "updated_params_after": dist(after, names)}
+
+
+def save_unlearned(ckpt: dict[str, Any], model, path: Path, *, revision: str, record: dict[str, Any]) -> None:
+    """The original checkpoint with the new weights, the revision in its data spec, and the unlearning record."""
+    new = copy.copy(ckpt)
+    new["state_dict"] = {**ckpt["state_dict"], **{f"model.{n}": t.detach().clone() for n, t in model.state_dict().items()}}
+    veil = copy.deepcopy(ckpt["veil"])
+    veil["data_spec"] = {**(veil.get("data_spec") or {}), "revision": revision}
+    veil["unlearning"] = {k: record[k] for k in ("method", "params", "changed_train_samples")}
+    if (veil.get("privacy") or {}).get("enabled"):
+        # The update reads the changed samples and the training set without noise: the DP
+        # guarantee of the trained model does not extend to the unlearned one.
+        veil["privacy"] = {"enabled": False, "epsilon": None, "trained_with": veil["privacy"],
+                           "note": "non-private unlearning update applied after DP training"}
+    new["veil"] = veil
+    torch.save(new, path)
+
+
+def _retrain(ckpt: dict, dm_rev, out: Path) -> tuple[Any, float]:
+    from veil.lightning_modules.data.datamodule import FaceDataModule
+
+    recipe = ClassifierRecipe(**ckpt["veil"]["recipe"])
+    dm = FaceDataModule.from_spec(dm_rev.spec())
+    dm._dataset = dm_rev.dataset  # the same (already loaded) images: time the training, not the loading
+    record = train_classifier(recipe=recipe, datamodule=dm, out=out)
+    model, _ = load_classifier(record["checkpoint"])
+    return model, record["seconds"]
+
+
+def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, method: str,
+                        params: Sequence[str] | None = None, retrained: tuple[Any, float] | None = None,
+                        **knobs: Any) -> dict[str, Any]:
+    """Unlearn in place (timed) and measure before/after (and against ``retrained`` = (model, seconds))."""
+    from veil.lightning_modules.unlearning.module import FeatureUnlearningModule
+
+    before = snapshot(clf)
+    unlearner = FeatureUnlearningModule(clf, method=method, l2=ckpt["veil"].get("l2", {}), params=params, **knobs)
+    residual_before = unlearner.gradient_residual(data.revised_train)
+    cache = ckpt["veil"].get("train_features")
+    start = time.perf_counter()
+    info = unlearner.unlearn(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
+                             train_features=cache)
+    seconds = time.perf_counter() - start
+    check_only_selected_changed(before, clf, unlearner.names)
+    report = base_report(method=method, params=params, info=info, data=data, seconds=seconds)
+    report["gradient_residual"] = {"before": residual_before, "after": unlearner.gradient_residual(data.revised_train)}
+    add_model_metrics(report, "before", before, data)
+    add_model_metrics(report, "after", clf, data)
+    if retrained is not None:
+        model, retrain_seconds = retrained
+        report["retrain_seconds"] = retrain_seconds
+        report["speedup"] = retrain_seconds / max(seconds, 1e-9)
+        report["gradient_residual"]["retrained"] = unlearner.gradient_residual(data.revised_train, model)
+        add_model_metrics(report, "retrained", model, data)
+        report["distance_to_retrained"] = distances(before, clf, model, unlearner.names)
+    features = None
+    if cache is not None and info["cached_features"]:  # the trunk is unchanged: only Z's rows move
+        features = cache.clone()
+        features[data.changed_positions] = features_of(clf, data.revised_changed[0])
+    report["_train_features"] = features
+    return report
+
+
+def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path,
+                compare_retrain: bool = False, params: Sequence[str] | None = None,
+                **knobs: Any) -> dict[str, Any]:
+    """Unlearn ``revision`` from the classifier checkpoint ``model``; write OUT/unlearned.ckpt and the report.
+
+    ``knobs`` go to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter, lissa_scale,
+    hessian_samples, ...).
+    """
+    out = Path(out)
+    clf, ckpt = load_classifier(model)
+    if clf.noise_conditional:
+        raise ConfigError(f"--model {model}: a noise-conditional (guidance) classifier; unlearning updates "
+                          "classifiers of clean images")
+    data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
+    retrained = _retrain(ckpt, data.dm_rev, out / "retrained") if compare_retrain else None
+    report = unlearn_and_measure(clf, ckpt, data, method=method, params=params, retrained=retrained, **knobs)
+    ckpt["veil"]["train_features"] = report.pop("_train_features")
+    out.mkdir(parents=True, exist_ok=True)
+    save_unlearned(ckpt, clf, out / "unlearned.ckpt", revision=str(revision), record=report)
+    (out / "unlearn_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,57 @@
+"""Helpers for the DP tests: a tiny UNet config, a tiny `veil train` config, a one-batch-per-step fit,
+random batches."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+TINY_MODEL = dict(num_attributes=3, resolution=16, block_out_channels=(16, 32), attention_levels=(False, True),
+                  layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+
+
+# `veil train --set` overrides of a tiny private run (4 steps) on 96 synthetic faces.
+TINY = [
+    "seed=0", "data.num_images=96", "data.resolution=32", "data.batch_size=16",
+    "model.block_out_channels=[16,32]", "model.attention_levels=[false,true]", "model.norm_num_groups=8",
+    "model.attention_head_dim=8", "dp.target_epsilon=null", "dp.noise_multiplier=1.0", "dp.accountant=rdp",
+    "dp.max_physical_batch_size=8", "optim.name=sgd", "optim.lr=0.05", "trainer.max_epochs=null",
+    "trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2",
+]
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def fit_batches(module, batches, *, seed=0):
+    """Run exactly one training step per given (x, attrs) batch on the CPU."""
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(
+        max_steps=len(batches), max_epochs=1, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(_Batches(batches), batch_size=None))
+    return trainer
+
+
+def make_batch(b, *, seed=0, k=3, res=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, res, res, generator=g) * 2 - 1
+    a = torch.randint(0, 2, (b, k), generator=g).float() * 2 - 1
+    return x, a
+
+
+def train_cli(out, overrides, *extra, resume=False):
+    """`veil train --out OUT --no-progress --set ...` (overrides, then extra), optionally --resume."""
+    from veil.cli import main
+
+    args = ["train", "--out", str(out), "--no-progress"] + [a for kv in list(overrides) + list(extra) for a in ("--set", kv)]
+    return main(args + (["--resume"] if resume else []))

@@ -1,0 +1,177 @@
+"""Feature unlearning: HVPs and solvers, the convex (exact) case, residuals, subsets, bad inputs, CLI, DDP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from unlearn_helpers import datamodule, flip_revision, one_thread, train_tiny
+from veil.lightning_modules import checkpoints as CK
+from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
+from veil.lightning_modules.training import classifier as TC
+from veil.lightning_modules.unlearning import influence as U
+from veil.lightning_modules.unlearning import job as UJ
+from veil.lightning_modules.unlearning.module import FeatureUnlearningModule
+
+from veil.errors import CheckpointError, ConfigError, DataError
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny trained classifier (head refit to its optimum, L2 0.01) and a 5% eyeglasses-flip revision."""
+    with one_thread():
+        root = tmp_path_factory.mktemp("unlearn")
+        dm = datamodule()
+        train_tiny(root / "clf", dm=dm)
+        revision = flip_revision(root / "rev", dm, fraction=0.05)
+        _, ckpt = CK.load_classifier(root / "clf" / "last.ckpt")
+        return root / "clf" / "last.ckpt", revision, UJ.UnlearningData.build(ckpt, revision), root
+
+
+def _unlearned(setup, method, **knobs):
+    ckpt_path, _, data, _ = setup
+    model, ckpt = CK.load_classifier(ckpt_path)
+    unlearner = FeatureUnlearningModule(model, method=method, l2=ckpt["veil"]["l2"], **knobs)
+    before = unlearner.gradient_residual(data.revised_train)
+    info = unlearner.unlearn(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
+                             train_features=ckpt["veil"]["train_features"])
+    return model, info, before, unlearner.gradient_residual(data.revised_train)
+
+
+def _head(model):
+    return torch.cat([p.detach().flatten() for p in model.head.parameters()])
+
+
+def test_hvp_modes_agree_and_the_closed_form_head_hessian_is_the_autodiff_one():
+    torch.manual_seed(0)
+    model = AttributeClassifier(num_attributes=3, channels=(8, 8, 8), norm_num_groups=4, feature_dim=8)
+    x, a = torch.randn(20, 3, 32, 32), torch.randint(0, 2, (20, 3)).float() * 2 - 1
+    obj = U.Objective(model, ["proj.weight", "head.bias"], attribute_bce, {"head.bias": 0.5})
+    vec, v = obj.flat(), torch.randn(len(obj.flat()))
+    batches = U.iter_batches(x, a, 8)
+    reverse = U.make_hvp(obj, vec, batches, damping=0.1)(v)
+    torch.testing.assert_close(reverse, U.make_hvp(obj, vec, batches, damping=0.1, mode="forward")(v),
+                               rtol=1e-4, atol=1e-6)
+    head = U.Objective(model.head, ["weight", "bias"], attribute_bce, {"weight": 0.1, "bias": 0.1})
+    feats = [(f.double(), t.double()) for f, t in U.iter_batches(model.features(x).detach(), a, 7)]
+    hv = head.flat().double()
+    torch.testing.assert_close(U.logistic_head_hessian(head, hv, feats), U.dense_hessian(head, hv, feats))
+
+
+def test_cg_and_lissa_solve_a_positive_definite_system():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    a = m @ m.T / 30 + 0.1 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=gen, dtype=torch.float64)
+    want = torch.linalg.solve(a, b)
+    x, info = U.conjugate_gradient(lambda v: a @ v, b, max_iter=200, tol=1e-10)
+    assert info.stopped == "converged"
+    torch.testing.assert_close(x, want)
+    scale = 1.5 * U.largest_eigenvalue(lambda v: a @ v, 30, iterations=50, dtype=torch.float64)
+    x, _ = U.lissa(lambda v: a @ v, b, scale=scale, iterations=3000)
+    torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+
+
+def test_convex_exact_and_second_order_land_near_the_retrained_optimum(setup):
+    ckpt_path, _, data, _ = setup
+    retrained, _ = CK.load_classifier(ckpt_path)  # the convex retrain: refit the head on the revised data
+    TC.refit_head(retrained, TC.features_of(retrained, data.revised_train[0]), data.revised_train[1], l2=1e-2)
+    start, optimum = _head(CK.load_classifier(ckpt_path)[0]), _head(retrained)
+    assert (start - optimum).norm() > 1e-2  # the revision does move the optimum
+    for method, knobs, share in (("exact", {}, 0.999), ("second", {"params": ["head"]}, 0.9),
+                                 ("second", {"params": ["head"], "solver": "lissa"}, 0.9)):
+        model, _, _, _ = _unlearned(setup, method, **knobs)
+        moved = 1 - (_head(model) - optimum).norm() / (start - optimum).norm()
+        assert moved >= share, f"{method} {knobs}: only {moved:.3f} of the way to the retrained optimum"
+
+
+def test_first_and_second_order_reduce_the_gradient_residual(setup):
+    for method in ("first", "second"):
+        _, info, before, after = _unlearned(setup, method, params=["head"])
+        assert after < (0.7 if method == "first" else 0.1) * before, (method, before, after, info)
+    _, info, before, after = _unlearned(setup, "exact")
+    assert after < 1e-5 * before and info["cached_features"]
+
+
+@pytest.mark.parametrize("method,params,changed", [("second", ["head"], {"head.weight", "head.bias"}),
+                                                   ("first", ["proj"], {"proj.weight", "proj.bias"}),
+                                                   ("second", ["trunk.6", "head.bias"], {"trunk.6.weight", "trunk.6.bias", "head.bias"})])
+def test_updates_touch_only_the_parameters_they_claim(setup, method, params, changed):
+    before = dict(CK.load_classifier(setup[0])[0].named_parameters())
+    model, info, _, _ = _unlearned(setup, method, params=params)
+    assert set(info["parameters"]) == changed
+    for name, p in model.named_parameters():
+        if name in changed:
+            assert not torch.equal(p, before[name]), f"{name} should have moved"
+        else:
+            assert torch.equal(p, before[name]), f"{name} was not selected but changed"
+
+
+def test_bad_inputs_fail_with_clear_errors(setup, tmp_path):
+    ckpt_path, _, _, _ = setup
+    foreign = flip_revision(tmp_path / "foreign", datamodule(seed=4), fraction=0.05)  # ids of another dataset
+    with pytest.raises(DataError, match="not in the base dataset"):
+        UJ.run_unlearn(model=ckpt_path, revision=foreign, method="first", out=tmp_path / "o1")
+    wrong = tmp_path / "diffusion.ckpt"
+    torch.save({"veil": {"kind": "veil/dp-diffusion"}, "state_dict": {}}, wrong)
+    with pytest.raises(CheckpointError, match="expected 'veil/attribute-classifier'"):
+        UJ.run_unlearn(model=wrong, revision=setup[1], method="first", out=tmp_path / "o2")
+    with pytest.raises(CheckpointError, match="not found"):
+        CK.load_classifier(tmp_path / "missing.ckpt")
+    with pytest.raises(ConfigError, match="convex head only"):
+        FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="exact", params=["trunk"])
+    with pytest.raises(ConfigError, match="no parameter matches"):
+        FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="first", params=["decoder"])
+
+
+def test_cli_unlearn_writes_checkpoint_and_report(setup, tmp_path, capsys):
+    from veil.cli import main
+
+    ckpt_path, revision, data, _ = setup
+    out = tmp_path / "unl"
+    assert main(["unlearn", "--model", str(ckpt_path), "--revision", str(revision), "--method", "exact",
+                 "--compare-retrain", "--out", str(out)]) == 0
+    report = json.loads((out / "unlearn_report.json").read_text())
+    assert report["method"] == "exact" and report["changed_train_samples"] == len(data.changed_positions) > 0
+    assert report["update_seconds"] > 0 and report["retrain_seconds"] > 0
+    for key in ("test_accuracy", "changed_original_attribute_accuracy", "gradient_residual"):
+        assert set(report[key]) == {"before", "after", "retrained"}
+    assert report["gradient_residual"]["after"] < 1e-3 * report["gradient_residual"]["before"]
+    assert set(report["distance_to_retrained"]) >= {"before", "after"}
+    model, ckpt = CK.load_classifier(out / "unlearned.ckpt")  # loadable again, records what was done
+    assert ckpt["veil"]["data_spec"]["revision"] == str(revision) and ckpt["veil"]["unlearning"]["method"] == "exact"
+    assert main(["unlearn", "--model", str(ckpt_path), "--revision", str(tmp_path / "nope"), "--method", "first",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "revision folder not found" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_give_the_one_process_update(setup, tmp_path):
+    ckpt_path, revision, _, _ = setup
+    script = Path(__file__).with_name("unlearn_ddp_script.py")
+    for world in (1, 2):
+        # A port the OS says is free right now (a fixed one collided with other runs' sockets).
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env = {**os.environ, "UNLEARN_PORT": str(sock.getsockname()[1])}
+        done = subprocess.run([sys.executable, str(script), str(ckpt_path), str(revision), str(tmp_path), str(world)],
+                              env=env, timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for method in ("second", "first"):
+        single = torch.load(tmp_path / f"{method}_world1_rank0.pt")
+        ranks = [torch.load(tmp_path / f"{method}_world2_rank{r}.pt") for r in (0, 1)]
+        assert torch.equal(ranks[0], ranks[1]), "ranks disagree"
+        original = torch.cat([p.detach().flatten() for p in CK.load_classifier(ckpt_path)[0].parameters()])
+        step, step2 = single - original, ranks[0] - original
+        assert step.norm() > 1e-4  # the update is not a no-op
+        # Sums in another order differ in the last float32 bits, and CG (damping 0.01) amplifies that.
+        assert (step2 - step).norm() < 1e-3 * step.norm(), (method, float((step2 - step).norm() / step.norm()))

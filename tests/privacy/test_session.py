@@ -1,0 +1,128 @@
+"""EditSession: previews spend nothing, feedback moves the level, accept releases exactly once."""
+
+import math
+
+import pytest
+
+from veil.errors import ConfigError, PrivacyError
+from veil.privacy.ledger import ReleaseLedger
+from veil.privacy.mechanism import flip_probability
+from veil.privacy.session import EditSession, draw_release
+
+ATTRS = {"smiling": 1, "eyeglasses": -1, "hat": 1}
+
+
+class RecordingEditor:
+    """A stand-in EditFn: the 'edit' is the target attributes and strength, so tests can see what was asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, *, originals, targets, strength):
+        self.calls.append((list(images), list(originals), list(targets), strength))
+        return [(im, dict(t), strength) for im, t in zip(images, targets)]
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with ReleaseLedger(tmp_path / "ledger.sqlite", budget=3.0) as ledger:
+        yield ledger
+
+
+def _session(ledger, editor=None, **kw):
+    kw = {"image_id": "img-7", "image": "pixels", "attributes": ATTRS, "protected": ["smiling", "eyeglasses"],
+          "editor": editor or RecordingEditor(), "ledger": ledger, "level": "medium", "seed": 5, **kw}
+    return EditSession(**kw)
+
+
+def test_previews_spend_nothing_and_follow_the_level(ledger):
+    editor = RecordingEditor()
+    session = _session(ledger, editor)
+    cands = session.preview(6)
+    assert len(cands) == 6 and ledger.releases() == [] and ledger.spent("img-7") == 0.0
+    assert all(c.image[0] == "pixels" and c.image[2] == 0.55 and c.level.name == "medium" for c in cands)
+    assert all(c.released_attributes["hat"] == 1 for c in cands)  # unprotected: unchanged
+    assert all(0 < c.probability <= 1 for c in cands)
+    assert session.preview(6) != cands  # each round draws afresh (same seed, next round)
+
+
+def test_feedback_moves_the_level(ledger):
+    session = _session(ledger)
+    assert session.feedback("more_private").level.name == "high"
+    assert session.feedback("more_private").level.name == "max"
+    assert session.feedback("more_private").level.name == "max"  # max stays max
+    assert session.feedback("less_private").level.name == "high"
+    assert session.preview(1)[0].image[2] == 0.7
+    assert [h["action"] for h in session.history] == ["more_private"] * 3 + ["less_private"]
+    with pytest.raises(ConfigError, match="feedback"):
+        session.feedback("publish")
+
+
+def test_accept_releases_exactly_once_and_spends_its_epsilon(ledger):
+    editor = RecordingEditor()
+    session = _session(ledger, editor)
+    session.preview()
+    session.feedback("more_private")  # high: eps 1.0
+    outcome = session.feedback("accept")
+    release = outcome.release
+    assert outcome.decision == "accepted" and ledger.spent("img-7") == 1.0 and ledger.count("img-7") == 1
+    assert release.record.epsilon == 1.0 and release.record.strength == 0.7 and release.record.level == "high"
+    assert release.record.released_attributes == release.released_attributes == release.image[1]
+    assert release.original_attributes == ATTRS
+    assert len(editor.calls[-1][0]) == 1  # one fresh edit, not a preview
+    with pytest.raises(PrivacyError, match="already released"):
+        session.feedback("accept")
+    with pytest.raises(ConfigError, match="closed"):
+        session.feedback("more_private")
+    assert ledger.count("img-7") == 1 and session.state()["release_id"] == release.record.release_id
+
+
+def test_reject_records_nothing(ledger):
+    session = _session(ledger)
+    assert session.feedback("reject").decision == "rejected"
+    assert ledger.releases() == []
+    with pytest.raises(ConfigError):
+        session.feedback("accept")
+
+
+def test_a_level_above_the_whole_budget_is_refused(ledger):
+    session = _session(ledger, level="low")  # 4.0 > 3.0
+    with pytest.raises(PrivacyError, match="asks for 4"):
+        session.accept()
+    assert session.decision is None and ledger.releases() == []  # still open: the owner can go more private
+    assert session.feedback("more_private").level.name == "medium" and session.accept().record.epsilon == 2.0
+
+
+def test_over_budget_release_is_refused(ledger):
+    _session(ledger, level="medium").accept()  # spent 2.0 of 3.0
+    editor = RecordingEditor()
+    with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 3"):
+        _session(ledger, editor, level="medium").accept()
+    assert editor.calls == [] and ledger.spent("img-7") == 2.0  # refused before any compute
+    _session(ledger, level="high").accept()  # 3.0: exactly the budget
+    _session(ledger, level="max").accept()   # eps 0 is free
+    assert ledger.spent("img-7") == 3.0 and ledger.count("img-7") == 3
+
+
+def test_successive_releases_draw_fresh_attributes():
+    # With a fixed seed, release k of an image uses its own stream: draws over k flip at the RR rate.
+    eps, n = 1.0, 4000
+    flips = sum(draw_release(image_id="x", attributes=ATTRS, protected=["smiling"], epsilon=eps, seed=1,
+                             release_index=k)[0]["smiling"] != 1 for k in range(n))
+    q = flip_probability(epsilon=eps)
+    assert abs(flips / n - q) <= 5 * math.sqrt(q * (1 - q) / n)
+    a, s1 = draw_release(image_id="x", attributes=ATTRS, protected=["smiling"], epsilon=eps, seed=1, release_index=0)
+    b, s2 = draw_release(image_id="x", attributes=ATTRS, protected=["smiling"], epsilon=eps, seed=1, release_index=0)
+    assert (a, s1) == (b, s2)
+    _, secret = draw_release(image_id="x", attributes=ATTRS, protected=["smiling"], epsilon=eps, seed=None,
+                             release_index=0)
+    assert secret != s1
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(protected=[]), "--protect"), (dict(protected=["beard"]), "--protect"),
+    (dict(attributes={"smiling": 0, "eyeglasses": 1}), "unknown"), (dict(level="extreme"), "--level"),
+])
+def test_bad_session_arguments(ledger, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _session(ledger, **kw)

@@ -1,0 +1,170 @@
+"""EditSession: one image, its owner's choices, previews, feedback and (at most) one release.
+
+    session = EditSession(image_id="synth-0-000007", image=x, attributes={"smiling": 1, ...},
+                          protected=["smiling"], editor=private_editor, ledger=ledger, level="medium")
+    candidates = session.preview()          # what a release could look like; spends nothing
+    session.feedback("more_private")        # medium -> high (previews again if you like)
+    outcome = session.feedback("accept")    # one fresh release: budget checked, spent, recorded
+
+Feedback is ``more_private | less_private | accept | reject``. Previews go to the owner only and
+cost no budget. ``accept`` releases a *fresh* draw, not one of the previews: if the owner could pick
+among previews, they could pick the one whose protected attributes were kept, and the released
+value would no longer be randomized response at epsilon (with 4 previews at eps=1, the chance
+that at least one keeps the true value is 99%).
+
+The session is plain Python (no torch): the edit is injected as an ``EditFn`` (PrivateEditor in
+veil.lightning_modules.diffusion.ddim, or an ONNX Runtime editor in serving), and images are whatever
+that editor takes and returns. ``draw_release`` is the one place where a release's attributes
+are drawn; the batch CLI uses it too.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+from veil.errors import ConfigError, PrivacyError
+from veil.privacy.ledger import ReleaseLedger, ReleaseRecord
+from veil.privacy.levels import PrivacyLevel, less_private, more_private, resolve_level
+from veil.privacy.mechanism import (
+    derive_seed,
+    outcome_probability,
+    privatize,
+    secure_seed,
+)
+
+__all__ = ["EditFn", "Candidate", "Release", "FeedbackOutcome", "EditSession", "draw_release", "ACTIONS"]
+
+ACTIONS = ("more_private", "less_private", "accept", "reject")
+
+
+class EditFn(Protocol):
+    """Edit ``images[i]`` (with attributes ``originals[i]``) towards ``targets[i]``; one output per input."""
+
+    def __call__(self, images: Sequence[Any], *, originals: Sequence[Mapping[str, int]],
+                 targets: Sequence[Mapping[str, int]], strength: float) -> Sequence[Any]: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A preview: released attributes a release *could* have, the edit, and the chance of that outcome."""
+
+    released_attributes: dict[str, int]
+    image: Any
+    level: PrivacyLevel
+    probability: float  # P(released_attributes | original) under the level's randomized response
+
+
+@dataclass(frozen=True)
+class Release:
+    """An accepted, recorded release: the edited image and the ledger row that paid for it."""
+
+    record: ReleaseRecord
+    image: Any
+    original_attributes: dict[str, int]
+    released_attributes: dict[str, int]
+
+
+@dataclass(frozen=True)
+class FeedbackOutcome:
+    action: str
+    level: PrivacyLevel
+    decision: str | None  # None while open, then "accepted" or "rejected"
+    release: Release | None = None
+
+
+def draw_release(*, image_id: str, attributes: Mapping[str, int], protected: Sequence[str], epsilon: float,
+                 seed: int | None, release_index: int) -> tuple[dict[str, int], int]:
+    """Released attributes for one release and the seed that drew them.
+
+    ``seed=None`` (the default everywhere) draws from the OS, so nobody can redo the coin flips.
+    A given seed is reproducible: the stream is derived from (seed, image_id, release_index), so each
+    release of an image draws afresh. Keep such a seed secret: whoever knows it can undo the mechanism.
+    """
+    used = secure_seed() if seed is None else derive_seed(seed, image_id, "release", release_index)
+    return privatize(attributes, protected=protected, epsilon=epsilon, rng=random.Random(used)), used
+
+
+class EditSession:
+    """The owner's edit of one image: previews, feedback moving the level, one release on accept."""
+
+    def __init__(self, *, image_id: str, image: Any, attributes: Mapping[str, int], protected: Sequence[str],
+                 editor: EditFn, ledger: ReleaseLedger, level: str | PrivacyLevel = "medium",
+                 seed: int | None = None, num_previews: int = 4):
+        self.image_id, self.image, self.editor, self.ledger = str(image_id), image, editor, ledger
+        self.attributes = {str(k): int(v) for k, v in attributes.items()}
+        self.protected = [str(p) for p in protected]
+        if not self.protected:
+            raise ConfigError("--protect: name at least one attribute to protect")
+        unknown = [p for p in self.protected if p not in self.attributes]
+        if unknown:
+            raise ConfigError(f"--protect: {unknown} are not attributes of {self.image_id!r} ({list(self.attributes)})")
+        unset = [p for p in self.protected if self.attributes[p] not in (-1, 1)]
+        if unset:
+            raise ConfigError(f"--protect: {unset} of {self.image_id!r} are unknown (0); only a known value can be privatized")
+        if not isinstance(num_previews, int) or num_previews < 1:
+            raise ConfigError(f"num_previews={num_previews!r}: must be a positive integer")
+        self.level = level if isinstance(level, PrivacyLevel) else resolve_level(level)
+        self.seed, self.num_previews = seed, num_previews
+        self._preview_seed = secure_seed() if seed is None else seed
+        self._preview_round = 0
+        self.decision: str | None = None
+        self.release: Release | None = None
+        self.history: list[dict] = []
+
+    def preview(self, n: int | None = None) -> list[Candidate]:
+        """``n`` candidate edits at the current level; no budget is spent and nothing is recorded."""
+        n = self.num_previews if n is None else n
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n={n!r}: ask for at least one preview")
+        rng = random.Random(derive_seed(self._preview_seed, self.image_id, "preview", self._preview_round))
+        self._preview_round += 1
+        lv = self.level
+        targets = [privatize(self.attributes, protected=self.protected, epsilon=lv.epsilon, rng=rng) for _ in range(n)]
+        images = self.editor([self.image] * n, originals=[self.attributes] * n, targets=targets, strength=lv.strength)
+        return [Candidate(t, im, lv, outcome_probability(self.attributes, t, protected=self.protected, epsilon=lv.epsilon))
+                for t, im in zip(targets, images)]
+
+    def feedback(self, action: str) -> FeedbackOutcome:
+        """Apply one of ACTIONS; ``accept`` returns the release in the outcome."""
+        if action not in ACTIONS:
+            raise ConfigError(f"feedback {action!r}: choose one of {list(ACTIONS)}")
+        if self.decision is not None:
+            if action == "accept" and self.decision == "accepted":
+                raise PrivacyError(f"{self.image_id!r} was already released in this session; a session releases "
+                                   f"exactly one edit (start a new session to release again, at a further cost)")
+            raise ConfigError(f"session for {self.image_id!r} is closed ({self.decision}); start a new one")
+        release = None
+        if action == "more_private":
+            self.level = more_private(self.level)
+        elif action == "less_private":
+            self.level = less_private(self.level)
+        elif action == "accept":
+            release = self._accept()
+        else:
+            self.decision = "rejected"
+        self.history.append({"action": action, "level": self.level.to_json()})
+        return FeedbackOutcome(action, self.level, self.decision, release)
+
+    def accept(self) -> Release:
+        return self.feedback("accept").release
+
+    def _accept(self) -> Release:
+        lv = self.level
+        self.ledger.check(image_id=self.image_id, epsilon=lv.epsilon)  # refuse before spending compute
+        released, seed = draw_release(image_id=self.image_id, attributes=self.attributes, protected=self.protected,
+                                      epsilon=lv.epsilon, seed=self.seed, release_index=self.ledger.count(self.image_id))
+        image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength)[0]
+        record = self.ledger.record(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon,
+                                    strength=lv.strength, seed=seed, level=lv.name, released_attributes=released)
+        self.decision = "accepted"
+        self.release = Release(record, image, dict(self.attributes), released)
+        return self.release
+
+    def state(self) -> dict:
+        """JSON-able summary for a UI or a server's session table."""
+        return {"image_id": self.image_id, "level": self.level.to_json(), "protected": list(self.protected),
+                "decision": self.decision, "spent": self.ledger.spent(self.image_id), "budget": self.ledger.budget,
+                "history": list(self.history),
+                "release_id": None if self.release is None else self.release.record.release_id}
