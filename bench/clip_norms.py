@@ -28,9 +28,10 @@ import torch
 
 def per_sample_gradients(module, x: torch.Tensor, attrs: torch.Tensor, *, chunk: int, seed: int) -> torch.Tensor:
     """(n, P) per-sample gradients of the DDPM loss over the trainable parameters."""
-    from veil.lightning_modules.dp import accounting as dplib
+    from veil.lightning_modules.diffusion.schedule import q_sample
+    from veil.lightning_modules.dp.grad_sample import attach_grad_sampler
 
-    dplib.attach_grad_sampler(module.model)
+    attach_grad_sampler(module.model)
     params = module.trainable_parameters()
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -38,8 +39,7 @@ def per_sample_gradients(module, x: torch.Tensor, attrs: torch.Tensor, *, chunk:
         x0, a = x[s : s + chunk], attrs[s : s + chunk]
         t = torch.randint(0, len(module.alphas_cumprod), (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        alpha_prod_t = module.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = alpha_prod_t.sqrt() * x0 + (1 - alpha_prod_t).sqrt() * noise
+        x_t = q_sample(x0, module.alphas_cumprod, t, noise)
         loss = (module.model(x_t, t, a) - noise).pow(2).mean(dim=(1, 2, 3)).mean()
         loss.backward()
         # loss_reduction="mean": Opacus scales grad_sample back up, so row i is example i's own gradient

@@ -30,6 +30,7 @@ def _rss_mib() -> float:
 
 def run_one(mode: str, batch: int, config: str, warmup: int, repeats: int, device: str) -> dict:
     import torch
+
     from veil.lightning_modules.diffusion_module import DPDiffusionModule
     from veil.lightning_modules.training.config import load_config
 

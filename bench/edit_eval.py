@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
 from veil.lightning_modules.editing.editor import PrivateEditor
-
 from veil.privacy.mechanism import derive_seed, keep_probability, privatize
 
 

@@ -32,6 +32,7 @@ import warnings
 import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
+
 from veil.kernels.optimizer import FusedDPOptimizer
 
 GRID = dict(params=[1_000_000, 10_000_000, 100_000_000], batch=[16, 64, 256])
@@ -218,6 +219,7 @@ def whole_step(kernel: str, *, device, batch: int, width: int, reps: int) -> tup
     """Median seconds of one DP training step (forward, per-sample backward, DP optimizer step);
     also the median of the optimizer step alone. Hooks mode: timing does not depend on the values."""
     from opacus import GradSampleModule
+
     from veil.lightning_modules.dp.optimizer import make_dp_optimizer
 
     unet = tiny_unet(device, width=width)

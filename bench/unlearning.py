@@ -55,6 +55,7 @@ def _row(label: str, frac: float, r: dict) -> dict:
 def run(args) -> list[dict]:
     import torch
     from revisions import synthetic_flip_revision
+
     from veil.lightning_modules import checkpoints as CK
     from veil.lightning_modules.data.datamodule import FaceDataModule
     from veil.lightning_modules.training import classifier as TC

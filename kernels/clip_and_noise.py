@@ -25,6 +25,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+
 from veil.kernels.multi_tensor import (
     META_COLS,
     block_table,

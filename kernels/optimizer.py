@@ -30,14 +30,14 @@ import itertools
 import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from veil.errors import ConfigError, PrivacyError
 from veil.kernels.reference import (
     add_noise_reference_,
     clip_factors_reference,
     clipped_sum_reference,
     per_sample_norms_reference,
 )
-
-from veil.errors import ConfigError, PrivacyError
 
 BACKENDS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

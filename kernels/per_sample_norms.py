@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from veil.kernels.multi_tensor import (
     META_COLS,
     block_table,

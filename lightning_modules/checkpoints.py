@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from veil.lightning_modules.models.classifier import AttributeClassifier
-from veil.lightning_modules.models.unet import AttributeConditionalUNet
 
 from veil.errors import CheckpointError
+from veil.lightning_modules.models.classifier import AttributeClassifier
+from veil.lightning_modules.models.unet import AttributeConditionalUNet
 
 DIFFUSION_KIND = "veil/dp-diffusion"
 CLASSIFIER_KIND = "veil/attribute-classifier"

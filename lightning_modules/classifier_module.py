@@ -28,6 +28,7 @@ from typing import Any
 
 import lightning as L
 import torch
+
 from veil.lightning_modules.checkpoints import CLASSIFIER_KIND
 from veil.lightning_modules.diffusion.schedule import (
     alphas_cumprod_table,

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+
 from veil.lightning_modules.checkpoints import DIFFUSION_KIND
 from veil.lightning_modules.diffusion.schedule import (
     alphas_cumprod_table,

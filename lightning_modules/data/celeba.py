@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from veil.errors import ConfigError, DataError
 from veil.lightning_modules.data.image_folder import (
     BINARY_VALUES,
     FileFaces,
@@ -27,8 +29,6 @@ from veil.lightning_modules.data.image_folder import (
     parse_binary,
     select_attributes,
 )
-
-from veil.errors import ConfigError, DataError
 
 __all__ = ["CelebA", "CELEBA_ATTRIBUTES", "SPLITS"]
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from veil.lightning_modules.data.grid import uint8_to_tensor
 
 from veil.errors import ConfigError, DataError
+from veil.lightning_modules.data.grid import uint8_to_tensor
 
 __all__ = [
     "ImageFolderCSV", "FileFaces", "BINARY_VALUES", "load_face_image", "center_crop_resize", "parse_binary",

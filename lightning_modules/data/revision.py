@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from veil.lightning_modules.data.grid import uint8_to_tensor
 
 from veil.errors import DataError
+from veil.lightning_modules.data.grid import uint8_to_tensor
 from veil.privacy.revision_manifest import (  # noqa: F401  (re-exported)
     FORMAT,
     MANIFEST,

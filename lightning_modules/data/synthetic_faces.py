@@ -34,9 +34,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from veil.lightning_modules.data.grid import save_grid, uint8_to_tensor
 
 from veil.errors import ConfigError
+from veil.lightning_modules.data.grid import save_grid, uint8_to_tensor
 
 __all__ = ["SYNTHETIC_ATTRIBUTES", "SyntheticFaces", "render_face", "draw_attributes", "save_grid"]
 

@@ -15,9 +15,9 @@ alpha_prod = 1 for t = -1 (clean image, the end of the walk down); eps = the gui
 from __future__ import annotations
 
 import torch
-from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided_eps
 
 from veil.errors import ConfigError
+from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided_eps
 from veil.privacy.levels import check_strength
 
 __all__ = ["edit_timesteps", "sample_timesteps", "alpha_prod", "ddim_invert_step", "ddim_denoise_step",

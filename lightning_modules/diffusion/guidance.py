@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
 
 from veil.errors import ConfigError
+from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
 
 
 def classifier_free_eps(model, x_t: torch.Tensor, t: torch.Tensor, attrs: torch.Tensor, guidance_scale) -> torch.Tensor:

@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from veil.errors import ConfigError
 from veil.lightning_modules.checkpoints import DiffusionCheckpoint
 from veil.lightning_modules.data.specs import data_location, same_dataset
 from veil.lightning_modules.diffusion.ddim import ddim_regenerate, sample_timesteps
 from veil.lightning_modules.diffusion.guidance import GuidanceClassifier
 from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
-
-from veil.errors import ConfigError
 
 LABEL_FREE = "trained without attribute labels"
 

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from veil.lightning_modules.dp.config import DPConfig
-
 from veil.privacy.mechanism import json_epsilon
 
 

@@ -13,10 +13,9 @@ a LightningModule's base optimizer with the module's accounting and the world si
 
 from __future__ import annotations
 
+from veil.errors import ConfigError, PrivacyError
 from veil.lightning_modules.dp.config import KERNELS
 from veil.lightning_modules.dp.grad_sample import attach_grad_sampler
-
-from veil.errors import ConfigError, PrivacyError
 
 
 def resolve_kernel(kernel: str, *, secure_mode: bool = False) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
 from veil.lightning_modules.dp.grad_sample import empty_grad_samples, fold_noise_draws
 
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, int]"]  # (x, attrs) -> (mean loss, K)

@@ -17,14 +17,14 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.ddim import (
     ddim_invert,
     ddim_regenerate,
     edit_timesteps,
 )
 from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
-
-from veil.errors import ConfigError
 
 __all__ = ["PrivateEditor"]
 

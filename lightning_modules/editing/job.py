@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from veil.errors import ConfigError
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.grid import save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
 from veil.lightning_modules.editing.editor import PrivateEditor
-
-from veil.errors import ConfigError
 from veil.privacy.ledger import DEFAULT_BUDGET, LEDGER_FILE, ReleaseLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
 from veil.privacy.mechanism import derive_seed, json_epsilon, privatize

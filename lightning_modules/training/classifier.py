@@ -23,13 +23,13 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 import yaml
+
+from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.schedule import q_sample
 from veil.lightning_modules.dp.config import DPConfig
 from veil.lightning_modules.models.classifier import accuracy, attribute_bce, predict
 from veil.lightning_modules.training.config import apply_overrides
 from veil.lightning_modules.unlearning import influence as U
-
-from veil.errors import ConfigError
 
 
 @dataclass

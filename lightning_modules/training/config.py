@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from veil.lightning_modules.dp.config import DPConfig
 
 from veil.errors import ConfigError
+from veil.lightning_modules.dp.config import DPConfig
 
 
 @dataclass

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from veil.lightning_modules.training.config import TrainConfig
 
 from veil.errors import ConfigError
+from veil.lightning_modules.training.config import TrainConfig
 
 # Known-harmless warnings that would bury the progress bar; each is explained here once.
 KNOWN_WARNINGS = (

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
-from veil.lightning_modules.data.specs import data_location, same_dataset
 
 from veil.errors import ConfigError, PrivacyError
+from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
+from veil.lightning_modules.data.specs import data_location, same_dataset
 
 
 def _sha256(path: Path) -> str:

@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 from revisions import synthetic_flip_revision
+
 from veil.lightning_modules.data.datamodule import FaceDataModule
 from veil.lightning_modules.training.classifier import (
     ClassifierRecipe,

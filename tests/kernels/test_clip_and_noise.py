@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+
 from veil.kernels.clip_and_noise import fused_clip_and_noise
 from veil.kernels.reference import (
     clip_factors_reference,

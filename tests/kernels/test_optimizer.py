@@ -21,10 +21,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
-from veil.kernels.optimizer import FusedDistributedDPOptimizer, FusedDPOptimizer
-from veil.lightning_modules.dp.optimizer import make_dp_optimizer, resolve_kernel
 
 from veil.errors import ConfigError, PrivacyError
+from veil.kernels.optimizer import FusedDistributedDPOptimizer, FusedDPOptimizer
+from veil.lightning_modules.dp.optimizer import make_dp_optimizer, resolve_kernel
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 

@@ -11,6 +11,7 @@ Tolerances (relative, on norms):
 
 import pytest
 import torch
+
 from veil.kernels.per_sample_norms import per_sample_norms, per_sample_sq_norms
 from veil.kernels.reference import per_sample_norms_reference
 

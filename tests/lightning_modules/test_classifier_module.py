@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from unlearn_helpers import RECIPE, datamodule, one_thread, train_tiny
+
+from veil.errors import ConfigError
 from veil.lightning_modules import checkpoints as CK
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
 from veil.lightning_modules.training import classifier as TC
-
-from veil.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

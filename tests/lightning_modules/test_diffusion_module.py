@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from dp_helpers import TINY_MODEL, fit_batches, make_batch
+
 from veil.lightning_modules.diffusion_module import DPDiffusionModule
 
 
@@ -121,6 +122,7 @@ def test_target_epsilon_solves_sigma_with_opacus():
 
 def test_auto_kernel_is_fused_unless_secure_mode():
     from opacus.optimizers import DPOptimizer
+
     from veil.kernels.optimizer import FusedDPOptimizer
 
     module = _module(kernel="auto")

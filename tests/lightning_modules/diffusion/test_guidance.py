@@ -4,14 +4,14 @@ import pytest
 import torch
 from dp_helpers import TINY, train_cli
 from unlearn_helpers import RECIPE, datamodule, one_thread
+
+from veil.errors import ConfigError
 from veil.lightning_modules import checkpoints as CK
 from veil.lightning_modules.diffusion import guidance as G
 from veil.lightning_modules.diffusion import sample as S
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
 from veil.lightning_modules.training import classifier as TC
 from veil.lightning_modules.unlearning import job as UJ
-
-from veil.errors import ConfigError
 
 NOISY = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
 
@@ -149,6 +149,7 @@ def test_log_prob_grad_is_the_gradient_of_the_specified_attributes_only():
 def _draw(guide, targets, *, steps):
     """4 samples of a random tiny UNet (unconditional), the same initial noise every call."""
     from dp_helpers import TINY_MODEL
+
     from veil.lightning_modules.diffusion.schedule import default_scheduler_config
     from veil.lightning_modules.models.unet import AttributeConditionalUNet
 

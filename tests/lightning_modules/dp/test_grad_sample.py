@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+
 from veil.lightning_modules.dp.grad_sample import attach_grad_sampler
 from veil.lightning_modules.models.unet import AttributeConditionalUNet
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from veil.cli import build_parser, main
 from veil.lightning_modules.checkpoints import DIFFUSION_KIND as CHECKPOINT_KIND
 from veil.lightning_modules.data import FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
 from veil.lightning_modules.diffusion.schedule import default_scheduler_config
 from veil.lightning_modules.models.unet import AttributeConditionalUNet
-
-from veil.cli import build_parser, main
 from veil.privacy.ledger import ReleaseLedger
 
 KWARGS = dict(num_attributes=6, resolution=32, block_out_channels=(16, 32), attention_levels=(False, True),

@@ -1,13 +1,13 @@
 """Configs: every shipped YAML parses; bad values fail naming the option."""
 
 import pytest
+
+from veil.errors import ConfigError
 from veil.lightning_modules.training.config import (
     config_from_dict,
     load_config,
     shipped_configs,
 )
-
-from veil.errors import ConfigError
 
 
 @pytest.mark.parametrize("path", shipped_configs())

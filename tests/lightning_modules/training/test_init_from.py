@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 from dp_helpers import TINY, TINY_MODEL, fit_batches, make_batch, train_cli
+
+from veil.errors import ConfigError, PrivacyError
 from veil.lightning_modules.data.specs import same_dataset
 from veil.lightning_modules.diffusion_module import DPDiffusionModule
 from veil.lightning_modules.models.params import (
@@ -16,8 +18,6 @@ from veil.lightning_modules.models.params import (
 from veil.lightning_modules.models.unet import AttributeConditionalUNet
 from veil.lightning_modules.training.config import load_config
 from veil.lightning_modules.training.diffusion import run_training
-
-from veil.errors import ConfigError, PrivacyError
 
 
 def _module(trainable, *, sigma=0.0, C=0.05, kernel="opacus", lr_scale=None):
