@@ -52,7 +52,7 @@ class ModelConfig:
     norm_num_groups: int = 16
     attention_head_dim: int = 32
     dropout: float = 0.0
-    init_from: str | None = None  # start from this (public-data) checkpoint; see finetune.py
+    init_from: str | None = None  # start from this (public-data) checkpoint; see training/init_from.py
 
     def kwargs(self) -> dict[str, Any]:
         """The denoiser's constructor arguments (everything but init_from)."""
@@ -73,7 +73,7 @@ class OptimConfig:
     ema_decay: float = 0.999
     cond_drop_prob: float = 0.1
     attr_drop_prob: float = 0.1
-    trainable: list[str] | None = None  # null: all; else globs or groups (conditioning, norms); finetune.py
+    trainable: list[str] | None = None  # null: all; else globs or groups (conditioning, norms); models/params.py
     lr_scale: dict[str, float] | None = None  # {glob or group: factor}: lr * factor for those parameters
 
     def __post_init__(self):

@@ -16,7 +16,7 @@ trains only the parameters it must. Two options of ``veil train`` do that:
   constant folded into the bias), so the private run begins as the public model whatever the
   attributes say.
 - ``optim.trainable: [...]`` trains only the parameters whose names match a glob pattern or a
-  named group (``PARAMETER_GROUPS``); the rest stay frozen and no per-sample gradient is kept for
+  named group (``models.params.PARAMETER_GROUPS``); the rest stay frozen and no per-sample gradient is kept for
   them. The ``conditioning`` group is the attribute MLP and every block's projection of the
   timestep-plus-attribute embedding (the timestep MLP itself stays frozen).
 - ``dp.max_grad_norm`` must then fit the subset: per-sample gradients of ~100k conditioning
