@@ -55,3 +55,12 @@ def train_cli(out, overrides, *extra, resume=False):
 
     args = ["train", "--out", str(out), "--no-progress"] + [a for kv in list(overrides) + list(extra) for a in ("--set", kv)]
     return main(args + (["--resume"] if resume else []))
+
+
+def face_unet(seed: int = 0):
+    """An untrained attention UNet for the 6 synthetic-face attributes at 32x32 (the DDIM and editor tests)."""
+    from veil.lightning_modules.models.unet import AttributeConditionalUNet
+
+    torch.manual_seed(seed)
+    return AttributeConditionalUNet(num_attributes=6, resolution=32, block_out_channels=(16, 32),
+                                    attention_levels=(False, True), norm_num_groups=8, attention_head_dim=8).eval()

@@ -4,6 +4,8 @@ with classifier-free guidance and with classifier guidance (use_clipped_model_ou
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from dp_helpers import face_unet
+from unlearn_helpers import one_thread
 
 from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.ddim import edit_timesteps, sample_timesteps
@@ -14,22 +16,19 @@ from veil.lightning_modules.diffusion.guidance import (
 from veil.lightning_modules.diffusion.sample import ddim_sample
 from veil.lightning_modules.diffusion.schedule import default_scheduler_config
 from veil.lightning_modules.models.classifier import AttributeClassifier
-from veil.lightning_modules.models.unet import AttributeConditionalUNet
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    # Tiny convolutions on a shared 2-core machine: several threads each spend more time waiting on
+    # one another than computing (measured 60x slower under load), so these tests use one.
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return AttributeConditionalUNet(num_attributes=6, resolution=32, block_out_channels=(16, 32),
-                                    attention_levels=(False, True), norm_num_groups=8, attention_head_dim=8).eval()
+    return face_unet(seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from dp_helpers import face_unet
+from unlearn_helpers import one_thread
 
 from veil.errors import ConfigError
 from veil.lightning_modules.data.synthetic_faces import (
@@ -18,22 +20,16 @@ NAMES = list(SYNTHETIC_ATTRIBUTES)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def single_thread():
     # Tiny convolutions on a shared 2-core machine: several threads each spend more time waiting on
     # one another than computing (measured 60x slower under load), so these tests use one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    from veil.lightning_modules.models.unet import AttributeConditionalUNet
-
-    return AttributeConditionalUNet(num_attributes=6, resolution=32, block_out_channels=(16, 32),
-                                    attention_levels=(False, True), norm_num_groups=8, attention_head_dim=8).eval()
+    return face_unet(seed=0)
 
 
 @pytest.fixture(scope="module")
