@@ -27,9 +27,12 @@ Parameters are handled as one flat vector over a *subset* S of a module's parame
 Hessian-vector products are double backward by default (``mode="forward"``: ``torch.func.jvp(grad(f))``,
 the same numbers, slower on CPU); the head's Hessian also has a closed form.
 
-Distributed: when ``torch.distributed`` is initialised, each rank passes its own shard of the
-changed samples and of the training data; sums of gradients, HVPs and sample counts are
-all-reduced (SUM), so every rank computes the same update as one process with all the data.
+Distributed: the functions here know nothing of processes. Every sum over samples (gradients,
+HVPs, Hessians, losses, sample counts) goes through ``reduce``, the sum of a tensor over the
+processes that share the data (the default, ``one_process``, returns it as it is). Under
+``FeatureUnlearningModule`` each rank passes its shard and its strategy's sum, so every rank
+computes the update of one process with all the data. ``reduce`` must return the same bits on
+every rank: the solvers branch on what it returns (CG's stopping tests).
 """
 
 from __future__ import annotations
@@ -38,29 +41,17 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from veil.errors import ConfigError
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # [(inputs (B, ...), attrs (B, k)), ...], reusable
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # t -> sum of t over the processes sharing the data
 
 
-# --------------------------------------------------------------------------------------- reduction
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (a no-op in one process); returns it.
-
-    The sum is then broadcast from rank 0: an all-reduce does not promise bit-identical results
-    on every rank, and the solvers branch on these values (CG's stopping tests), so ranks whose
-    last bits differed could run different numbers of collectives and deadlock or abort."""
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        dist.broadcast(t, src=0)
+def one_process(t: torch.Tensor) -> torch.Tensor:
+    """The sum over processes when there is one: ``t`` itself."""
     return t
 
 
@@ -121,8 +112,9 @@ class Objective:
 
 
 # --------------------------------------------------------------------------------------- derivatives
-def gradient_sum(obj: Objective, vec: torch.Tensor, batches: Batches) -> tuple[torch.Tensor, int]:
-    """(sum_i grad loss(z_i), number of samples) over ``batches``, summed over ranks."""
+def gradient_sum(obj: Objective, vec: torch.Tensor, batches: Batches, *,
+                 reduce: Reduce = one_process) -> tuple[torch.Tensor, int]:
+    """(sum_i grad loss(z_i), number of samples) over ``batches``, summed over processes."""
     total = torch.zeros_like(vec)
     count = 0
     g = grad(obj.sum_loss)
@@ -130,22 +122,24 @@ def gradient_sum(obj: Objective, vec: torch.Tensor, batches: Batches) -> tuple[t
         if len(x):
             total += g(vec, x, a)
             count += len(x)
-    counts = all_reduce_sum_(torch.tensor([float(count)], dtype=vec.dtype))
-    return all_reduce_sum_(total), int(counts.item())
+    counts = reduce(torch.tensor([float(count)], dtype=vec.dtype))
+    return reduce(total), int(counts.item())
 
 
-def gradient_difference(obj: Objective, vec: torch.Tensor, *, original: Batches, revised: Batches) -> torch.Tensor:
+def gradient_difference(obj: Objective, vec: torch.Tensor, *, original: Batches, revised: Batches,
+                        reduce: Reduce = one_process) -> torch.Tensor:
     """g = grad[ sum_{Z~} loss - sum_{Z} loss ] at vec: Z = ``original`` (as trained on), Z~ = ``revised``."""
-    g_new, n_new = gradient_sum(obj, vec, revised)
-    g_old, n_old = gradient_sum(obj, vec, original)
+    g_new, n_new = gradient_sum(obj, vec, revised, reduce=reduce)
+    g_old, n_old = gradient_sum(obj, vec, original, reduce=reduce)
     if n_new != n_old:
         raise ConfigError(f"gradient_difference: {n_old} original samples but {n_new} revised ones; pair them")
     return g_new - g_old
 
 
-def objective_gradient(obj: Objective, vec: torch.Tensor, batches: Batches) -> torch.Tensor:
+def objective_gradient(obj: Objective, vec: torch.Tensor, batches: Batches, *,
+                       reduce: Reduce = one_process) -> torch.Tensor:
     """grad L(vec) = mean gradient over ``batches`` + l2 * vec: the gradient residual when batches is revised."""
-    total, count = gradient_sum(obj, vec, batches)
+    total, count = gradient_sum(obj, vec, batches, reduce=reduce)
     return total / max(count, 1) + obj.l2_vector.to(vec.dtype) * vec
 
 
@@ -158,7 +152,7 @@ def _batch_hvp_reverse(obj: Objective, vec: torch.Tensor, v: torch.Tensor, x, a)
 
 
 def make_hvp(obj: Objective, vec: torch.Tensor, batches: Batches, *, damping: float = 0.0,
-             mode: str = "reverse") -> Callable:
+             mode: str = "reverse", reduce: Reduce = one_process) -> Callable:
     """v -> (H + damping I) v, H the Hessian of the mean objective over ``batches`` at vec.
 
     ``mode``: "reverse" (double backward) or "forward" (``torch.func.jvp(grad(f))``, forward-over-reverse);
@@ -168,7 +162,7 @@ def make_hvp(obj: Objective, vec: torch.Tensor, batches: Batches, *, damping: fl
         raise ConfigError(f"hvp mode {mode!r}: choose 'reverse' or 'forward'")
     g = grad(obj.sum_loss)
     n_local = sum(len(x) for x, _ in batches)
-    n = int(all_reduce_sum_(torch.tensor([float(n_local)])).item())
+    n = int(reduce(torch.tensor([float(n_local)])).item())
     if n == 0:
         raise ConfigError("Hessian: no training samples to estimate it from (hessian_samples=0?)")
 
@@ -181,12 +175,13 @@ def make_hvp(obj: Objective, vec: torch.Tensor, batches: Batches, *, damping: fl
                 total += jvp(lambda w: g(w, x, a), (vec,), (v,))[1]  # forward-over-reverse: H_batch v
             else:
                 total += _batch_hvp_reverse(obj, vec, v, x, a)
-        return all_reduce_sum_(total) / n + (obj.l2_vector + damping) * v
+        return reduce(total) / n + (obj.l2_vector + damping) * v
 
     return hvp
 
 
-def dense_hessian(obj: Objective, vec: torch.Tensor, batches: Batches) -> torch.Tensor:
+def dense_hessian(obj: Objective, vec: torch.Tensor, batches: Batches, *,
+                  reduce: Reduce = one_process) -> torch.Tensor:
     """The full (P, P) Hessian of the mean objective, by vmap over jvp(grad) (for small P: a head)."""
     g = grad(obj.sum_loss)
     eye = torch.eye(len(vec), dtype=vec.dtype)
@@ -196,11 +191,12 @@ def dense_hessian(obj: Objective, vec: torch.Tensor, batches: Batches) -> torch.
         if len(x):
             total += vmap(lambda v: jvp(lambda w: g(w, x, a), (vec,), (v,))[1])(eye)  # rows = columns
             count += len(x)
-    n = all_reduce_sum_(torch.tensor([float(count)], dtype=vec.dtype))
-    return all_reduce_sum_(total) / n + torch.diag(obj.l2_vector.to(vec.dtype))
+    n = reduce(torch.tensor([float(count)], dtype=vec.dtype))
+    return reduce(total) / n + torch.diag(obj.l2_vector.to(vec.dtype))
 
 
-def logistic_head_hessian(obj: Objective, vec: torch.Tensor, batches: Batches) -> torch.Tensor:
+def logistic_head_hessian(obj: Objective, vec: torch.Tensor, batches: Batches, *,
+                          reduce: Reduce = one_process) -> torch.Tensor:
     """The same Hessian in closed form for a Linear head under ``attribute_bce`` (mean over k attributes):
 
     block j (row j of the weight and bias j) = (1/(N k)) sum_i s_ij (1 - s_ij) [f_i; 1][f_i; 1]^T + L2,
@@ -216,8 +212,8 @@ def logistic_head_hessian(obj: Objective, vec: torch.Tensor, batches: Batches) -
             s = torch.sigmoid(x.to(vec.dtype) @ weight.T + bias)  # (B, k)
             blocks += torch.einsum("bj,bp,bq->jpq", s * (1 - s), xt, xt)
             count += len(x)
-    n = all_reduce_sum_(torch.tensor([float(count)], dtype=vec.dtype))
-    blocks = all_reduce_sum_(blocks) / (n * k)
+    n = reduce(torch.tensor([float(count)], dtype=vec.dtype))
+    blocks = reduce(blocks) / (n * k)
     hessian = torch.zeros(len(vec), len(vec), dtype=vec.dtype)
     for j in range(k):
         idx = torch.cat([torch.arange(j * d, (j + 1) * d), torch.tensor([k * d + j])])
@@ -266,11 +262,10 @@ def conjugate_gradient(apply: Callable, b: torch.Tensor, *, max_iter: int = 100,
 
 
 def largest_eigenvalue(apply: Callable, dim: int, *, iterations: int = 20, seed: int = 0,
-                       dtype: torch.dtype = torch.float32) -> float:
+                       dtype: torch.dtype = torch.float32, reduce: Reduce = one_process) -> float:
     """Power iteration: |lambda_max| of the symmetric operator ``apply`` (to pick LiSSA's scale)."""
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, generator=gen, dtype=dtype)
-    all_reduce_sum_(v)  # the same start on every rank
+    v = reduce(torch.randn(dim, generator=gen, dtype=dtype))  # the same start on every process
     v = v / v.norm()
     lam = 0.0
     for _ in range(iterations):
@@ -297,17 +292,17 @@ def lissa(apply: Callable, b: torch.Tensor, *, scale: float, iterations: int = 2
     return x, info
 
 
-def objective_value(obj: Objective, vec: torch.Tensor, batches: Batches) -> float:
-    """L(vec): mean loss over ``batches`` (summed over ranks) plus the L2 term."""
+def objective_value(obj: Objective, vec: torch.Tensor, batches: Batches, *, reduce: Reduce = one_process) -> float:
+    """L(vec): mean loss over ``batches`` (summed over processes) plus the L2 term."""
     with torch.no_grad():
         total = sum((obj.sum_loss(vec, x, a) for x, a in batches if len(x)), torch.zeros((), dtype=vec.dtype))
         count = sum(len(x) for x, _ in batches)
-        sums = all_reduce_sum_(torch.stack([total, torch.tensor(float(count), dtype=vec.dtype)]))
+        sums = reduce(torch.stack([total, torch.tensor(float(count), dtype=vec.dtype)]))
     return float(sums[0] / sums[1] + 0.5 * (obj.l2_vector.to(vec.dtype) * vec * vec).sum())
 
 
 def newton_minimize(obj: Objective, vec: torch.Tensor, batches: Batches, *, max_iter: int = 20,
-                    tol: float = 1e-9) -> tuple[torch.Tensor, int]:
+                    tol: float = 1e-9, reduce: Reduce = one_process) -> tuple[torch.Tensor, int]:
     """Minimise the mean objective over ``batches`` by damped Newton (for a convex, small subset).
 
     In float64, so the optimum is found to float32 precision; the step is halved until the objective
@@ -319,15 +314,15 @@ def newton_minimize(obj: Objective, vec: torch.Tensor, batches: Batches, *, max_
     vec = vec.double()
     batches = [(x.double(), a.double()) for x, a in batches]
     hessian_of = logistic_head_hessian if is_logistic_head(obj) else dense_hessian
-    value = objective_value(obj, vec, batches)
+    value = objective_value(obj, vec, batches, reduce=reduce)
     for it in range(max_iter):
-        gradient = objective_gradient(obj, vec, batches)
+        gradient = objective_gradient(obj, vec, batches, reduce=reduce)
         if gradient.norm() <= tol:
             return vec.to(dtype), it
-        step = torch.linalg.solve(hessian_of(obj, vec, batches), gradient)
+        step = torch.linalg.solve(hessian_of(obj, vec, batches, reduce=reduce), gradient)
         for _ in range(30):  # backtracking: Armijo on the Newton decrement
             candidate = vec - step
-            new_value = objective_value(obj, candidate, batches)
+            new_value = objective_value(obj, candidate, batches, reduce=reduce)
             if new_value <= value - 1e-4 * float(gradient.dot(step)):
                 break
             step = step / 2

@@ -4,9 +4,15 @@
 
 ``run_unlearn`` builds the tensors the update needs (``UnlearningData``: the training set as trained
 on, the changed samples and their revision), runs ``FeatureUnlearningModule`` through a Lightning
-``Trainer`` (so ``trainer.devices`` / ``trainer.strategy`` spread it over processes as for training),
-and writes OUT/unlearned.ckpt and OUT/unlearn_report.json; with ``compare_retrain`` it also retrains
-from scratch on the revised data with the same recipe and seed (the baseline) and compares.
+``Trainer`` (``run_update``; ``--set trainer.devices=2 --set trainer.strategy=ddp`` spreads it over
+CPU processes as for training), and writes OUT/unlearned.ckpt and OUT/unlearn_report.json; with
+``compare_retrain`` it also retrains from scratch on the revised data with the same recipe and seed
+(the baseline) and compares.
+
+Under DDP every rank runs this whole job (Lightning's CPU DDP re-runs the command once per extra
+rank): all ranks end with the same weights and the same report, and rank 0 alone writes files and
+runs the retraining baseline (after the update, on its own), so the report of the other ranks
+lacks the comparison with it. ``wait_for_other_ranks`` lets rank 0 end when they do.
 
 What the model "still remembers" is measured on the changed training samples: on their *revised*
 images, how often it predicts the *original* value of each edited (flipped) protected attribute.
@@ -16,13 +22,21 @@ The retrained model never saw the originals, so its rate is the floor to compare
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import time
+import subprocess
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import lightning as L
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from veil.errors import CheckpointError, ConfigError, DataError
 from veil.lightning_modules.checkpoints import load_classifier
 from veil.lightning_modules.models.classifier import AttributeClassifier, predict
 from veil.lightning_modules.training.classifier import (
@@ -32,8 +46,11 @@ from veil.lightning_modules.training.classifier import (
     test_accuracy,
     train_classifier,
 )
-
-from veil.errors import CheckpointError, ConfigError, DataError
+from veil.lightning_modules.training.config import apply_overrides
+from veil.lightning_modules.unlearning.module import (
+    FeatureUnlearningModule,
+    UnlearningInputs,
+)
 
 
 @dataclass
@@ -150,27 +167,112 @@ def _retrain(ckpt: dict, dm_rev, out: Path) -> tuple[Any, float]:
     return model, record["seconds"]
 
 
-def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, method: str,
-                        params: Sequence[str] | None = None, retrained: tuple[Any, float] | None = None,
-                        **knobs: Any) -> dict[str, Any]:
-    """Unlearn in place (timed) and measure before/after (and against ``retrained`` = (model, seconds))."""
-    from veil.lightning_modules.unlearning.module import FeatureUnlearningModule
+# ------------------------------------------------------------------ the Trainer that runs the update
+# Lightning's CPU DDP launches the other ranks from rank 0 (once per process: later Trainers reuse
+# them); rank 0 keeps their processes here so that ``wait_for_other_ranks`` can wait for them.
+_LAUNCHED: list[subprocess.Popen] = []
 
+
+@dataclass
+class UnlearnTrainerConfig:
+    """How the update runs (``--set trainer.KEY=VALUE``): ``devices`` CPU processes under ``strategy``."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"  # "ddp" (or auto) for devices > 1: one process per rank, each with its shard
+
+    def __post_init__(self):
+        if self.accelerator != "cpu":
+            raise ConfigError(f"trainer.accelerator={self.accelerator}: the unlearning update runs on CPU processes; "
+                              "use trainer.accelerator=cpu and trainer.devices=N for N processes")
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            raise ConfigError(f"trainer.devices must be a whole number of processes >= 1, got {self.devices!r}")
+        if self.strategy not in ("auto", "ddp"):
+            raise ConfigError(f"trainer.strategy={self.strategy}: choose auto or ddp (each rank its own process, "
+                              "which keeps its updated weights)")
+
+
+def trainer_config(overrides: Sequence[str] = ()) -> UnlearnTrainerConfig:
+    """``UnlearnTrainerConfig`` from ``--set trainer.KEY=VALUE`` overrides (values parsed as YAML)."""
+    raw = apply_overrides({}, list(overrides))
+    names = sorted(f.name for f in dataclasses.fields(UnlearnTrainerConfig))
+    if set(raw) - {"trainer"} or not isinstance(raw.get("trainer", {}), dict):
+        raise ConfigError(f"--set: veil unlearn takes trainer.* options only ({', '.join('trainer.' + n for n in names)})")
+    unknown = sorted(set(raw.get("trainer", {})) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join('trainer.' + u for u in unknown)}; valid: {names}")
+    return UnlearnTrainerConfig(**raw.get("trainer", {}))
+
+
+def build_trainer(cfg: UnlearnTrainerConfig) -> L.Trainer:
+    return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+                     inference_mode=False,  # the update differentiates (predict_step re-enables grad)
+                     use_distributed_sampler=False,  # every rank gets the one batch and takes its shard
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def run_update(unlearner: FeatureUnlearningModule, inputs: UnlearningInputs,
+               cfg: UnlearnTrainerConfig) -> tuple[dict[str, Any], bool]:
+    """Update ``unlearner``'s model in place through ``Trainer.predict``; (what was done, whether rank 0).
+
+    A process group the strategy made is destroyed here, after the update's last collective, so
+    that gloo's threads end before the interpreter does (see module.py on the SIGABRT).
+    """
+    had_group = dist.is_available() and dist.is_initialized()  # someone else's (torchrun, a script): left alone
+    trainer = build_trainer(cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # one batch, in memory
+            warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated.*")  # Lightning's
+            (info,) = trainer.predict(unlearner, dataloaders=DataLoader([inputs], batch_size=None))
+    finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            _destroy_process_group()
+    _LAUNCHED.extend(getattr(trainer.strategy.launcher, "procs", ()))
+    return info, trainer.is_global_zero
+
+
+def _destroy_process_group() -> None:
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    if group() is not None:  # something still holds it: its gloo threads live on into interpreter teardown
+        warnings.warn("the unlearning process group outlived destroy_process_group (was torch.distributed.nn "
+                      "imported after it was made?); the process may abort at exit", RuntimeWarning, stacklevel=2)
+
+
+def wait_for_other_ranks() -> None:
+    """On the rank that launched the others: wait for them to end; fail if one failed (call once, at the end)."""
+    while _LAUNCHED:
+        proc = _LAUNCHED.pop(0)
+        if proc.wait() != 0:
+            raise RuntimeError(f"an unlearning rank (pid {proc.pid}) exited with status {proc.returncode}")
+
+
+def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, method: str,
+                        params: Sequence[str] | None = None,
+                        retrained: tuple[Any, float] | Callable[[], tuple[Any, float]] | None = None,
+                        trainer: UnlearnTrainerConfig | None = None, **knobs: Any) -> dict[str, Any]:
+    """Unlearn in place through a Trainer (timed) and measure before/after.
+
+    ``retrained``: (model, seconds) of the retraining baseline to compare with, or a function that
+    makes it, called on rank 0 after the update. The report's private ``_global_zero`` says whether
+    this is rank 0, ``_train_features`` the updated feature cache (or None).
+    """
     before = snapshot(clf)
     unlearner = FeatureUnlearningModule(clf, method=method, l2=ckpt["veil"].get("l2", {}), params=params, **knobs)
     residual_before = unlearner.gradient_residual(data.revised_train)
     cache = ckpt["veil"].get("train_features")
-    start = time.perf_counter()
-    info = unlearner.unlearn(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
-                             train_features=cache)
-    seconds = time.perf_counter() - start
+    inputs = UnlearningInputs(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
+                              train_features=cache)
+    info, global_zero = run_update(unlearner, inputs, trainer or UnlearnTrainerConfig())
+    seconds = info.pop("seconds")  # the update itself on the slowest rank, not the Trainer's setup
     check_only_selected_changed(before, clf, unlearner.names)
     report = base_report(method=method, params=params, info=info, data=data, seconds=seconds)
     report["gradient_residual"] = {"before": residual_before, "after": unlearner.gradient_residual(data.revised_train)}
     add_model_metrics(report, "before", before, data)
     add_model_metrics(report, "after", clf, data)
-    if retrained is not None:
-        model, retrain_seconds = retrained
+    if retrained is not None and global_zero:
+        model, retrain_seconds = retrained() if callable(retrained) else retrained
         report["retrain_seconds"] = retrain_seconds
         report["speedup"] = retrain_seconds / max(seconds, 1e-9)
         report["gradient_residual"]["retrained"] = unlearner.gradient_residual(data.revised_train, model)
@@ -180,17 +282,17 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
     if cache is not None and info["cached_features"]:  # the trunk is unchanged: only Z's rows move
         features = cache.clone()
         features[data.changed_positions] = features_of(clf, data.revised_changed[0])
-    report["_train_features"] = features
+    report["_train_features"], report["_global_zero"] = features, global_zero
     return report
 
 
 def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path,
                 compare_retrain: bool = False, params: Sequence[str] | None = None,
-                **knobs: Any) -> dict[str, Any]:
-    """Unlearn ``revision`` from the classifier checkpoint ``model``; write OUT/unlearned.ckpt and the report.
+                trainer: UnlearnTrainerConfig | None = None, **knobs: Any) -> dict[str, Any]:
+    """Unlearn ``revision`` from the classifier checkpoint ``model``; rank 0 writes OUT/unlearned.ckpt and the report.
 
     ``knobs`` go to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter, lissa_scale,
-    hessian_samples, ...).
+    hessian_samples, ...); ``trainer`` says how many processes run the update.
     """
     out = Path(out)
     clf, ckpt = load_classifier(model)
@@ -198,9 +300,12 @@ def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: st
         raise ConfigError(f"--model {model}: a noise-conditional (guidance) classifier; unlearning updates "
                           "classifiers of clean images")
     data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
-    retrained = _retrain(ckpt, data.dm_rev, out / "retrained") if compare_retrain else None
-    report = unlearn_and_measure(clf, ckpt, data, method=method, params=params, retrained=retrained, **knobs)
+    retrain = (lambda: _retrain(ckpt, data.dm_rev, out / "retrained")) if compare_retrain else None
+    report = unlearn_and_measure(clf, ckpt, data, method=method, params=params, retrained=retrain,
+                                 trainer=trainer, **knobs)
     ckpt["veil"]["train_features"] = report.pop("_train_features")
+    if not report.pop("_global_zero"):
+        return report  # another rank: the same update and report; rank 0 writes them
     out.mkdir(parents=True, exist_ok=True)
     save_unlearned(ckpt, clf, out / "unlearned.ckpt", revision=str(revision), record=report)
     (out / "unlearn_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,11 +1,12 @@
 """``FeatureUnlearningModule``: update a trained ``AttributeClassifier`` to a dataset revision in closed form.
 
     unlearner = FeatureUnlearningModule(model, method="second", l2=ckpt_l2, params=["head"])
-    info = unlearner.unlearn(train=(x, attrs), changed=positions, revised=(x_new, attrs_new))
+    inputs = UnlearningInputs(train=(x, attrs), changed=positions, revised=(x_new, attrs_new))
+    info, _ = job.run_update(unlearner, inputs, UnlearnTrainerConfig(devices=2, strategy="ddp"))
+    info = unlearner.unlearn(**vars(inputs))      # the same update in this process, without a Trainer
 
-``train`` is the training set as trained on (this rank's shard under torch.distributed),
-``changed`` the positions in it of the revised samples Z, ``revised`` their revision Z~ (same order).
-The math and its scaling are in ``unlearning.py``:
+``train`` is the training set as trained on, ``changed`` the positions in it of the revised samples
+Z, ``revised`` their revision Z~ (same order). The math and its scaling are in ``influence.py``:
 
 - ``first``:  theta_S <- theta_S - tau g / N      (tau=None: the minimal-residual step along g)
 - ``second``: theta_S <- theta_S - tau (H + damping I)^-1 g / N, by CG or LiSSA over HVPs, or for
@@ -17,18 +18,49 @@ The math and its scaling are in ``unlearning.py``:
 Only the parameters S named by ``params`` (name prefixes; all when None, the head for ``exact``)
 change. When S lies inside the head, the trunk is run once to cache the features, so HVPs cost
 almost nothing; otherwise each HVP is a pass over ``hessian_samples`` training images.
+
+How a Trainer runs it. The update is one step without an optimizer, so it is ``Trainer.predict``
+over one batch, the ``UnlearningInputs``, which every rank receives whole (the job turns
+``use_distributed_sampler`` off): ``predict_step`` takes this rank's shard (training positions p
+with p % world == rank, and the changed ones among them), runs ``unlearn`` with grad re-enabled
+(the loop runs under no_grad, so the job turns ``inference_mode`` off) and returns what was done;
+``on_predict_end`` waits at a barrier, so no rank leaves while another is in a collective. (``fit``
+would wrap the model in DistributedDataParallel and run an optimizer loop this update lacks.)
+Every sum over samples (gradient difference, HVPs, Hessians, counts) goes through
+``_sum_over_ranks``: ``self.all_gather``, then the parts added in rank order, so that every rank
+holds the same bits. An all-reduce does not promise that, and CG branches on these sums: a rank
+that took one more step would run one more collective than the others. In one process the sums
+are the tensors themselves: the result is bit for bit that of ``unlearn`` called directly.
+
+The SIGABRT at exit ("terminate called without an active exception") that the old hand-rolled
+two-process test hit now and then. Cause: a gloo worker thread releases a collective's work (and
+its tensors) only after waking the caller; if it lost the CPU in between and the interpreter was
+already finalizing, freeing a tensor's PyObject needed the GIL, CPython ends a foreign thread that
+asks for it then with ``pthread_exit``, and that forced unwind through a ``noexcept`` destructor
+is ``std::terminate``. It needs the process group's threads alive at interpreter exit, and they
+were, though the script called ``destroy_process_group``: it imported veil (Lightning, opacus)
+after ``init_process_group``, which imported ``torch.distributed.nn``, whose functions bind
+``group=group.WORLD`` as default arguments at import; they kept the group alive after
+``destroy_process_group`` had unregistered it. Fix: under a Trainer every import is done before
+the strategy makes the group (this file imports ``torch.distributed.nn`` itself rather than rely
+on Lightning's imports; Lightning's ``all_gather`` would otherwise import it on first use, inside
+the update), and ``job.run_update`` destroys the group its Trainer made (Lightning leaves a gloo
+group alive until exit), so gloo's threads are joined while the interpreter is whole.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import lightning as L
 import torch
-from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
-from veil.lightning_modules.unlearning import influence as U
+import torch.distributed.nn  # noqa: F401  before any process group exists: see the module docstring
 
 from veil.errors import ConfigError
+from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
+from veil.lightning_modules.unlearning import influence as U
 
 METHODS = ("first", "second", "exact")
 SOLVERS = ("cg", "lissa", "direct")
@@ -48,6 +80,39 @@ def _check_knobs(method: str, solver: str, damping: float, tau: float | None, ba
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     if hessian_samples is not None and hessian_samples < 1:
         raise ConfigError(f"--hessian-samples {hessian_samples}: must be >= 1 (or omitted for all)")
+
+
+@dataclass
+class UnlearningInputs:
+    """The one batch of the unlearning Trainer: everything the update reads, given whole to every rank.
+
+    ``train_features``: the training set's penultimate features at theta, cached at training time;
+    when S is in the head they spare the pass over the training images.
+    """
+
+    train: tuple[torch.Tensor, torch.Tensor]  # (N, 3, H, W) images, (N, k) attributes, as trained on
+    changed: torch.Tensor  # (m,) positions in ``train`` of the revised samples
+    revised: tuple[torch.Tensor, torch.Tensor]  # (m, ...) their revision, in the order of ``changed``
+    train_features: torch.Tensor | None = None  # (N, D)
+
+    def shard(self, rank: int, world: int) -> "UnlearningInputs":
+        """Rank ``rank``'s share: training positions p with p % world == rank, renumbered p // world."""
+        if world == 1:
+            return self
+        changed = torch.as_tensor(self.changed, dtype=torch.long)
+        mine = changed % world == rank
+        return UnlearningInputs(train=tuple(t[rank::world] for t in self.train), changed=changed[mine] // world,
+                                revised=tuple(t[mine] for t in self.revised),
+                                train_features=None if self.train_features is None else self.train_features[rank::world])
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process sits among those sharing the update: its rank, their number, the sum over them."""
+
+    rank: int = 0
+    world: int = 1
+    sum: U.Reduce = U.one_process
 
 
 class FeatureUnlearningModule(L.LightningModule):
@@ -118,22 +183,46 @@ class FeatureUnlearningModule(L.LightningModule):
         return torch.cat([model.features(x[i : i + 512]) for i in range(0, len(x), 512)]) if len(x) else \
             torch.zeros(0, model.head.in_features)
 
-    def _hessian_rows(self, n: int) -> torch.Tensor:
+    def _hessian_rows(self, n: int, processes: Processes) -> torch.Tensor:
         """Rows of this rank's training shard that estimate H (all, or a seeded subsample)."""
         if self.hessian_samples is None or self.hessian_samples >= n:
             return torch.arange(n)
-        world = torch.distributed.get_world_size() if U.distributed() else 1
-        rank = torch.distributed.get_rank() if U.distributed() else 0
-        gen = torch.Generator().manual_seed(self.seed * 1000 + rank)
-        return torch.randperm(n, generator=gen)[: max(1, self.hessian_samples // world)].sort().values
+        gen = torch.Generator().manual_seed(self.seed * 1000 + processes.rank)
+        return torch.randperm(n, generator=gen)[: max(1, self.hessian_samples // processes.world)].sort().values
+
+    # ------------------------------------------------------------------ the Trainer's hooks
+    def predict_step(self, batch: UnlearningInputs, batch_idx: int = 0) -> dict[str, Any]:
+        """The update on this rank's shard of ``batch``; what was done, the same on every rank."""
+        world = self.trainer.world_size
+        processes = Processes(self.global_rank, world, self._sum_over_ranks if world > 1 else U.one_process)
+        shard = batch.shard(processes.rank, world)
+        start = time.perf_counter()
+        with torch.enable_grad():  # the predict loop runs under no_grad; the update differentiates
+            info = self.unlearn(train=shard.train, changed=shard.changed, revised=shard.revised,
+                                train_features=shard.train_features, processes=processes)
+        seconds = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        info["seconds"] = float(self.all_gather(seconds).max() if world > 1 else seconds)  # the slowest rank's
+        return info
+
+    def on_predict_end(self) -> None:
+        self.trainer.strategy.barrier("unlearning update done")  # no rank leaves while another is in a collective
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """sum_r t_r over the strategy's processes, added in rank order on every rank: the same bits everywhere."""
+        parts = self.all_gather(t)  # (world, *t.shape): every rank's t
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
 
     # ------------------------------------------------------------------ the update
     def unlearn(self, *, train: tuple[torch.Tensor, torch.Tensor], changed: torch.Tensor,
-                revised: tuple[torch.Tensor, torch.Tensor], train_features: torch.Tensor | None = None) -> dict[str, Any]:
+                revised: tuple[torch.Tensor, torch.Tensor], train_features: torch.Tensor | None = None,
+                processes: Processes = Processes()) -> dict[str, Any]:
         """Update the selected parameters in place; returns what was done (step norm, solver, counts).
 
-        ``train_features``: the training set's penultimate features at theta, cached at training
-        time; when S is in the head they spare the pass over the training images.
+        The arguments are the fields of ``UnlearningInputs`` (this rank's shard under a Trainer).
+        ``processes``: the rank, the number of ranks and the sum over them (one process by default).
         """
         x, attrs = train
         changed = torch.as_tensor(changed, dtype=torch.long)
@@ -147,27 +236,29 @@ class FeatureUnlearningModule(L.LightningModule):
         bs = max(self.batch_size, 4096) if self.frozen_features else self.batch_size  # features are small
         original = U.iter_batches(z_train[changed], attrs[changed], bs)
         revised_b = U.iter_batches(z_new, attrs_new, bs)
-        n = int(U.all_reduce_sum_(torch.tensor([float(len(x))])).item())  # N: global training-set size
+        reduce = processes.sum
+        n = int(reduce(torch.tensor([float(len(x))])).item())  # N: global training-set size
         info: dict[str, Any] = {"method": self.method, "parameters": list(self.names), "num_parameters": len(theta),
                                 "train_size": n, "damping": self.damping, "cached_features": use_cache}
         if self.method == "exact":
             z_rev, a_rev = z_train.clone(), attrs.clone()
             z_rev[changed], a_rev[changed] = z_new, attrs_new
             new, iters = U.newton_minimize(obj, theta, U.iter_batches(z_rev, a_rev, bs),
-                                           max_iter=self.newton_max_iter)
+                                           max_iter=self.newton_max_iter, reduce=reduce)
             info.update(newton_iterations=iters)
         else:
-            g = U.gradient_difference(obj, theta, original=original, revised=revised_b)  # (P,), a sum over Z, Z~
-            rows = self._hessian_rows(len(x))
+            g = U.gradient_difference(obj, theta, original=original, revised=revised_b,
+                                      reduce=reduce)  # (P,), a sum over Z, Z~
+            rows = self._hessian_rows(len(x), processes)
             self._h_batches = U.iter_batches(z_train[rows], attrs[rows], bs)
-            hvp = U.make_hvp(obj, theta, self._h_batches, damping=self.damping, mode=self.hvp_mode)
-            info.update(hessian_samples=int(U.all_reduce_sum_(torch.tensor([float(len(rows))])).item()))
-            new = theta - self._step(g / n, hvp, info)
+            hvp = U.make_hvp(obj, theta, self._h_batches, damping=self.damping, mode=self.hvp_mode, reduce=reduce)
+            info.update(hessian_samples=int(reduce(torch.tensor([float(len(rows))])).item()))
+            new = theta - self._step(g / n, hvp, info, reduce)
         info["step_norm"] = float((new - theta).norm())
         obj.assign(new)
         return info
 
-    def _step(self, g_mean: torch.Tensor, hvp, info: dict[str, Any]) -> torch.Tensor:
+    def _step(self, g_mean: torch.Tensor, hvp, info: dict[str, Any], reduce: U.Reduce) -> torch.Tensor:
         """The update direction times tau, for g_mean = g / N."""
         if g_mean.norm() == 0:
             info.update(tau=0.0)
@@ -184,7 +275,8 @@ class FeatureUnlearningModule(L.LightningModule):
         tau = 1.0 if self.tau is None else self.tau
         if self.solver == "direct":  # the head's closed-form Hessian (+ damping), one linear solve
             obj = self.objective()
-            hessian = U.logistic_head_hessian(obj, obj.flat().double(), [(z.double(), a.double()) for z, a in self._h_batches])
+            hessian = U.logistic_head_hessian(obj, obj.flat().double(),
+                                              [(z.double(), a.double()) for z, a in self._h_batches], reduce=reduce)
             hessian += self.damping * torch.eye(len(g_mean), dtype=hessian.dtype)
             x = torch.linalg.solve(hessian, g_mean.double()).to(g_mean.dtype)
             solve = U.SolveInfo(1, float((hvp(x) - g_mean).norm() / g_mean.norm()), "converged")
@@ -193,7 +285,7 @@ class FeatureUnlearningModule(L.LightningModule):
         else:
             scale = self.lissa_scale
             if scale is None:  # above the largest eigenvalue, so the Neumann series converges
-                scale = 1.5 * U.largest_eigenvalue(hvp, len(g_mean), seed=self.seed)
+                scale = 1.5 * U.largest_eigenvalue(hvp, len(g_mean), seed=self.seed, reduce=reduce)
             x, solve = U.lissa(hvp, g_mean, scale=scale, iterations=self.lissa_iterations)
             info.update(lissa_scale=scale)
         info.update(tau=tau, solver=self.solver, iterations=solve.iterations,

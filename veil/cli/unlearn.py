@@ -1,8 +1,11 @@
 """``veil unlearn``: update a trained attribute classifier to a dataset revision (argparse and a thin handler).
 
     veil unlearn --model runs/clf/last.ckpt --revision runs/rev --method second --compare-retrain --out runs/unl
+    veil unlearn ... --set trainer.devices=2 --set trainer.strategy=ddp    # the update on 2 CPU processes
 
-argparse only at import time; torch and Lightning are imported inside the handlers.
+argparse only at import time; torch and Lightning are imported inside the handlers. Under DDP,
+Lightning re-runs this command once per extra rank; rank 0 writes the files, prints the summary,
+and returns when the other ranks have ended.
 """
 
 from __future__ import annotations
@@ -38,22 +41,34 @@ def add_subcommand(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the Hessian subsample and power iteration")
     p.add_argument("--compare-retrain", action="store_true",
                    help="also retrain from scratch on the revised data (same recipe and seed) and compare")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="how the update runs: trainer.devices=N CPU processes, trainer.strategy=auto|ddp, "
+                        "trainer.accelerator=cpu (e.g. --set trainer.devices=2 --set trainer.strategy=ddp)")
     p.add_argument("--out", required=True, help="output folder: unlearned.ckpt, unlearn_report.json")
     p.set_defaults(func=_unlearn)
 
 
 def _unlearn(args) -> int:
-    from veil.lightning_modules.unlearning.job import run_unlearn
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from veil.lightning_modules.unlearning.job import (
+        run_unlearn,
+        trainer_config,
+        wait_for_other_ranks,
+    )
 
     report = run_unlearn(
         model=args.model, revision=args.revision, method=args.method, out=args.out,
-        compare_retrain=args.compare_retrain, params=args.params, tau=args.tau, damping=args.damping,
-        solver=args.solver, cg_max_iter=args.cg_max_iter, lissa_iterations=args.lissa_iterations,
-        lissa_scale=args.lissa_scale, hessian_samples=args.hessian_samples, seed=args.seed,
+        compare_retrain=args.compare_retrain, params=args.params, trainer=trainer_config(args.overrides),
+        tau=args.tau, damping=args.damping, solver=args.solver, cg_max_iter=args.cg_max_iter,
+        lissa_iterations=args.lissa_iterations, lissa_scale=args.lissa_scale,
+        hessian_samples=args.hessian_samples, seed=args.seed,
     )
-    keys = ("update_seconds", "retrain_seconds", "test_accuracy", "changed_original_attribute_accuracy",
-            "gradient_residual", "distance_to_retrained")
-    print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
-    print(f"wrote {args.out}/unlearned.ckpt and {args.out}/unlearn_report.json")
+    wait_for_other_ranks()
+    if rank_zero_only.rank == 0:
+        keys = ("update_seconds", "retrain_seconds", "test_accuracy", "changed_original_attribute_accuracy",
+                "gradient_residual", "distance_to_retrained")
+        print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
+        print(f"wrote {args.out}/unlearned.ckpt and {args.out}/unlearn_report.json")
     return 0
 

@@ -1,58 +1,60 @@
-"""Unlearn on 2 gloo processes (or 1) and save the updated parameters of each rank.
+"""Unlearn under Lightning DDP on CPU (gloo), or in one process, and dump each rank's result.
 
-    python unlearn_ddp_script.py CKPT REVISION OUT WORLD
+    python unlearn_ddp_script.py CKPT REVISION OUT DEVICES
 
-Each rank takes the training positions p with p % WORLD == rank (and the changed ones among
-them); gradient sums, HVPs and counts are all-reduced, so every rank must end with the same
-parameters as one process with all the data. Used by test_unlearning.py as a subprocess.
+Used by test_unlearning.py as a subprocess: Lightning's CPU DDP re-launches this script once per
+extra rank, so it needs the ``__main__`` guard. For ("second", ["proj"]) and ("first", ["head"]),
+every rank runs ``unlearn_and_measure`` through the Trainer (each takes the training positions p
+with p % DEVICES == rank; the module sums over ranks) and saves its updated parameters and report
+as OUT/{method}_devices{DEVICES}_rank{r}.pt. Every rank then checks that no gloo thread is left,
+and rank 0 waits for the others, so the exit status is that of all ranks.
+
+The gloo-thread check guards the cause of the SIGABRT ("terminate called without an active
+exception") that the earlier, hand-rolled version of this script (mp.spawn, init_process_group,
+then importing veil) hit now and then after its work was done: importing veil (Lightning, opacus)
+after the group existed imported ``torch.distributed.nn``, whose ``group=group.WORLD`` default
+arguments then held the group, so ``destroy_process_group`` freed nothing and gloo's worker
+threads ran on into interpreter teardown, where one of them releasing the last reference to a
+collective's tensor needs the GIL and aborts. The whole story and the fix are in
+lightning_modules/unlearning/module.py; it needed no ``os._exit``.
 """
 
-import os
+import glob
 import sys
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+CONFIGS = (("second", ["proj"]), ("first", ["head"]))
 
 
-def run(rank: int, world: int, ckpt: str, revision: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("UNLEARN_PORT", "29517"))
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+def gloo_threads() -> dict[str, str]:
+    """{thread id: name} of this process's threads that serve a process group (Linux names them)."""
+    names = {Path(task).name: Path(task, "comm").read_text().strip() for task in glob.glob("/proc/self/task/*")}
+    return {tid: n for tid, n in names.items() if n.startswith(("pt_gloo", "gloo", "pt_tcpstore"))}
+
+
+def main(ckpt: str, revision: str, out: str, devices: int) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from veil.lightning_modules import checkpoints as CK
     from veil.lightning_modules.unlearning import job as UJ
-    from veil.lightning_modules.unlearning.module import FeatureUnlearningModule
 
-    for method, params in (("second", ["proj"]), ("first", ["head"])):
+    cfg = UJ.UnlearnTrainerConfig(devices=devices, strategy="ddp" if devices > 1 else "auto")
+    before = gloo_threads()  # none in a fresh process; run in a test process, whatever it had
+    for method, params in CONFIGS:
         model, record = CK.load_classifier(ckpt)
         data = UJ.UnlearningData.build(record, revision)
-        x, attrs = data.train
-        mine = torch.arange(rank, len(x), world)  # this rank's shard of the training positions
-        local = {int(p): i for i, p in enumerate(mine)}
-        keep = [j for j, p in enumerate(data.changed_positions.tolist()) if p in local]
-        changed = torch.tensor([local[int(data.changed_positions[j])] for j in keep], dtype=torch.long)
-        revised = tuple(t[keep] for t in data.revised_changed)
-        unlearner = FeatureUnlearningModule(model, method=method, l2=record["veil"]["l2"], params=params,
-                                            hessian_samples=10**9, batch_size=64)
-        unlearner.unlearn(train=(x[mine], attrs[mine]), changed=changed, revised=revised)
+        report = UJ.unlearn_and_measure(model, record, data, method=method, params=params, trainer=cfg,
+                                        hessian_samples=10**9, batch_size=64)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        torch.save(flat, os.path.join(out, f"{method}_world{world}_rank{rank}.pt"))
-    print(f"rank {rank}/{world}: results saved", file=sys.stderr, flush=True)  # shown if a later step fails
-    if world > 1:
-        dist.barrier()  # no rank tears the group down while another is still in a collective
-        dist.destroy_process_group()
-        # Results are on disk. Leave without running C++ static destructors: in some fresh-clone
-        # CI runs a gloo worker thread outlived teardown and the exit aborted with SIGABRT
-        # ("terminate called without an active exception") after all work was done.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        torch.save({"flat": flat, "report": report},
+                   Path(out) / f"{method}_devices{devices}_rank{rank_zero_only.rank}.pt")
+        left = sorted(set(gloo_threads().items()) - set(before.items()))
+        assert not left, f"rank {rank_zero_only.rank}: process-group threads {left} outlived the update"
+    UJ.wait_for_other_ranks()
 
 
 if __name__ == "__main__":
-    ckpt, revision, out, world = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    if world == 1:
-        run(0, 1, ckpt, revision, out)
-    else:
-        mp.spawn(run, args=(world, ckpt, revision, out), nprocs=world, join=True)
+    torch.set_num_threads(1)  # before any process group exists; Lightning sets 1 per rank on 2 cores too
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
