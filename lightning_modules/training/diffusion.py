@@ -21,6 +21,7 @@ import lightning as L
 
 from veil.errors import ConfigError
 from veil.lightning_modules.training.config import TrainConfig
+from veil.lightning_modules.training.process_group import owned_process_group
 
 # Known-harmless warnings that would bury the progress bar; each is explained here once.
 KNOWN_WARNINGS = (
@@ -140,8 +141,9 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
         module.hparams.initialized_from = load_start(module, cfg.model.init_from, data_spec=dm.spec())
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer = build_trainer(cfg, out, progress=progress)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
-    trainer.save_checkpoint(ckpt_path)
+    with owned_process_group():  # under DDP: gloo's threads end with the job, not at interpreter exit
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
+        trainer.save_checkpoint(ckpt_path)
     record = module.privacy()
     if trainer.is_global_zero:
         write_json_atomic(out / "privacy.json", record)

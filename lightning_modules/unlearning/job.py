@@ -26,14 +26,12 @@ import dataclasses
 import json
 import subprocess
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from veil.errors import CheckpointError, ConfigError, DataError
@@ -47,6 +45,7 @@ from veil.lightning_modules.training.classifier import (
     train_classifier,
 )
 from veil.lightning_modules.training.config import apply_overrides
+from veil.lightning_modules.training.process_group import owned_process_group
 from veil.lightning_modules.unlearning.module import (
     FeatureUnlearningModule,
     UnlearningInputs,
@@ -216,28 +215,15 @@ def run_update(unlearner: FeatureUnlearningModule, inputs: UnlearningInputs,
     """Update ``unlearner``'s model in place through ``Trainer.predict``; (what was done, whether rank 0).
 
     A process group the strategy made is destroyed here, after the update's last collective, so
-    that gloo's threads end before the interpreter does (see module.py on the SIGABRT).
+    that gloo's threads end before the interpreter does (``training.process_group``; module.py on the SIGABRT).
     """
-    had_group = dist.is_available() and dist.is_initialized()  # someone else's (torchrun, a script): left alone
     trainer = build_trainer(cfg)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # one batch, in memory
-            warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated.*")  # Lightning's
-            (info,) = trainer.predict(unlearner, dataloaders=DataLoader([inputs], batch_size=None))
-    finally:
-        if not had_group and dist.is_available() and dist.is_initialized():
-            _destroy_process_group()
+    with owned_process_group(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # one batch, in memory
+        warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated.*")  # Lightning's
+        (info,) = trainer.predict(unlearner, dataloaders=DataLoader([inputs], batch_size=None))
     _LAUNCHED.extend(getattr(trainer.strategy.launcher, "procs", ()))
     return info, trainer.is_global_zero
-
-
-def _destroy_process_group() -> None:
-    group = weakref.ref(dist.group.WORLD)
-    dist.destroy_process_group()
-    if group() is not None:  # something still holds it: its gloo threads live on into interpreter teardown
-        warnings.warn("the unlearning process group outlived destroy_process_group (was torch.distributed.nn "
-                      "imported after it was made?); the process may abort at exit", RuntimeWarning, stacklevel=2)
 
 
 def wait_for_other_ranks() -> None:

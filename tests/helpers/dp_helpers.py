@@ -1,6 +1,9 @@
 """Helpers for the DP tests: a tiny UNet config, a tiny `veil train` config, a one-batch-per-step fit,
 random batches."""
 
+import glob
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -64,3 +67,9 @@ def face_unet(seed: int = 0):
     torch.manual_seed(seed)
     return AttributeConditionalUNet(num_attributes=6, resolution=32, block_out_channels=(16, 32),
                                     attention_levels=(False, True), norm_num_groups=8, attention_head_dim=8).eval()
+
+
+def gloo_threads() -> dict[str, str]:
+    """{thread id: name} of this process's threads that serve a process group (Linux names them)."""
+    names = {Path(task).name: Path(task, "comm").read_text().strip() for task in glob.glob("/proc/self/task/*")}
+    return {tid: n for tid, n in names.items() if n.startswith(("pt_gloo", "gloo", "pt_tcpstore"))}

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helpers"))
-from dp_helpers import TINY  # noqa: E402
+from dp_helpers import TINY, gloo_threads  # noqa: E402
 
 
 class DumpParameters(L.Callback):
@@ -40,6 +40,9 @@ def main(out: str, devices: int) -> None:
 
     train.build_trainer = build_with_dump
     train.run_training(cfg, out, progress=False)
+    # The job destroys the group its Trainer made: no gloo thread may run on into interpreter exit
+    # (the cause of the unlearning test's old SIGABRT, training.process_group).
+    assert not gloo_threads(), f"process-group threads {gloo_threads()} outlived training"
 
 
 if __name__ == "__main__":

@@ -19,19 +19,15 @@ collective's tensor needs the GIL and aborts. The whole story and the fix are in
 lightning_modules/unlearning/module.py; it needed no ``os._exit``.
 """
 
-import glob
 import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helpers"))
+from dp_helpers import gloo_threads  # noqa: E402
+
 CONFIGS = (("second", ["proj"]), ("first", ["head"]))
-
-
-def gloo_threads() -> dict[str, str]:
-    """{thread id: name} of this process's threads that serve a process group (Linux names them)."""
-    names = {Path(task).name: Path(task, "comm").read_text().strip() for task in glob.glob("/proc/self/task/*")}
-    return {tid: n for tid, n in names.items() if n.startswith(("pt_gloo", "gloo", "pt_tcpstore"))}
 
 
 def main(ckpt: str, revision: str, out: str, devices: int) -> None:
