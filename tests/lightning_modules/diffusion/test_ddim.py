@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from dp_helpers import face_unet
-from unlearn_helpers import one_thread
 
 from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.ddim import edit_timesteps, sample_timesteps
@@ -17,13 +16,7 @@ from veil.lightning_modules.diffusion.sample import ddim_sample
 from veil.lightning_modules.diffusion.schedule import default_scheduler_config
 from veil.lightning_modules.models.classifier import AttributeClassifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny convolutions on a shared 2-core machine: several threads each spend more time waiting on
-    # one another than computing (measured 60x slower under load), so these tests use one.
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

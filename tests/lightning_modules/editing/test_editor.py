@@ -3,7 +3,6 @@
 import pytest
 import torch
 from dp_helpers import face_unet
-from unlearn_helpers import one_thread
 
 from veil.errors import ConfigError
 from veil.lightning_modules.data.synthetic_faces import (
@@ -19,12 +18,7 @@ from veil.privacy.session import EditSession
 NAMES = list(SYNTHETIC_ATTRIBUTES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny convolutions on a shared 2-core machine: several threads each spend more time waiting on
-    # one another than computing (measured 60x slower under load), so these tests use one.
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
