@@ -14,18 +14,24 @@ all-reduce SUM and a division by the world size. Only the arithmetic of ``pre_st
   without its temporaries. At sigma = 0 it equals Opacus; at sigma > 0 it draws the same noise as
   Opacus given the same generator state.
 
-Noise: a ``torch.Generator`` (given, or seeded from ``seed``; with neither, torch's global RNG as
-in Opacus) on the reference path; Philox keyed by ``seed`` (or a key drawn once from the generator
-or the global RNG) at counters ``(step << 32) + flat element index`` on the triton path. Its stream
-position travels in ``state_dict()``: load it when resuming, or the same noise would be drawn twice,
-which leaks the difference of two updates. Neither backend draws Opacus's ``secure_mode`` noise, so
-``secure_mode=True`` is refused with a ``PrivacyError``.
+Noise: a ``torch.Generator`` (given; or, per step, seeded from ``seed`` and the step number) on the
+reference path; Philox keyed by ``seed`` (or a key drawn once from the given generator) at counters
+``(step << 32) + flat element index`` on the triton path. With neither ``seed`` nor ``generator``
+(the default) the key and the reference generators are seeded from the OS CSPRNG (``secrets``) in
+this process, so nobody who knows the config or the global RNG's seed can replay the noise.
+``state_dict()`` carries only the public step counter, never a key or a generator state: a
+checkpoint can be shared without handing out the noise, and an optimizer resumed in a new process
+draws fresh secret noise (with an explicit ``seed``, the per-step derivation continues the stream
+without repeating it). Neither backend draws Opacus's ``secure_mode`` noise, so ``secure_mode=True``
+is refused with a ``PrivacyError``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import secrets
 
 import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
@@ -136,23 +142,26 @@ class _FusedDPMixin:
 
     # --- noise sources ---------------------------------------------------------------------------
     def _reference_generator(self, device: torch.device):
-        """The given generator, else one seeded from ``seed`` per device, else None (global RNG)."""
-        if self.generator is not None or self.seed is None:
+        """The given generator; else, for this step, one seeded from (``seed``, step) or from the OS CSPRNG."""
+        if self.generator is not None:
             return self.generator
         key = str(device)
-        if key not in self._seeded_generators:
-            self._seeded_generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        if self.seed is not None:  # reproducible (not private): a fresh stream per noisy step
+            return torch.Generator(device=device).manual_seed(_step_seed(self.seed, self._noise_step, key))
+        if key not in self._seeded_generators:  # secret: seeded once per process and device, never stored
+            self._seeded_generators[key] = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         return self._seeded_generators[key]
 
     def _philox_key(self) -> int:
-        """``seed``, else a key drawn once from the generator (or torch's global RNG)."""
+        """``seed``, else a key drawn once from the given generator, else one from the OS CSPRNG."""
         if self._philox_seed is None:
             if self.seed is not None:
                 self._philox_seed = self.seed
-            else:
-                device = self.generator.device if self.generator is not None else "cpu"
-                key = torch.randint(0, 2**62, (1,), generator=self.generator, device=device)
+            elif self.generator is not None:
+                key = torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device)
                 self._philox_seed = int(key.item())
+            else:
+                self._philox_seed = secrets.randbits(62)
         return self._philox_seed
 
     def _philox_counters(self) -> tuple[int, list[int]]:
@@ -253,6 +262,7 @@ class _FusedDPMixin:
         if std > 0 and backend == "reference":
             for p in params:
                 add_noise_reference_(p.summed_grad, std=std, generator=self._reference_generator(p.device))
+            self._noise_step += 1
         elif std > 0:
             from veil.kernels.clip_and_noise import fused_clip_and_noise
 
@@ -306,14 +316,10 @@ class _FusedDPMixin:
         self._is_last_step_skipped = False
         return True
 
-    # --- checkpoints: the noise stream must continue, never restart ---------------------------
+    # --- checkpoints: the step counter travels, the key never does -------------------------------
     def state_dict(self):
         state = super().state_dict()
-        state["veil_dp_noise"] = {
-            "philox_seed": self._philox_seed,
-            "noise_step": self._noise_step,
-            "generator_states": {k: g.get_state() for k, g in self._seeded_generators.items()},
-        }
+        state["veil_dp_noise"] = {"noise_step": self._noise_step}  # public: how many noisy steps were taken
         return state
 
     def load_state_dict(self, state_dict) -> None:
@@ -321,11 +327,13 @@ class _FusedDPMixin:
         noise = state_dict.pop("veil_dp_noise", None)
         super().load_state_dict(state_dict)
         if noise is not None:
-            self._philox_seed = noise["philox_seed"]
-            self._noise_step = noise["noise_step"]
-            for key, gen_state in noise["generator_states"].items():
-                self._seeded_generators[key] = torch.Generator(device=key)
-                self._seeded_generators[key].set_state(gen_state)
+            self._noise_step = int(noise["noise_step"])
+
+
+def _step_seed(seed: int, step: int, device: str) -> int:
+    """A 63-bit seed for (seed, step, device): reproducible streams that never repeat across steps."""
+    digest = hashlib.sha256(repr((int(seed), int(step), device)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 class FusedDPOptimizer(_FusedDPMixin, DPOptimizer):

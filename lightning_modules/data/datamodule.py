@@ -16,7 +16,10 @@ has the whole training split as its dataset (``len(loader.dataset) == train_size
 Opacus derives the expected batch size from); only its batch sampler is restricted to the shard. Lightning's automatic
 distributed sampler would re-shard (or fail on) this loader, so it must be off:
 ``Trainer(use_distributed_sampler=False)``; the loader refuses to run under DDP otherwise.
-Each rank's sampler is seeded from (seed, rank, epoch): epochs differ, runs repeat exactly.
+Each rank's Poisson sampler draws a fresh seed from the OS CSPRNG for every epoch (the batches
+must stay secret: they are what amplification by sampling rests on), never from ``seed``; only
+``poisson_seed`` (set by ``dp.reproducible_noise_seed``, tests and debugging, not private) makes
+them reproducible, from (poisson_seed, rank, epoch).
 ``spec()`` is the JSON-able configuration that checkpoints and revision manifests store.
 """
 
@@ -34,6 +37,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, Subset, SubsetRandomSampler
 
 from veil.errors import ConfigError, DataError
+from veil.privacy.randomness import secret_seed
 
 __all__ = ["FaceDataModule", "FacePoissonSampler", "FaceCollate", "SOURCES"]
 
@@ -47,7 +51,8 @@ def mix_seed(*parts: int) -> int:
 
 
 class FacePoissonSampler(UniformWithReplacementSampler):
-    """Opacus's Poisson batch sampler over ``positions``, reseeded from (seed, rank, epoch) every epoch.
+    """Opacus's Poisson batch sampler over ``positions``, reseeded every epoch: from the OS CSPRNG
+    (``seed=None``, the default), or from (seed, rank, epoch) in the not-private reproducible mode.
 
     Each of ``positions`` (this rank's shard, as indices into the loader's dataset) is taken
     independently with probability ``sample_rate``. ``set_epoch(e)`` picks the epoch (Lightning
@@ -55,13 +60,14 @@ class FacePoissonSampler(UniformWithReplacementSampler):
     """
 
     def __init__(
-        self, *, positions: Sequence[int], sample_rate: float, seed: int, rank: int = 0, steps: int | None = None
+        self, *, positions: Sequence[int], sample_rate: float, seed: int | None = None, rank: int = 0,
+        steps: int | None = None,
     ):
         super().__init__(
             num_samples=len(positions), sample_rate=sample_rate, generator=torch.Generator(), steps=steps
         )
         self.positions = list(positions)
-        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+        self.seed, self.rank, self.epoch = (None if seed is None else int(seed)), int(rank), 0
         # Lightning's _set_sampler_epoch calls set_epoch on `batch_sampler.sampler`, not on the batch sampler itself.
         self.sampler = self
 
@@ -69,7 +75,10 @@ class FacePoissonSampler(UniformWithReplacementSampler):
         self.epoch = int(epoch)
 
     def __iter__(self):
-        self.generator.manual_seed(mix_seed(self.seed, self.rank, self.epoch))
+        if self.seed is None:
+            self.generator.manual_seed(secret_seed())  # secret batches; never stored, never repeated
+        else:
+            self.generator.manual_seed(mix_seed(self.seed, self.rank, self.epoch))
         self.epoch += 1
         return ([self.positions[i] for i in batch] for batch in super().__iter__())
 
@@ -152,6 +161,9 @@ class FaceDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self._dataset: Dataset | None = None
         self._splits: dict[str, list[int]] | None = None
+        # None: the Poisson batches are drawn from the OS CSPRNG. An int (dp.reproducible_noise_seed's
+        # test/debug mode, not private) makes them reproducible; deliberately not part of spec().
+        self.poisson_seed: int | None = None
         self.save_hyperparameters(self.spec())
 
     # -- configuration -------------------------------------------------------------------------------
@@ -302,7 +314,8 @@ class FaceDataModule(L.LightningDataModule):
             collate_fn=self._collate(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0
         )
         if self.poisson:
-            sampler = FacePoissonSampler(positions=shard, sample_rate=q, seed=self.seed, rank=rank, steps=int(1 / q))
+            sampler = FacePoissonSampler(positions=shard, sample_rate=q, seed=self.poisson_seed, rank=rank,
+                                         steps=int(1 / q))
             return DataLoader(train, batch_sampler=sampler, **common)
         generator = torch.Generator().manual_seed(mix_seed(self.seed, rank))
         per_rank = max(1, self.batch_size // world_size)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from veil.lightning_modules.dp.config import DPConfig
+from veil.lightning_modules.dp.config import DPConfig, check_delta, default_delta
 from veil.privacy.mechanism import json_epsilon
+from veil.privacy.randomness import REPRODUCIBLE_REASON
 
 
 def resolve_noise_multiplier(
@@ -53,7 +54,8 @@ class PrivacyAccounting:
 
     def __init__(self, cfg: DPConfig, *, train_size: int, sample_rate: float, planned_steps: int):
         self.cfg, self.sample_rate, self.steps = cfg, sample_rate, 0
-        self.delta = cfg.delta if cfg.delta is not None else 1.0 / train_size
+        self.delta = check_delta(cfg.delta if cfg.delta is not None else default_delta(train_size),
+                                 train_size=train_size)
         self.noise_multiplier, self.accountant = 0.0, None
         if cfg.enabled:
             self.noise_multiplier = resolve_noise_multiplier(
@@ -94,11 +96,25 @@ class PrivacyAccounting:
                 "accountant": self.cfg.accountant,
                 "noise_multiplicity": self.cfg.noise_multiplicity,
             }
+        reason = self.not_private_reason()
+        record["private"] = reason is None
+        if reason is not None:
+            record["not_private_reason"] = reason
         if initialized_from:
             record["initialized_from"] = initialized_from
         if trainable_parameters is not None:
             record["trainable_parameters"] = trainable_parameters
         return record
+
+    def not_private_reason(self) -> str | None:
+        """Why this run carries no DP guarantee, or None when it does."""
+        if self.accountant is None:
+            return "dp.enabled is false: trained without DP-SGD"
+        if self.noise_multiplier == 0:
+            return "dp.noise_multiplier is 0: no noise, no guarantee"
+        if self.cfg.reproducible:
+            return REPRODUCIBLE_REASON
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the accounting (the record itself is written beside it)."""

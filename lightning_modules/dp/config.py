@@ -1,7 +1,18 @@
-"""``DPConfig``: the privacy settings of one training run (YAML section ``dp``), validated on construction."""
+"""``DPConfig``: the privacy settings of one training run (YAML section ``dp``), validated on construction.
+
+delta: when not given, ``default_delta(N) = min(1e-5, 0.1 / N)``. delta = 1/N is no guarantee at
+all (a mechanism that publishes one random record in full meets it), so ``check_delta`` refuses
+delta >= 1/N.
+
+Randomness: DP-SGD's noise and its Poisson sample are drawn from generators seeded from the OS
+CSPRNG in every process (``veil.privacy.randomness``), never from ``seed``. ``reproducible_noise_seed`` is for
+tests and debugging only: it makes noise and batches reproducible from a number, so the run is
+stamped ``"private": false`` (the privacy record says why).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,16 +30,31 @@ class DPConfig:
     target_epsilon: float | None = 8.0  # solve sigma for this epsilon over the planned steps ...
     noise_multiplier: float | None = None  # ... or give sigma directly (then target_epsilon must be null)
     max_grad_norm: float = 1.0  # C: per-sample clipping bound
-    delta: float | None = None  # default 1/N, N the training-set size
+    delta: float | None = None  # default min(1e-5, 0.1/N), N the training-set size; must be < 1/N
     accountant: str = "prv"
     noise_multiplicity: int = 1  # K noise draws per example averaged inside its loss (DPDM)
     max_physical_batch_size: int = 64  # logical (Poisson) batches are split into chunks this big
     kernel: str = "auto"  # clip-and-noise implementation: fused (veil.kernels) | opacus | auto
-    secure_mode: bool = False
+    secure_mode: bool = False  # refused: needs torchcsprng (see __post_init__)
+    reproducible_noise_seed: int | None = None  # tests/debugging only: noise + batches from this seed, NOT private
 
     def __post_init__(self):
+        seed = self.reproducible_noise_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ConfigError(f"dp.reproducible_noise_seed must be null or an integer in [0, 2**63), got {seed!r}")
         if not self.enabled:
             return
+        if self.secure_mode:
+            raise ConfigError(
+                "dp.secure_mode: Opacus's secure mode needs torchcsprng (unmaintained since 2021, not installed), "
+                "and veil will not report secure noise it does not draw; set dp.secure_mode: false. veil's "
+                "noise generators are already seeded from the OS CSPRNG in every process (see README, "
+                "'What is protected and what is not')")
+        for name in ("target_epsilon", "noise_multiplier", "max_grad_norm", "delta"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ConfigError(f"dp.{name} must be a finite number, got {value!r}")
         if self.target_epsilon is None and self.noise_multiplier is None:
             raise ConfigError("dp: set dp.target_epsilon or dp.noise_multiplier (or dp.enabled: false)")
         if self.target_epsilon is not None and self.noise_multiplier is not None:
@@ -50,5 +76,25 @@ class DPConfig:
         if self.kernel not in KERNELS:
             raise ConfigError(f"dp.kernel must be one of {KERNELS}, got {self.kernel!r}")
 
+    @property
+    def reproducible(self) -> bool:
+        """True when noise and batches come from ``reproducible_noise_seed``: the run is not private."""
+        return self.reproducible_noise_seed is not None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def default_delta(train_size: int) -> float:
+    """min(1e-5, 0.1 / N): well below 1/N, where DP stops meaning anything."""
+    return min(1e-5, 0.1 / train_size)
+
+
+def check_delta(delta: float, *, train_size: int) -> float:
+    """delta, refused (ConfigError) when >= 1/N."""
+    if not delta < 1.0 / train_size:
+        raise ConfigError(
+            f"dp.delta={delta:g} is >= 1/N = {1.0 / train_size:g} (N = {train_size} training images): at delta = 1/N "
+            "a mechanism that publishes one random record in full meets the guarantee. Use a much smaller delta, "
+            f"e.g. the default min(1e-5, 0.1/N) = {default_delta(train_size):g} (set dp.delta: null)")
+    return delta

@@ -6,25 +6,35 @@
 ``kernel="opacus"`` returns Opacus's own ``DPOptimizer`` / ``DistributedDPOptimizer``;
 ``kernel="fused"`` returns ``veil.kernels.optimizer.FusedDPOptimizer`` /
 ``FusedDistributedDPOptimizer`` (Triton kernels on CUDA, the exact PyTorch reference on CPU);
-``kernel="auto"`` (the config's default) is "fused", or "opacus" under ``secure_mode``, which the
-fused kernels refuse (they do not draw cryptographically secure noise). ``dp_optimizer_for`` wraps
-a LightningModule's base optimizer with the module's accounting and the world size.
+``kernel="auto"`` (the config's default) is "fused".
+
+Noise: with neither ``seed`` nor ``generator`` (what training uses), the noise generator is seeded
+from the OS CSPRNG in this process, for both kernels: Opacus's own default, torch's global RNG, is
+what ``L.seed_everything(config.seed)`` seeds, so anyone holding the config could replay the noise.
+``seed`` (reproducible, hence not private) exists for tests and ``dp.reproducible_noise_seed``.
+Opacus's ``secure_mode`` is refused: it needs torchcsprng, which is not installed, and without it
+Opacus draws ordinary noise while the run would claim secure noise.
 """
 
 from __future__ import annotations
+
+import secrets
 
 from veil.errors import ConfigError, PrivacyError
 from veil.lightning_modules.dp.config import KERNELS
 from veil.lightning_modules.dp.grad_sample import attach_grad_sampler
 
+SECURE_MODE_REFUSED = (
+    "secure_mode=True: Opacus's secure noise needs torchcsprng (unmaintained, not installed) and veil will not "
+    "report secure noise it does not draw; set dp.secure_mode: false (veil's noise is seeded from the OS CSPRNG)"
+)
 
-def resolve_kernel(kernel: str, *, secure_mode: bool = False) -> str:
-    """The implementation ``kernel`` names: "auto" -> "fused" ("opacus" under secure_mode)."""
+
+def resolve_kernel(kernel: str) -> str:
+    """The implementation ``kernel`` names: "auto" -> "fused"."""
     if kernel not in KERNELS:
         raise ConfigError(f"dp.kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "auto":
-        return "opacus" if secure_mode else "fused"
-    return kernel
+    return "fused" if kernel == "auto" else kernel
 
 
 def make_dp_optimizer(
@@ -42,31 +52,30 @@ def make_dp_optimizer(
 ):
     """Wrap ``optimizer`` in the DP optimizer ``kernel`` names ("auto", "fused" or "opacus").
 
-    ``seed`` makes the noise reproducible (for "opacus", through a ``torch.Generator`` seeded with
-    it on the parameters' device); pass ``seed`` or ``generator``, not both. ``secure_mode`` is only
-    available with "opacus" (a seeded generator would defeat it, so ``seed`` is refused there too).
+    ``seed`` makes the noise reproducible (not private); pass ``seed`` or ``generator``, not both.
+    With neither, the noise is seeded from the OS CSPRNG. ``secure_mode`` is refused (PrivacyError).
     """
-    kernel = resolve_kernel(kernel, secure_mode=secure_mode)
+    kernel = resolve_kernel(kernel)
+    if secure_mode:
+        raise PrivacyError(SECURE_MODE_REFUSED)
     if seed is not None and generator is not None:
-        raise ConfigError("pass dp.seed or a torch.Generator, not both")
+        raise ConfigError("pass dp.reproducible_noise_seed or a torch.Generator, not both")
     common = dict(
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-        loss_reduction=loss_reduction, secure_mode=secure_mode,
+        loss_reduction=loss_reduction,
     )
     if kernel == "fused":
         from veil.kernels.optimizer import FusedDistributedDPOptimizer, FusedDPOptimizer
 
         cls = FusedDistributedDPOptimizer if distributed else FusedDPOptimizer
-        return cls(optimizer, generator=generator, seed=seed, **common)
+        return cls(optimizer, generator=generator, seed=seed, **common)  # neither: CSPRNG-seeded inside
 
     import torch
     from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-    if seed is not None:
-        if secure_mode:
-            raise PrivacyError("secure_mode noise from a seeded generator is reproducible, hence not secure: drop dp.seed")
+    if generator is None:
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else seed)
     cls = DistributedDPOptimizer if distributed else DPOptimizer
     return cls(optimizer, generator=generator, **common)
 
@@ -78,15 +87,23 @@ def dp_optimizer_for(module, base):
     Attaches Opacus's per-sample hooks to ``module.model`` once. The wrapper is set with
     ``object.__setattr__``: as a registered submodule the state dict would hold the model twice
     (the hooks live on ``module.model``'s layers anyway). Under DDP each rank's expected batch is
-    its share, q N / world.
+    its share, q N / world. The noise is secret (OS CSPRNG, per process) unless
+    ``dp.reproducible_noise_seed`` is set; then it is derived from that seed, the rank and the
+    steps already taken (so a resume does not repeat it), and the run is stamped not private.
     """
+    from veil.privacy.randomness import reproducible_seed
+
     if getattr(module, "_grad_sampler", None) is None:
         object.__setattr__(module, "_grad_sampler", attach_grad_sampler(module.model))
     world = module.trainer.world_size if module._trainer is not None else 1
+    rank = module.trainer.global_rank if module._trainer is not None else 0
     cfg = module.dp_cfg
+    seed = None
+    if cfg.reproducible:
+        seed = reproducible_seed(cfg.reproducible_noise_seed, "noise", rank, module.accounting.steps)
     return make_dp_optimizer(
         kernel=cfg.kernel, optimizer=base, noise_multiplier=module.accounting.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=module.hparams.sample_rate * module.hparams.train_size / world,
-        distributed=world > 1, secure_mode=cfg.secure_mode,
+        distributed=world > 1, secure_mode=cfg.secure_mode, seed=seed,
     )

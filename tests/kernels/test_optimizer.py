@@ -84,22 +84,35 @@ def test_make_dp_optimizer_picks_the_class():
     assert type(make_dp_optimizer(kernel="opacus", optimizer=torch.optim.SGD(params, lr=1), **args)) is DPOptimizer
     fused = make_dp_optimizer(kernel="fused", optimizer=torch.optim.SGD(params, lr=1), seed=0, **args)
     assert type(fused) is FusedDPOptimizer and fused.backend == "auto" and fused.seed == 0
-    assert resolve_kernel("auto") == "fused" and resolve_kernel("auto", secure_mode=True) == "opacus"
+    assert resolve_kernel("auto") == "fused"
     with pytest.raises(ConfigError, match="dp.kernel"):
         make_dp_optimizer(kernel="triton", optimizer=torch.optim.SGD(params, lr=1), **args)
 
 
 def test_secure_mode_is_refused_not_faked():
+    """Opacus's secure mode needs torchcsprng, which is not installed: every kernel refuses it."""
     params = [nn.Parameter(torch.zeros(3))]
     args = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, secure_mode=True)
-    with pytest.raises(PrivacyError, match="dp.kernel: opacus"):
-        make_dp_optimizer(kernel="fused", optimizer=torch.optim.SGD(params, lr=1), **args)
-    with pytest.raises(PrivacyError, match="dp.kernel: opacus"):
+    for kernel in ("fused", "opacus", "auto"):
+        with pytest.raises(PrivacyError, match="torchcsprng"):
+            make_dp_optimizer(kernel=kernel, optimizer=torch.optim.SGD(params, lr=1), **args)
+    with pytest.raises(PrivacyError, match="secure_mode"):
         FusedDPOptimizer(torch.optim.SGD(params, lr=1), backend="reference", **args)
-    secure = make_dp_optimizer(kernel="opacus", optimizer=torch.optim.SGD(params, lr=1), **args)
-    assert type(secure) is DPOptimizer and secure.secure_mode
-    with pytest.raises(PrivacyError, match="seed"):
-        make_dp_optimizer(kernel="opacus", optimizer=torch.optim.SGD(params, lr=1), seed=1, **args)
+
+
+def test_opacus_kernel_noise_is_secret_by_default():
+    """Opacus's own default draws from torch's global RNG, which L.seed_everything(config.seed) seeds:
+    the factory gives it a generator seeded from the OS CSPRNG instead."""
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.zeros(1000))
+        opt = make_dp_optimizer(kernel="opacus", optimizer=torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0,
+                                max_grad_norm=1.0, expected_batch_size=4)
+        p.grad_sample = torch.zeros(4, 1000)
+        opt.step()
+        draws.append(p.detach().clone())
+    assert not torch.equal(draws[0], draws[1])
 
 
 @pytest.mark.parametrize("bad, error", [
@@ -307,3 +320,29 @@ def test_unet_dp_step_matches_opacus(backend_device):
             torch.testing.assert_close(a.float(), e.float(), rtol=1e-4, atol=1e-4 * scale)
         return
     _assert_close(actual, expected, backend=backend)
+
+
+def test_default_noise_is_secret_not_the_global_rng(backend_device):
+    """Without seed or generator, the noise comes from the OS CSPRNG: seeding torch's global RNG
+    (as `L.seed_everything(config.seed)` does) must not make two runs draw the same noise."""
+    backend, device = backend_device
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        opt = _noise_opt(backend, device, seed=None, n=3000)
+        draws.append(_manual_step(opt, _zero_grads(opt)))
+    assert not any(torch.equal(a, b) for a, b in zip(*draws))
+
+
+def test_state_dict_carries_no_noise_key(backend_device):
+    """A shared checkpoint must not let its holder regenerate the noise: only the step counter is saved."""
+    backend, device = backend_device
+    opt = _noise_opt(backend, device, seed=None, n=3000)
+    _manual_step(opt, _zero_grads(opt))
+    noise_state = opt.state_dict()["veil_dp_noise"]
+    assert noise_state == {"noise_step": 1}
+    resumed = _noise_opt(backend, device, seed=None, n=3000)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    again = _manual_step(opt, _zero_grads(opt))
+    after_resume = _manual_step(resumed, _zero_grads(resumed))  # a new process: a new secret key
+    assert not any(torch.equal(a, b) for a, b in zip(again, after_resume))

@@ -10,9 +10,10 @@ from veil.lightning_modules.diffusion_module import DPDiffusionModule
 
 
 def _module(*, sigma=0.0, C=0.05, kernel="opacus", physical=64, multiplicity=1, train_size=10, q=0.5,
-            accountant="prv", optimizer="sgd", lr=1.0):
+            accountant="prv", optimizer="sgd", lr=1.0, reproducible=None):
     dp = dict(enabled=True, target_epsilon=None, noise_multiplier=sigma, max_grad_norm=C, accountant=accountant,
-              kernel=kernel, max_physical_batch_size=physical, noise_multiplicity=multiplicity)
+              kernel=kernel, max_physical_batch_size=physical, noise_multiplicity=multiplicity,
+              reproducible_noise_seed=reproducible)
     return DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=train_size,
                              sample_rate=q, planned_steps=10, dp=dp, optimizer=optimizer, lr=lr,
                              cond_drop_prob=0.0, attr_drop_prob=0.0)
@@ -68,16 +69,23 @@ def test_noise_free_update_is_the_hand_computed_clipped_mean(physical, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["opacus", "fused"])
-def test_noise_makes_updates_depend_on_the_seed(kernel):
+def test_noise_is_secret_unless_explicitly_reproducible(kernel):
+    """The config seed (seed_everything) must not determine the DP noise: the same seed twice gives
+    different updates. Only dp.reproducible_noise_seed (tests/debugging, stamped not private) repeats."""
     x, a = make_batch(4)
-    results = []
-    for seed in (0, 0, 1):
+
+    def run(*, seed, reproducible=None):
         torch.manual_seed(0)
-        module = _module(sigma=1.0, optimizer="sgd", lr=0.1, kernel=kernel)
+        module = _module(sigma=1.0, optimizer="sgd", lr=0.1, kernel=kernel, reproducible=reproducible)
         fit_batches(module, [(x, a)], seed=seed)
-        results.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]))
-    assert torch.equal(results[0], results[1]), "same seed must give the same parameters"
-    assert not torch.allclose(results[0], results[2]), "another seed must draw other noise"
+        return torch.cat([p.detach().flatten() for p in module.model.parameters()]), module
+
+    secret = [run(seed=0)[0] for _ in range(2)]
+    assert not torch.allclose(secret[0], secret[1]), "the config seed must not replay the noise"
+    (one, module), (two, _), (other, _) = run(seed=0, reproducible=5), run(seed=0, reproducible=5), run(seed=0, reproducible=6)
+    assert torch.equal(one, two), "the same reproducible seed gives the same parameters"
+    assert not torch.allclose(one, other), "another reproducible seed draws other noise"
+    assert module.privacy()["private"] is False and "reproducible" in module.privacy()["not_private_reason"]
 
 
 def test_noise_multiplicity_and_empty_batch_run():
@@ -105,7 +113,8 @@ def test_epsilon_grows_and_matches_opacus_accountant(accountant):
     for _ in range(5):
         direct.step(noise_multiplier=1.2, sample_rate=0.25)
     assert 0 < eps2 < eps5
-    assert eps5 == pytest.approx(direct.get_epsilon(delta=1 / 16), rel=1e-6)
+    assert module.accounting.delta == min(1e-5, 0.1 / 16)  # the default: well below 1/N
+    assert eps5 == pytest.approx(direct.get_epsilon(delta=1e-5), rel=1e-6)
     rec = module.privacy()
     assert rec["steps"] == 5 and rec["noise_multiplier"] == 1.2 and rec["sample_rate"] == 0.25
 
@@ -116,19 +125,26 @@ def test_target_epsilon_solves_sigma_with_opacus():
     dp = dict(target_epsilon=3.0, noise_multiplier=None, accountant="rdp")
     module = DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=100,
                                sample_rate=0.1, planned_steps=50, dp=dp)
-    want = get_noise_multiplier(target_epsilon=3.0, target_delta=0.01, sample_rate=0.1, steps=50, accountant="rdp")
+    want = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.1, steps=50, accountant="rdp")
     assert module.noise_multiplier == pytest.approx(want)
 
 
-def test_auto_kernel_is_fused_unless_secure_mode():
-    from opacus.optimizers import DPOptimizer
-
+def test_auto_kernel_is_fused_and_secure_mode_is_refused():
+    from veil.errors import ConfigError
     from veil.kernels.optimizer import FusedDPOptimizer
 
     module = _module(kernel="auto")
     assert isinstance(module.configure_optimizers(), FusedDPOptimizer)
     dp = dict(target_epsilon=None, noise_multiplier=1.0, kernel="auto", secure_mode=True)
-    secure = DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=10,
-                               sample_rate=0.5, planned_steps=10, dp=dp)
-    opt = secure.configure_optimizers()
-    assert type(opt) is DPOptimizer and opt.secure_mode
+    with pytest.raises(ConfigError, match="torchcsprng"):
+        DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=10,
+                          sample_rate=0.5, planned_steps=10, dp=dp)
+
+
+def test_delta_of_one_over_n_is_refused():
+    from veil.errors import ConfigError
+
+    dp = dict(target_epsilon=None, noise_multiplier=1.0, delta=0.1)
+    with pytest.raises(ConfigError, match="1/N"):
+        DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=10,
+                          sample_rate=0.5, planned_steps=10, dp=dp)

@@ -43,9 +43,23 @@ def test_poisson_loader_batch_sizes_and_steps():
     assert images.shape[1:] == (3, 32, 32) and attrs.shape == (len(images), 6)
 
 
-def test_poisson_epochs_differ_but_runs_repeat():
-    first = FaceDataModule(num_images=100, batch_size=10).train_dataloader().batch_sampler
-    second = FaceDataModule(num_images=100, batch_size=10).train_dataloader().batch_sampler
+def test_poisson_batches_are_secret_not_derived_from_the_seed():
+    """Two runs of the same config (same seed) must draw different Poisson batches: batches that the
+    config determines void amplification by sampling. Seeding torch's RNG changes nothing either."""
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(list(FaceDataModule(num_images=100, batch_size=10, seed=0).train_dataloader().batch_sampler))
+    assert draws[0] != draws[1]
+
+
+def test_poisson_epochs_differ_and_the_reproducible_mode_repeats():
+    def sampler():
+        dm = FaceDataModule(num_images=100, batch_size=10)
+        dm.poisson_seed = 7  # dp.reproducible_noise_seed: tests and debugging, not private
+        return dm.train_dataloader().batch_sampler
+
+    first, second = sampler(), sampler()
     epoch0, epoch1 = list(first), list(first)
     assert epoch0 != epoch1 and list(second) == epoch0
     first.set_epoch(1)
