@@ -24,18 +24,18 @@ test: setup
 
 # Private fine-tuning from a public start (docs/training.md): ~40 + ~40 minutes on a 2-core CPU.
 finetune: setup
-	test -f runs/public/last.ckpt || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
+	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
 	rm -rf runs/dp_finetune
 	$(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_dp_finetune.yaml --out runs/dp_finetune
-	$(PY) bench/sample_quality.py --checkpoint runs/dp_finetune/last.ckpt --grid runs/dp_finetune/samples.png
+	$(PY) bench/sample_quality.py --checkpoint runs/dp_finetune --grid runs/dp_finetune/samples.png
 
 # Classifier guidance (docs/training.md): the public label-free UNet (~40 min, shared with
 # finetune) steered by a noise-conditional classifier trained at epsilon 10 (~50 min) on a 2-core CPU.
 guided: setup
-	test -f runs/public/last.ckpt || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
+	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
 	rm -rf runs/guide
 	$(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --out runs/guide --progress
-	$(PY) bench/sample_quality.py --checkpoint runs/public/last.ckpt --classifier runs/guide/last.ckpt --grid runs/guide/samples.png
+	$(PY) bench/sample_quality.py --checkpoint runs/public --classifier runs/guide --grid runs/guide/samples.png
 
 bench: setup
 	$(PY) bench/dp_step.py

@@ -1,7 +1,7 @@
 """Choose dp.max_grad_norm (C) for a fine-tuning config from *public* data, before spending budget.
 
     python bench/clip_norms.py --config lightning_modules/configs/synthetic32_dp_finetune.yaml \
-        --set model.init_from=runs/public/last.ckpt --clip 1,0.03,0.01,0.003
+        --set model.init_from=runs/public/model --clip 1,0.03,0.01,0.003
 
 At the config's start (``model.init_from``) and trainable subset (``optim.trainable``), on images
 of the start checkpoint's own training data (public by construction: veil refuses a start trained

@@ -1,21 +1,28 @@
 """Evaluation: what a private edit still leaks about the protected attributes, and what it keeps.
 
-    python bench/edit_eval.py --checkpoint run/last.ckpt --quick        # ~1-3 min on a CPU
-    python bench/edit_eval.py --checkpoint run/last.ckpt --out bench/out/edit_eval
+    python bench/edit_eval.py --checkpoint run/ --quick        # ~1-3 min on a CPU
+    python bench/edit_eval.py --checkpoint run/ --out bench/out/edit_eval
 
 (a) Privacy. An attribute-inference attacker (a small CNN, trained here on ORIGINAL synthetic
-    faces that neither the diffusion model nor the evaluation uses) reads each protected attribute
-    off the edited images. Its accuracy w.r.t. the ORIGINAL value is compared with the ceiling
-    e^eps / (1 + e^eps): the best anyone can do from the released value alone (randomized response).
-    Above the ceiling, the pixels leak what the mechanism hid (inversion keeps part of the original);
-    the table says where, and by how much ("excess"; "*" = more than 2 standard errors).
+    faces that neither the diffusion model nor the evaluation uses: the naive attacker; an adaptive
+    one trained on edited images is not implemented yet) reads each protected attribute off the
+    edited images. Its accuracy w.r.t. the ORIGINAL value is compared with the "bound": the
+    Bayes-optimal accuracy of someone who sees only the released value, given the attribute's prior
+    P(a=+1) (``veil.privacy.bounds.bayes_accuracy_bound``; randomized response guarantees posterior
+    odds <= e^eps x prior odds, and e^eps / (1 + e^eps) = p_keep is the bound only for a 50/50 prior:
+    on a skewed attribute always guessing the majority beats p_keep). The prior of each attribute is
+    its frequency in the dataset's TRAINING split: the owner's data, fine for this owner-side
+    evaluation (the edited images come from the val + test splits). Above the bound, the pixels leak
+    what the mechanism hid (inversion keeps part of the original image); the table says where, and
+    by how much ("excess"; "*" = more than 2 standard errors).
 (b) Utility. The same classifier's accuracy on the UNprotected attributes of edited images (they
     should survive), "follows": accuracy on protected attributes w.r.t. the RELEASED value (does the
     image show what was released), and PSNR / SSIM (gaussian window 11, sigma 1.5) of edit vs original.
 
 Images: the checkpoint's dataset, its validation + test splits (not trained on). Each strength's
-inversion is computed once and shared by every epsilon. Writes OUT/edit_eval.md (table),
-OUT/edit_eval.png (plot) and OUT/edit_eval.json, and prints the table.
+inversion (with the protected attributes unknown, as every private edit inverts) is computed once
+and shared by every epsilon. Writes OUT/edit_eval.md (table), OUT/edit_eval.png (plot) and
+OUT/edit_eval.json, and prints the table.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
 from veil.lightning_modules.editing.editor import PrivateEditor
+from veil.privacy.bounds import bayes_accuracy_bound
 from veil.privacy.mechanism import derive_seed, keep_probability, privatize
 
 
@@ -75,6 +83,36 @@ def predict(model, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.where(model(b) > 0, 1.0, -1.0) for b in images.split(256)])
 
 
+def attribute_priors(attributes: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """(N,k) in {-1,0,+1} -> {name: P(a = +1)} over the known (non-zero) values: the attacker's prior."""
+    known = attributes != 0  # (N,k)
+    if not known.any(dim=0).all():
+        missing = [n for n, k in zip(names, known.any(dim=0)) if not k]
+        raise SystemExit(f"no known values in the training split to estimate the prior of {missing}")
+    return {n: float((attributes[:, i] > 0).sum() / known[:, i].sum()) for i, n in enumerate(names)}
+
+
+def score_edits(pred: torch.Tensor, original: torch.Tensor, released: torch.Tensor, *, names: list[str],
+                protect: list[str], epsilon: float, priors: dict[str, float]) -> dict:
+    """The classifier's numbers for one (strength, epsilon) cell. pred, original, released: (N,k) in {-1,+1}.
+
+    attack[p]: accuracy on protected p w.r.t. the ORIGINAL value; bound[p]: the Bayes-optimal accuracy
+    from the released value alone at p's prior; follows[p]: accuracy w.r.t. the RELEASED value;
+    unprotected: accuracy on the other attributes.
+    """
+    p_idx = [names.index(p) for p in protect]
+    u_idx = [i for i in range(len(names)) if i not in p_idx]
+    row = {"epsilon": epsilon, "p_keep": keep_probability(epsilon=epsilon), "attack": {}, "bound": {}, "follows": {},
+           "unprotected": float((pred[:, u_idx] == original[:, u_idx]).float().mean()) if u_idx else float("nan"),
+           "flip_rate": float((released[:, p_idx] != original[:, p_idx]).float().mean())}
+    for i in p_idx:
+        name = names[i]
+        row["attack"][name] = float((pred[:, i] == original[:, i]).float().mean())
+        row["bound"][name] = bayes_accuracy_bound(epsilon=epsilon, prior=priors[name])
+        row["follows"][name] = float((pred[:, i] == released[:, i]).float().mean())
+    return row
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean PSNR in dB of images in [-1,1] (peak-to-peak 2)."""
     mse = (a - b).pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
@@ -108,71 +146,71 @@ def evaluate(args) -> tuple[list[dict], dict]:
     x = torch.stack([dm.dataset[i][0] for i in indices])  # (N,3,H,W)
     a = torch.stack([dm.dataset[i][1] for i in indices])  # (N,k)
     ids = [dm.dataset.ids[i] for i in indices]
-    p_idx = [names.index(p) for p in protect]
-    u_idx = [i for i in range(len(names)) if i not in p_idx]
+    train = dm.split_indices("train")
+    priors = attribute_priors(dm.dataset.attribute_matrix[train], names)  # owner-side: the training split's labels
 
     t0 = time.time()
     attacker = train_attacker(names, resolution=x.shape[-1], num_images=args.attacker_images,
                               epochs=args.attacker_epochs, seed=args.seed + 1000)
     base_pred = predict(attacker, x)
-    baseline = {"attacker_seconds": time.time() - t0, "n": len(ids),
+    baseline = {"attacker_seconds": time.time() - t0, "n": len(ids), "priors": priors, "prior_n": len(train),
                 "accuracy_on_originals": {n: float((base_pred[:, i] == a[:, i]).float().mean()) for i, n in enumerate(names)}}
     rows = []
     for strength in args.strengths:
-        x_t0 = editor.invert(x, a, strength=strength)  # shared by every epsilon
+        x_t0 = editor.invert(x, a, strength=strength, protected=protect)  # shared by every epsilon
         for eps in args.epsilons:
             draws = [privatize(dict(zip(names, row.int().tolist())), protected=protect, epsilon=eps,
                                rng=random.Random(derive_seed(args.seed, i, eps))) for i, row in zip(ids, a)]
             released = torch.tensor([[d[n] for n in names] for d in draws], dtype=torch.float32)
             edited = editor.regenerate(x_t0, released, strength=strength)
-            pred = predict(attacker, edited)
-            ceiling = keep_probability(epsilon=eps)
-            row = {"strength": strength, "epsilon": eps, "ceiling": ceiling, "attack": {}, "follows": {},
-                   "unprotected": float((pred[:, u_idx] == a[:, u_idx]).float().mean()) if u_idx else float("nan"),
-                   "psnr": psnr(edited, x), "ssim": ssim(edited, x),
-                   "flip_rate": float((released[:, p_idx] != a[:, p_idx]).float().mean())}
-            for i in p_idx:
-                row["attack"][names[i]] = float((pred[:, i] == a[:, i]).float().mean())
-                row["follows"][names[i]] = float((pred[:, i] == released[:, i]).float().mean())
+            row = {"strength": strength, **score_edits(predict(attacker, edited), a, released, names=names,
+                                                       protect=protect, epsilon=eps, priors=priors),
+                   "psnr": psnr(edited, x), "ssim": ssim(edited, x)}
             rows.append(row)
-            print(f"  strength {strength:.2f} eps {eps:g}: attack {row['attack']} ceiling {ceiling:.3f} "
+            print(f"  strength {strength:.2f} eps {eps:g}: attack {row['attack']} bound {row['bound']} "
                   f"ssim {row['ssim']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     return rows, baseline
 
 
-def _excess(acc: float, ceiling: float, n: int) -> str:
-    se = math.sqrt(max(ceiling * (1 - ceiling), 0.25 / n) / n)  # stderr of an accuracy at the ceiling
-    d = acc - ceiling
+def _excess(acc: float, bound: float, n: int) -> str:
+    se = math.sqrt(max(bound * (1 - bound), 0.25 / n) / n)  # stderr of an accuracy at the bound
+    d = acc - bound
     return f"{d:+.3f}{'*' if d > 2 * se else ''}" if d > 0 else "-"
 
 
-def markdown(rows, baseline, args) -> str:
-    prot = [p for p in args.protect.split(",") if p]
+def markdown(rows: list[dict], baseline: dict, protect: list[str]) -> str:
+    """The table of rows (``score_edits`` plus strength, PSNR, SSIM) and notes; flags attacks above the
+    prior-aware bound."""
     n = baseline["n"]
-    head = ["strength", "epsilon", "ceiling"] + [f"attack {p}" for p in prot] + [f"excess {p}" for p in prot] + \
-        [f"follows {p}" for p in prot] + ["unprotected acc", "PSNR dB", "SSIM"]
+    head = ["strength", "epsilon", "p_keep"] + [f"{c} {p}" for p in protect for c in ("attack", "bound", "excess")] + \
+        [f"follows {p}" for p in protect] + ["unprotected acc", "PSNR dB", "SSIM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['strength']:.2f}", f"{r['epsilon']:g}", f"{r['ceiling']:.3f}"]
-        cells += [f"{r['attack'][p]:.3f}" for p in prot] + [_excess(r["attack"][p], r["ceiling"], n) for p in prot]
-        cells += [f"{r['follows'][p]:.3f}" for p in prot] + [f"{r['unprotected']:.3f}", f"{r['psnr']:.1f}", f"{r['ssim']:.3f}"]
+        cells = [f"{r['strength']:.2f}", f"{r['epsilon']:g}", f"{r['p_keep']:.3f}"]
+        for p in protect:
+            cells += [f"{r['attack'][p]:.3f}", f"{r['bound'][p]:.3f}", _excess(r["attack"][p], r["bound"][p], n)]
+        cells += [f"{r['follows'][p]:.3f}" for p in protect] + [f"{r['unprotected']:.3f}", f"{r['psnr']:.1f}", f"{r['ssim']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    beat = [(r, p) for r in rows for p in prot if _excess(r["attack"][p], r["ceiling"], n).endswith("*")]
+    beat = [(r, p) for r in rows for p in protect if _excess(r["attack"][p], r["bound"][p], n).endswith("*")]
     orig = ", ".join(f"{k} {v:.3f}" for k, v in baseline["accuracy_on_originals"].items())
+    priors = ", ".join(f"{p} {baseline['priors'][p]:.3f}" for p in protect)
     notes = [f"n = {n} images; attacker accuracy on the unedited originals: {orig}.",
-             "excess = attack - ceiling where positive; * = more than 2 standard errors above the ceiling."]
+             f"prior P(a=+1) from the training split ({baseline.get('prior_n', '?')} images, the owner's labels): "
+             f"{priors}.",
+             "bound = the best accuracy from the released value alone given that prior (posterior odds <= e^eps x "
+             "prior odds); p_keep = e^eps/(1+e^eps) is the bound only at prior 0.5.",
+             "excess = attack - bound where positive; * = more than 2 standard errors above the bound."]
     if beat:
-        worst = max(beat, key=lambda rp: rp[0]["attack"][rp[1]] - rp[0]["ceiling"])
-        r, p = worst
-        notes.append(f"The attacker beats the randomized-response ceiling in {len(beat)} of {len(rows) * len(prot)} "
+        r, p = max(beat, key=lambda rp: rp[0]["attack"][rp[1]] - rp[0]["bound"][rp[1]])
+        notes.append(f"The attacker beats the prior-aware bound in {len(beat)} of {len(rows) * len(protect)} "
                      f"cells; worst: {p} at strength {r['strength']:.2f}, epsilon {r['epsilon']:g}, "
-                     f"{r['attack'][p]:.3f} vs {r['ceiling']:.3f} (+{r['attack'][p] - r['ceiling']:.3f}).")
+                     f"{r['attack'][p]:.3f} vs {r['bound'][p]:.3f} (+{r['attack'][p] - r['bound'][p]:.3f}).")
     else:
-        notes.append("The attacker does not beat the randomized-response ceiling significantly anywhere.")
+        notes.append("The attacker does not beat the prior-aware bound significantly anywhere.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes) + "\n"
 
 
-def plot(rows, args, path: Path) -> None:
+def plot(rows, baseline, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,25 +223,28 @@ def plot(rows, args, path: Path) -> None:
     grid = sorted({pos(e) for e in args.epsilons})
     top = max(finite, default=1)
     dense = [top * i / 100 for i in range(101)]
-    curve = [keep_probability(epsilon=e) for e in dense]
-    if any(not math.isfinite(e) for e in args.epsilons):
-        dense, curve = dense + [pos(math.inf)], curve + [1.0]
-    ax1.plot(dense, curve, "k--", label="ceiling e^eps/(1+e^eps)")
+    marks = "os^vD"
+    for j, p in enumerate(prot):
+        curve = [bayes_accuracy_bound(epsilon=e, prior=baseline["priors"][p]) for e in dense]
+        xs = dense + ([pos(math.inf)] if any(not math.isfinite(e) for e in args.epsilons) else [])
+        ax1.plot(xs, curve + [1.0] * (len(xs) - len(dense)), "k", ls=["--", ":", "-."][j % 3], lw=1,
+                 label=f"bound {p} (prior {baseline['priors'][p]:.2f})")
     for k, s in enumerate(args.strengths):
         sel, c = [r for r in rows if r["strength"] == s], f"C{k}"
         xs = [pos(r["epsilon"]) for r in sel]
-        ax1.plot(xs, [sum(r["attack"][p] for p in prot) / len(prot) for r in sel], "o-", color=c,
-                 label=f"attacker, strength {s:g}")
+        for j, p in enumerate(prot):
+            ax1.plot(xs, [r["attack"][p] for r in sel], marker=marks[j % len(marks)], color=c,
+                     label=f"attack {p}, strength {s:g}")
         ax2.plot(xs, [r["unprotected"] for r in sel], "o-", color=c, label=f"unprotected acc, strength {s:g}")
         ax2.plot(xs, [r["ssim"] for r in sel], "s:", color=c, label=f"SSIM, strength {s:g}")
     for ax in (ax1, ax2):
         ax.set_xticks(grid, [f"{e:g}" if e in finite else "inf" for e in grid])
         ax.set_xlabel("epsilon")
         ax.grid(alpha=0.3)
-    ax1.set_ylabel(f"accuracy on protected ({', '.join(prot)}) vs original")
+    ax1.set_ylabel("accuracy on protected vs original")
     ax1.set_title("privacy: attribute inference on edited images")
     ax2.set_title("utility")
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=6)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,7 +252,8 @@ def plot(rows, args, path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="last.ckpt of `veil train`")
+    p.add_argument("--checkpoint", required=True,
+                   help="the model release of `veil train`: its run folder OUT or OUT/model")
     p.add_argument("--protect", default="eyeglasses,smiling", help="protected attributes (default eyeglasses,smiling)")
     p.add_argument("--epsilons", default="0,1,2,4,inf", help="comma-separated epsilons (default 0,1,2,4,inf)")
     p.add_argument("--strengths", default="0.4,0.55,0.7,0.95", help="comma-separated strengths (default: the levels')")
@@ -238,13 +280,13 @@ def main(argv=None) -> None:
     rows, baseline = evaluate(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, baseline, args)
+    table = markdown(rows, baseline, [p for p in args.protect.split(",") if p])
     header = (f"checkpoint `{args.checkpoint}`, {baseline['n']} images, steps {args.steps}, guidance {args.guidance}, "
               f"protect {args.protect}; {time.time() - start:.0f} s\n\n")
     (out / "edit_eval.md").write_text(header + table)
     (out / "edit_eval.json").write_text(json.dumps({"rows": rows, "baseline": baseline,
                                                     "args": {k: v for k, v in vars(args).items()}}, indent=1, default=str))
-    plot(rows, args, out / "edit_eval.png")
+    plot(rows, baseline, args, out / "edit_eval.png")
     print(header + table)
     print(f"wrote {out}/edit_eval.md, edit_eval.png, edit_eval.json")
 

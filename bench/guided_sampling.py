@@ -1,6 +1,6 @@
 """What classifier guidance costs at sampling time: seconds per image, against unguided sampling.
 
-    python bench/guided_sampling.py --checkpoint runs/public/last.ckpt --classifier runs/guide/last.ckpt
+    python bench/guided_sampling.py --checkpoint runs/public --classifier runs/guide
 
 Draws ``--batch`` images with ``--steps`` DDIM steps three ways, same initial noise: unguided
 (one denoiser forward a step: the baseline), classifier-free guidance 2 (two forwards, batched),
@@ -19,7 +19,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="veil train checkpoint (the denoiser)")
+    parser.add_argument("--checkpoint", required=True, help="veil train run folder or its model/ release (the denoiser)")
     parser.add_argument("--classifier", required=True, help="noise-conditional guidance classifier checkpoint")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25)

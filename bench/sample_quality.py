@@ -1,7 +1,7 @@
 """Do samples show the attributes they were asked for? A grid, and a probe classifier's verdict.
 
-    python bench/sample_quality.py --checkpoint runs/long/last.ckpt --grid docs/samples.png
-    python bench/sample_quality.py --checkpoint runs/public/last.ckpt --classifier runs/guide/last.ckpt \
+    python bench/sample_quality.py --checkpoint runs/long --grid docs/samples.png
+    python bench/sample_quality.py --checkpoint runs/public --classifier runs/guide \
         --grid docs/samples_guided.png          # classifier guidance
 
 1. Train a small CNN probe on real synthetic faces (fresh seed), report its held-out accuracy.

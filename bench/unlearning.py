@@ -73,14 +73,14 @@ def run(args) -> list[dict]:
     rows = []
     for frac in args.fractions:
         revision = synthetic_flip_revision(tmp / f"rev{frac}", datamodule=dm, fraction=frac, seed=1)
-        _, ckpt = CK.load_classifier(tmp / "clf" / "last.ckpt")
+        _, ckpt = CK.load_classifier(tmp / "clf", owner=True)
         data = UJ.UnlearningData.build(ckpt, revision, base=dm)
         retrained = UJ._retrain(ckpt, data.dm_rev, tmp / f"retrained{frac}")
         for label, method, knobs in METHODS:
-            clf, ckpt = CK.load_classifier(tmp / "clf" / "last.ckpt")
+            clf, ckpt = CK.load_classifier(tmp / "clf", owner=True)
             times = []
             for _ in range(args.repeats):  # median of repeats from the same start
-                clf, ckpt = CK.load_classifier(tmp / "clf" / "last.ckpt")
+                clf, ckpt = CK.load_classifier(tmp / "clf", owner=True)
                 report = UJ.unlearn_and_measure(clf, ckpt, data, method=method, retrained=retrained, **knobs)
                 times.append(report["update_seconds"])
             report["update_seconds"] = statistics.median(times)

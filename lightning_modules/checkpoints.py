@@ -1,18 +1,33 @@
-"""The two checkpoint formats veil writes, and loading them back without the training config.
+"""What a training run writes, who may see it, and loading it back without the training config.
 
-``veil train`` writes ``checkpoint["veil"]["kind"] == DIFFUSION_KIND`` (``DPDiffusionModule``),
-``veil train-classifier`` / ``veil unlearn`` write ``CLASSIFIER_KIND`` (``AttributeClassifierModule``).
-Each carries the constructor arguments of its plain ``nn.Module`` (``model_kwargs``), so
-``load_diffusion_checkpoint`` and ``load_classifier`` rebuild the model alone, with its attribute
-names, data spec and privacy record. One home for both, because sampling, editing, export and the
-jobs all read them.
+A run folder ``OUT`` (``veil train``, ``veil train-classifier``, ``veil unlearn``) holds:
+
+    OUT/model/                 the RELEASE, meant for sharing: what a user of the model needs
+        model.safetensors      weights (diffusion: ``ema.*`` and ``model.*``; classifier: ``model.*``)
+        veil_model.json        format, kind, model_kwargs, scheduler config, attribute names, data spec,
+                               the privacy record (and a classifier's recipe and L2 terms)
+    OUT/private/               OWNER-ONLY (folder mode 0700, files 0600): never share
+        last.ckpt              Lightning's resume state (optimizer moments, accountant, noise step counter;
+                               a classifier's cached training features, which are un-noised functions of the
+                               private images)
+        logs/, *.json          per-step loss and batch size, accuracy on private held-out images
+    OUT/privacy.json, OUT/config.json   public: the privacy record and the config
+
+No file anywhere holds a noise key or a generator state (``dp/optimizer.py``). ``veil sample``,
+``edit`` and ``export`` read only releases: ``load_diffusion_checkpoint`` and ``load_classifier``
+take ``OUT``, ``OUT/model`` or ``OUT/model/veil_model.json`` and refuse a Lightning ``.ckpt`` (owner
+state) unless the caller is an owner-side job that asks for it (``owner=True``: unlearning).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -22,8 +37,92 @@ from veil.lightning_modules.models.unet import AttributeConditionalUNet
 
 DIFFUSION_KIND = "veil/dp-diffusion"
 CLASSIFIER_KIND = "veil/attribute-classifier"
+RELEASE_FORMAT = "veil-model/1"
+RELEASE_DIR, PRIVATE_DIR = "model", "private"
+WEIGHTS_FILE, META_FILE = "model.safetensors", "veil_model.json"
+OWNER_CHECKPOINTS = ("last.ckpt", "unlearned.ckpt")  # under OUT/private: train-classifier's, unlearn's
 
 
+# ------------------------------------------------------------------------------------ owner-only state
+def private_dir(out: str | Path) -> Path:
+    """``OUT/private``, created owner-only (0700): the home of everything that must not be shared."""
+    path = Path(out) / PRIVATE_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, stat.S_IRWXU)
+    return path
+
+
+def seal_private(out: str | Path) -> None:
+    """Make every file under ``OUT/private`` owner-only (0600), folders 0700."""
+    root = Path(out) / PRIVATE_DIR
+    if not root.is_dir():
+        return
+    os.chmod(root, stat.S_IRWXU)
+    for path in root.rglob("*"):
+        os.chmod(path, stat.S_IRWXU if path.is_dir() else stat.S_IRUSR | stat.S_IWUSR)
+
+
+# ------------------------------------------------------------------------------------ the release
+def write_release(out: str | Path, *, kind: str, weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write ``OUT/model`` atomically (a temporary folder renamed over the old one); returns its path."""
+    from safetensors.torch import save_file
+
+    final = Path(out) / RELEASE_DIR
+    tmp = Path(out) / f".{RELEASE_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+    (tmp / META_FILE).write_text(json.dumps({"format": RELEASE_FORMAT, "kind": kind, **meta}, indent=2,
+                                            allow_nan=False) + "\n")
+    old = Path(out) / f".{RELEASE_DIR}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def release_path(path: str | Path, *, what: str = "--checkpoint") -> Path:
+    """The release folder that ``path`` names (``OUT``, ``OUT/model`` or its ``veil_model.json``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist; pass the run folder (OUT) or OUT/{RELEASE_DIR} that "
+                              "`veil train` / `veil train-classifier` wrote")
+    if path.is_file() and path.name == META_FILE:
+        path = path.parent
+    if path.is_dir() and not (path / META_FILE).is_file() and (path / RELEASE_DIR / META_FILE).is_file():
+        path = path / RELEASE_DIR
+    if path.is_dir() and (path / META_FILE).is_file():
+        return path
+    if path.is_file() and path.suffix == ".ckpt":
+        raise CheckpointError(
+            f"{what} {path}: a Lightning checkpoint is owner-only training state, not a model release; pass the run "
+            f"folder (OUT) or OUT/{RELEASE_DIR}, which `veil train` / `veil train-classifier` write for sharing")
+    raise CheckpointError(f"{what} {path}: no model release there (expected OUT or OUT/{RELEASE_DIR} with "
+                          f"{META_FILE} and {WEIGHTS_FILE}, as `veil train` writes)")
+
+
+def read_release(path: str | Path, *, kind: str, what: str = "--checkpoint") -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(meta, weights, folder) of the release ``path`` names, checked to be of ``kind``."""
+    from safetensors.torch import load_file
+
+    folder = release_path(path, what=what)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise CheckpointError(f"{what} {folder}: unreadable model release ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != RELEASE_FORMAT or meta.get("kind") != kind:
+        got = meta.get("kind") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{what} {folder}: a {got or 'non-veil'} release, expected {kind!r}")
+    return meta, weights, folder
+
+
+def _strip(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------------ diffusion
 @dataclass
 class DiffusionCheckpoint:
     model: AttributeConditionalUNet
@@ -34,36 +133,51 @@ class DiffusionCheckpoint:
     model_kwargs: dict[str, Any]
     cond_drop_prob: float | None  # 1.0: trained without attribute labels (None: not recorded)
     initialized_from: dict[str, Any] | None = None  # provenance of a fine-tuned model's start
+    path: Path | None = None  # the release folder
 
 
 def load_diffusion_checkpoint(path: str | Path, *, use_ema: bool = True, map_location="cpu") -> DiffusionCheckpoint:
-    """Rebuild the (EMA by default) denoiser of a ``veil train`` checkpoint, in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the last.ckpt that `veil train` wrote")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    meta = ckpt.get("veil") if isinstance(ckpt, dict) else None
-    if not meta or meta.get("kind") != DIFFUSION_KIND:
-        raise CheckpointError(f"{path} is not a veil diffusion checkpoint (kind {meta and meta.get('kind')!r})")
+    """Rebuild the (EMA by default) denoiser of a ``veil train`` release, in eval mode."""
+    meta, weights, folder = read_release(path, kind=DIFFUSION_KIND)
     model = AttributeConditionalUNet(**meta["model_kwargs"])
-    prefix = "ema." if use_ema else "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    model.eval()
-    hparams = ckpt.get("hyper_parameters") or {}
+    try:
+        model.load_state_dict(_strip(weights, "ema." if use_ema else "model."))
+    except RuntimeError as e:
+        raise CheckpointError(f"--checkpoint {folder}: weights do not fit the recorded model_kwargs ({e})") from None
+    model.to(map_location).eval()
     return DiffusionCheckpoint(
         model, meta["scheduler_config"], meta["attribute_names"], meta["privacy"], meta.get("data_spec"),
-        model_kwargs=dict(meta["model_kwargs"]), cond_drop_prob=hparams.get("cond_drop_prob"),
-        initialized_from=meta.get("initialized_from"),
+        model_kwargs=dict(meta["model_kwargs"]), cond_drop_prob=meta.get("cond_drop_prob"),
+        initialized_from=meta.get("initialized_from"), path=folder,
     )
 
 
+# ------------------------------------------------------------------------------------ classifier
+def load_classifier(path, *, owner: bool = False) -> tuple[AttributeClassifier, dict[str, Any]]:
+    """(model, checkpoint) of a ``veil train-classifier`` / ``veil unlearn`` run.
 
-def load_classifier(path) -> tuple[AttributeClassifier, dict[str, Any]]:
-    """(model, checkpoint) from a ``veil train-classifier`` / ``veil unlearn`` checkpoint."""
+    By default ``path`` names a release (``OUT`` or ``OUT/model``) and the checkpoint is
+    ``{"veil": meta, "state_dict": {"model.*": ...}}``. ``owner=True`` (owner-side jobs such as
+    unlearning) prefers the owner's checkpoint, ``OUT/private/last.ckpt`` (``unlearned.ckpt`` for an
+    unlearning run) or a ``.ckpt`` given directly, whose ``veil`` record also holds the cached
+    training features.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; pass OUT/last.ckpt of `veil train-classifier`")
+    if owner:
+        candidates = [path] if path.suffix == ".ckpt" else [path / PRIVATE_DIR / n for n in OWNER_CHECKPOINTS]
+        for ckpt_file in candidates:
+            if ckpt_file.is_file():
+                return _load_classifier_ckpt(ckpt_file)
+    meta, weights, _ = read_release(path, kind=CLASSIFIER_KIND, what="--model" if owner else "--classifier")
+    model = AttributeClassifier(**meta["model_kwargs"])
+    try:
+        model.load_state_dict(_strip(weights, "model."))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the recorded model_kwargs ({e})") from None
+    return model.eval(), {"veil": meta, "state_dict": dict(weights)}
+
+
+def _load_classifier_ckpt(path: Path) -> tuple[AttributeClassifier, dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -74,9 +188,20 @@ def load_classifier(path) -> tuple[AttributeClassifier, dict[str, Any]]:
                               "train one with `veil train-classifier`")
     record = ckpt["veil"]
     model = AttributeClassifier(**record["model_kwargs"])
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(_strip(ckpt["state_dict"], "model."))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the recorded model_kwargs ({e})") from None
     return model.eval(), ckpt
+
+
+CLASSIFIER_PUBLIC_KEYS = ("model_kwargs", "attribute_names", "data_spec", "recipe", "l2", "scheduler_config",
+                          "privacy", "unlearning")
+
+
+def write_classifier_release(out: str | Path, model: torch.nn.Module, veil_record: Mapping[str, Any]) -> Path:
+    """``OUT/model`` of a classifier: its weights and the public part of its ``veil`` record
+    (never ``train_features``, the un-noised features of the private training images)."""
+    meta = {k: veil_record.get(k) for k in CLASSIFIER_PUBLIC_KEYS if k in veil_record}
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    return write_release(out, kind=CLASSIFIER_KIND, weights=weights, meta=meta)

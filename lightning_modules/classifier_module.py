@@ -102,7 +102,7 @@ class AttributeClassifierModule(AccountedModule, L.LightningModule):
         x, attrs = batch  # (B, 3, R, R) in [-1, 1], (B, k) in {-1, +1}
         loss = dp_training_step(self, self.optimizers(), x, attrs, chunk_loss=self.batch_loss,
                                 params=list(self.model.parameters()))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=max(len(x), 1))
+        self.log("train/loss", loss, on_step=True, batch_size=max(len(x), 1))  # private statistic: owner-only
         return torch.tensor(loss)
 
     # ------------------------------------------------------------------- privacy + checkpoints

@@ -113,7 +113,9 @@ class DPDiffusionModule(AccountedModule, L.LightningModule):
         loss = dp_training_step(self, self.optimizers(), x0, attrs, chunk_loss=self.chunk_loss,
                                 params=self.trainable_parameters())
         self._after_step()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=max(len(x0), 1))
+        # Un-noised functions of the private batch: logged to the owner-only OUT/private/logs only
+        # (training/diffusion.py), never shown on the progress bar, never in the release.
+        self.log("train/loss", loss, on_step=True, batch_size=max(len(x0), 1))
         self.log("train/batch_size", float(len(x0)), on_step=True)
         return torch.tensor(loss)
 
@@ -144,6 +146,17 @@ class DPDiffusionModule(AccountedModule, L.LightningModule):
             "privacy": self.privacy(),
             "initialized_from": self.hparams.initialized_from,
         }
+
+    def release(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(weights, meta) of the shareable model release (``checkpoints.write_release``): the EMA and raw
+        weights, what rebuilds the model, and the privacy record; no optimizer or noise state."""
+        weights = {**{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
+                   **{f"model.{k}": v for k, v in self.model.state_dict().items()}}
+        meta = {"model_kwargs": dict(self.hparams.model_kwargs), "scheduler_config": dict(self.scheduler_config),
+                "attribute_names": list(self.hparams.attribute_names), "data_spec": self.hparams.data_spec,
+                "cond_drop_prob": self.hparams.cond_drop_prob, "initialized_from": self.hparams.initialized_from,
+                "privacy": self.privacy()}
+        return weights, meta
 
     def privacy_provenance(self) -> dict[str, Any]:
         """Where the weights started when ``model.init_from`` was set, and how many were trained if a subset."""

@@ -1,5 +1,5 @@
 """Test-suite setup: the shared helper modules in ``tests/helpers/`` are importable from every test folder,
-and the ``single_thread`` fixture.
+the ``single_thread`` fixture, and the autouse ``veil_home`` fixture.
 
 (Test folders have no ``__init__.py``, so helpers are uniquely named modules on ``sys.path``
 rather than conftest files, which would shadow each other on ``from conftest import``.)
@@ -22,3 +22,29 @@ def single_thread():
 
     with one_thread():
         yield
+
+
+def pytest_configure(config):
+    """Before any fixture (module-scoped ones too, which run before the per-test ``veil_home``):
+    no test process, nor a subprocess it starts, may write to the real ``~/.veil``."""
+    import os
+    import tempfile
+
+    config._veil_home = os.environ["VEIL_HOME"] = tempfile.mkdtemp(prefix="veil_home_session_")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    home = getattr(config, "_veil_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def veil_home(tmp_path_factory, monkeypatch):
+    """A fresh, empty ``$VEIL_HOME`` for every test: the per-dataset privacy databases it writes never
+    land in the real ``~/.veil`` (nor leak spends from one test into the next)."""
+    home = tmp_path_factory.mktemp("veil_home")
+    monkeypatch.setenv("VEIL_HOME", str(home))
+    return home

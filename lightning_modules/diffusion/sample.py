@@ -47,29 +47,51 @@ def parse_attribute_spec(spec: str, attribute_names: list[str]) -> torch.Tensor:
     return values
 
 
-def combined_privacy(ckpt: DiffusionCheckpoint, guide: GuidanceClassifier | None) -> str:
-    """One line: what the samples cost in privacy, on whose data."""
+def privacy_phrase(privacy: dict[str, Any] | None) -> tuple[bool, str]:
+    """(private?, 'epsilon E, delta D' or 'not private (why)') of one model's privacy record.
 
-    def one(privacy: dict[str, Any]) -> str:
-        if not privacy.get("enabled"):
-            return "not private"
-        return f"epsilon {privacy['epsilon']:.3f}, delta {privacy['delta']:.3g}"
+    A DP record without the ``private`` key was written before veil drew its noise from the OS CSPRNG:
+    its noise and batches were reproducible from its public config, so it is reported as not private."""
+    privacy = privacy or {}
+    if not privacy.get("enabled"):
+        return False, "not private"
+    if "private" not in privacy:
+        return False, "not private (trained before veil drew its DP noise from the OS; retrain it)"
+    if not privacy["private"]:
+        return False, f"not private ({privacy.get('not_private_reason', 'see its privacy record')})"
+    eps = privacy.get("epsilon")
+    if eps is None:
+        return False, "not private (unbounded epsilon)"
+    return True, f"epsilon {eps:.3f}, delta {privacy['delta']:.3g}"
+
+
+def combined_privacy(ckpt: DiffusionCheckpoint, guide: GuidanceClassifier | None) -> str:
+    """One line: what the samples cost in privacy, on whose data.
+
+    Two models composed on the same data cost (eps1 + eps2, delta1 + delta2) (basic composition).
+    A model whose data is not recorded counts as trained on the same data as the other: being
+    unsure, assume the costs add."""
 
     def data(spec: dict[str, Any] | None) -> str:
         return f"{spec.get('source')} {data_location(spec)}" if spec else "unrecorded data"
 
-    unet = f"denoiser: {one(ckpt.privacy)} on {data(ckpt.data_spec)}"
+    unet_private, unet_phrase = privacy_phrase(ckpt.privacy)
+    unet = f"denoiser: {unet_phrase} on {data(ckpt.data_spec)}"
     if ckpt.cond_drop_prob == 1.0:
         unet += f" ({LABEL_FREE})"
     if guide is None:
         return unet
-    clf = f"guidance classifier: {one(guide.privacy)} on {data(guide.data_spec)}"
-    if not same_dataset(ckpt.data_spec, guide.data_spec):
+    clf_private, clf_phrase = privacy_phrase(guide.privacy)
+    clf = f"guidance classifier: {clf_phrase} on {data(guide.data_spec)}"
+    unknown = not ckpt.data_spec or not guide.data_spec
+    if not unknown and not same_dataset(ckpt.data_spec, guide.data_spec):
         return f"{unet}; {clf}; different data, so each dataset's cost is its own model's"
-    if ckpt.privacy.get("enabled") and guide.privacy.get("enabled"):
-        total = ckpt.privacy["epsilon"] + guide.privacy["epsilon"]
-        return f"{unet}; {clf}; same data: together at most epsilon {total:.3f} (the epsilons add)"
-    return f"{unet}; {clf}; same data, and one of them is not private: the samples are not private"
+    why = "data not recorded for one of them, so counted as the same data" if unknown else "same data"
+    if unet_private and clf_private:
+        eps = ckpt.privacy["epsilon"] + guide.privacy["epsilon"]
+        delta = ckpt.privacy["delta"] + guide.privacy["delta"]
+        return f"{unet}; {clf}; {why}: together at most epsilon {eps:.3f}, delta {delta:.3g} (they add)"
+    return f"{unet}; {clf}; {why}, and one of them is not private: the samples are not private"
 
 
 @torch.no_grad()

@@ -1,22 +1,23 @@
 """`veil edit`: private attribute edits of dataset images, in batch, from the command line.
 
     run_edit(checkpoint=..., out=DIR, protect=["eyeglasses"], first=8, level="high")
-        -> DIR/revision/ (edited PNGs + manifest: a dataset revision FaceDataModule(revision=...) reads),
-           DIR/before_after.png, DIR/edit_report.json, and one ledger row per image (DIR/ledger.sqlite
-           unless ``ledger`` names a shared one); refused with PrivacyError if any image would pass its budget.
+        -> one release per image in the dataset's privacy database ($VEIL_HOME/datasets/<dataset>.sqlite,
+           unless ``ledger`` names one), refused with PrivacyError if any (image, attribute) would pass the
+           budget; then DIR/revision/ (edited PNGs + manifest: the owner's revision, FaceDataModule(revision=...)
+           reads it), DIR/before_after.png (both owner-only) and DIR/edit_report.json (no seeds, no originals).
     run_sweep(checkpoint=..., out=DIR, protect=[...], first=8)
         -> DIR/sweep.png (row 0 originals, then one row per level or epsilon; columns = images) and
-           DIR/sweep.json; previews only: nothing is released and no ledger is opened.
+           DIR/sweep.json, owner-only; previews only: nothing is released and no ledger is opened.
 
 The release logic is the one EditSession uses (privacy.session.draw_release, ledger budget checks),
-batched over images: check every budget first, draw, edit in one batch, record all releases in
-one transaction, then write files (spend first, publish after: a failure in between wastes budget
-but never publishes an unrecorded release).
-"""
+batched over images: check --out and every budget first, draw, edit in one batch, record all
+releases in one transaction, then write files (spend first, publish after: a failure in between
+wastes budget but never publishes an unrecorded release)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,10 +29,11 @@ from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.grid import save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
+from veil.lightning_modules.diffusion.sample import privacy_phrase
 from veil.lightning_modules.editing.editor import PrivateEditor
-from veil.privacy.ledger import DEFAULT_BUDGET, LEDGER_FILE, ReleaseLedger
+from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
-from veil.privacy.mechanism import derive_seed, json_epsilon, privatize
+from veil.privacy.mechanism import derive_seed, json_epsilon, privatize, secure_seed
 from veil.privacy.session import draw_release
 
 __all__ = ["run_edit", "run_sweep", "load_edit_inputs"]
@@ -73,6 +75,9 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
         if len(set(ids)) != len(ids):
             raise ConfigError("--ids: an id is listed twice")
         indices = [position[i] for i in ids]
+    # What the model itself cost (the release's own record): reported with every edit, so a model trained
+    # without DP, or with the not-private reproducible noise, is never presented as a private one.
+    editor.model_privacy = privacy_phrase(ckpt.privacy)[1]
     return editor, dm, indices, list(protect)
 
 
@@ -97,50 +102,82 @@ def _before_after(originals, edits, path: Path) -> None:
     save_grid(torch.cat([pad(r) for r in rows]), path, nrow=width, scale=max(1, 128 // originals.shape[-1]))
 
 
+def _owner_only(path: Path) -> Path:
+    """chmod 0700 (folder) or 0600 (file): what only the data owner may read."""
+    os.chmod(path, 0o700 if path.is_dir() else 0o600)
+    return path
+
+
+def _owner_only_file(path: Path) -> Path:
+    """``path`` as a new or truncated file with mode 0600 (created so before anything is written to it)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    return _owner_only(path)
+
+
+def _check_out(out: Path) -> None:
+    """ConfigError unless ``out`` is a new edit folder veil can write: checked before any budget is spent."""
+    if (out / "revision").exists():
+        raise ConfigError(f"--out {out}: {out / 'revision'} exists; choose a new --out (the dataset's privacy "
+                          f"database keeps counting across runs)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".veil-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); choose a folder you can write") from None
+
+
 def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
              ids: Sequence[str] | None = None, first: int | None = None, level: str = "medium",
              epsilon: float | None = None, strength: float | None = None, guidance: float = 2.0, steps: int = 50,
-             seed: int | None = None, ledger: str | Path | None = None, budget: float | None = DEFAULT_BUDGET,
+             seed: int | None = None, ledger: str | Path | None = None, budget: float | None = None,
              use_ema: bool = True) -> dict:
-    """Release private edits of the chosen images; returns the report also written to OUT/edit_report.json."""
+    """Release private edits of the chosen images; returns the report also written to OUT/edit_report.json.
+
+    Spends on the dataset's privacy database (``PrivacyLedger.for_dataset``; ``ledger`` overrides its
+    path). ``budget`` sets the release budget of a new database; on an existing one it must match.
+    """
     out = Path(out)
     lv = resolve_level(level, epsilon=epsilon, strength=strength)
-    if (out / "revision").exists():
-        raise ConfigError(f"--out {out}: {out / 'revision'} exists; choose a new --out (share a ledger with --ledger)")
+    _check_out(out)  # a used or unwritable --out is refused before anything is loaded or spent
     editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
                                                       protect=protect, steps=steps, guidance=guidance, use_ema=use_ema)
     names = editor.attribute_names
     image_ids, x, a, originals = _selected(dm.dataset, indices, names)
-    with ReleaseLedger(ledger or out / LEDGER_FILE, budget=budget) as book:
-        # 1. every budget first, so nothing is edited when one image would be refused
+    with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
+        # 1. every (image, attribute) first, so nothing is edited when one would be refused
         for image_id in image_ids:
-            book.check(image_id=image_id, epsilon=lv.epsilon)
+            book.check(image_id=image_id, protected=protected, epsilon=lv.epsilon, published=names)
         # 2. randomized response per image (fresh stream per release), 3. one batched edit
         draws = [draw_release(image_id=i, attributes=o, protected=protected, epsilon=lv.epsilon, seed=seed,
                               release_index=book.count(i)) for i, o in zip(image_ids, originals)]
         targets = torch.stack([editor.attribute_vector(r) for r, _ in draws])
-        edited = editor.edit(x, a, targets, strength=lv.strength)
-        # 4. spend: all releases in one transaction
+        edited = editor.edit(x, a, targets, strength=lv.strength, protected=protected)
+        # 4. spend: all releases in one transaction (the seeds stay in the owner-only database)
         records = book.record_many([dict(image_id=i, protected=protected, epsilon=lv.epsilon, strength=lv.strength,
                                          seed=s, level=lv.name, released_attributes=r)
                                     for i, (r, s) in zip(image_ids, draws)])
-        spent = {i: book.spent(i) for i in image_ids}
-        ledger_path = str(book.path)
-    # 5. publish: the revision (edited PNGs + manifest), the grid, the report
+        spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}
+        ledger_path, book_budget = str(book.path), book.budget
+    # 5. write: the owner's revision (it keeps the original attributes unlearning needs: owner-only; publish
+    #    with `veil privacy publish-revision`), the before/after grid (it shows the originals: owner-only), the report
     changes = [RevisionChange(i, o, r, protected, json_epsilon(lv.epsilon, infinite=None), lv.strength)
                for i, o, (r, _) in zip(image_ids, originals, draws)]
-    write_revision(out / "revision", base_spec=dm.dataset_spec(), attribute_names=names, changes=changes,
-                   images=dict(zip(image_ids, edited)))
-    files = {c["id"]: f"revision/{c['file']}" for c in json.loads((out / "revision/manifest.json").read_text())["changes"]}
-    _before_after(x, edited, out / "before_after.png")
+    (out / "revision").mkdir(mode=0o700)
+    write_revision(_owner_only(out / "revision"), base_spec=dm.dataset_spec(), attribute_names=names,
+                   changes=changes, images=dict(zip(image_ids, edited)))
+    manifest = json.loads(_owner_only(out / "revision/manifest.json").read_text())
+    files = {c["id"]: f"revision/{c['file']}" for c in manifest["changes"]}
+    _before_after(x, edited, _owner_only_file(out / "before_after.png"))
     report = {
-        "checkpoint": str(checkpoint), "data": dm.dataset_spec(), "level": lv.to_json(), "protected": protected,
-        "guidance": guidance, "steps": steps, "seed_given": seed is not None, "ledger": ledger_path, "budget": budget,
-        "revision": "revision", "grid": "before_after.png",
-        "images": [{"id": i, "file": files[i], "original_attributes": o, "released_attributes": r,
-                    "epsilon": json_epsilon(lv.epsilon), "strength": lv.strength, "seed": s, "release_id": rec.release_id,
-                    "spent": json_epsilon(spent[i])}
-                   for i, o, (r, s), rec in zip(image_ids, originals, draws, records)],
+        "checkpoint": str(checkpoint), "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
+        "level": lv.to_json(), "protected": protected, "guidance": guidance, "steps": steps, "seed_given": seed is not None, "ledger": ledger_path,
+        "budget": book_budget, "revision": "revision", "grid": "before_after.png",
+        "owner_only": ["revision", "before_after.png"],
+        "images": [{"id": i, "file": files[i], "released_attributes": r, "epsilon": json_epsilon(lv.epsilon),
+                    "strength": lv.strength, "release_id": rec.release_id, "spent": spent[i]}
+                   for i, (r, _), rec in zip(image_ids, draws, records)],
     }
     (out / "edit_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
@@ -156,9 +193,16 @@ def sweep_levels(*, epsilons: Sequence[float] | None, strength: float | None, le
 def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
               ids: Sequence[str] | None = None, first: int | None = None, epsilons: Sequence[float] | None = None,
               level: str | None = None, strength: float | None = None, guidance: float = 2.0, steps: int = 50,
-              seed: int = 0, use_ema: bool = True) -> dict:
-    """Preview grid over privacy levels for the same images; releases nothing."""
+              seed: int | None = None, use_ema: bool = True) -> dict:
+    """Preview grid over privacy levels for the same images; releases nothing.
+
+    The previews are the owner's: row 0 shows the originals and the rows together (several
+    independent draws, possibly at epsilon inf) give the protected values away, so sweep.png and
+    sweep.json are written owner-only (0600); sweep.json holds neither the seed nor the original
+    attributes. ``seed=None`` (the default) draws it from the OS, as releases do.
+    """
     out = Path(out)
+    seed = secure_seed() if seed is None else seed
     rows = sweep_levels(epsilons=epsilons, strength=strength, level=level)
     editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
                                                       protect=protect, steps=steps, guidance=guidance, use_ema=use_ema)
@@ -170,14 +214,17 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
         draws = [privatize(o, protected=protected, epsilon=lv.epsilon,
                            rng=random.Random(derive_seed(seed, i, "sweep", k))) for i, o in zip(image_ids, originals)]
         if lv.strength not in inverted:  # inversion depends on strength only: share it across rows
-            inverted[lv.strength] = editor.invert(x, a, strength=lv.strength)
+            inverted[lv.strength] = editor.invert(x, a, strength=lv.strength, protected=protected)
         targets = torch.stack([editor.attribute_vector(d) for d in draws])
         grid.append(editor.regenerate(inverted[lv.strength], targets, strength=lv.strength))
         table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(torch.cat(grid), out / "sweep.png", nrow=len(indices), scale=max(1, 128 // x.shape[-1]))
-    report = {"checkpoint": str(checkpoint), "data": dm.dataset_spec(), "protected": protected, "ids": image_ids,
-              "original_attributes": dict(zip(image_ids, originals)), "rows": table, "grid": "sweep.png",
-              "note": "previews only: nothing was released and no ledger entry was made"}
-    (out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_grid(torch.cat(grid), _owner_only_file(out / "sweep.png"), nrow=len(indices), scale=max(1, 128 // x.shape[-1]))
+    report = {"checkpoint": str(checkpoint), "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
+              "protected": protected, "ids": image_ids,
+              "rows": table, "grid": "sweep.png",
+              "note": "previews for the data owner only (owner-only files): nothing was released and no ledger "
+                      "entry was made; do not share them, together they give the protected values away"}
+    _owner_only_file(out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+

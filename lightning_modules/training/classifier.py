@@ -5,10 +5,18 @@
 ``train_classifier`` trains ``AttributeClassifier`` with the recipe (``ClassifierRecipe``, also
 ``lightning_modules/configs/classifier32.yaml``), optionally with DP-SGD, then (non-private runs,
 ``refit_head``) refits the head to the exact optimum of its L2-regularised logistic regression on
-the frozen features. It writes OUT/last.ckpt (``checkpoints.CLASSIFIER_KIND``: model, data spec,
-recipe, privacy record, and the cached training features of a non-private run, so that unlearning
-the head needs no pass over the training images) and OUT/train_report.json. The unlearning job's
-retraining baseline calls it with the recipe stored in the checkpoint.
+the frozen features. It writes
+
+* ``OUT/model/``: the release to share (weights, model kwargs, attribute names, data spec, recipe,
+  privacy record; ``checkpoints.write_classifier_release``);
+* ``OUT/train_report.json``: public facts of the run (steps, seconds, privacy record);
+* ``OUT/private/`` (owner-only): ``last.ckpt`` (``checkpoints.CLASSIFIER_KIND``, with the cached
+  training features of a non-private run, so that unlearning the head needs no pass over the
+  training images) and ``train_report.json`` with the accuracy on held-out private images, an
+  un-noised statistic of private data.
+
+The run is recorded in the dataset's privacy database first (``training.dataset_account``). The
+unlearning job's retraining baseline calls it with the recipe stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -108,11 +116,11 @@ def noisy_accuracy(model, alphas_cumprod: torch.Tensor, data: tuple[torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ training
-def _trainer(out: Path, epochs: int, progress: bool) -> L.Trainer:
+def _trainer(out: Path, epochs: int, progress: bool, callbacks=()) -> L.Trainer:
     return L.Trainer(default_root_dir=out, max_epochs=epochs, accelerator="cpu" if not torch.cuda.is_available()
                      else "auto", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
-                     limit_val_batches=0, num_sanity_val_steps=0)
+                     limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
 
 
 @torch.no_grad()
@@ -130,19 +138,24 @@ def refit_head(model, feats: torch.Tensor, attrs: torch.Tensor, *, l2: float) ->
 
 
 def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = None, out: str | Path,
-                     datamodule=None, progress: bool = False) -> dict[str, Any]:
-    """Train on ``data`` (FaceDataModule options) or a ready ``datamodule``; write OUT/last.ckpt; return a record."""
+                     datamodule=None, progress: bool = False, ledger: str | Path | None = None) -> dict[str, Any]:
+    """Train on ``data`` (FaceDataModule options) or a ready ``datamodule``; write OUT/model and
+    OUT/private/last.ckpt; return a record (with the owner-only test accuracy)."""
+    from veil.lightning_modules.checkpoints import private_dir, seal_private, write_classifier_release
     from veil.lightning_modules.classifier_module import AttributeClassifierModule
     from veil.lightning_modules.data.datamodule import FaceDataModule
+    from veil.lightning_modules.training.dataset_account import DatasetAccount
 
     out = Path(out)
-    if (out / "last.ckpt").exists():
-        raise ConfigError(f"--out {out} already holds last.ckpt; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "private" / "last.ckpt").exists() or (out / "model").exists():
+        raise ConfigError(f"--out {out} already holds a classifier; choose another --out")
     dm = datamodule or FaceDataModule(**{**(data or {}), "batch_size": recipe.batch_size,
                                          "poisson": bool(recipe.dp.get("enabled"))})
     dm.setup("fit")
-    L.seed_everything(recipe.seed, verbose=False)
+    dp_seed = recipe.dp.get("reproducible_noise_seed")
+    if dp_seed is not None and recipe.dp.get("enabled"):  # tests/debugging only: the record says not private
+        dm.poisson_seed = dp_seed
+    L.seed_everything(recipe.seed, verbose=False)  # initialisation and loss draws, NOT the DP noise
     steps = recipe.epochs * (int(1 / dm.sample_rate) if dm.poisson else dm.train_size // dm.batch_size)
     model_kwargs = {"num_attributes": len(dm.attribute_names), "resolution": dm.resolution, **recipe.model}
     module = AttributeClassifierModule(
@@ -150,8 +163,12 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
         sample_rate=dm.sample_rate, planned_steps=max(steps, 1), dp=recipe.dp, lr=recipe.lr,
         head_l2=recipe.head_l2, data_spec=dm.spec(), recipe=recipe.to_dict(),
     )
+    account = DatasetAccount(module=module, out=out, kind="classifier", data_spec=dm.dataset_spec(),
+                             planned_steps=max(steps, 1), ledger=ledger, details={"recipe": recipe.to_dict()})
+    account.check()  # refused before training if the dataset's training budget would be passed
+    private = private_dir(out)
     start = time.perf_counter()
-    trainer = _trainer(out, recipe.epochs, progress)
+    trainer = _trainer(out, recipe.epochs, progress, callbacks=[account])
     trainer.fit(module, datamodule=dm)
     newton = None
     if recipe.refit_head:
@@ -160,12 +177,18 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
         newton = refit_head(module.model, feats, attrs, l2=recipe.head_l2)
         module.train_features = feats  # non-private runs only (refit_head is refused under DP)
     seconds = time.perf_counter() - start
-    trainer.save_checkpoint(out / "last.ckpt")
+    trainer.save_checkpoint(private / "last.ckpt")
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)  # the same veil record the owner's checkpoint holds
+    write_classifier_release(out, module.model, ckpt["veil"])
+    public = {"checkpoint": str(out), "seconds": seconds, "steps": module.dp_steps,
+              "head_newton_iterations": newton, "privacy": module.privacy()}
+    (out / "train_report.json").write_text(json.dumps(public, indent=2, allow_nan=False) + "\n")
+    # Accuracy on held-out PRIVATE images: an un-noised statistic of private data, owner-only.
     test = tensors(dm.dataset, dm.split_indices("test"))
-    record = {"checkpoint": str(out / "last.ckpt"), "seconds": seconds, "steps": module.dp_steps,
-              "head_newton_iterations": newton, "test_accuracy": test_accuracy(module.model, test),
-              "privacy": module.privacy()}
+    owner = {"test_accuracy": test_accuracy(module.model, test)}
     if module.model.noise_conditional:
-        record["test_accuracy_by_timestep"] = noisy_accuracy(module.model, module.alphas_cumprod, test)
-    (out / "train_report.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        owner["test_accuracy_by_timestep"] = noisy_accuracy(module.model, module.alphas_cumprod, test)
+    (private / "train_report.json").write_text(json.dumps(owner, indent=2, allow_nan=False) + "\n")
+    seal_private(out)
+    return {**public, **owner}

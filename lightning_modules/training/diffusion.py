@@ -2,10 +2,19 @@
 
     veil train --config lightning_modules/configs/synthetic32.yaml --out runs/dp32
 
-writes ``OUT/last.ckpt`` (every ``trainer.checkpoint_every_n_steps`` steps and at the end, so a
-crash loses at most that many steps; ``--resume`` continues from it, accounting included) and
-``OUT/privacy.json`` (epsilon, delta, noise multiplier, max grad norm, sample rate, steps,
-accountant). Everything that can be checked is checked before the first step.
+writes, every ``trainer.checkpoint_every_n_steps`` steps and at the end (a crash loses at most that
+many steps):
+
+* ``OUT/model/`` the release to share (``checkpoints.write_release``: weights, config, privacy record);
+* ``OUT/privacy.json`` (epsilon, delta, noise multiplier, max grad norm, sample rate, steps,
+  accountant, ``private`` and, when false, why) and ``OUT/config.json``;
+* ``OUT/private/`` owner-only: ``last.ckpt`` (``--resume`` continues it, accounting included; a
+  resume draws fresh secret noise) and ``logs/`` (per-step loss and batch size: un-noised statistics
+  of the private batches).
+
+The run is recorded in the dataset's privacy database before its first step
+(``training.dataset_account``). Everything that can be checked is checked before the first step,
+including, on ``--resume``, that the privacy plan is the one the run started with.
 """
 
 from __future__ import annotations
@@ -47,17 +56,21 @@ def silence_known_warnings() -> None:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, path)
 
 
-class PrivacyReport(L.Callback):
-    """Keeps OUT/privacy.json current: after every checkpoint save and at the end of training."""
+class ReleaseWriter(L.Callback):
+    """Keeps OUT/model (the release) and OUT/privacy.json current: at every checkpoint save and at the end."""
 
     def __init__(self, out: Path):
         self.out = out
 
     def _write(self, pl_module) -> None:
+        from veil.lightning_modules.checkpoints import DIFFUSION_KIND, write_release
+
+        weights, meta = pl_module.release()
+        write_release(self.out, kind=DIFFUSION_KIND, weights=weights, meta=meta)
         write_json_atomic(self.out / "privacy.json", pl_module.privacy())
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
@@ -101,58 +114,117 @@ def build_module(cfg: TrainConfig, dm):
     )
 
 
-def build_trainer(cfg: TrainConfig, out: Path, *, progress: bool = True) -> L.Trainer:
+def build_trainer(cfg: TrainConfig, out: Path, *, progress: bool = True, callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from veil.lightning_modules.checkpoints import private_dir
+
     t = cfg.trainer
-    ckpt = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every_n_steps)
+    private = private_dir(out)  # owner-only: the resume state and the per-step statistics of private batches
+    ckpt = ModelCheckpoint(dirpath=private, save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every_n_steps)
     return L.Trainer(
         default_root_dir=out, max_epochs=t.max_epochs if t.max_steps is None else -1,
         max_steps=t.max_steps if t.max_steps is not None else -1, max_time=t.max_time,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         use_distributed_sampler=False,  # the DataModule shards and Poisson-samples itself
-        callbacks=[ckpt, PrivacyReport(out)], logger=CSVLogger(out, name="logs"),
+        callbacks=[ckpt, ReleaseWriter(out), *callbacks], logger=CSVLogger(private, name="logs"),
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=progress,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
     )
 
 
-def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train; return the privacy record (also written to OUT/privacy.json)."""
+def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+                 ledger: str | Path | None = None) -> dict[str, Any]:
+    """Train; return the privacy record (also written to OUT/privacy.json). ``ledger``: the dataset's
+    privacy database (default: the one ``veil.privacy.ledger.ledger_path_for`` finds for the data)."""
+    from veil.lightning_modules.checkpoints import PRIVATE_DIR, seal_private
+    from veil.lightning_modules.training.dataset_account import DatasetAccount
+
     out = Path(out)
-    ckpt_path = out / "last.ckpt"
-    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
-        raise ConfigError(f"model.init_from {cfg.model.init_from} does not exist; pass the last.ckpt of a veil train "
-                          "run on public data (see lightning_modules/configs/synthetic32_public.yaml)")
+    ckpt_path = out / PRIVATE_DIR / "last.ckpt"
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"model.init_from {cfg.model.init_from} does not exist; pass the run folder (or OUT/model) "
+                          "of a veil train run on public data (see lightning_modules/configs/synthetic32_public.yaml)")
     if resume and not ckpt_path.is_file():
         raise ConfigError(f"--resume: {ckpt_path} does not exist; start without --resume")
-    if not resume and ckpt_path.exists():
-        raise ConfigError(f"--out {out} already holds last.ckpt; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (ckpt_path.exists() or (out / "model").exists()):
+        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     silence_known_warnings()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # initialisation, data, loss draws: NOT the DP noise
     dm = build_datamodule(cfg)
     dm.setup("fit")  # fails here, before training, on missing data or unknown attributes
+    if cfg.dp.reproducible:  # tests/debugging only; the privacy record says "private": false
+        dm.poisson_seed = cfg.dp.reproducible_noise_seed
     module = build_module(cfg, dm)
+    if resume:
+        check_resume(cfg, ckpt_path, module)
     if cfg.model.init_from and not resume:  # on resume the weights come from last.ckpt
         from veil.lightning_modules.training.init_from import load_start
 
         module.hparams.initialized_from = load_start(module, cfg.model.init_from, data_spec=dm.spec())
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    trainer = build_trainer(cfg, out, progress=progress)
+    account = DatasetAccount(module=module, out=out, kind="diffusion", data_spec=dm.dataset_spec(),
+                             planned_steps=module.hparams.planned_steps, ledger=ledger,
+                             details={"config": cfg.to_dict()})
+    account.check()  # refused here, before any step, if the dataset's training budget would be passed
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, allow_nan=False))
+    trainer = build_trainer(cfg, out, progress=progress, callbacks=[account])
     with owned_process_group():  # under DDP: gloo's threads end with the job, not at interpreter exit
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
         trainer.save_checkpoint(ckpt_path)
     record = module.privacy()
     if trainer.is_global_zero:
         write_json_atomic(out / "privacy.json", record)
+        seal_private(out)
     return record
+
+
+PLAN_KEYS = ("enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "accountant",
+             "noise_multiplicity", "reproducible_noise_seed")  # what decides sigma and the accounting
+
+
+def check_resume(cfg: TrainConfig, ckpt_path: Path, module) -> None:
+    """Refuse a resume whose privacy plan differs from the run's: a changed dp.* key, another data
+    sample rate, or more steps under dp.target_epsilon (sigma was solved for the old plan, so the run
+    would silently end above the target). An explicit re-plan is allowed: dp.target_epsilon null and
+    dp.noise_multiplier equal to the run's sigma; the message says what epsilon that ends at."""
+    import torch
+
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = saved.get("hyper_parameters") or {}
+    old_dp, new_dp = dict(hp.get("dp") or {}), cfg.dp.to_dict()
+    sigma = float(((saved.get("veil") or {}).get("privacy") or {}).get("noise_multiplier") or 0.0)
+    old_steps, new_steps = int(hp.get("planned_steps", 0)), int(module.hparams.planned_steps)
+    if abs(float(hp.get("sample_rate", 0)) - module.hparams.sample_rate) > 1e-12:
+        raise ConfigError(f"--resume: the data give sample rate {module.hparams.sample_rate:g}, the run was planned at "
+                          f"{hp.get('sample_rate')}; resume with the run's data.* settings")
+    explicit = (new_dp.get("target_epsilon") is None and new_dp.get("noise_multiplier") is not None
+                and math.isclose(float(new_dp["noise_multiplier"]), sigma, rel_tol=1e-9))
+    changed = [k for k in PLAN_KEYS if old_dp.get(k) != new_dp.get(k)
+               and not (explicit and k in ("target_epsilon", "noise_multiplier"))]
+    if changed:
+        raise ConfigError(f"--resume: dp.{', dp.'.join(changed)} differ from the run's plan "
+                          f"({', '.join(f'{k}={old_dp.get(k)!r}' for k in changed)}); a resumed run keeps its "
+                          "privacy plan. Resume with those values, or start a new run in another --out")
+    if new_dp.get("enabled") and new_steps != old_steps and not explicit:
+        from veil.lightning_modules.training.dataset_account import planned_epsilon
+
+        acc = module.accounting
+        acc.noise_multiplier = sigma
+        end = planned_epsilon(acc, planned_steps=new_steps)
+        raise ConfigError(
+            f"--resume: the run solved sigma = {sigma:.4f} for dp.target_epsilon over {old_steps} steps; continuing to "
+            f"{new_steps} steps at that sigma ends at epsilon {end:.3f}, not the target. To do that on purpose, "
+            f"pass --set dp.target_epsilon=null --set dp.noise_multiplier={sigma!r}; else keep the run's step count")
 
 
 def describe(record: dict[str, Any]) -> str:
     if not record.get("enabled"):
         return f"non-private training: {record['steps']} steps, no privacy guarantee (epsilon = inf)"
+    if not record.get("private", False):
+        return (f"NOT PRIVATE: {record.get('not_private_reason', 'recorded before veil drew its noise from the OS')}; "
+                f"{record['steps']} steps at sigma = {record['noise_multiplier']:.3f}")
     eps = record["epsilon"]
     eps_s = "inf (noise multiplier 0)" if eps is None or not math.isfinite(eps) else f"{eps:.3f}"
     start = record.get("initialized_from")

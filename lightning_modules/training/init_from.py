@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from veil.errors import ConfigError, PrivacyError
-from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
+from veil.lightning_modules.checkpoints import WEIGHTS_FILE, load_diffusion_checkpoint
 from veil.lightning_modules.data.specs import data_location, same_dataset
 
 
@@ -93,7 +93,7 @@ def load_start(module, path: str | Path, *, data_spec: dict[str, Any]) -> dict[s
         module.ema.load_state_dict(state)
     return {
         "path": str(path),
-        "sha256": _sha256(path),
+        "sha256": _sha256(start.path / WEIGHTS_FILE),  # of the release's weights
         "data_spec": start.data_spec,
         "privacy": start.privacy,
         "used_attribute_labels": used_labels,

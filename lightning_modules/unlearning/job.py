@@ -1,11 +1,11 @@
 """``veil unlearn``: update a trained attribute classifier to a dataset revision, and measure it.
 
-    veil unlearn --model runs/clf/last.ckpt --revision runs/rev --method second --compare-retrain --out runs/unl
+    veil unlearn --model runs/clf --revision runs/rev --method second --compare-retrain --out runs/unl
 
 ``run_unlearn`` builds the tensors the update needs (``UnlearningData``: the training set as trained
 on, the changed samples and their revision), runs ``FeatureUnlearningModule`` through a Lightning
 ``Trainer`` (``run_update``; ``--set trainer.devices=2 --set trainer.strategy=ddp`` spreads it over
-CPU processes as for training), and writes OUT/unlearned.ckpt and OUT/unlearn_report.json; with
+CPU processes as for training), and writes OUT/model (the release), OUT/private/unlearned.ckpt (owner-only) and OUT/unlearn_report.json; with
 ``compare_retrain`` it also retrains from scratch on the revised data with the same recipe and seed
 (the baseline) and compares.
 
@@ -139,8 +139,12 @@ def distances(before, after, retrained, names: Sequence[str]) -> dict[str, float
             "updated_params_before": dist(before, names), "updated_params_after": dist(after, names)}
 
 
-def save_unlearned(ckpt: dict[str, Any], model, path: Path, *, revision: str, record: dict[str, Any]) -> None:
-    """The original checkpoint with the new weights, the revision in its data spec, and the unlearning record."""
+def save_unlearned(ckpt: dict[str, Any], model, out: Path, *, revision: str, record: dict[str, Any]) -> None:
+    """The original checkpoint with the new weights, the revision in its data spec, and the unlearning
+    record: the release to share in OUT/model, the owner's checkpoint (with the training features)
+    in OUT/private/unlearned.ckpt."""
+    from veil.lightning_modules.checkpoints import private_dir, seal_private, write_classifier_release
+
     new = copy.copy(ckpt)
     new["state_dict"] = {**ckpt["state_dict"], **{f"model.{n}": t.detach().clone() for n, t in model.state_dict().items()}}
     veil = copy.deepcopy(ckpt["veil"])
@@ -152,7 +156,9 @@ def save_unlearned(ckpt: dict[str, Any], model, path: Path, *, revision: str, re
         veil["privacy"] = {"enabled": False, "epsilon": None, "trained_with": veil["privacy"],
                            "note": "non-private unlearning update applied after DP training"}
     new["veil"] = veil
-    torch.save(new, path)
+    torch.save(new, private_dir(out) / "unlearned.ckpt")
+    write_classifier_release(out, model, veil)
+    seal_private(out)
 
 
 def _retrain(ckpt: dict, dm_rev, out: Path) -> tuple[Any, float]:
@@ -162,7 +168,7 @@ def _retrain(ckpt: dict, dm_rev, out: Path) -> tuple[Any, float]:
     dm = FaceDataModule.from_spec(dm_rev.spec())
     dm._dataset = dm_rev.dataset  # the same (already loaded) images: time the training, not the loading
     record = train_classifier(recipe=recipe, datamodule=dm, out=out)
-    model, _ = load_classifier(record["checkpoint"])
+    model, _ = load_classifier(record["checkpoint"])  # the retrained run's release
     return model, record["seconds"]
 
 
@@ -275,13 +281,14 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
 def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path,
                 compare_retrain: bool = False, params: Sequence[str] | None = None,
                 trainer: UnlearnTrainerConfig | None = None, **knobs: Any) -> dict[str, Any]:
-    """Unlearn ``revision`` from the classifier checkpoint ``model``; rank 0 writes OUT/unlearned.ckpt and the report.
+    """Unlearn ``revision`` from the classifier run ``model`` (its folder, or an owner ``.ckpt``); rank 0 writes
+    OUT/model (the release), OUT/private/unlearned.ckpt and the report.
 
     ``knobs`` go to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter, lissa_scale,
     hessian_samples, ...); ``trainer`` says how many processes run the update.
     """
     out = Path(out)
-    clf, ckpt = load_classifier(model)
+    clf, ckpt = load_classifier(model, owner=True)  # the owner's checkpoint (cached features) when there
     if clf.noise_conditional:
         raise ConfigError(f"--model {model}: a noise-conditional (guidance) classifier; unlearning updates "
                           "classifiers of clean images")
@@ -293,6 +300,6 @@ def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: st
     if not report.pop("_global_zero"):
         return report  # another rank: the same update and report; rank 0 writes them
     out.mkdir(parents=True, exist_ok=True)
-    save_unlearned(ckpt, clf, out / "unlearned.ckpt", revision=str(revision), record=report)
+    save_unlearned(ckpt, clf, out, revision=str(revision), record=report)
     (out / "unlearn_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,12 +1,13 @@
 """AttributeClassifier and its training: shapes, loss, DP compatibility, checkpoints, recipe, CLI."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from unlearn_helpers import RECIPE, datamodule, one_thread, train_tiny
 
-from veil.errors import ConfigError
+from veil.errors import CheckpointError, ConfigError
 from veil.lightning_modules import checkpoints as CK
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
 from veil.lightning_modules.training import classifier as TC
@@ -73,7 +74,7 @@ def trained(tmp_path_factory):
 def test_training_learns_and_the_checkpoint_rebuilds_the_model(trained):
     record, out = trained
     assert record["test_accuracy"] > 0.65  # chance is 0.5; a 2-epoch 480-image run gets ~0.75
-    model, ckpt = CK.load_classifier(out / "last.ckpt")
+    model, ckpt = CK.load_classifier(out, owner=True)
     veil = ckpt["veil"]
     assert veil["kind"] == "veil/attribute-classifier"
     assert veil["recipe"]["head_l2"] == RECIPE["head_l2"] and veil["data_spec"]["num_images"] == 480
@@ -89,7 +90,7 @@ def test_refit_head_lands_on_the_convex_optimum(trained):
     from veil.lightning_modules.unlearning import influence as U
 
     _, out = trained
-    model, ckpt = CK.load_classifier(out / "last.ckpt")
+    model, ckpt = CK.load_classifier(out, owner=True)
     obj = U.Objective(model.head, ["weight", "bias"], attribute_bce, {"weight": 1e-2, "bias": 1e-2})
     grad = U.objective_gradient(obj, obj.flat(), [(ckpt["veil"]["train_features"], _train_attrs())])
     assert grad.norm() < 1e-6
@@ -111,8 +112,28 @@ def test_dp_training_records_privacy_and_refuses_a_head_refit(tmp_path):
     privacy = record["privacy"]
     assert privacy["enabled"] and privacy["noise_multiplier"] == 1.0 and 0 < privacy["epsilon"] < 100
     assert privacy["steps"] == record["steps"] > 0
-    _, ckpt = CK.load_classifier(tmp_path / "last.ckpt")
+    _, ckpt = CK.load_classifier(tmp_path, owner=True)
     assert ckpt["veil"]["train_features"] is None  # nothing non-private travels with a DP model
+
+
+def test_release_holds_weights_and_record_but_nothing_private(trained):
+    """OUT/model is what gets shared: the weights rebuild the model, and neither the cached training
+    features nor the accuracy on private held-out images are in it or in the public report."""
+    record, out = trained
+    release, _ = CK.load_classifier(out)  # the release, not the owner's checkpoint
+    owner, ckpt = CK.load_classifier(out, owner=True)
+    for a, b in zip(release.parameters(), owner.parameters()):
+        assert torch.equal(a, b)
+    meta = json.loads((out / "model" / "veil_model.json").read_text())
+    assert "train_features" not in meta and meta["privacy"]["private"] is False
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["model.safetensors", "veil_model.json"]
+    public = json.loads((out / "train_report.json").read_text())
+    assert "test_accuracy" not in public and "test_accuracy" in json.loads(
+        (out / "private" / "train_report.json").read_text())
+    assert oct((out / "private").stat().st_mode & 0o777) == "0o700"
+    assert oct((out / "private" / "last.ckpt").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(CheckpointError, match="owner-only"):
+        CK.load_classifier(out / "private" / "last.ckpt")  # a guidance/sample user cannot read owner state
 
 
 def test_shipped_config_parses():
@@ -131,6 +152,6 @@ def test_cli_train_classifier(tmp_path, capsys):
     sets = ["--set", "epochs=1", "--set", "batch_size=16", "--set", "model={channels: [8, 8, 8], feature_dim: 8, "
             "norm_num_groups: 4}"]
     assert main(["train-classifier", "--data", data, "--out", str(tmp_path), *sets]) == 0
-    assert (tmp_path / "last.ckpt").is_file() and "test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "model" / "veil_model.json").is_file() and "test accuracy" in capsys.readouterr().out
     assert main(["train-classifier", "--data", "num_images", "--out", str(tmp_path / "x")]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

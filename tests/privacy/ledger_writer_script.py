@@ -5,12 +5,13 @@
 test_ledger.py kills this with SIGKILL mid-run and checks every id printed here is in the ledger.
 """
 
+import math
 import sys
 
-from veil.privacy.ledger import ReleaseLedger
+from veil.privacy.ledger import PrivacyLedger
 
 if __name__ == "__main__":
-    ledger = ReleaseLedger(sys.argv[1], budget=None)
+    ledger = PrivacyLedger(sys.argv[1], budget=math.inf)
     k = 0
     while True:
         rec = ledger.record(image_id=f"img-{k % 50}", protected=["smiling"], epsilon=0.5, strength=0.7, seed=k,

@@ -1,11 +1,12 @@
-"""EditSession: previews spend nothing, feedback moves the level, accept releases exactly once."""
+"""EditSession: previews spend nothing, feedback moves the level, accept releases exactly once, the editor is
+told what is protected."""
 
 import math
 
 import pytest
 
 from veil.errors import ConfigError, PrivacyError
-from veil.privacy.ledger import ReleaseLedger
+from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.mechanism import flip_probability
 from veil.privacy.session import EditSession, draw_release
 
@@ -18,14 +19,14 @@ class RecordingEditor:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, images, *, originals, targets, strength):
-        self.calls.append((list(images), list(originals), list(targets), strength))
+    def __call__(self, images, *, originals, targets, strength, protected):
+        self.calls.append((list(images), list(originals), list(targets), strength, list(protected)))
         return [(im, dict(t), strength) for im, t in zip(images, targets)]
 
 
 @pytest.fixture
 def ledger(tmp_path):
-    with ReleaseLedger(tmp_path / "ledger.sqlite", budget=3.0) as ledger:
+    with PrivacyLedger(tmp_path / "ledger.sqlite", budget=3.0) as ledger:
         yield ledger
 
 
@@ -39,7 +40,7 @@ def test_previews_spend_nothing_and_follow_the_level(ledger):
     editor = RecordingEditor()
     session = _session(ledger, editor)
     cands = session.preview(6)
-    assert len(cands) == 6 and ledger.releases() == [] and ledger.spent("img-7") == 0.0
+    assert len(cands) == 6 and ledger.releases() == [] and ledger.spends("img-7") == {}
     assert all(c.image[0] == "pixels" and c.image[2] == 0.55 and c.level.name == "medium" for c in cands)
     assert all(c.released_attributes["hat"] == 1 for c in cands)  # unprotected: unchanged
     assert all(0 < c.probability <= 1 for c in cands)
@@ -65,7 +66,8 @@ def test_accept_releases_exactly_once_and_spends_its_epsilon(ledger):
     session.feedback("more_private")  # high: eps 1.0
     outcome = session.feedback("accept")
     release = outcome.release
-    assert outcome.decision == "accepted" and ledger.spent("img-7") == 1.0 and ledger.count("img-7") == 1
+    assert outcome.decision == "accepted" and ledger.spends("img-7") == {"eyeglasses": 1.0, "smiling": 1.0}
+    assert ledger.count("img-7") == 1
     assert release.record.epsilon == 1.0 and release.record.strength == 0.7 and release.record.level == "high"
     assert release.record.released_attributes == release.released_attributes == release.image[1]
     assert release.original_attributes == ATTRS
@@ -75,6 +77,7 @@ def test_accept_releases_exactly_once_and_spends_its_epsilon(ledger):
     with pytest.raises(ConfigError, match="closed"):
         session.feedback("more_private")
     assert ledger.count("img-7") == 1 and session.state()["release_id"] == release.record.release_id
+    assert session.state()["spent"] == {"eyeglasses": 1.0, "smiling": 1.0} and session.state()["budget"] == 3.0
 
 
 def test_reject_records_nothing(ledger):
@@ -98,10 +101,31 @@ def test_over_budget_release_is_refused(ledger):
     editor = RecordingEditor()
     with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 3"):
         _session(ledger, editor, level="medium").accept()
-    assert editor.calls == [] and ledger.spent("img-7") == 2.0  # refused before any compute
+    assert editor.calls == [] and ledger.spent("img-7", "smiling") == 2.0  # refused before any compute
     _session(ledger, level="high").accept()  # 3.0: exactly the budget
     _session(ledger, level="max").accept()   # eps 0 is free
-    assert ledger.spent("img-7") == 3.0 and ledger.count("img-7") == 3
+    assert ledger.spent("img-7", "eyeglasses") == 3.0 and ledger.count("img-7") == 3
+
+
+def test_the_editor_is_told_which_attributes_are_protected(ledger):
+    # The editor inverts with the protected attributes unknown; the session must say which they are.
+    editor = RecordingEditor()
+    session = _session(ledger, editor, protected=["eyeglasses"])
+    session.preview(2)
+    session.accept()
+    assert [call[4] for call in editor.calls] == [["eyeglasses"], ["eyeglasses"]]
+
+
+def test_a_release_that_would_publish_a_protected_value_exactly_is_refused_before_editing(ledger):
+    # Every release publishes all attributes, so after one release the image's protected set is fixed:
+    # dropping smiling would publish its true value; adding hat, published exactly before, protects nothing.
+    _session(ledger, protected=["smiling", "eyeglasses"], level="max").accept()
+    editor = RecordingEditor()
+    with pytest.raises(PrivacyError, match="publish 'smiling' exactly"):
+        _session(ledger, editor, protected=["eyeglasses"], level="max").accept()
+    with pytest.raises(PrivacyError, match="'hat' was published exactly"):
+        _session(ledger, editor, protected=["smiling", "eyeglasses", "hat"], level="max").accept()
+    assert editor.calls == [] and ledger.count("img-7") == 1
 
 
 def test_successive_releases_draw_fresh_attributes():

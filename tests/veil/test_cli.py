@@ -42,4 +42,6 @@ def test_sample_rejects_non_checkpoint(tmp_path, capsys):
 
     torch.save({"state_dict": {}}, bogus)
     assert main(["sample", "--checkpoint", str(bogus), "--out", str(tmp_path / "g.png")]) == 2
-    assert "not a veil diffusion checkpoint" in capsys.readouterr().err
+    assert "owner-only training state" in capsys.readouterr().err  # a .ckpt is never a release
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2
+    assert "no model release there" in capsys.readouterr().err

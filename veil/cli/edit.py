@@ -1,9 +1,10 @@
 """``veil edit``: private attribute edits from the command line (argparse only here; torch loads in the handler).
 
-    veil edit --checkpoint run/last.ckpt --first 8 --protect eyeglasses,smiling --level high --out edits/
-    veil edit --checkpoint run/last.ckpt --first 8 --protect eyeglasses --sweep --out sweep/
+    veil edit --checkpoint RUN --first 8 --protect eyeglasses,smiling --level high --out edits/
+    veil edit --checkpoint RUN --first 8 --protect eyeglasses --sweep --out sweep/
 
-See docs/editing.md for the privacy levels, the ledger and what the guarantee covers.
+Every release is recorded in the dataset's privacy database ($VEIL_HOME/datasets/, see
+``veil privacy``). See docs/editing.md for the privacy levels, the budget and what the guarantee covers.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def add_subcommand(sub) -> None:
         description="Edit the protected attributes of dataset images through randomized response at a privacy "
                     "level, record each release in the ledger, and write a dataset revision. With --sweep, "
                     "write a preview grid over privacy levels instead (nothing is released).")
-    p.add_argument("--checkpoint", required=True, help="last.ckpt written by `veil train`")
+    p.add_argument("--checkpoint", required=True, help="the model release of `veil train`: its --out folder or OUT/model")
     data = p.add_argument_group("data (defaults: the dataset the checkpoint was trained on)")
     data.add_argument("--data", choices=["synthetic", "celeba", "folder"], help="dataset source")
     data.add_argument("--num-images", type=int, help="synthetic: number of images")
@@ -49,13 +50,16 @@ def add_subcommand(sub) -> None:
     p.add_argument("--strength", type=float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale of the regeneration (default 2.0)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of a full-strength edit; an edit runs about strength*steps each way (default 50)")
-    p.add_argument("--seed", type=int, help="seed of the randomized response. Default: drawn from the OS for releases "
-                                            "(nobody can redo the coin flips), 0 for --sweep. A given seed makes a "
-                                            "release reproducible; keep it secret, whoever knows it can undo the mechanism")
-    p.add_argument("--ledger", help="release ledger (SQLite); default OUT/ledger.sqlite. Share one across runs so "
-                                    "the budget counts every release of an image")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
-                   help=f"per-image epsilon budget; releases past it are refused (default {DEFAULT_BUDGET:g}; inf = unlimited)")
+    p.add_argument("--seed", type=int, help="seed of the randomized response. Default: drawn from the OS (nobody can "
+                                            "redo the coin flips), for releases and --sweep alike. A given seed makes "
+                                            "the draws reproducible; keep it secret, whoever knows it can undo the mechanism")
+    p.add_argument("--ledger", help="the dataset's privacy database (SQLite, owner-only); default "
+                                    "$VEIL_HOME/datasets/<dataset>.sqlite (VEIL_HOME defaults to ~/.veil), one per "
+                                    "dataset, so the budget counts every release of an image across runs")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"epsilon budget per image and attribute, stored when the dataset's database is created "
+                        f"(default {DEFAULT_BUDGET:g}; inf = unlimited); on an existing database it must match the "
+                        f"stored one: change that with `veil privacy set-budget`")
     p.add_argument("--sweep", action="store_true", help="preview grid over the four levels (rows) for the chosen "
                                                         "images (columns); releases nothing, no ledger entries")
     p.add_argument("--sweep-epsilons", type=_floats, help="with --sweep: rows at these epsilons (e.g. 0,1,2,4) at one "
@@ -75,10 +79,10 @@ def _edit(args) -> int:
     common = dict(checkpoint=args.checkpoint, out=args.out, protect=args.protect, data=data, ids=args.ids,
                   first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema)
     if args.sweep:
-        report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength,
-                           seed=0 if args.seed is None else args.seed, **common)
+        report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength, seed=args.seed,
+                           **common)
         print(f"wrote {args.out}/sweep.png ({len(report['rows'])} levels x {len(report['ids'])} images; "
-              f"previews only, nothing released)")
+              f"previews for you only, owner-only files: nothing released); model: {report['model_privacy']}")
         return 0
     if args.sweep_epsilons:
         raise ConfigError("--sweep-epsilons: only with --sweep")
@@ -87,5 +91,8 @@ def _edit(args) -> int:
     lv = report["level"]
     print(f"released {len(report['images'])} edits at {lv['name']} (epsilon {lv['epsilon']}, strength {lv['strength']}) "
           f"protecting {','.join(report['protected'])}; ledger {report['ledger']}")
-    print(f"wrote {args.out}/revision, {args.out}/before_after.png, {args.out}/edit_report.json")
+    print(f"wrote {args.out}/edit_report.json; owner-only: {args.out}/revision (it holds the original attributes; "
+          f"share `veil privacy publish-revision --revision {args.out}/revision --out PUB` instead) and "
+          f"{args.out}/before_after.png")
+    print(f"the model that made the edits: {report['model_privacy']}")
     return 0

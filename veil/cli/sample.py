@@ -1,7 +1,9 @@
 """``veil sample``: draw images for given attributes from a trained checkpoint (argparse and a thin handler).
 
-    veil sample --checkpoint DIR/last.ckpt --attributes smiling=1,hat=0 --n 16 --out grid.png
-                [--classifier CLF/last.ckpt --classifier-scale 10]  (classifier guidance)
+    veil sample --checkpoint RUN --attributes smiling=1,hat=0 --n 16 --out grid.png
+                [--classifier CLF_RUN --classifier-scale 10]  (classifier guidance)
+
+RUN is a `veil train` output folder or its release, RUN/model (never the owner-only RUN/private).
 
 The sampler is ``veil.lightning_modules.diffusion.sample``; torch loads in the handler.
 """
@@ -16,14 +18,14 @@ def add_subcommand(sub) -> None:
                        description="Draw images with DDIM for given attributes: classifier-free guidance "
                                    "through the model's own attribute path and/or classifier guidance by a "
                                    "noise-conditional attribute classifier (--classifier).")
-    p.add_argument("--checkpoint", required=True, help="last.ckpt written by `veil train`")
+    p.add_argument("--checkpoint", required=True, help="the model release of `veil train`: its --out folder or OUT/model")
     p.add_argument("--attributes", default="", help="e.g. smiling=1,hat=0 (1 present, 0/-1 absent, ? unknown; others unknown)")
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default 2.0; 0, i.e. unconditional, for a model "
                         "trained without attribute labels)")
-    p.add_argument("--classifier", help="noise-conditional classifier checkpoint (`veil train-classifier` with "
+    p.add_argument("--classifier", help="noise-conditional classifier release (`veil train-classifier` --out, with "
                                         "model.noise_conditional, e.g. configs/classifier32_guidance.yaml) that "
                                         "steers the samples to --attributes")
     p.add_argument("--classifier-scale", type=float, default=10.0,

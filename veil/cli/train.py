@@ -12,10 +12,15 @@ def add_subcommand(sub) -> None:
     p = sub.add_parser("train", help="train the attribute-conditional diffusion model with DP-SGD",
                        description="Train the attribute-conditional diffusion model with DP-SGD (Opacus accounting).")
     p.add_argument("--config", help="YAML config (see lightning_modules/configs/); defaults apply when omitted")
-    p.add_argument("--out", required=True, help="output folder: last.ckpt, privacy.json, config.json, logs/")
+    p.add_argument("--out", required=True, help="output folder: model/ (the release to share), privacy.json, "
+                                                "config.json, private/ (owner-only: resume state, logs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dp.target_epsilon=10 --set trainer.max_steps=200")
-    p.add_argument("--resume", action="store_true", help="continue OUT/last.ckpt (privacy accounting continues)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/private/last.ckpt (privacy accounting "
+                                                         "continues; fresh secret noise)")
+    p.add_argument("--ledger", help="the dataset's privacy database (default: found from the data, under "
+                                    "$VEIL_HOME/datasets); the run is recorded there and refused if it would pass "
+                                    "the dataset's training budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=_train)
 
@@ -25,7 +30,8 @@ def _train(args) -> int:
     from veil.lightning_modules.training.diffusion import describe, run_training
 
     cfg = load_config(args.config, args.overrides)
-    record = run_training(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    record = run_training(cfg, args.out, resume=args.resume, progress=not args.no_progress, ledger=args.ledger)
     print(describe(record))
-    print(f"wrote {args.out}/last.ckpt and {args.out}/privacy.json")
+    print(f"wrote {args.out}/model (the release to share) and {args.out}/privacy.json; "
+          f"{args.out}/private/ is owner-only (resume state, per-step statistics of the private data)")
     return 0

@@ -47,7 +47,10 @@ def add_subcommand(sub) -> None:
                    help="override a recipe key, e.g. --set epochs=6 --set dp.enabled=true")
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="train with DP-SGD to this epsilon (sets dp.enabled, dp.target_epsilon, refit_head=false)")
-    p.add_argument("--out", required=True, help="output folder: last.ckpt, train_report.json")
+    p.add_argument("--out", required=True, help="output folder: model/ (the release to share), train_report.json, "
+                                                "private/ (owner-only: last.ckpt, test accuracy)")
+    p.add_argument("--ledger", help="the dataset's privacy database (default: found from the data, under "
+                                    "$VEIL_HOME/datasets); the run is recorded there")
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     p.set_defaults(func=_train_classifier)
 
@@ -60,9 +63,12 @@ def _train_classifier(args) -> int:
         overrides += ["dp.enabled=true", f"dp.target_epsilon={args.dp_epsilon}", "refit_head=false"]
     recipe, data = load_recipe(args.config, overrides)
     data = {**data, **_parse_data(args.data)}
-    record = train_classifier(recipe=recipe, data=data, out=args.out, progress=args.progress)
+    record = train_classifier(recipe=recipe, data=data, out=args.out, progress=args.progress, ledger=args.ledger)
     eps = record["privacy"].get("epsilon")
-    privacy = f"epsilon = {eps:.3f}" if eps is not None else "not private"
-    print(f"test accuracy {record['test_accuracy']:.4f} after {record['steps']} steps in {record['seconds']:.1f}s "
-          f"({privacy}); wrote {record['checkpoint']}")
+    privacy = f"epsilon = {eps:.3f}" if record["privacy"].get("private") else \
+        f"NOT PRIVATE: {record['privacy'].get('not_private_reason')}"
+    print(f"{record['steps']} steps in {record['seconds']:.1f}s ({privacy}); wrote {args.out}/model (the release "
+          f"to share)")
+    print(f"owner-only: test accuracy {record['test_accuracy']:.4f} on held-out private images "
+          f"({args.out}/private/train_report.json)")
     return 0

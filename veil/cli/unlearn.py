@@ -1,6 +1,6 @@
 """``veil unlearn``: update a trained attribute classifier to a dataset revision (argparse and a thin handler).
 
-    veil unlearn --model runs/clf/last.ckpt --revision runs/rev --method second --compare-retrain --out runs/unl
+    veil unlearn --model runs/clf --revision runs/rev --method second --compare-retrain --out runs/unl
     veil unlearn ... --set trainer.devices=2 --set trainer.strategy=ddp    # the update on 2 CPU processes
 
 argparse only at import time; torch and Lightning are imported inside the handlers. Under DDP,
@@ -17,7 +17,7 @@ def add_subcommand(sub) -> None:
     p = sub.add_parser("unlearn", help="update a trained classifier to a dataset revision in closed form",
                        description="First-order, second-order (CG/LiSSA over Hessian-vector products) or exact "
                                    "(Newton on the frozen-feature logistic head) feature unlearning.")
-    p.add_argument("--model", required=True, help="classifier checkpoint (OUT/last.ckpt of train-classifier)")
+    p.add_argument("--model", required=True, help="the classifier run folder of train-classifier (OUT; its owner-only OUT/private/last.ckpt is used when there)")
     p.add_argument("--revision", required=True, help="revision folder (manifest.json + images/) of the same dataset")
     p.add_argument("--method", choices=["first", "second", "exact"], default="second",
                    help="first: theta - tau g/N; second: theta - tau (H + damping I)^-1 g/N; "
@@ -44,7 +44,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="how the update runs: trainer.devices=N CPU processes, trainer.strategy=auto|ddp, "
                         "trainer.accelerator=cpu (e.g. --set trainer.devices=2 --set trainer.strategy=ddp)")
-    p.add_argument("--out", required=True, help="output folder: unlearned.ckpt, unlearn_report.json")
+    p.add_argument("--out", required=True, help="output folder: model/ (the updated release), private/unlearned.ckpt (owner-only), unlearn_report.json")
     p.set_defaults(func=_unlearn)
 
 
@@ -69,6 +69,6 @@ def _unlearn(args) -> int:
         keys = ("update_seconds", "retrain_seconds", "test_accuracy", "changed_original_attribute_accuracy",
                 "gradient_residual", "distance_to_retrained")
         print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
-        print(f"wrote {args.out}/unlearned.ckpt and {args.out}/unlearn_report.json")
+        print(f"wrote {args.out}/model, {args.out}/private/unlearned.ckpt and {args.out}/unlearn_report.json")
     return 0
 

@@ -35,7 +35,8 @@ from PIL import Image
 
 from veil.errors import ConfigError, DataError
 
-__all__ = ["FORMAT", "MANIFEST", "RevisionChange", "write_revision", "load_manifest"]
+__all__ = ["FORMAT", "MANIFEST", "RevisionChange", "write_revision", "load_manifest", "publish_revision",
+           "PUBLISHED_FORMAT"]
 
 FORMAT = "veil-revision/1"
 MANIFEST = "manifest.json"
@@ -205,6 +206,52 @@ def load_manifest(path) -> dict:
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: an id is listed twice in 'changes'")
     return manifest
+
+
+PUBLISHED_FORMAT = "veil-revision-published/1"
+_PUBLIC_BASE_KEYS = ("source", "attributes", "resolution", "num_images", "seed")  # no local paths
+
+
+def publish_revision(src_dir, out_dir) -> Path:
+    """Write a publishable copy of the owner's revision ``src_dir`` into the new folder ``out_dir``.
+
+    It holds the edited images (re-encoded as plain PNGs) and, per change, only what was released: id,
+    file, released_attributes, protected, epsilon, strength. It drops what decodes the originals or
+    points at the owner's machine: original_attributes and the base dataset's root and csv paths.
+    Randomized-response seeds are never in a revision (they stay in the privacy database). Its format is
+    ``PUBLISHED_FORMAT``: ``load_manifest`` (and so RevisedDataset and unlearning, which need the
+    original attributes) refuses it by name. Returns ``out_dir``.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    manifest = load_manifest(src)  # validates the owner revision, every image present
+    src = src.parent if src.suffix == ".json" else src
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; give a new folder for the published revision")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out}: must not be inside the owner's revision {src}")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = _image_file_names([c["id"] for c in manifest["changes"]])
+    changes = []
+    for c in manifest["changes"]:
+        with Image.open(src / c["file"]) as im:  # decode and re-encode: no ancillary chunks or metadata carried over
+            pixels = np.array(im.convert("RGB"), np.uint8)
+        _atomic_write_bytes(out / files[c["id"]], lambda p, px=pixels: Image.fromarray(px).save(p, format="PNG"))
+        changes.append({"id": c["id"], "file": files[c["id"]], "released_attributes": dict(c["released_attributes"]),
+                        "protected": list(c.get("protected", [])), "epsilon": c.get("epsilon"),
+                        "strength": c.get("strength")})
+    published = {
+        "format": PUBLISHED_FORMAT,
+        "note": "published revision: edited images and released attributes only; the original attributes stay "
+                "with the data owner",
+        "base": {k: v for k, v in manifest["base"].items() if k in _PUBLIC_BASE_KEYS},
+        "attribute_names": list(manifest["attribute_names"]),
+        "created": manifest.get("created"),
+        "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "changes": changes,
+    }
+    text = json.dumps(published, indent=1) + "\n"
+    _atomic_write_bytes(out / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
+    return out
 
 
 def _to_uint8(image) -> np.ndarray:

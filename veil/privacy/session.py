@@ -1,10 +1,15 @@
 """EditSession: one image, its owner's choices, previews, feedback and (at most) one release.
 
+    ledger = PrivacyLedger.for_dataset(dm.dataset_spec())   # the dataset's one privacy database
     session = EditSession(image_id="synth-0-000007", image=x, attributes={"smiling": 1, ...},
                           protected=["smiling"], editor=private_editor, ledger=ledger, level="medium")
     candidates = session.preview()          # what a release could look like; spends nothing
     session.feedback("more_private")        # medium -> high (previews again if you like)
     outcome = session.feedback("accept")    # one fresh release: budget checked, spent, recorded
+
+A release publishes every attribute of the image: the protected ones through randomized response,
+the others exactly; the ledger charges each protected (image, attribute) and refuses a release that
+would publish exactly what an earlier one protected (see veil.privacy.ledger).
 
 Feedback is ``more_private | less_private | accept | reject``. Previews go to the owner only and
 cost no budget. ``accept`` releases a *fresh* draw, not one of the previews: if the owner could pick
@@ -13,8 +18,9 @@ value would no longer be randomized response at epsilon (with 4 previews at eps=
 that at least one keeps the true value is 99%).
 
 The session is plain Python (no torch): the edit is injected as an ``EditFn`` (PrivateEditor in
-veil.lightning_modules.diffusion.ddim, or an ONNX Runtime editor in serving), and images are whatever
-that editor takes and returns. ``draw_release`` is the one place where a release's attributes
+veil.lightning_modules.editing.editor, or an ONNX Runtime editor in serving), and images are whatever
+that editor takes and returns. The editor is told which attributes are protected: its inversion must
+not see their true values. ``draw_release`` is the one place where a release's attributes
 are drawn; the batch CLI uses it too.
 """
 
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 from veil.errors import ConfigError, PrivacyError
-from veil.privacy.ledger import ReleaseLedger, ReleaseRecord
+from veil.privacy.ledger import PrivacyLedger, ReleaseRecord
 from veil.privacy.levels import PrivacyLevel, less_private, more_private, resolve_level
 from veil.privacy.mechanism import (
     derive_seed,
@@ -40,10 +46,14 @@ ACTIONS = ("more_private", "less_private", "accept", "reject")
 
 
 class EditFn(Protocol):
-    """Edit ``images[i]`` (with attributes ``originals[i]``) towards ``targets[i]``; one output per input."""
+    """Edit ``images[i]`` (with attributes ``originals[i]``) towards ``targets[i]``; one output per input.
+
+    ``protected`` names the attributes being privatized: the edit must not condition on their
+    values in ``originals`` (inversion sees them as unknown).
+    """
 
     def __call__(self, images: Sequence[Any], *, originals: Sequence[Mapping[str, int]],
-                 targets: Sequence[Mapping[str, int]], strength: float) -> Sequence[Any]: ...
+                 targets: Sequence[Mapping[str, int]], strength: float, protected: Sequence[str]) -> Sequence[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class EditSession:
     """The owner's edit of one image: previews, feedback moving the level, one release on accept."""
 
     def __init__(self, *, image_id: str, image: Any, attributes: Mapping[str, int], protected: Sequence[str],
-                 editor: EditFn, ledger: ReleaseLedger, level: str | PrivacyLevel = "medium",
+                 editor: EditFn, ledger: PrivacyLedger, level: str | PrivacyLevel = "medium",
                  seed: int | None = None, num_previews: int = 4):
         self.image_id, self.image, self.editor, self.ledger = str(image_id), image, editor, ledger
         self.attributes = {str(k): int(v) for k, v in attributes.items()}
@@ -122,7 +132,8 @@ class EditSession:
         self._preview_round += 1
         lv = self.level
         targets = [privatize(self.attributes, protected=self.protected, epsilon=lv.epsilon, rng=rng) for _ in range(n)]
-        images = self.editor([self.image] * n, originals=[self.attributes] * n, targets=targets, strength=lv.strength)
+        images = self.editor([self.image] * n, originals=[self.attributes] * n, targets=targets, strength=lv.strength,
+                             protected=list(self.protected))
         return [Candidate(t, im, lv, outcome_probability(self.attributes, t, protected=self.protected, epsilon=lv.epsilon))
                 for t, im in zip(targets, images)]
 
@@ -152,10 +163,12 @@ class EditSession:
 
     def _accept(self) -> Release:
         lv = self.level
-        self.ledger.check(image_id=self.image_id, epsilon=lv.epsilon)  # refuse before spending compute
+        self.ledger.check(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon,
+                          published=list(self.attributes))  # refuse before spending compute
         released, seed = draw_release(image_id=self.image_id, attributes=self.attributes, protected=self.protected,
                                       epsilon=lv.epsilon, seed=self.seed, release_index=self.ledger.count(self.image_id))
-        image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength)[0]
+        image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength,
+                            protected=list(self.protected))[0]
         record = self.ledger.record(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon,
                                     strength=lv.strength, seed=seed, level=lv.name, released_attributes=released)
         self.decision = "accepted"
@@ -163,8 +176,9 @@ class EditSession:
         return self.release
 
     def state(self) -> dict:
-        """JSON-able summary for a UI or a server's session table."""
+        """JSON-able summary for a UI or a server's session table (``spent``: {attribute: epsilon} over the
+        image's protected attributes, ``budget``: the dataset's per-(image, attribute) budget, None = unlimited)."""
         return {"image_id": self.image_id, "level": self.level.to_json(), "protected": list(self.protected),
-                "decision": self.decision, "spent": self.ledger.spent(self.image_id), "budget": self.ledger.budget,
+                "decision": self.decision, "spent": self.ledger.spends(self.image_id), "budget": self.ledger.budget,
                 "history": list(self.history),
                 "release_id": None if self.release is None else self.release.record.release_id}

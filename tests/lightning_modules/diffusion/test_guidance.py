@@ -112,10 +112,10 @@ def test_dp_training_of_a_guidance_classifier_records_schedule_and_noisy_accurac
     assert record["privacy"]["enabled"] and record["privacy"]["noise_multiplicity"] == 2
     assert set(record["test_accuracy_by_timestep"]) == {"0", "250", "500", "750"}
     assert all(0 <= v <= 1 for v in record["test_accuracy_by_timestep"].values())
-    model, ckpt = CK.load_classifier(tmp_path / "last.ckpt")
+    model, ckpt = CK.load_classifier(tmp_path)
     assert model.noise_conditional and ckpt["veil"]["scheduler_config"]["num_train_timesteps"] == 1000
     with pytest.raises(ConfigError, match="noise-conditional"):
-        UJ.run_unlearn(model=tmp_path / "last.ckpt", revision=tmp_path, method="first", out=tmp_path / "u")
+        UJ.run_unlearn(model=tmp_path, revision=tmp_path, method="first", out=tmp_path / "u")
     with pytest.raises(ConfigError, match="refit_head"):
         TC.ClassifierRecipe(model={**NOISY})  # refit_head defaults to true
 
@@ -188,13 +188,29 @@ def test_targets_map_by_name_and_unknown_attributes_fail():
 
 def test_combined_privacy_says_whose_data_pays():
     syn = lambda seed: {"source": "synthetic", "seed": seed}  # noqa: E731
-    dp = {"enabled": True, "epsilon": 9.5, "delta": 1e-5}
+    dp = {"enabled": True, "private": True, "epsilon": 9.5, "delta": 1e-5}
     ckpt = CK.DiffusionCheckpoint(None, {}, [], {"enabled": False}, syn(1), {}, 1.0)
     line = S.combined_privacy(ckpt, _guide(privacy=dp, data_spec=syn(0)))
     assert "epsilon 9.500" in line and "different data" in line and S.LABEL_FREE in line
     assert "not private" in S.combined_privacy(ckpt, _guide(privacy=dp, data_spec=syn(1))).split("; ")[-1]
-    both = CK.DiffusionCheckpoint(None, {}, [], {"enabled": True, "epsilon": 1.0, "delta": 1e-5}, syn(0), {}, 0.1)
-    assert "at most epsilon 10.500" in S.combined_privacy(both, _guide(privacy=dp, data_spec=syn(0)))
+    both = CK.DiffusionCheckpoint(None, {}, [], {"enabled": True, "private": True, "epsilon": 1.0, "delta": 2e-5},
+                                  syn(0), {}, 0.1)
+    line = S.combined_privacy(both, _guide(privacy=dp, data_spec=syn(0)))
+    assert "at most epsilon 10.500, delta 3e-05" in line  # item 13: the deltas add too
+
+
+def test_combined_privacy_counts_unknown_data_as_the_same_and_handles_none():
+    """Item 13: a missing data spec is "maybe the same data" (costs add), not "different data";
+    an unbounded epsilon (None) and a record from before secret noise are reported as not private."""
+    dp = {"enabled": True, "private": True, "epsilon": 2.0, "delta": 1e-6}
+    unknown = CK.DiffusionCheckpoint(None, {}, [], dict(dp), None, {}, 0.1)
+    line = S.combined_privacy(unknown, _guide(privacy=dp, data_spec={"source": "synthetic", "seed": 0}))
+    assert "at most epsilon 4.000, delta 2e-06" in line and "different data" not in line
+    unbounded = {"enabled": True, "private": True, "epsilon": None, "delta": 1e-6}
+    line = S.combined_privacy(unknown, _guide(privacy=unbounded, data_spec=None))
+    assert "not private" in line.split("; ")[-1]
+    old = CK.DiffusionCheckpoint(None, {}, [], {"enabled": True, "epsilon": 1.0, "delta": 1e-6}, None, {}, 0.1)
+    assert S.combined_privacy(old, None).startswith("denoiser: not private (trained before")
 
 
 @pytest.fixture(scope="module")
@@ -211,14 +227,14 @@ def test_load_guidance_classifier_checks_kind_and_schedule(tiny_public_and_guide
 
     root = tiny_public_and_guide
     with pytest.raises(ConfigError, match="noise schedule"):
-        G.load_guidance_classifier(root / "guide" / "last.ckpt", scale=1.0,
+        G.load_guidance_classifier(root / "guide", scale=1.0,
                                    scheduler_config=default_scheduler_config(500))
     with pytest.raises(ConfigError, match="classifier-scale"):
-        G.load_guidance_classifier(root / "guide" / "last.ckpt", scale=-1, scheduler_config=default_scheduler_config())
+        G.load_guidance_classifier(root / "guide", scale=-1, scheduler_config=default_scheduler_config())
     clean = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1})
     TC.train_classifier(recipe=clean, datamodule=datamodule(num_images=96), out=tmp_path)
     with pytest.raises(ConfigError, match="clean images"):
-        G.load_guidance_classifier(tmp_path / "last.ckpt", scale=1.0, scheduler_config=default_scheduler_config())
+        G.load_guidance_classifier(tmp_path, scale=1.0, scheduler_config=default_scheduler_config())
 
 
 def test_cli_sample_with_a_guidance_classifier(tiny_public_and_guide, tmp_path, capsys):
@@ -226,7 +242,7 @@ def test_cli_sample_with_a_guidance_classifier(tiny_public_and_guide, tmp_path, 
 
     root = tiny_public_and_guide
     out = tmp_path / "g.png"
-    args = ["sample", "--checkpoint", str(root / "unet" / "last.ckpt"), "--classifier", str(root / "guide" / "last.ckpt"),
+    args = ["sample", "--checkpoint", str(root / "unet"), "--classifier", str(root / "guide"),
             "--attributes", "smiling=1", "--n", "2", "--steps", "3", "--out", str(out)]
     assert main(args) == 0
     said = capsys.readouterr()

@@ -1,6 +1,8 @@
-"""`veil edit` end to end on a tiny random checkpoint: files, ledger, revision, sweep, refusals, errors."""
+"""`veil edit` end to end on a tiny random checkpoint: files, the dataset's privacy database, the owner-only
+revision and its published copy, sweep, refusals, errors."""
 
 import json
+import stat
 
 import numpy as np
 import pytest
@@ -8,12 +10,13 @@ import torch
 from PIL import Image
 
 from veil.cli import build_parser, main
-from veil.lightning_modules.checkpoints import DIFFUSION_KIND as CHECKPOINT_KIND
+from veil.errors import DataError
+from veil.lightning_modules.checkpoints import DIFFUSION_KIND, write_release
 from veil.lightning_modules.data import FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
 from veil.lightning_modules.diffusion.schedule import default_scheduler_config
 from veil.lightning_modules.models.unet import AttributeConditionalUNet
-from veil.privacy.ledger import ReleaseLedger
+from veil.privacy.ledger import PrivacyLedger, ledger_path_for
 
 KWARGS = dict(num_attributes=6, resolution=32, block_out_channels=(16, 32), attention_levels=(False, True),
               norm_num_groups=8, attention_head_dim=8)
@@ -26,15 +29,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint as `veil train` writes it (the parts load_diffusion_checkpoint reads), random weights."""
+    """A run folder with the model release `veil train` writes (OUT/model), random weights."""
     torch.manual_seed(0)
     model = AttributeConditionalUNet(**KWARGS)
-    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
-    torch.save({"state_dict": {f"ema.{k}": v for k, v in model.state_dict().items()},
-                "veil": {"kind": CHECKPOINT_KIND, "model_kwargs": KWARGS, "scheduler_config": default_scheduler_config(),
-                         "attribute_names": list(SYNTHETIC_ATTRIBUTES), "data_spec": DATA,
-                         "privacy": {"enabled": False}}}, path)
-    return str(path)
+    out = tmp_path_factory.mktemp("run")
+    write_release(out, kind=DIFFUSION_KIND, weights={f"ema.{k}": v for k, v in model.state_dict().items()},
+                  meta={"model_kwargs": KWARGS, "scheduler_config": default_scheduler_config(),
+                        "attribute_names": list(SYNTHETIC_ATTRIBUTES), "data_spec": DATA,
+                        "privacy": {"enabled": False}})
+    return str(out)
 
 
 def _edit(checkpoint, out, *extra):
@@ -42,57 +45,105 @@ def _edit(checkpoint, out, *extra):
                  "--out", str(out), *extra])
 
 
-def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path):
+def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path, veil_home):
     assert _edit(checkpoint, tmp_path, "--ids", "synth-0-000003,synth-0-000010", "--level", "high", "--seed", "1") == 0
     report = json.loads((tmp_path / "edit_report.json").read_text())
     assert [r["id"] for r in report["images"]] == ["synth-0-000003", "synth-0-000010"]
-    for r in report["images"]:
-        assert (r["epsilon"], r["strength"]) == (1.0, 0.7) and isinstance(r["seed"], int)
-        assert {k for k in r["original_attributes"] if r["original_attributes"][k] != r["released_attributes"][k]} \
-            <= {"eyeglasses", "smiling"}
+    base = FaceDataModule(**DATA).dataset
+    for r, index in zip(report["images"], (3, 10)):
+        assert (r["epsilon"], r["strength"], r["spent"]) == (1.0, 0.7, {"eyeglasses": 1.0, "smiling": 1.0})
+        original = dict(zip(SYNTHETIC_ATTRIBUTES, base[index][1].int().tolist()))
+        assert {k for k in original if original[k] != r["released_attributes"][k]} <= {"eyeglasses", "smiling"}
         assert np.array(Image.open(tmp_path / r["file"])).shape == (32, 32, 3)
+    # item 11: the report holds no seed and no original attribute; what does is owner-only
+    assert "seed" not in json.dumps(report["images"]) and "original" not in json.dumps(report)
+    mode = lambda p: stat.S_IMODE((tmp_path / p).stat().st_mode)  # noqa: E731
+    assert (mode("revision"), mode("revision/manifest.json"), mode("before_after.png")) == (0o700, 0o600, 0o600)
     assert Image.open(tmp_path / "before_after.png").size[0] > 64
-    with ReleaseLedger(report["ledger"], budget=None) as ledger:
+    # item 8: the release went to the dataset's database, not to OUT
+    assert report["ledger"] == str(ledger_path_for(DATA)) == str(veil_home / "datasets/synthetic-seed0.sqlite")
+    assert not list(tmp_path.glob("*.sqlite"))
+    with PrivacyLedger(report["ledger"]) as ledger:
         assert [(r.image_id, r.epsilon, r.level) for r in ledger.releases()] == \
             [("synth-0-000003", 1.0, "high"), ("synth-0-000010", 1.0, "high")]
-    revised = FaceDataModule(**{**DATA, "revision": str(tmp_path / "revision")}).dataset
+    revised = FaceDataModule(**{**DATA, "revision": str(tmp_path / "revision")}).dataset  # the owner's revision loads
     assert revised.changed_ids == ["synth-0-000003", "synth-0-000010"]
     released = report["images"][0]["released_attributes"]
     assert revised[3][1].tolist() == [float(released[n]) for n in SYNTHETIC_ATTRIBUTES]
+    # the publishable copy: no original attributes, and it does not pass for an owner revision
+    assert main(["privacy", "publish-revision", "--revision", str(tmp_path / "revision"), "--out",
+                 str(tmp_path / "pub")]) == 0
+    assert "original_attributes" not in (tmp_path / "pub" / "manifest.json").read_text()
+    with pytest.raises(DataError, match="veil-revision-published"):
+        FaceDataModule(**{**DATA, "revision": str(tmp_path / "pub")}).dataset
 
 
 def test_a_seed_makes_releases_reproducible(checkpoint, tmp_path):
-    for run in ("a", "b"):
-        assert _edit(checkpoint, tmp_path / run, "--first", "3", "--level", "max", "--seed", "4") == 0
+    for run in ("a", "b"):  # each its own database: the draw depends on how often the image was released before
+        assert _edit(checkpoint, tmp_path / run, "--first", "3", "--level", "max", "--seed", "4",
+                     "--ledger", str(tmp_path / f"{run}.sqlite")) == 0
     a, b = (json.loads((tmp_path / r / "edit_report.json").read_text())["images"] for r in ("a", "b"))
     assert [r["released_attributes"] for r in a] == [r["released_attributes"] for r in b]
     pixels = lambda run: [np.array(Image.open(tmp_path / run / r["file"])) for r in a]
     assert all((x == y).all() for x, y in zip(pixels("a"), pixels("b")))
 
 
-def test_budget_is_enforced_across_runs_sharing_a_ledger(checkpoint, tmp_path, capsys):
-    ledger = str(tmp_path / "shared.sqlite")
-    common = ("--first", "2", "--ledger", ledger, "--budget", "3", "--level", "medium")
-    assert _edit(checkpoint, tmp_path / "one", *common) == 0  # spends 2.0 per image
-    assert _edit(checkpoint, tmp_path / "two", *common) == 2  # 4.0 > 3.0
+def test_the_budget_counts_every_run_on_the_dataset(checkpoint, tmp_path, capsys):
+    # Item 8: three runs at budget 4 (medium: epsilon 2) used to spend 12, each with a fresh OUT/ledger.sqlite.
+    common = ("--first", "2", "--level", "medium")
+    assert _edit(checkpoint, tmp_path / "one", *common, "--budget", "4") == 0  # creates the database at budget 4
+    assert _edit(checkpoint, tmp_path / "two", *common) == 0  # 4.0 per (image, attribute): at the budget
+    assert _edit(checkpoint, tmp_path / "three", *common) == 2
     err = capsys.readouterr().err
-    assert "refused" in err and "spent epsilon 2 of its budget 3" in err and "asks for 2" in err
-    assert not (tmp_path / "two" / "revision").exists()
-    with ReleaseLedger(ledger, budget=None) as book:
-        assert book.spent("synth-0-000000") == 2.0 and len(book.releases()) == 2
+    assert "refused" in err and "spent epsilon 4 of its budget 4" in err and "asks for 2" in err
+    assert not (tmp_path / "three" / "revision").exists()
+    # a larger --budget on the command line does not raise the stored one ...
+    assert _edit(checkpoint, tmp_path / "four", *common, "--budget", "100") == 2
+    assert "veil privacy set-budget 100" in capsys.readouterr().err
+    with PrivacyLedger.for_dataset(DATA) as book:
+        assert book.spent("synth-0-000000", "smiling") == 4.0 and len(book.releases()) == 4 and book.budget == 4.0
+    # ... the explicit, recorded command does
+    assert main(["privacy", "set-budget", "6", "--reason", "one more release", "--data", "source=synthetic,seed=0"]) == 0
+    assert _edit(checkpoint, tmp_path / "five", *common) == 0
 
 
-def test_sweep_previews_without_releasing(checkpoint, tmp_path):
+def test_an_unwritable_out_is_refused_before_anything_is_spent(checkpoint, tmp_path, veil_home, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert _edit(checkpoint, tmp_path / "file" / "out", "--first", "2") == 2
+    assert "--out" in capsys.readouterr().err and not (veil_home / "datasets").exists()
+
+
+def test_sweep_previews_without_releasing(checkpoint, tmp_path, veil_home):
     assert _edit(checkpoint, tmp_path, "--first", "3", "--sweep") == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [row["level"]["name"] for row in sweep["rows"]] == ["low", "medium", "high", "max"]
     width, height = Image.open(tmp_path / "sweep.png").size
     assert height > width  # 5 rows (originals + 4 levels) of 3 images
-    assert not (tmp_path / "ledger.sqlite").exists() and not (tmp_path / "revision").exists()
+    assert not (veil_home / "datasets").exists() and not (tmp_path / "revision").exists()
+    # item 12: the previews are the owner's: no seed, no original attributes, owner-only files
+    assert "original" not in json.dumps(sweep) and "seed" not in sweep
+    assert {stat.S_IMODE((tmp_path / f).stat().st_mode) for f in ("sweep.json", "sweep.png")} == {0o600}
     assert _edit(checkpoint, tmp_path / "eps", "--first", "2", "--sweep", "--sweep-epsilons", "0,inf",
                  "--strength", "0.3") == 0
     rows = json.loads((tmp_path / "eps" / "sweep.json").read_text())["rows"]
     assert [(r["level"]["epsilon"], r["level"]["strength"]) for r in rows] == [(0.0, 0.3), ("inf", 0.3)]
+
+
+def test_sweep_draws_from_a_secret_seed_by_default(checkpoint, tmp_path):
+    # Item 12: --sweep used seed 0, so anyone with the ids could recompute which cells flipped. At epsilon 0
+    # two sweeps of 8 images x 2 protected attributes agree by chance with probability 2^-16.
+    draws = []
+    for run in ("a", "b"):
+        assert _edit(checkpoint, tmp_path / run, "--first", "8", "--sweep", "--sweep-epsilons", "0",
+                     "--strength", "0.2") == 0
+        draws.append(json.loads((tmp_path / run / "sweep.json").read_text())["rows"][0]["released_attributes"])
+    assert draws[0] != draws[1]
+    assert _edit(checkpoint, tmp_path / "c", "--first", "8", "--sweep", "--sweep-epsilons", "0", "--strength", "0.2",
+                 "--seed", "3") == 0  # a given seed still reproduces (tests, experiments)
+    assert _edit(checkpoint, tmp_path / "d", "--first", "8", "--sweep", "--sweep-epsilons", "0", "--strength", "0.2",
+                 "--seed", "3") == 0
+    same = [json.loads((tmp_path / r / "sweep.json").read_text())["rows"][0]["released_attributes"] for r in "cd"]
+    assert same[0] == same[1]
 
 
 @pytest.mark.parametrize("extra, option", [
@@ -104,12 +155,12 @@ def test_sweep_previews_without_releasing(checkpoint, tmp_path):
     (("--first", "2", "--budget", "-1"), "--budget"),
     (("--first", "99"), "--first"),
 ])
-def test_bad_options_are_named(checkpoint, tmp_path, capsys, extra, option):
+def test_bad_options_are_named(checkpoint, tmp_path, capsys, veil_home, extra, option):
     argv = ["edit", "--checkpoint", checkpoint, "--protect", "smiling", "--steps", "10", "--out", str(tmp_path), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("veil edit: error:") and option in err
-    assert not (tmp_path / "ledger.sqlite").exists() or option == "--budget"
+    assert not (veil_home / "datasets").exists()  # refused before any database was opened
 
 
 def test_every_edit_option_has_help():

@@ -33,8 +33,8 @@ def main(out: str, devices: int) -> None:
     cfg = load_config(None, overrides)
     build = train.build_trainer
 
-    def build_with_dump(cfg, out_dir, progress=True):
-        trainer = build(cfg, out_dir, progress=False)
+    def build_with_dump(cfg, out_dir, progress=True, callbacks=()):
+        trainer = build(cfg, out_dir, progress=False, callbacks=callbacks)
         trainer.callbacks.append(DumpParameters(Path(out_dir)))
         return trainer
 

@@ -114,7 +114,7 @@ def public(tmp_path_factory):
     """A tiny non-private model of seed-1 synthetic faces trained without attribute labels."""
     out = tmp_path_factory.mktemp("public")
     assert _train(out, "seed=1", "dp.enabled=false", "optim.cond_drop_prob=1.0", "trainer.max_steps=2") == 0
-    return out / "last.ckpt"
+    return out / "model"
 
 
 def test_private_run_starts_from_the_public_weights_and_records_them(public, tmp_path):
@@ -137,8 +137,9 @@ def test_private_run_starts_from_the_public_weights_and_records_them(public, tmp
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 900])
     with torch.no_grad():  # the start ignores attributes, exactly as the public model did
         unconditional = start(x, t, torch.zeros(2, 6))
-        assert torch.allclose(module.model(x, t, torch.ones(2, 6)), unconditional, atol=1e-6)
-        assert not torch.allclose(start(x, t, torch.ones(2, 6)), unconditional, atol=1e-6)
+        # float32 roundoff of the folded bias (b2 + W2 silu(b1)) is ~1e-6; attributes move outputs by ~0.1
+        assert torch.allclose(module.model(x, t, torch.ones(2, 6)), unconditional, atol=1e-5)
+        assert not torch.allclose(start(x, t, torch.ones(2, 6)), unconditional, atol=1e-2)
 
     assert _train(tmp_path, f"model.init_from={public}", "optim.trainable=[conditioning]", "trainer.max_steps=2") == 0
     record = json.loads((tmp_path / "privacy.json").read_text())
@@ -153,7 +154,7 @@ def test_refuses_a_start_trained_on_the_private_data(public, tmp_path):
     cfg = load_config(None, TINY + ["seed=1", f"model.init_from={public}"])
     with pytest.raises(PrivacyError, match="same synthetic data"):
         run_training(cfg, tmp_path / "o")
-    assert not (tmp_path / "o" / "last.ckpt").exists()
+    assert not (tmp_path / "o" / "model").exists()
 
 
 def test_refuses_a_start_with_another_architecture(public, tmp_path, capsys):

@@ -36,13 +36,13 @@ def setup(tmp_path_factory):
         dm = datamodule()
         train_tiny(root / "clf", dm=dm)
         revision = flip_revision(root / "rev", dm, fraction=0.05)
-        _, ckpt = CK.load_classifier(root / "clf" / "last.ckpt")
-        return root / "clf" / "last.ckpt", revision, UJ.UnlearningData.build(ckpt, revision), root
+        _, ckpt = CK.load_classifier(root / "clf", owner=True)
+        return root / "clf", revision, UJ.UnlearningData.build(ckpt, revision), root
 
 
 def _unlearned(setup, method, **knobs):
     ckpt_path, _, data, _ = setup
-    model, ckpt = CK.load_classifier(ckpt_path)
+    model, ckpt = CK.load_classifier(ckpt_path, owner=True)
     unlearner = FeatureUnlearningModule(model, method=method, l2=ckpt["veil"]["l2"], **knobs)
     before = unlearner.gradient_residual(data.revised_train)
     info = unlearner.unlearn(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
@@ -62,7 +62,7 @@ def _flat(model):
 def test_one_process_trainer_gives_the_direct_update_bit_for_bit(setup, method, knobs):
     ckpt_path, _, data, _ = setup
     direct, info, _, _ = _unlearned(setup, method, **knobs)
-    model, ckpt = CK.load_classifier(ckpt_path)
+    model, ckpt = CK.load_classifier(ckpt_path, owner=True)
     unlearner = FeatureUnlearningModule(model, method=method, l2=ckpt["veil"]["l2"], **knobs)
     inputs = UnlearningInputs(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
                               train_features=ckpt["veil"]["train_features"])
@@ -145,7 +145,7 @@ def test_bad_inputs_fail_with_clear_errors(setup, tmp_path):
     torch.save({"veil": {"kind": "veil/dp-diffusion"}, "state_dict": {}}, wrong)
     with pytest.raises(CheckpointError, match="expected 'veil/attribute-classifier'"):
         UJ.run_unlearn(model=wrong, revision=setup[1], method="first", out=tmp_path / "o2")
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         CK.load_classifier(tmp_path / "missing.ckpt")
     with pytest.raises(ConfigError, match="convex head only"):
         FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="exact", params=["trunk"])
@@ -173,7 +173,7 @@ def test_cli_unlearn_writes_checkpoint_and_report(setup, tmp_path, capsys):
         assert set(report[key]) == {"before", "after", "retrained"}
     assert report["gradient_residual"]["after"] < 1e-3 * report["gradient_residual"]["before"]
     assert set(report["distance_to_retrained"]) >= {"before", "after"}
-    model, ckpt = CK.load_classifier(out / "unlearned.ckpt")  # loadable again, records what was done
+    model, ckpt = CK.load_classifier(out)  # loadable again, records what was done
     assert ckpt["veil"]["data_spec"]["revision"] == str(revision) and ckpt["veil"]["unlearning"]["method"] == "exact"
     assert main(["unlearn", "--model", str(ckpt_path), "--revision", str(tmp_path / "nope"), "--method", "first",
                  "--out", str(tmp_path / "x")]) == 2
@@ -224,7 +224,7 @@ def test_cli_unlearn_on_two_ddp_processes_matches_one(setup, tmp_path):
     assert two["update"]["train_size"] == one["update"]["train_size"] == len(data.train[0])
     assert two["update"]["cached_features"] and two["update"]["newton_iterations"] == one["update"]["newton_iterations"]
     assert two["gradient_residual"]["after"] < 1e-3 * two["gradient_residual"]["before"]
-    (m1, c1), (m2, c2) = (CK.load_classifier(tmp_path / d / "unlearned.ckpt") for d in ("one", "two"))
+    (m1, c1), (m2, c2) = (CK.load_classifier(tmp_path / d, owner=True) for d in ("one", "two"))
     original = _head(CK.load_classifier(ckpt_path)[0])
     step, step2 = _head(m1) - original, _head(m2) - original
     assert step.norm() > 1e-4 and (step2 - step).norm() < 1e-4 * step.norm()  # Newton: the same optimum

@@ -39,7 +39,7 @@ def main(ckpt: str, revision: str, out: str, devices: int) -> None:
     cfg = UJ.UnlearnTrainerConfig(devices=devices, strategy="ddp" if devices > 1 else "auto")
     before = gloo_threads()  # none in a fresh process; run in a test process, whatever it had
     for method, params in CONFIGS:
-        model, record = CK.load_classifier(ckpt)
+        model, record = CK.load_classifier(ckpt, owner=True)
         data = UJ.UnlearningData.build(record, revision)
         report = UJ.unlearn_and_measure(model, record, data, method=method, params=params, trainer=cfg,
                                         hessian_samples=10**9, batch_size=64)

@@ -1,0 +1,164 @@
+"""``veil privacy``: what has been spent on a dataset, its budgets, and a publishable revision (no torch).
+
+    veil privacy show --data source=synthetic,seed=0 [--ledger PATH] [--json]
+    veil privacy set-budget 4 --reason "four medium releases per attribute" --data source=synthetic,seed=0
+    veil privacy set-training-budget 10 --reason "DP training cap" --data source=celeba,root=/data/celeba
+    veil privacy publish-revision --revision edits/revision --out edits/published
+
+Each dataset has one privacy database, ``$VEIL_HOME/datasets/<dataset>.sqlite`` (VEIL_HOME defaults
+to ``~/.veil``; ``--ledger PATH`` names another), holding every release and every DP training run on
+it and the budgets (``veil.privacy.ledger``). It is owner-only: it holds the randomized-response
+seeds. ``--data`` locates the dataset: ``source=synthetic,seed=N``, ``source=celeba,root=PATH``,
+``source=folder,root=PATH``, or a revision folder (its base dataset).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from veil.errors import ConfigError
+from veil.privacy.ledger import PrivacyLedger, ledger_path_for  # stdlib only; numpy/PIL load in the handlers
+
+_INT_KEYS = ("seed", "num_images", "resolution")
+
+
+def parse_data(text: str | None) -> dict:
+    """``--data``: KEY=VALUE[,KEY=VALUE] (seed, num_images, resolution as integers), or a revision folder."""
+    if not text:
+        return {}
+    if (Path(text) / "manifest.json").is_file():
+        from veil.privacy.revision_manifest import load_manifest
+
+        return dict(load_manifest(text)["base"])
+    spec = {}
+    for item in text.split(","):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"--data expects KEY=VALUE pairs (e.g. source=synthetic,seed=0) or a revision folder, "
+                              f"got {item!r}")
+        try:
+            spec[key] = int(value) if key in _INT_KEYS else value
+        except ValueError:
+            raise ConfigError(f"--data {key}={value!r}: must be an integer") from None
+    return spec
+
+
+def _open(args, *, create: bool) -> PrivacyLedger | None:
+    """The database ``--data``/``--ledger`` name; None if it does not exist and ``create`` is False."""
+    data = parse_data(args.data)
+    if not data and not args.ledger:
+        raise ConfigError("--data or --ledger: say which dataset's privacy database (e.g. --data source=synthetic,seed=0)")
+    path = Path(args.ledger).expanduser() if args.ledger else ledger_path_for(data)
+    if not create and not path.exists():
+        return None
+    return PrivacyLedger.for_dataset(data, path=path) if data else PrivacyLedger(path, create=create)
+
+
+def _eps(x, infinite: str = "unbounded") -> str:
+    """An epsilon or a budget for people: None and "inf" (JSON's infinity) read as ``infinite``."""
+    return infinite if x in (None, "inf") else f"{x:g}"
+
+
+def _print_summary(s: dict) -> None:
+    dataset = (s["dataset"] or {}).get("slug", "unrecorded")
+    print(f"privacy database {s['database']} (dataset {dataset}; owner-only: it holds the release seeds)")
+    t = s["training"]
+    print(f"training runs ({t['composition']}):")
+    for r in t["runs"]:
+        counted = "" if r["status"] == "finished" else f" (counts its planned epsilon {_eps(r['counted_epsilon'])})"
+        print(f"  #{r['run_id']} {r['kind']} {r['run']}: {'private' if r['private'] else 'NOT private'}, epsilon "
+              f"{_eps(r['epsilon'] if r['status'] == 'finished' else r['planned_epsilon'])}, delta {r['delta']}, "
+              f"{r['steps'] or 0} steps, {r['status']}{counted}, started {r['started_at']}")
+    if not t["runs"]:
+        print("  none recorded")
+    left = "no training budget" if t["budget"] is None else f"training budget {_eps(t['budget'])}, {_eps(t['left'])} left"
+    print(f"  composed: epsilon {_eps(t['epsilon']) if t['runs'] else 0}, delta {t['delta']:g}; {left}")
+    r = s["releases"]
+    print(f"releases ({r['composition']}; budget {_eps(r['budget'], 'unlimited')} per image and attribute):")
+    print(f"  {r['releases']} releases of {r['images']} images; most spent on one (image, attribute) "
+          f"{_eps(r['max_spent'])}, least left {_eps(r['least_left'])}")
+    for name, a in r["attributes"].items():
+        protected = "never protected" if not a["images_protected"] else (
+            f"protected on {a['images_protected']} images ({a['protected_releases']} releases, max spent "
+            f"{_eps(a['max_spent'])}, {a['at_budget']} at the budget)")
+        print(f"  {name}: {protected}; published exactly on {a['images_published_exactly']} images")
+    print("budget changes:")
+    for c in s["budget_changes"]:
+        old = "none" if c["old_value"] is None else _eps(c["old_value"], "unlimited")
+        print(f"  {c['changed_at']} {c['budget']} budget {old} -> {_eps(c['new_value'], 'unlimited')} by {c['changed_by']}: "
+              f"{c['reason']}")
+
+
+def _show(args) -> int:
+    ledger = _open(args, create=False)
+    if ledger is None:
+        path = args.ledger or ledger_path_for(parse_data(args.data))
+        if args.json:
+            print(json.dumps({"database": str(path), "exists": False}))
+        else:
+            print(f"no privacy database at {path}: nothing has been released from or trained on this dataset "
+                  f"with veil (or it was recorded elsewhere: pass --ledger)")
+        return 0
+    with ledger:
+        summary = ledger.summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _set_budget(args) -> int:
+    with _open(args, create=True) as ledger:
+        if args.action == "set-budget":
+            ledger.set_budget(args.value, reason=args.reason)
+            now = ledger.budget
+        else:
+            ledger.set_training_budget(args.value, reason=args.reason)
+            now = ledger.training_budget
+        which = "release budget (per image and attribute)" if args.action == "set-budget" else "training budget"
+        print(f"{ledger.path}: {which} is now {_eps(now, 'unlimited')} "
+              f"(recorded: {args.reason})")
+    return 0
+
+
+def _publish(args) -> int:
+    from veil.privacy.revision_manifest import publish_revision
+
+    out = publish_revision(args.revision, args.out)
+    n = len(json.loads((out / "manifest.json").read_text())["changes"])
+    print(f"wrote {out}: {n} edited images and their released attributes (no original attributes); "
+          f"this folder may be shared, {args.revision} stays with you")
+    return 0
+
+
+def _locate(p) -> None:
+    p.add_argument("--data", help="the dataset: source=synthetic,seed=N | source=celeba,root=PATH | "
+                                  "source=folder,root=PATH, or a revision folder")
+    p.add_argument("--ledger", help="the privacy database itself (default $VEIL_HOME/datasets/<dataset>.sqlite)")
+
+
+def add_subcommand(sub) -> None:
+    """Register `veil privacy` (show | set-budget | set-training-budget | publish-revision)."""
+    p = sub.add_parser("privacy", help="what has been spent on a dataset (training runs, releases), its budgets",
+                       description="The privacy account of a dataset: every DP training run and every release of "
+                                   "an edited image recorded in its database, the budgets, and publishing a revision "
+                                   "without the original attributes.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="training runs and their composition, release spends, budgets left")
+    _locate(show)
+    show.add_argument("--json", action="store_true", help="print the account as JSON")
+    show.set_defaults(func=_show)
+    for name, what in (("set-budget", "the per-(image, attribute) release budget"),
+                       ("set-training-budget", "the cap on the composed epsilon of all training runs")):
+        q = actions.add_parser(name, help=f"change {what} (recorded with who, when, old, new and why)")
+        q.add_argument("value", type=float, help="the new budget (inf = unlimited)")
+        q.add_argument("--reason", required=True, help="why it changes (recorded with the change)")
+        _locate(q)
+        q.set_defaults(func=_set_budget)
+    pub = actions.add_parser("publish-revision", help="a shareable copy of a revision: edited images and released "
+                                                      "attributes only")
+    pub.add_argument("--revision", required=True, help="the owner's revision folder (veil edit's OUT/revision)")
+    pub.add_argument("--out", required=True, help="a new folder for the published revision")
+    pub.set_defaults(func=_publish)
