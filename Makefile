@@ -15,9 +15,12 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup demo test bench finetune guided
 setup: $(VENV)/.installed
 
+# Each demo run gets a new folder, runs/demo-YYYYmmdd-HHMMSS: an earlier run is never deleted.
 demo: setup
-	rm -rf runs/demo
-	$(VENV)/bin/veil train --config lightning_modules/configs/synthetic32.yaml --out runs/demo
+	@out=runs/demo-$$(date +%Y%m%d-%H%M%S); \
+	echo "make demo: training into $$out (earlier demo runs are kept)"; \
+	$(VENV)/bin/veil train --config lightning_modules/configs/synthetic32.yaml --out $$out && \
+	echo "make demo: wrote $$out (the release: $$out/model; sample it: $(VENV)/bin/veil sample --checkpoint $$out --out $$out/grid.png)"
 
 test: setup
 	$(PY) -m pytest -q

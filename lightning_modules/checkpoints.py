@@ -102,19 +102,36 @@ def release_path(path: str | Path, *, what: str = "--checkpoint") -> Path:
                           f"{META_FILE} and {WEIGHTS_FILE}, as `veil train` writes)")
 
 
+# What a release's veil_model.json must hold, per kind, to be rebuilt (checked before any model is built).
+_REQUIRED_META = {DIFFUSION_KIND: {"model_kwargs": dict, "scheduler_config": dict, "attribute_names": list},
+                  CLASSIFIER_KIND: {"model_kwargs": dict}}
+
+
 def read_release(path: str | Path, *, kind: str, what: str = "--checkpoint") -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    """(meta, weights, folder) of the release ``path`` names, checked to be of ``kind``."""
+    """(meta, weights, folder) of the release ``path`` names, checked to be of ``kind``.
+
+    Every problem with the files (a random, empty or truncated file, a folder without a release,
+    malformed JSON, missing records) is a CheckpointError naming ``what`` (the flag) and the file."""
     from safetensors.torch import load_file
 
     folder = release_path(path, what=what)
     try:
-        meta = json.loads((folder / META_FILE).read_text())
-        weights = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise CheckpointError(f"{what} {folder}: unreadable model release ({type(e).__name__}: {e})") from None
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{what} {folder / META_FILE}: unreadable release record ({type(e).__name__}: {e}); "
+                              "the release is damaged: copy it again or rerun the command that wrote it") from None
     if not isinstance(meta, dict) or meta.get("format") != RELEASE_FORMAT or meta.get("kind") != kind:
         got = meta.get("kind") if isinstance(meta, dict) else None
         raise CheckpointError(f"{what} {folder}: a {got or 'non-veil'} release, expected {kind!r}")
+    for key, typ in _REQUIRED_META.get(kind, {}).items():
+        if not isinstance(meta.get(key), typ):
+            raise CheckpointError(f"{what} {folder / META_FILE}: {key!r} is missing or not a {typ.__name__}; "
+                                  "the release is damaged: copy it again or rerun the command that wrote it")
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: any unreadable file is the user's to fix
+        raise CheckpointError(f"{what} {folder / WEIGHTS_FILE}: unreadable weights ({type(e).__name__}: {e}); the "
+                              "release is damaged or truncated: copy it again or rerun the command that wrote it") from None
     return meta, weights, folder
 
 
@@ -153,46 +170,52 @@ def load_diffusion_checkpoint(path: str | Path, *, use_ema: bool = True, map_loc
 
 
 # ------------------------------------------------------------------------------------ classifier
-def load_classifier(path, *, owner: bool = False) -> tuple[AttributeClassifier, dict[str, Any]]:
+def load_classifier(path, *, owner: bool = False, what: str | None = None) -> tuple[AttributeClassifier, dict[str, Any]]:
     """(model, checkpoint) of a ``veil train-classifier`` / ``veil unlearn`` run.
 
     By default ``path`` names a release (``OUT`` or ``OUT/model``) and the checkpoint is
     ``{"veil": meta, "state_dict": {"model.*": ...}}``. ``owner=True`` (owner-side jobs such as
     unlearning) prefers the owner's checkpoint, ``OUT/private/last.ckpt`` (``unlearned.ckpt`` for an
     unlearning run) or a ``.ckpt`` given directly, whose ``veil`` record also holds the cached
-    training features.
+    training features. ``what``: the flag errors name (default ``--model`` for owners, else ``--classifier``).
     """
     path = Path(path)
+    what = what or ("--model" if owner else "--classifier")
     if owner:
         candidates = [path] if path.suffix == ".ckpt" else [path / PRIVATE_DIR / n for n in OWNER_CHECKPOINTS]
         for ckpt_file in candidates:
             if ckpt_file.is_file():
-                return _load_classifier_ckpt(ckpt_file)
-    meta, weights, _ = read_release(path, kind=CLASSIFIER_KIND, what="--model" if owner else "--classifier")
-    model = AttributeClassifier(**meta["model_kwargs"])
+                return _load_classifier_ckpt(ckpt_file, what=what)
+    meta, weights, folder = read_release(path, kind=CLASSIFIER_KIND, what=what)
+    model = _build_classifier(meta["model_kwargs"], _strip(weights, "model."), where=f"{what} {folder}")
+    return model, {"veil": meta, "state_dict": dict(weights)}
+
+
+def _build_classifier(model_kwargs, state_dict, *, where: str) -> AttributeClassifier:
+    """The classifier ``model_kwargs`` describe, with ``state_dict`` loaded, in eval mode; CheckpointError if they do not fit."""
     try:
-        model.load_state_dict(_strip(weights, "model."))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the recorded model_kwargs ({e})") from None
-    return model.eval(), {"veil": meta, "state_dict": dict(weights)}
+        model = AttributeClassifier(**model_kwargs)
+        model.load_state_dict(state_dict)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: weights do not fit the recorded model_kwargs ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is damaged") from None
+    return model.eval()
 
 
-def _load_classifier_ckpt(path: Path) -> tuple[AttributeClassifier, dict[str, Any]]:
+def _load_classifier_ckpt(path: Path, *, what: str = "--model") -> tuple[AttributeClassifier, dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    kind = ckpt.get("veil", {}).get("kind") if isinstance(ckpt, dict) else None
+        raise CheckpointError(f"{what} {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    record = ckpt.get("veil") if isinstance(ckpt, dict) else None
+    kind = record.get("kind") if isinstance(record, dict) else None
     if kind != CLASSIFIER_KIND:
-        raise CheckpointError(f"{path}: a {kind or 'non-veil'} checkpoint, expected {CLASSIFIER_KIND!r}; "
+        raise CheckpointError(f"{what} {path}: a {kind or 'non-veil'} checkpoint, expected {CLASSIFIER_KIND!r}; "
                               "train one with `veil train-classifier`")
-    record = ckpt["veil"]
-    model = AttributeClassifier(**record["model_kwargs"])
-    try:
-        model.load_state_dict(_strip(ckpt["state_dict"], "model."))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the recorded model_kwargs ({e})") from None
-    return model.eval(), ckpt
+    if not isinstance(record.get("model_kwargs"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{what} {path}: lacks its model_kwargs or state_dict; the checkpoint is damaged")
+    model = _build_classifier(record["model_kwargs"], _strip(ckpt["state_dict"], "model."), where=f"{what} {path}")
+    return model, ckpt
 
 
 CLASSIFIER_PUBLIC_KEYS = ("model_kwargs", "attribute_names", "data_spec", "recipe", "l2", "scheduler_config",

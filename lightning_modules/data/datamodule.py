@@ -98,33 +98,41 @@ class FaceCollate:
 
 
 def _validate(kw: dict) -> None:
-    """ConfigError (naming the option) or DataError (naming the path) before anything is loaded."""
+    """ConfigError (naming the option) or DataError (naming the path) before anything is loaded.
+
+    The options are named as "data option <key>": the user set them as ``data.<key>`` in a
+    ``veil train`` config or ``--data <key>=...`` of ``veil train-classifier``, never as Python arguments."""
     if kw["source"] not in SOURCES:
-        raise ConfigError(f"source={kw['source']!r}: choose one of {list(SOURCES)}")
+        raise ConfigError(f"data option source: choose one of {list(SOURCES)}, got {kw['source']!r}")
     for name in ("resolution", "num_images", "batch_size"):
         if not isinstance(kw[name], int) or isinstance(kw[name], bool) or kw[name] < 1:
-            raise ConfigError(f"{name}={kw[name]!r}: must be a positive integer")
-    if not isinstance(kw["num_workers"], int) or kw["num_workers"] < 0:
-        raise ConfigError(f"num_workers={kw['num_workers']!r}: must be an integer >= 0")
-    if not isinstance(kw["seed"], int):
-        raise ConfigError(f"seed={kw['seed']!r}: must be an integer")
+            raise ConfigError(f"data option {name}: must be a positive integer, got {kw[name]!r}")
+    if not isinstance(kw["num_workers"], int) or isinstance(kw["num_workers"], bool) or kw["num_workers"] < 0:
+        raise ConfigError(f"data option num_workers: must be an integer >= 0, got {kw['num_workers']!r}")
+    if not isinstance(kw["seed"], int) or isinstance(kw["seed"], bool):
+        raise ConfigError(f"data option seed: must be an integer, got {kw['seed']!r}")
     for name in ("val_fraction", "test_fraction"):
-        if not isinstance(kw[name], (int, float)) or not 0 <= kw[name] < 1:
-            raise ConfigError(f"{name}={kw[name]!r}: must be in [0, 1)")
+        if isinstance(kw[name], bool) or not isinstance(kw[name], (int, float)) or not 0 <= kw[name] < 1:
+            raise ConfigError(f"data option {name}: must be a number in [0, 1), got {kw[name]!r}")
     if kw["val_fraction"] + kw["test_fraction"] >= 1:
-        raise ConfigError("val_fraction + test_fraction must be < 1 to leave images for training")
-    if isinstance(kw["attributes"], str):
-        raise ConfigError(f"attributes={kw['attributes']!r}: give a list of names, e.g. [{kw['attributes']!r}]")
+        raise ConfigError("data options val_fraction + test_fraction must be < 1 to leave images for training")
+    if kw["attributes"] is not None and (isinstance(kw["attributes"], str)
+                                         or not isinstance(kw["attributes"], (list, tuple))):
+        raise ConfigError(f"data option attributes: give a list of names, e.g. [{kw['attributes']!r}]")
     if kw["source"] in ("celeba", "folder") and not kw["root"]:
-        raise ConfigError(f"root: source={kw['source']!r} needs root= the dataset folder")
+        raise ConfigError(f"data option root: source {kw['source']!r} needs root, the dataset folder")
     if kw["source"] == "folder" and not kw["csv"]:
-        raise ConfigError("csv: source='folder' needs csv= the label CSV file")
+        raise ConfigError("data option csv: source 'folder' needs csv, the label CSV file")
+    for name in ("root", "csv", "revision"):
+        if kw[name] is not None and not isinstance(kw[name], (str, Path)):
+            raise ConfigError(f"data option {name}: must be a path, got {kw[name]!r}")
     if kw["root"] and kw["source"] != "synthetic" and not Path(kw["root"]).is_dir():
-        raise DataError(f"{kw['root']}: dataset folder (root=) not found; check the path")
+        raise DataError(f"{kw['root']}: dataset folder (data option root) not found; check the path")
     if kw["csv"] and kw["source"] == "folder" and not Path(kw["csv"]).is_file():
-        raise DataError(f"{kw['csv']}: label CSV (csv=) not found; check the path")
+        raise DataError(f"{kw['csv']}: label CSV (data option csv) not found; check the path")
     if kw["revision"] and not Path(kw["revision"]).exists():
-        raise DataError(f"{kw['revision']}: revision folder (revision=) not found; pass one write_revision made")
+        raise DataError(f"{kw['revision']}: revision folder (data option revision) not found; pass one "
+                        "write_revision made")
 
 
 class FaceDataModule(L.LightningDataModule):
@@ -184,7 +192,8 @@ class FaceDataModule(L.LightningDataModule):
         kwargs = {**spec, **overrides}
         unknown = sorted(set(kwargs) - set(inspect.signature(cls.__init__).parameters) - {"self"})
         if unknown:
-            raise ConfigError(f"{unknown}: not FaceDataModule options")
+            raise ConfigError(f"unknown data option(s) {unknown}; valid: "
+                              f"{sorted(set(inspect.signature(cls.__init__).parameters) - {'self'})}")
         return cls(**kwargs)
 
     # -- datasets --------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 
 The CSV has a header row. One column names the image files, relative to the folder: ``id_column``
 if given, else the first of ``image_id``, ``id``, ``filename``, ``file`` present, else the first
-column. The other columns are binary attributes written -1/1 or 0/1 (0 is read as -1).
+column. The other columns are binary attributes written -1/1 or 0/1 (0 is read as -1). An id must
+name a file inside the folder: absolute paths, ``..`` and symlinks that resolve outside it are
+refused (``check_inside``), as the revision reader refuses them.
 Images are loaded lazily: the largest centred square is cropped and resized to ``resolution``
 with Pillow's antialiased bicubic filter. Every file problem raises ``DataError`` naming the file
 (and the line); every bad argument raises ``ConfigError`` naming the option.
@@ -29,7 +31,7 @@ from veil.lightning_modules.data.grid import uint8_to_tensor
 
 __all__ = [
     "ImageFolderCSV", "FileFaces", "BINARY_VALUES", "load_face_image", "center_crop_resize", "parse_binary",
-    "select_attributes", "check_files_present", "check_resolution",
+    "select_attributes", "check_files_present", "check_resolution", "check_inside",
 ]
 
 ID_COLUMN_CANDIDATES = ("image_id", "id", "filename", "file")
@@ -96,6 +98,18 @@ def check_files_present(folder: Path, names: Sequence[str], *, listed_in: Path) 
             f"{folder / missing[0]}: image listed in {listed_in} is absent ({len(missing)} of {len(names)} missing, "
             f"first: {missing[:3]}); copy the images into {folder} or remove their lines from {listed_in.name}"
         )
+
+
+def check_inside(folder: Path, name: str, *, listed_in: Path, line: int) -> None:
+    """DataError naming the CSV, the line and the id unless ``folder / name`` stays inside ``folder``
+    (no absolute path, no ``..`` out of it, no symlink resolving outside it)."""
+    if "/" not in name and os.sep not in name and name not in ("", ".", "..") and not os.path.islink(folder / name):
+        return  # a plain file name in the folder: the common case, one lstat
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if Path(name).is_absolute() or (target != root and root not in target.parents):
+        raise DataError(f"{listed_in}, line {line}: id {name!r} names a file outside the image folder {folder}; "
+                        "ids are paths relative to that folder (no absolute paths, '..' or links leading out of it)")
 
 
 def check_resolution(resolution) -> None:
@@ -184,6 +198,7 @@ class ImageFolderCSV(FileFaces):
             if name in seen:
                 raise DataError(f"{csv_path}, line {line}: {name!r} is listed twice (first on line {seen[name]})")
             seen[name] = line
+            check_inside(folder, name, listed_in=csv_path, line=line)
             files.append(name)
             labels.append(
                 [parse_binary(row[label_cols[p]], file=csv_path, line=line, column=names[p]) for p in picked]

@@ -42,6 +42,9 @@ class DPConfig:
         seed = self.reproducible_noise_seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ConfigError(f"dp.reproducible_noise_seed must be null or an integer in [0, 2**63), got {seed!r}")
+        for name in ("enabled", "secure_mode"):  # a string "false" would be truthy: refuse, never guess
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"dp.{name} must be true or false, got {getattr(self, name)!r}")
         if not self.enabled:
             return
         if self.secure_mode:
@@ -52,9 +55,19 @@ class DPConfig:
                 "'What is protected and what is not')")
         for name in ("target_epsilon", "noise_multiplier", "max_grad_norm", "delta"):
             value = getattr(self, name)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-6 as a string; "nan" and "inf" fail below
+                try:
+                    value = float(value)
+                    setattr(self, name, value)
+                except ValueError:
+                    pass
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
                 raise ConfigError(f"dp.{name} must be a finite number, got {value!r}")
+        for name in ("noise_multiplicity", "max_physical_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"dp.{name} must be an integer >= 1, got {value!r}")
         if self.target_epsilon is None and self.noise_multiplier is None:
             raise ConfigError("dp: set dp.target_epsilon or dp.noise_multiplier (or dp.enabled: false)")
         if self.target_epsilon is not None and self.noise_multiplier is not None:

@@ -12,7 +12,10 @@ One logical step of ``dp_training_step``:
 3. the DP optimizer clips each example's gradient to C and accumulates; at the last chunk it adds
    N(0, sigma^2 C^2) and divides by the expected batch size (the earlier chunks are *virtual*
    steps, taken on the DP optimizer itself so that Lightning's step counter counts logical steps);
-4. the accountant records one step at (sigma, q).
+4. the accountant records one step at (sigma, q);
+5. a loss or an updated parameter that is not finite stops the run (``ConfigError``): a diverged
+   model is not a private model to release, and every later step would only spend budget on NaNs.
+   The check runs before Lightning's end-of-step checkpoint, so the bad weights are never saved.
 
 Under DDP, DDP's own gradient all-reduce is switched off (the DP optimizer sums clipped gradients
 across ranks itself and adds the noise once; DDP's averaging of the unclipped ones is wasted work
@@ -22,10 +25,12 @@ forward in manual optimisation, so it is switched off at the start of every step
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import torch
 
+from veil.errors import ConfigError
 from veil.lightning_modules.dp.grad_sample import empty_grad_samples, fold_noise_draws
 
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, int]"]  # (x, attrs) -> (mean loss, K)
@@ -68,4 +73,21 @@ def dp_training_step(module, opt, x: torch.Tensor, attrs: torch.Tensor, *, chunk
         opt.step()
         opt.zero_grad(set_to_none=True)
     module.accounting.step()
-    return total / max(len(x), 1)
+    loss = total / max(len(x), 1)
+    check_finite(module.accounting.steps, loss, params)
+    return loss
+
+
+def check_finite(step: int, loss: float, params: list[torch.nn.Parameter]) -> None:
+    """Step 5: ConfigError when the loss or a parameter is NaN or infinite. Parameters are the same
+    on every rank after the step (the update is all-reduced), so all ranks stop together; the loss
+    is this rank's own, so it is checked only in a single process (a non-finite loss anywhere makes
+    the summed update, hence the parameters, non-finite a step later at most)."""
+    single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    bad = "loss" if single and not math.isfinite(loss) else None
+    if bad is None and params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        bad = "weights"
+    if bad is not None:
+        raise ConfigError(f"training stopped at step {step}: the {bad} became NaN or infinite (the run diverged); "
+                          "nothing of this step was saved. Lower the learning rate (optim.lr; lr for "
+                          "train-classifier) or dp.max_grad_norm, and start again in a new --out")

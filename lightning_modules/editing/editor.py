@@ -19,6 +19,7 @@ The editor is also the ``EditFn`` of ``veil.privacy.session``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -46,8 +47,8 @@ class PrivateEditor:
                  num_steps: int = 50, guidance_scale: float = 2.0, inversion_guidance: float = 1.0,
                  clip_sample: bool | None = None, batch_size: int = 64):
         for option, w in (("--guidance", guidance_scale), ("inversion_guidance", inversion_guidance)):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                raise ConfigError(f"{option}={w!r}: must be a number >= 0 (1 = plain conditional)")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"{option}={w!r}: must be a finite number >= 0 (1 = plain conditional)")
         self.model = model.eval()
         self.attribute_names = list(attribute_names)
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))

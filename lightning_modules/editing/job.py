@@ -10,30 +10,56 @@
            DIR/sweep.json, owner-only; previews only: nothing is released and no ledger is opened.
 
 The release logic is the one EditSession uses (privacy.session.draw_release, ledger budget checks),
-batched over images: check --out and every budget first, draw, edit in one batch, record all
-releases in one transaction, then write files (spend first, publish after: a failure in between
-wastes budget but never publishes an unrecorded release)."""
+batched over images. A release is all-or-nothing, in this order:
+
+    1. check every option (numbers finite and in range, each naming its flag) and --out (a folder veil
+       can write, holding no earlier edit), before anything is loaded;
+    2. load the model and the data, check --protect / --ids / --first against them;
+    3. open the dataset's privacy database and check every (image, attribute) against the budget;
+    4. draw the released attributes, edit in one batch, refuse an edit that is not finite;
+    5. write the revision and the grid into a hidden staging folder inside OUT (.veil-edit-*);
+    6. in ONE ledger transaction: insert the releases, write the report (it names their release ids)
+       beside the staged files, move the three into OUT (renames), commit.
+       If anything fails up to and including the commit (a budget refusal, a write error, Ctrl-C), the
+       transaction rolls back and the files are removed (OUT too, if this run created it): nothing
+       is charged and nothing is left.
+
+So no release is charged without its files, and no file is published without its release. A sweep
+(previews only) follows steps 1, 2, 4 and 5, then moves its two files into OUT.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shutil
+import sqlite3
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from veil.errors import ConfigError
+from veil.errors import CheckpointError, ConfigError, DataError
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.grid import save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
 from veil.lightning_modules.diffusion.sample import privacy_phrase
 from veil.lightning_modules.editing.editor import PrivateEditor
+from veil.outputs import check_out_dir, dumps_strict
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
-from veil.privacy.mechanism import derive_seed, json_epsilon, privatize, secure_seed
+from veil.privacy.mechanism import (
+    check_epsilon,
+    derive_seed,
+    json_epsilon,
+    privatize,
+    secure_seed,
+)
 from veil.privacy.session import draw_release
 
 __all__ = ["run_edit", "run_sweep", "load_edit_inputs"]
@@ -56,10 +82,16 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     if list(dataset.attribute_names) != list(ckpt.attribute_names):
         raise ConfigError(f"--data: the dataset's attributes {dataset.attribute_names} differ from the model's "
                           f"{ckpt.attribute_names}")
+    names = ", ".join(ckpt.attribute_names)
+    if not protect:
+        raise ConfigError(f"--protect: empty; name the attributes to privatize, comma-separated, from: {names}")
     unknown = [p for p in protect if p not in ckpt.attribute_names]
-    if unknown or not protect:
-        raise ConfigError(f"--protect {','.join(protect)!r}: unknown {unknown or 'empty'}; "
-                          f"choose from {ckpt.attribute_names}")
+    if unknown:
+        raise ConfigError(f"--protect {','.join(protect)}: {', '.join(unknown)}: not "
+                          f"{'an attribute' if len(unknown) == 1 else 'attributes'} of the model; choose from: {names}")
+    twice = sorted({p for p in protect if list(protect).count(p) > 1})
+    if twice:
+        raise ConfigError(f"--protect {','.join(protect)}: {', '.join(twice)} listed twice; name each attribute once")
     if (ids is None) == (first is None):
         raise ConfigError("--ids/--first: give exactly one (a comma-separated list of ids, or a count)")
     if first is not None:
@@ -72,8 +104,9 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
         if missing or not ids:
             raise ConfigError(f"--ids: {missing[:5] or 'none given'} not in the dataset "
                               f"({len(dataset)} images, ids like {dataset.ids[0]!r})")
-        if len(set(ids)) != len(ids):
-            raise ConfigError("--ids: an id is listed twice")
+        twice = sorted({i for i in ids if list(ids).count(i) > 1})
+        if twice:
+            raise ConfigError(f"--ids: {', '.join(twice[:5])} listed twice; name each image once")
         indices = [position[i] for i in ids]
     # What the model itself cost (the release's own record): reported with every edit, so a model trained
     # without DP, or with the not-private reproducible noise, is never presented as a private one.
@@ -114,18 +147,105 @@ def _owner_only_file(path: Path) -> Path:
     return _owner_only(path)
 
 
-def _check_out(out: Path) -> None:
-    """ConfigError unless ``out`` is a new edit folder veil can write: checked before any budget is spent."""
-    if (out / "revision").exists():
-        raise ConfigError(f"--out {out}: {out / 'revision'} exists; choose a new --out (the dataset's privacy "
-                          f"database keeps counting across runs)")
+EDIT_FILES = ("revision", "before_after.png", "edit_report.json")
+SWEEP_FILES = ("sweep.png", "sweep.json")
+
+
+def check_edit_options(*, guidance, steps, first=None, budget=None, seed=None) -> None:
+    """ConfigError naming the flag of the first bad number; run before anything is loaded or spent.
+    (--epsilon, --strength and --level are checked by ``resolve_level``, --sweep-epsilons by ``sweep_levels``.)"""
+    def number(x):
+        return not isinstance(x, bool) and isinstance(x, (int, float))
+
+    if not number(guidance) or not math.isfinite(guidance) or guidance < 0:
+        raise ConfigError(f"--guidance {guidance!r}: must be a finite number >= 0 (0 = unconditional, "
+                          f"1 = plain conditional, default 2)")
+    for flag, value, low in (("--steps", steps, 1), ("--first", first, 1), ("--seed", seed, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{flag} {value!r}: must be a whole number >= {low}")
+    if budget is not None and (not number(budget) or math.isnan(budget) or budget < 0):
+        raise ConfigError(f"--budget {budget!r}: must be a number >= 0 (inf = unlimited)")
+
+
+def _check_out(out: Path, holds: Sequence[str]) -> bool:
+    """ConfigError unless ``out`` is a folder veil can write that holds none of ``holds``: checked before
+    anything is loaded or spent. Returns whether the folder was created (to remove it if the command fails)."""
+    used = [name for name in holds if (out / name).exists() or (out / name).is_symlink()]
+    if used:
+        raise ConfigError(f"--out {out}: already holds {', '.join(used)}; choose a new --out (veil edit never "
+                          f"replaces earlier results; the dataset's privacy database keeps counting across runs)")
+    created = not out.exists()
+    check_out_dir(out)  # not a file, creatable, writable (ConfigError naming --out)
+    return created
+
+
+@contextmanager
+def _staging(out: Path, created: bool):
+    """A hidden folder inside OUT for the files of one command; removed (with OUT, if this command created it
+    and it stayed empty) when the block raises, so a failed command leaves nothing behind."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".veil-write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=".veil-edit-"))
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); choose a folder you can write") from None
+        raise DataError(f"--out {out}: cannot write there ({e.strerror or e}); nothing was released") from None
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            _remove_if_empty(out)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _publish(stage: Path, out: Path, names: Sequence[str]) -> None:
+    """Move ``names`` from the staging folder into OUT (renames in one folder); all or none of them."""
+    moved = []
+    try:
+        for name in names:
+            if (out / name).exists():  # appeared since the --out check: never replace it
+                raise ConfigError(f"--out {out}: {name} appeared while veil was working; nothing was released")
+            os.replace(stage / name, out / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            os.replace(out / name, stage / name)
+        raise
+
+
+def _unpublish(out: Path, names: Sequence[str]) -> None:
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _check_finite(images: torch.Tensor, image_ids: Sequence[str], *, guidance: float, what: str) -> None:
+    """CheckpointError if an edit holds NaN or infinite pixels (a broken model, or an extreme guidance)."""
+    bad = [i for i, ok in zip(image_ids, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise CheckpointError(f"--checkpoint: the model's {what} of {len(bad)} of {len(image_ids)} images (e.g. "
+                              f"{bad[0]!r}) is not finite (NaN/inf pixels) at --guidance {guidance:g}; {what}s are "
+                              f"written only when finite, so nothing was released or charged; check the model "
+                              f"(does `veil sample` give images?) or lower --guidance")
+
+
+def _write_edit(stage: Path, *, dm, names, changes, image_ids, x, edited) -> dict[str, str]:
+    """The owner-only revision and before/after grid, in the staging folder; {id: file in OUT}."""
+    (stage / "revision").mkdir(mode=0o700)
+    write_revision(_owner_only(stage / "revision"), base_spec=dm.dataset_spec(), attribute_names=names,
+                   changes=changes, images=dict(zip(image_ids, edited)))
+    manifest = json.loads(_owner_only(stage / "revision/manifest.json").read_text())
+    _before_after(x, edited, _owner_only_file(stage / "before_after.png"))
+    return {c["id"]: f"revision/{c['file']}" for c in manifest["changes"]}
 
 
 def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
@@ -137,49 +257,80 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
 
     Spends on the dataset's privacy database (``PrivacyLedger.for_dataset``; ``ledger`` overrides its
     path). ``budget`` sets the release budget of a new database; on an existing one it must match.
+    All or nothing: the steps of the module docstring.
     """
     out = Path(out)
+    # 1. every option and --out, before anything is loaded or spent
+    check_edit_options(guidance=guidance, steps=steps, first=first, budget=budget, seed=seed)
     lv = resolve_level(level, epsilon=epsilon, strength=strength)
-    _check_out(out)  # a used or unwritable --out is refused before anything is loaded or spent
-    editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
-                                                      protect=protect, steps=steps, guidance=guidance, use_ema=use_ema)
+    created = _check_out(out, EDIT_FILES)
+    with _staging(out, created) as stage:
+        # 2. model and data
+        editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
+                                                          protect=protect, steps=steps, guidance=guidance,
+                                                          use_ema=use_ema)
+        names = editor.attribute_names
+        image_ids, x, a, originals = _selected(dm.dataset, indices, names)
+        try:
+            with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
+                return _release(book, stage=stage, out=out, editor=editor, dm=dm, lv=lv, protected=protected,
+                                image_ids=image_ids, x=x, a=a, originals=originals, seed=seed,
+                                report_head={"checkpoint": str(checkpoint), "model_privacy": editor.model_privacy,
+                                             "data": dm.dataset_spec(), "level": lv.to_json(),
+                                             "protected": protected, "guidance": guidance, "steps": steps,
+                                             "seed_given": seed is not None})
+        except sqlite3.DatabaseError as e:  # a database damaged past its header: found while reading it
+            where = ledger if ledger is not None else "the dataset's privacy database"
+            raise DataError(f"--ledger {where}: unreadable privacy database ({e}); nothing was released") from None
+
+
+def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, protected, image_ids, x, a, originals,
+             seed, report_head: dict) -> dict:
+    """Steps 3-6 of the module docstring, on the open database ``book``."""
     names = editor.attribute_names
-    image_ids, x, a, originals = _selected(dm.dataset, indices, names)
-    with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
-        # 1. every (image, attribute) first, so nothing is edited when one would be refused
-        for image_id in image_ids:
-            book.check(image_id=image_id, protected=protected, epsilon=lv.epsilon, published=names)
-        # 2. randomized response per image (fresh stream per release), 3. one batched edit
-        draws = [draw_release(image_id=i, attributes=o, protected=protected, epsilon=lv.epsilon, seed=seed,
-                              release_index=book.count(i)) for i, o in zip(image_ids, originals)]
-        targets = torch.stack([editor.attribute_vector(r) for r, _ in draws])
-        edited = editor.edit(x, a, targets, strength=lv.strength, protected=protected)
-        # 4. spend: all releases in one transaction (the seeds stay in the owner-only database)
-        records = book.record_many([dict(image_id=i, protected=protected, epsilon=lv.epsilon, strength=lv.strength,
-                                         seed=s, level=lv.name, released_attributes=r)
-                                    for i, (r, s) in zip(image_ids, draws)])
-        spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}
-        ledger_path, book_budget = str(book.path), book.budget
-    # 5. write: the owner's revision (it keeps the original attributes unlearning needs: owner-only; publish
-    #    with `veil privacy publish-revision`), the before/after grid (it shows the originals: owner-only), the report
+    # 3. every (image, attribute) first, so nothing is edited when one would be refused
+    for image_id in image_ids:
+        book.check(image_id=image_id, protected=protected, epsilon=lv.epsilon, published=names)
+    # 4. randomized response per image (fresh stream per release), one batched edit, checked finite
+    draws = [draw_release(image_id=i, attributes=o, protected=protected, epsilon=lv.epsilon, seed=seed,
+                          release_index=book.count(i)) for i, o in zip(image_ids, originals)]
+    targets = torch.stack([editor.attribute_vector(r) for r, _ in draws])
+    edited = editor.edit(x, a, targets, strength=lv.strength, protected=protected)
+    _check_finite(edited, image_ids, guidance=editor.guidance_scale, what="edit")
+    # 5. the owner's revision (it keeps the original attributes unlearning needs: owner-only; publish with
+    #    `veil privacy publish-revision`) and the before/after grid (it shows the originals: owner-only), staged
     changes = [RevisionChange(i, o, r, protected, json_epsilon(lv.epsilon, infinite=None), lv.strength)
                for i, o, (r, _) in zip(image_ids, originals, draws)]
-    (out / "revision").mkdir(mode=0o700)
-    write_revision(_owner_only(out / "revision"), base_spec=dm.dataset_spec(), attribute_names=names,
-                   changes=changes, images=dict(zip(image_ids, edited)))
-    manifest = json.loads(_owner_only(out / "revision/manifest.json").read_text())
-    files = {c["id"]: f"revision/{c['file']}" for c in manifest["changes"]}
-    _before_after(x, edited, _owner_only_file(out / "before_after.png"))
-    report = {
-        "checkpoint": str(checkpoint), "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
-        "level": lv.to_json(), "protected": protected, "guidance": guidance, "steps": steps, "seed_given": seed is not None, "ledger": ledger_path,
-        "budget": book_budget, "revision": "revision", "grid": "before_after.png",
-        "owner_only": ["revision", "before_after.png"],
-        "images": [{"id": i, "file": files[i], "released_attributes": r, "epsilon": json_epsilon(lv.epsilon),
-                    "strength": lv.strength, "release_id": rec.release_id, "spent": spent[i]}
-                   for i, (r, _), rec in zip(image_ids, draws, records)],
-    }
-    (out / "edit_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        files = _write_edit(stage, dm=dm, names=names, changes=changes, image_ids=image_ids, x=x, edited=edited)
+    except OSError as e:
+        raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
+                        f"charged") from None
+    report = {}
+
+    # 6. the report (it needs the release ids) and the move into OUT, inside the ledger's transaction
+    def publish(records) -> None:
+        spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}
+        report.update(report_head, ledger=str(book.path), budget=book.budget, revision="revision",
+                      grid="before_after.png", owner_only=["revision", "before_after.png"], images=[
+                          {"id": i, "file": files[i], "released_attributes": r, "epsilon": json_epsilon(lv.epsilon),
+                           "strength": lv.strength, "release_id": rec.release_id, "spent": spent[i]}
+                          for i, (r, _), rec in zip(image_ids, draws, records)])
+        try:
+            (stage / "edit_report.json").write_text(dumps_strict(report, indent=1) + "\n")
+            _publish(stage, out, EDIT_FILES)
+        except OSError as e:
+            raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
+                            f"charged") from None
+
+    try:
+        book.record_many([dict(image_id=i, protected=protected, epsilon=lv.epsilon, strength=lv.strength, seed=s,
+                               level=lv.name, released_attributes=r) for i, (r, s) in zip(image_ids, draws)],
+                         before_commit=publish)
+    except BaseException:
+        if report:  # published, then the commit failed: take the files back (the releases were rolled back)
+            _unpublish(out, EDIT_FILES)
+        raise
     return report
 
 
@@ -187,7 +338,8 @@ def sweep_levels(*, epsilons: Sequence[float] | None, strength: float | None, le
     """The rows of a sweep: the named levels, or the given epsilons at one strength (--strength or --level's)."""
     if not epsilons:
         return list(LEVELS.values())
-    return [resolve_level(level, epsilon=e, strength=strength) for e in epsilons]
+    return [resolve_level(level, epsilon=check_epsilon(e, option="--sweep-epsilons"), strength=strength)
+            for e in epsilons]
 
 
 def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
@@ -202,29 +354,37 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
     attributes. ``seed=None`` (the default) draws it from the OS, as releases do.
     """
     out = Path(out)
-    seed = secure_seed() if seed is None else seed
+    check_edit_options(guidance=guidance, steps=steps, first=first, seed=seed)
     rows = sweep_levels(epsilons=epsilons, strength=strength, level=level)
-    editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
-                                                      protect=protect, steps=steps, guidance=guidance, use_ema=use_ema)
-    names = editor.attribute_names
-    image_ids, x, a, originals = _selected(dm.dataset, indices, names)
-    grid, table = [x], []
-    inverted: dict[float, torch.Tensor] = {}
-    for k, lv in enumerate(rows):
-        draws = [privatize(o, protected=protected, epsilon=lv.epsilon,
-                           rng=random.Random(derive_seed(seed, i, "sweep", k))) for i, o in zip(image_ids, originals)]
-        if lv.strength not in inverted:  # inversion depends on strength only: share it across rows
-            inverted[lv.strength] = editor.invert(x, a, strength=lv.strength, protected=protected)
-        targets = torch.stack([editor.attribute_vector(d) for d in draws])
-        grid.append(editor.regenerate(inverted[lv.strength], targets, strength=lv.strength))
-        table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(torch.cat(grid), _owner_only_file(out / "sweep.png"), nrow=len(indices), scale=max(1, 128 // x.shape[-1]))
-    report = {"checkpoint": str(checkpoint), "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
-              "protected": protected, "ids": image_ids,
-              "rows": table, "grid": "sweep.png",
-              "note": "previews for the data owner only (owner-only files): nothing was released and no ledger "
-                      "entry was made; do not share them, together they give the protected values away"}
-    _owner_only_file(out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    seed = secure_seed() if seed is None else seed
+    created = _check_out(out, SWEEP_FILES)
+    with _staging(out, created) as stage:
+        editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
+                                                          protect=protect, steps=steps, guidance=guidance,
+                                                          use_ema=use_ema)
+        names = editor.attribute_names
+        image_ids, x, a, originals = _selected(dm.dataset, indices, names)
+        grid, table = [x], []
+        inverted: dict[float, torch.Tensor] = {}
+        for k, lv in enumerate(rows):
+            draws = [privatize(o, protected=protected, epsilon=lv.epsilon,
+                               rng=random.Random(derive_seed(seed, i, "sweep", k))) for i, o in zip(image_ids, originals)]
+            if lv.strength not in inverted:  # inversion depends on strength only: share it across rows
+                inverted[lv.strength] = editor.invert(x, a, strength=lv.strength, protected=protected)
+            targets = torch.stack([editor.attribute_vector(d) for d in draws])
+            grid.append(editor.regenerate(inverted[lv.strength], targets, strength=lv.strength))
+            _check_finite(grid[-1], image_ids, guidance=editor.guidance_scale, what="preview")
+            table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
+        report = {"checkpoint": str(checkpoint), "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
+                  "protected": protected, "ids": image_ids,
+                  "rows": table, "grid": "sweep.png",
+                  "note": "previews for the data owner only (owner-only files): nothing was released and no ledger "
+                          "entry was made; do not share them, together they give the protected values away"}
+        try:
+            save_grid(torch.cat(grid), _owner_only_file(stage / "sweep.png"), nrow=len(indices),
+                      scale=max(1, 128 // x.shape[-1]))
+            _owner_only_file(stage / "sweep.json").write_text(dumps_strict(report, indent=1) + "\n")
+            _publish(stage, out, SWEEP_FILES)
+        except OSError as e:
+            raise DataError(f"--out {out}: writing the sweep failed ({e.strerror or e})") from None
     return report
-

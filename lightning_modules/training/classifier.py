@@ -22,11 +22,12 @@ unlearning job's retraining baseline calls it with the recipe stored in the chec
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -36,8 +37,15 @@ from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.schedule import q_sample
 from veil.lightning_modules.dp.config import DPConfig
 from veil.lightning_modules.models.classifier import accuracy, attribute_bce, predict
-from veil.lightning_modules.training.config import apply_overrides
+from veil.lightning_modules.training.config import (
+    apply_overrides,
+    check_bool,
+    check_float,
+    check_int,
+    positive_ints,
+)
 from veil.lightning_modules.unlearning import influence as U
+from veil.outputs import check_out_dir, write_json_atomic
 
 
 @dataclass
@@ -55,12 +63,25 @@ class ClassifierRecipe:
     dp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"epochs={self.epochs}: must be >= 1")
-        if not self.lr > 0 or self.batch_size < 1 or self.head_l2 < 0:
-            raise ConfigError(f"lr={self.lr}, batch_size={self.batch_size}, head_l2={self.head_l2}: "
-                              "need lr > 0, batch_size >= 1, head_l2 >= 0")
+        check_int(self.seed, "seed", minimum=0)
+        check_int(self.epochs, "epochs", minimum=1)
+        check_int(self.batch_size, "batch_size", minimum=1)
+        self.lr, self.head_l2 = check_float(self.lr, "lr"), check_float(self.head_l2, "head_l2")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.head_l2 < 0:
+            raise ConfigError(f"head_l2 must be >= 0, got {self.head_l2}")
+        check_bool(self.refit_head, "refit_head")
+        self.model = check_model_options(self.model)
+        if not isinstance(self.dp, dict):
+            raise ConfigError(f"dp must be a mapping of dp.* options (e.g. {{enabled: true, target_epsilon: 8}}), "
+                              f"got {self.dp!r}")
+        unknown = sorted(set(self.dp) - {f.name for f in dataclasses.fields(DPConfig)})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join('dp.' + str(u) for u in unknown)}; "
+                              f"valid: {[f.name for f in dataclasses.fields(DPConfig)]}")
         dp = DPConfig(**self.dp)  # validates, naming the dp.* option
+        self.dp = {k: v for k, v in dp.to_dict().items() if k in self.dp}  # "1e-6" read as a string -> 1e-06
         if dp.enabled and self.refit_head:
             raise ConfigError("refit_head: refitting the head on the data is not private; "
                               "set refit_head: false when dp.enabled is true")
@@ -72,20 +93,75 @@ class ClassifierRecipe:
         return dataclasses.asdict(self)
 
 
+# The recipe's model options: AttributeClassifier's keyword arguments, checked here so that a bad
+# value is refused naming model.<key> rather than failing inside the network's constructor.
+MODEL_OPTIONS = ("channels", "feature_dim", "norm_num_groups", "noise_conditional", "time_embedding_dim")
+
+
+def check_model_options(model: Any) -> dict[str, Any]:
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping (e.g. {{channels: [16, 32, 64], feature_dim: 64}}), got {model!r}")
+    unknown = sorted(set(model) - set(MODEL_OPTIONS), key=str)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join('model.' + str(u) for u in unknown)}; "
+                          f"valid: {list(MODEL_OPTIONS)}")
+    model = dict(model)
+    if "channels" in model:
+        model["channels"] = positive_ints(model["channels"], "model.channels")
+    for name in ("feature_dim", "norm_num_groups", "time_embedding_dim"):
+        if name in model:
+            check_int(model[name], f"model.{name}", minimum=1)
+    if "noise_conditional" in model:
+        check_bool(model["noise_conditional"], "model.noise_conditional")
+    channels, groups = model.get("channels", [16, 32, 64]), model.get("norm_num_groups", 8)
+    if any(c % groups for c in channels):
+        raise ConfigError(f"model.channels {channels} must all be divisible by model.norm_num_groups ({groups})")
+    return model
+
+
 def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> tuple[ClassifierRecipe, dict[str, Any]]:
     """(recipe, data options) from a YAML file (keys of ClassifierRecipe plus a ``data`` section) and KEY=VALUE overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"--config {path} does not exist")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: a classifier recipe is a YAML mapping (see "
+                              "lightning_modules/configs/classifier32.yaml)")
     raw = apply_overrides(raw, list(overrides))
     data = raw.pop("data", None) or {}
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierRecipe)})
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierRecipe)}, key=str)
     if unknown:
         raise ConfigError(f"unknown classifier option(s) {unknown}; valid: data, "
                           f"{[f.name for f in dataclasses.fields(ClassifierRecipe)]}")
-    return ClassifierRecipe(**raw), dict(data)
+    return ClassifierRecipe(**raw), check_data_options(data, flag="data")
+
+
+# FaceDataModule's options a user may set for a classifier run (batch_size and poisson come from the recipe).
+DATA_OPTIONS = ("source", "root", "csv", "attributes", "resolution", "num_images", "seed", "val_fraction",
+                "test_fraction", "revision", "num_workers")
+
+
+def check_data_options(data: Any, *, flag: str) -> dict[str, Any]:
+    """``data`` (the recipe's ``data`` section, or ``--data``'s KEY=VALUE pairs) with its keys checked:
+    a misspelt key is refused naming ``flag`` and the valid keys (with a guess), not silently ignored."""
+    import difflib
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} must be a mapping of data options, got {data!r}")
+    for key in data:
+        if key in ("batch_size", "poisson"):
+            raise ConfigError(f"{flag}: {key} is set by the recipe, not the data; use --set batch_size=N "
+                              "(poisson follows dp.enabled)")
+        if key not in DATA_OPTIONS:
+            guess = difflib.get_close_matches(str(key), DATA_OPTIONS, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            raise ConfigError(f"{flag}: unknown option {key!r}{hint}; valid: {', '.join(DATA_OPTIONS)}")
+    return dict(data)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -140,17 +216,35 @@ def refit_head(model, feats: torch.Tensor, attrs: torch.Tensor, *, l2: float) ->
 def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = None, out: str | Path,
                      datamodule=None, progress: bool = False, ledger: str | Path | None = None) -> dict[str, Any]:
     """Train on ``data`` (FaceDataModule options) or a ready ``datamodule``; write OUT/model and
-    OUT/private/last.ckpt; return a record (with the owner-only test accuracy)."""
-    from veil.lightning_modules.checkpoints import private_dir, seal_private, write_classifier_release
-    from veil.lightning_modules.classifier_module import AttributeClassifierModule
-    from veil.lightning_modules.data.datamodule import FaceDataModule
-    from veil.lightning_modules.training.dataset_account import DatasetAccount
+    OUT/private/last.ckpt; return a record (with the owner-only test accuracy).
+
+    All or nothing: ``--out`` is checked (not a file, writable) before any work, and when anything
+    fails (a diverged loss, Ctrl-C) what this run created in ``--out`` is removed; the dataset's
+    privacy database keeps the run's row, marked failed (``training.dataset_account``)."""
+    from veil.lightning_modules.training.diffusion import removed_on_failure
 
     out = Path(out)
     if (out / "private" / "last.ckpt").exists() or (out / "model").exists():
         raise ConfigError(f"--out {out} already holds a classifier; choose another --out")
-    dm = datamodule or FaceDataModule(**{**(data or {}), "batch_size": recipe.batch_size,
-                                         "poisson": bool(recipe.dp.get("enabled"))})
+    with removed_on_failure(out):
+        check_out_dir(out)
+        return _train(recipe, data, out, datamodule=datamodule, progress=progress, ledger=ledger)
+
+
+def _train(recipe: ClassifierRecipe, data: dict[str, Any] | None, out: Path, *, datamodule, progress: bool,
+           ledger: str | Path | None) -> dict[str, Any]:
+    from veil.lightning_modules.checkpoints import (
+        private_dir,
+        seal_private,
+        write_classifier_release,
+    )
+    from veil.lightning_modules.classifier_module import AttributeClassifierModule
+    from veil.lightning_modules.data.datamodule import FaceDataModule
+    from veil.lightning_modules.training.dataset_account import DatasetAccount
+    from veil.lightning_modules.training.diffusion import fit
+
+    dm = datamodule or FaceDataModule(**{**check_data_options(data or {}, flag="--data"),
+                                         "batch_size": recipe.batch_size, "poisson": bool(recipe.dp.get("enabled"))})
     dm.setup("fit")
     dp_seed = recipe.dp.get("reproducible_noise_seed")
     if dp_seed is not None and recipe.dp.get("enabled"):  # tests/debugging only: the record says not private
@@ -169,13 +263,16 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
     private = private_dir(out)
     start = time.perf_counter()
     trainer = _trainer(out, recipe.epochs, progress, callbacks=[account])
-    trainer.fit(module, datamodule=dm)
+    fit(trainer, module, datamodule=dm)  # every step checks loss and weights are finite (dp.step)
     newton = None
     if recipe.refit_head:
         x, attrs = tensors(dm.dataset, dm.split_indices("train"))
         feats = features_of(module.model, x)
         newton = refit_head(module.model, feats, attrs, l2=recipe.head_l2)
         module.train_features = feats  # non-private runs only (refit_head is refused under DP)
+        if not all(bool(p.isfinite().all()) for p in module.model.head.parameters()):
+            raise ConfigError(f"refit_head: the head's refit did not converge (NaN or infinite weights); raise "
+                              f"head_l2 (now {recipe.head_l2}) or set refit_head: false")
     seconds = time.perf_counter() - start
     trainer.save_checkpoint(private / "last.ckpt")
     ckpt = {}
@@ -183,12 +280,17 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
     write_classifier_release(out, module.model, ckpt["veil"])
     public = {"checkpoint": str(out), "seconds": seconds, "steps": module.dp_steps,
               "head_newton_iterations": newton, "privacy": module.privacy()}
-    (out / "train_report.json").write_text(json.dumps(public, indent=2, allow_nan=False) + "\n")
+    write_json_atomic(out / "train_report.json", public)
     # Accuracy on held-out PRIVATE images: an un-noised statistic of private data, owner-only.
     test = tensors(dm.dataset, dm.split_indices("test"))
-    owner = {"test_accuracy": test_accuracy(module.model, test)}
+    owner = {"test_accuracy": _finite_or_none(test_accuracy(module.model, test))}  # None: no test images
     if module.model.noise_conditional:
-        owner["test_accuracy_by_timestep"] = noisy_accuracy(module.model, module.alphas_cumprod, test)
-    (private / "train_report.json").write_text(json.dumps(owner, indent=2, allow_nan=False) + "\n")
+        owner["test_accuracy_by_timestep"] = {t: _finite_or_none(a) for t, a in
+                                              noisy_accuracy(module.model, module.alphas_cumprod, test).items()}
+    write_json_atomic(private / "train_report.json", owner)
     seal_private(out)
     return {**public, **owner}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -2,13 +2,17 @@
 
 The YAML file mirrors ``TrainConfig`` one to one (sections ``data``, ``model``, ``dp``, ``optim``,
 ``trainer``); unknown keys are errors that name the key, values are validated in
-``__post_init__`` with the option's dotted name in the message. ``--set a.b=value`` on the
-command line overrides any key (the value is parsed as YAML).
+``__post_init__`` with the option's dotted name in the message (types too: ``batch_size: abc``,
+``max_steps: '5'`` or ``true`` for a number are refused, not coerced; the one conversion is a
+number written as a string, e.g. ``1e-3``, which YAML 1.1 reads as a string, in a float option).
+``--set a.b=value`` on the command line overrides any key (the value is parsed as YAML).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,65 @@ import yaml
 
 from veil.errors import ConfigError
 from veil.lightning_modules.dp.config import DPConfig
+
+
+# ------------------------------------------------------------------------- typed option checks
+# Each returns the value (a float option also accepts a number written as a string) or raises a
+# ConfigError naming ``key``, the option as the user writes it (``data.batch_size``).
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if isinstance(value, (str, bool)) else repr(value)
+
+
+def check_int(value: Any, key: str, *, minimum: int | None = None, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer{' or null' if optional else ''}, got {_shown(value)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_float(value: Any, key: str, *, optional: bool = False) -> float | None:
+    """A finite number; a string that spells one (YAML 1.1 reads ``1e-3`` as a string) is converted."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number{' or null' if optional else ''}, got {_shown(value)}")
+    return value
+
+
+def check_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {_shown(value)}")
+    return value
+
+
+def check_str(value: Any, key: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string{' or null' if optional else ''}, got {_shown(value)}")
+    return value
+
+
+def check_list(value: Any, key: str, item, *, optional: bool = False, example: str = "[1, 2]") -> list | None:
+    """A non-empty list whose entries pass ``item(entry, f"{key}[i]")``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{key} must be a non-empty list, e.g. {example}, got {_shown(value)}")
+    return [item(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def positive_ints(value: Any, key: str) -> list[int]:
+    return check_list(value, key, lambda v, k: check_int(v, k, minimum=1), example="[64, 128]")
+
 
 
 @dataclass
@@ -34,6 +97,21 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        for name in ("root", "csv", "revision"):
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else check_str(str(value) if isinstance(value, Path) else value,
+                                                                     f"data.{name}", optional=True))
+        self.attributes = check_list(self.attributes, "data.attributes", check_str, optional=True,
+                                     example="[smiling, eyeglasses]")
+        check_int(self.resolution, "data.resolution")
+        check_int(self.num_images, "data.num_images", minimum=1)
+        check_int(self.batch_size, "data.batch_size", minimum=1)
+        check_int(self.num_workers, "data.num_workers", minimum=0)
+        for name in ("val_fraction", "test_fraction"):
+            value = check_float(getattr(self, name), f"data.{name}")
+            setattr(self, name, value)
+            if not 0 <= value < 1:
+                raise ConfigError(f"data.{name} must be in [0, 1), got {value}")
         if self.source not in ("synthetic", "celeba", "folder"):
             raise ConfigError(f"data.source must be synthetic, celeba or folder, got {self.source!r}")
         if self.source in ("celeba", "folder") and not self.root:
@@ -59,10 +137,29 @@ class ModelConfig:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(self).items() if k != "init_from"}
 
     def __post_init__(self):
-        if len(self.attention_levels) != len(self.block_out_channels):
+        channels = self.block_out_channels = positive_ints(self.block_out_channels, "model.block_out_channels")
+        self.attention_levels = check_list(self.attention_levels, "model.attention_levels", check_bool,
+                                           example="[false, true]")
+        check_int(self.layers_per_block, "model.layers_per_block", minimum=1)
+        groups = check_int(self.norm_num_groups, "model.norm_num_groups", minimum=1)
+        head = check_int(self.attention_head_dim, "model.attention_head_dim", minimum=1)
+        self.dropout = check_float(self.dropout, "model.dropout")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.init_from = check_str(str(self.init_from) if isinstance(self.init_from, Path) else self.init_from,
+                                   "model.init_from", optional=True)
+        if len(self.attention_levels) != len(channels):
             raise ConfigError("model.attention_levels needs one flag per entry of model.block_out_channels")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ConfigError("model.block_out_channels must all be divisible by model.norm_num_groups")
+        if any(c % groups for c in channels):
+            raise ConfigError(f"model.block_out_channels {channels} must all be divisible by "
+                              f"model.norm_num_groups ({groups})")
+        # Attention splits a level's channels into heads of attention_head_dim: the levels with
+        # attention, and the middle block (always attended, at the last level's width).
+        attended = sorted({c for c, a in zip(channels, self.attention_levels) if a} | {channels[-1]})
+        if any(c % head for c in attended):
+            raise ConfigError(f"model.block_out_channels {attended} (the attended levels and the last) must be "
+                              f"divisible by model.attention_head_dim ({head}); e.g. attention_head_dim: "
+                              f"{math.gcd(*attended)}")
 
 
 @dataclass
@@ -77,6 +174,13 @@ class OptimConfig:
     lr_scale: dict[str, float] | None = None  # {glob or group: factor}: lr * factor for those parameters
 
     def __post_init__(self):
+        check_str(self.name, "optim.name")
+        for name in ("lr", "weight_decay", "ema_decay", "cond_drop_prob", "attr_drop_prob"):
+            setattr(self, name, check_float(getattr(self, name), f"optim.{name}"))
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr_scale is not None and isinstance(self.lr_scale, dict):
+            self.lr_scale = {k: check_float(v, f"optim.lr_scale.{k}") for k, v in self.lr_scale.items()}
         for name in ("cond_drop_prob", "attr_drop_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -107,6 +211,20 @@ class TrainerConfig:
     log_every_n_steps: int = 10
 
     def __post_init__(self):
+        check_int(self.max_epochs, "trainer.max_epochs", optional=True)
+        check_int(self.max_steps, "trainer.max_steps", optional=True)
+        check_int(self.checkpoint_every_n_steps, "trainer.checkpoint_every_n_steps", minimum=1)
+        check_int(self.log_every_n_steps, "trainer.log_every_n_steps", minimum=1)
+        for name in ("accelerator", "strategy"):
+            check_str(getattr(self, name), f"trainer.{name}")
+        if self.devices != "auto":
+            check_int(self.devices, "trainer.devices", minimum=1)
+        if isinstance(self.precision, bool) or not isinstance(self.precision, (str, int)):
+            raise ConfigError(f"trainer.precision must be a string such as 32-true or bf16-mixed, "
+                              f"got {_shown(self.precision)}")
+        if self.max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(self.max_time)):
+            raise ConfigError(f"trainer.max_time must be a string DD:HH:MM:SS (e.g. '00:02:00:00', quoted), "
+                              f"got {_shown(self.max_time)}")
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("trainer: set trainer.max_epochs or trainer.max_steps")
         if self.max_steps is not None and self.max_steps < 1:
@@ -123,6 +241,11 @@ class TrainConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        check_int(self.seed, "seed", minimum=0)
+        if self.seed >= 2**32:
+            raise ConfigError(f"seed must be < 2**32, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,10 +288,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section ("data:" in YAML)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: {value!r} is not a YAML value (a number, a name, [a, list], "
+                              "null); quote it if it is text") from None
     return raw
 
 
@@ -180,8 +309,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"--config {path} does not exist; shipped configs: {shipped_configs()}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: a training config is a YAML mapping with sections data, model, dp, "
+                              f"optim, trainer; shipped configs: {shipped_configs()}")
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 
 from veil.lightning_modules.checkpoints import private_dir
+from veil.outputs import write_json_atomic
 from veil.privacy.ledger import PrivacyLedger
 
 RUN_FILE = "ledger_run.json"
@@ -98,7 +99,7 @@ class DatasetAccount(L.Callback):
                     planned_epsilon=self._planned(), delta=record.get("delta"),
                     details={"planned_steps": self.planned_steps, **self.details})
                 where = str(ledger.path)
-            (private_dir(self.out) / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "ledger": where}))
+            write_json_atomic(private_dir(self.out) / RUN_FILE, {"run_id": self.run_id, "ledger": where})
 
     def _finish(self, status: str) -> None:
         if self.run_id is None:

@@ -14,7 +14,14 @@ many steps):
 
 The run is recorded in the dataset's privacy database before its first step
 (``training.dataset_account``). Everything that can be checked is checked before the first step,
-including, on ``--resume``, that the privacy plan is the one the run started with.
+including ``--out`` (not a file, writable) and, on ``--resume``, that the privacy plan is the one
+the run started with.
+
+A run that fails (a bad value found late, a diverged loss, Ctrl-C) before its first checkpoint
+leaves nothing behind: what it created in ``--out`` is removed (a folder that existed before stays,
+as does a run being resumed); its row in the privacy database is marked failed. A run that fails
+later keeps its last checkpoint (``--resume`` continues it), and ``privacy.json`` then says
+``"private": false`` with the reason: it is not a finished private model.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import json
 import math
 import os
 import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,7 @@ import lightning as L
 from veil.errors import ConfigError
 from veil.lightning_modules.training.config import TrainConfig
 from veil.lightning_modules.training.process_group import owned_process_group
+from veil.outputs import check_out_dir, write_json_atomic
 
 # Known-harmless warnings that would bury the progress bar; each is explained here once.
 KNOWN_WARNINGS = (
@@ -54,10 +65,46 @@ def silence_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}.*")
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+@contextmanager
+def removed_on_failure(out: Path, *, keep: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Run the block; when it raises (Ctrl-C included) and ``keep()`` is false, remove what the block
+    created in ``out``: the folder itself if it did not exist before, else only its new entries. Rank 0
+    only (under DDP every rank runs this; the others find the folder rank 0 made)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    existed = out.exists()
+    before = set(os.listdir(out)) if out.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if getattr(rank_zero_only, "rank", 0) == 0 and out.is_dir() and not keep():
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for name in set(os.listdir(out)) - before:
+                    path = out / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
+def fit(trainer: L.Trainer, module, **kwargs) -> None:
+    """``trainer.fit``, with Ctrl-C kept a KeyboardInterrupt (the CLI reports it in one line, exit 130):
+    Lightning turns it into ``sys.exit(1)`` after its own graceful shutdown."""
+    try:
+        trainer.fit(module, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
+def mark_failed(out: Path, record: dict[str, Any], exc: BaseException) -> None:
+    """Rewrite OUT/privacy.json of a run that failed after a checkpoint: it claims no guarantee."""
+    kept = json.loads((out / "privacy.json").read_text()).get("steps")
+    write_json_atomic(out / "privacy.json", {
+        **record, "private": False, "status": "failed", "error": str(exc),
+        "not_private_reason": f"the run failed at step {record.get('steps')} ({str(exc).split(';')[0]}); it is not a "
+                              f"finished private model. OUT/model and OUT/private/last.ckpt hold step {kept}"})
 
 
 class ReleaseWriter(L.Callback):
@@ -138,8 +185,7 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
                  ledger: str | Path | None = None) -> dict[str, Any]:
     """Train; return the privacy record (also written to OUT/privacy.json). ``ledger``: the dataset's
     privacy database (default: the one ``veil.privacy.ledger.ledger_path_for`` finds for the data)."""
-    from veil.lightning_modules.checkpoints import PRIVATE_DIR, seal_private
-    from veil.lightning_modules.training.dataset_account import DatasetAccount
+    from veil.lightning_modules.checkpoints import PRIVATE_DIR
 
     out = Path(out)
     ckpt_path = out / PRIVATE_DIR / "last.ckpt"
@@ -150,6 +196,18 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
         raise ConfigError(f"--resume: {ckpt_path} does not exist; start without --resume")
     if not resume and (ckpt_path.exists() or (out / "model").exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    # Until the first checkpoint there is nothing to resume: a failure removes what this run created.
+    started = lambda: resume or ckpt_path.exists() or (out / "model").exists()
+    with removed_on_failure(out, keep=started):
+        check_out_dir(out)  # writable, before any work (creates the folder)
+        return _run(cfg, out, ckpt_path, resume=resume, progress=progress, ledger=ledger)
+
+
+def _run(cfg: TrainConfig, out: Path, ckpt_path: Path, *, resume: bool, progress: bool,
+         ledger: str | Path | None) -> dict[str, Any]:
+    from veil.lightning_modules.checkpoints import seal_private
+    from veil.lightning_modules.training.dataset_account import DatasetAccount
+
     silence_known_warnings()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # initialisation, data, loss draws: NOT the DP noise
     dm = build_datamodule(cfg)
@@ -167,11 +225,15 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
                              planned_steps=module.hparams.planned_steps, ledger=ledger,
                              details={"config": cfg.to_dict()})
     account.check()  # refused here, before any step, if the dataset's training budget would be passed
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, allow_nan=False))
+    write_json_atomic(out / "config.json", cfg.to_dict())
     trainer = build_trainer(cfg, out, progress=progress, callbacks=[account])
     with owned_process_group():  # under DDP: gloo's threads end with the job, not at interpreter exit
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
+        try:
+            fit(trainer, module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
+        except Exception as exc:  # a diverged run (dp.step) or a late error: no guarantee is claimed
+            if trainer.is_global_zero and (out / "privacy.json").exists():
+                mark_failed(out, module.privacy(), exc)
+            raise
         trainer.save_checkpoint(ckpt_path)
     record = module.privacy()
     if trainer.is_global_zero:

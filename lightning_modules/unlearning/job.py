@@ -5,7 +5,8 @@
 ``run_unlearn`` builds the tensors the update needs (``UnlearningData``: the training set as trained
 on, the changed samples and their revision), runs ``FeatureUnlearningModule`` through a Lightning
 ``Trainer`` (``run_update``; ``--set trainer.devices=2 --set trainer.strategy=ddp`` spreads it over
-CPU processes as for training), and writes OUT/model (the release), OUT/private/unlearned.ckpt (owner-only) and OUT/unlearn_report.json; with
+CPU processes as for training), and writes OUT/model (the release), OUT/private/unlearned.ckpt (owner-only)
+and OUT/unlearn_report.json (strict JSON), all moved into OUT only once written; with
 ``compare_retrain`` it also retrains from scratch on the revised data with the same recipe and seed
 (the baseline) and compares.
 
@@ -23,8 +24,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import math
+import os
+import shutil
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,7 @@ from veil.lightning_modules.unlearning.module import (
     FeatureUnlearningModule,
     UnlearningInputs,
 )
+from veil.outputs import check_out_dir, write_json_atomic
 
 
 @dataclass
@@ -278,28 +283,100 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
     return report
 
 
-def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path,
+OUT_ENTRIES = ("model", "private", "unlearn_report.json", "retrained")  # what a run writes in OUT
+
+
+def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path, force: bool = False,
                 compare_retrain: bool = False, params: Sequence[str] | None = None,
                 trainer: UnlearnTrainerConfig | None = None, **knobs: Any) -> dict[str, Any]:
     """Unlearn ``revision`` from the classifier run ``model`` (its folder, or an owner ``.ckpt``); rank 0 writes
     OUT/model (the release), OUT/private/unlearned.ckpt and the report.
 
-    ``knobs`` go to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter, lissa_scale,
-    hessian_samples, ...); ``trainer`` says how many processes run the update.
+    ``out`` is checked before any work (ConfigError: a file, unwritable, or holding an earlier run's
+    results unless ``force``). The results are written into a temporary folder inside OUT and moved in
+    place only when all are written; a run that fails leaves OUT as it found it (and removes OUT if
+    it created it). ``knobs`` go to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter,
+    lissa_scale, hessian_samples, ...); ``trainer`` says how many processes run the update.
     """
     out = Path(out)
+    if _run_folder(model) == out.resolve():
+        raise ConfigError(f"--out {out}: is the --model run folder; write the unlearned model to a new folder")
+    created = not out.exists()
+    check_out_dir(out, holds=OUT_ENTRIES, force=force)
+    try:
+        return _unlearn_into(out, model=model, revision=revision, method=method, compare_retrain=compare_retrain,
+                             params=params, trainer=trainer, **knobs)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run_folder(model: str | Path) -> Path:
+    """The run folder ``--model`` names (for OUT/private/x.ckpt: OUT)."""
+    path = Path(model).resolve()
+    if path.suffix == ".ckpt" and path.parent.name == "private":
+        return path.parent.parent
+    return path.parent if path.name == "model" else path
+
+
+def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params, trainer, **knobs) -> dict[str, Any]:
     clf, ckpt = load_classifier(model, owner=True)  # the owner's checkpoint (cached features) when there
     if clf.noise_conditional:
         raise ConfigError(f"--model {model}: a noise-conditional (guidance) classifier; unlearning updates "
                           "classifiers of clean images")
     data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
-    retrain = (lambda: _retrain(ckpt, data.dm_rev, out / "retrained")) if compare_retrain else None
-    report = unlearn_and_measure(clf, ckpt, data, method=method, params=params, retrained=retrain,
-                                 trainer=trainer, **knobs)
-    ckpt["veil"]["train_features"] = report.pop("_train_features")
-    if not report.pop("_global_zero"):
-        return report  # another rank: the same update and report; rank 0 writes them
-    out.mkdir(parents=True, exist_ok=True)
-    save_unlearned(ckpt, clf, out, revision=str(revision), record=report)
-    (out / "unlearn_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    retrained_dir, aside = out / "retrained", out / f".retrained.old-{os.getpid()}"
+    made_retrained = False
+
+    def retrain() -> tuple[Any, float]:  # on rank 0 only; in its final place, as the ledger records it
+        nonlocal made_retrained
+        if retrained_dir.exists():  # --force: the earlier run's, put back if this run fails
+            os.replace(retrained_dir, aside)
+        made_retrained = True
+        return _retrain(ckpt, data.dm_rev, retrained_dir)
+
+    try:
+        report = unlearn_and_measure(clf, ckpt, data, method=method, params=params,
+                                     retrained=retrain if compare_retrain else None, trainer=trainer, **knobs)
+        ckpt["veil"]["train_features"] = report.pop("_train_features")
+        if not report.pop("_global_zero"):
+            return report  # another rank: the same update and report; rank 0 writes them
+        report = finite_or_none(report)  # NaN (no flipped attribute to measure) is not JSON
+        with tempfile.TemporaryDirectory(dir=out, prefix=".unlearn.tmp-") as tmp:
+            tmp = Path(tmp)
+            save_unlearned(ckpt, clf, tmp, revision=str(revision), record=report)
+            write_json_atomic(tmp / "unlearn_report.json", report)
+            _move_in(tmp, out)
+    except BaseException:
+        if made_retrained:
+            shutil.rmtree(retrained_dir, ignore_errors=True)
+            if aside.exists():
+                os.replace(aside, retrained_dir)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
     return report
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Move the written results from ``tmp`` into ``out``, replacing an earlier run's (--force). Only
+    OUT/private/unlearned.ckpt is replaced in OUT/private, which may hold other owner files."""
+    from veil.lightning_modules.checkpoints import private_dir, seal_private
+
+    os.replace(tmp / "private" / "unlearned.ckpt", private_dir(out) / "unlearned.ckpt")
+    if (out / "model").exists():
+        os.replace(out / "model", tmp / "model.old")  # removed with tmp
+    os.replace(tmp / "model", out / "model")
+    os.replace(tmp / "unlearn_report.json", out / "unlearn_report.json")  # the report last: the run is complete
+    seal_private(out)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj

@@ -50,6 +50,7 @@ group alive until exit), so gloo's threads are joined while the interpreter is w
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -70,12 +71,12 @@ def _check_knobs(method: str, solver: str, damping: float, tau: float | None, ba
                  hessian_samples: int | None) -> None:
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {list(METHODS)}")
-    if solver not in SOLVERS:
+    if solver is not None and solver not in SOLVERS:
         raise ConfigError(f"--solver {solver!r}: choose one of {list(SOLVERS)}")
-    if damping is not None and not damping >= 0:
-        raise ConfigError(f"--damping {damping}: must be >= 0")
-    if tau is not None and not tau > 0:
-        raise ConfigError(f"--tau {tau}: must be > 0 (or omitted for the default)")
+    if damping is not None and not 0 <= damping < math.inf:
+        raise ConfigError(f"--damping {damping}: must be a finite number >= 0")
+    if tau is not None and not 0 < tau < math.inf:
+        raise ConfigError(f"--tau {tau}: must be a finite number > 0 (or omitted for the default)")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     if hessian_samples is not None and hessian_samples < 1:
@@ -125,7 +126,7 @@ class FeatureUnlearningModule(L.LightningModule):
         params: Sequence[str] | None = None,
         tau: float | None = None,
         damping: float | None = None,
-        solver: str = "cg",
+        solver: str | None = "cg",  # None: direct for the head, cg otherwise (`veil unlearn`'s default)
         cg_max_iter: int = 100,
         cg_tol: float = 1e-5,
         lissa_iterations: int = 300,
@@ -154,6 +155,8 @@ class FeatureUnlearningModule(L.LightningModule):
         # on the benchmark's CNN and the step wrecked test accuracy).
         convex = self.frozen_features and any(v > 0 for k, v in (l2 or {}).items() if k.startswith("head."))
         self.damping = (0.0 if convex else 1.0) if damping is None else float(damping)
+        if solver is None:  # the head has a closed-form Hessian: one solve, no iterations (README's table)
+            solver = self.solver = "direct" if self.frozen_features else "cg"
         if solver == "direct" and not self.frozen_features:
             raise ConfigError("--solver direct needs --params head (a closed-form Hessian); use cg or lissa")
         if hessian_samples is None and not self.frozen_features:

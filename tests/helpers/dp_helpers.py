@@ -60,13 +60,30 @@ def train_cli(out, overrides, *extra, resume=False):
     return main(args + (["--resume"] if resume else []))
 
 
+FACE_UNET = dict(num_attributes=6, resolution=32, block_out_channels=(16, 32), attention_levels=(False, True),
+                 norm_num_groups=8, attention_head_dim=8)
+
+
 def face_unet(seed: int = 0):
     """An untrained attention UNet for the 6 synthetic-face attributes at 32x32 (the DDIM and editor tests)."""
     from veil.lightning_modules.models.unet import AttributeConditionalUNet
 
     torch.manual_seed(seed)
-    return AttributeConditionalUNet(num_attributes=6, resolution=32, block_out_channels=(16, 32),
-                                    attention_levels=(False, True), norm_num_groups=8, attention_head_dim=8).eval()
+    return AttributeConditionalUNet(**FACE_UNET).eval()
+
+
+def write_tiny_release(out, *, data_spec, privacy=None):
+    """A `veil train` run folder holding the model release (OUT/model) of ``face_unet()``; returns ``out``."""
+    from veil.lightning_modules.checkpoints import DIFFUSION_KIND, write_release
+    from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
+    from veil.lightning_modules.diffusion.schedule import default_scheduler_config
+
+    model = face_unet()
+    write_release(out, kind=DIFFUSION_KIND, weights={f"ema.{k}": v for k, v in model.state_dict().items()},
+                  meta={"model_kwargs": FACE_UNET, "scheduler_config": default_scheduler_config(),
+                        "attribute_names": list(SYNTHETIC_ATTRIBUTES), "data_spec": data_spec,
+                        "privacy": privacy or {"enabled": False}})
+    return out
 
 
 def gloo_threads() -> dict[str, str]:

@@ -62,7 +62,9 @@ def test_set_budget_and_set_training_budget_are_recorded(capsys):
     with pytest.raises(SystemExit):
         main(["privacy", "set-budget", "6", "--data", DATA])  # --reason is required
     capsys.readouterr()
-    assert main(["privacy", "set-budget", "-1", "--reason", "x", "--data", DATA]) == 2
+    with pytest.raises(SystemExit) as refused:  # refused by the value's type while parsing: one line, exit 2
+        main(["privacy", "set-budget", "-1", "--reason", "x", "--data", DATA])
+    assert refused.value.code == 2
     assert main(["privacy", "show"]) == 2
     assert main(["privacy", "show", "--data", "source=synthetic"]) == 2  # no seed: no location
     err = capsys.readouterr().err

@@ -7,21 +7,121 @@
     veil unlearn            --model CLF --revision REV --out U                                (cli/unlearn.py)
     veil privacy            show --data source=synthetic,seed=0 | set-budget | publish-revision (cli/privacy.py)
 
-``veil <cmd> --help`` documents every option. Errors of the user's making (bad config, missing
-files) print one line naming the option and exit with status 2; anything else is a bug and keeps
-its traceback.
+``veil <cmd> --help`` documents every option. How ``main`` ends:
+
+- 0: done; 2: the user's input is wrong (argparse, or a ``VeilError``: one line naming the option);
+- 130: interrupted (Ctrl-C), one line, no traceback;
+- 1: anything else, a bug: one line saying what failed and where its traceback was logged
+  (``$VEIL_HOME/logs/veil-<time>-<pid>.log``); ``VEIL_DEBUG=1`` prints the traceback instead.
+
+The argument types below (``positive_int``, ``nonneg_float``, ...) refuse NaN, infinities and
+out-of-range numbers while parsing, so a bad number is an argparse error (exit 2) naming its flag,
+before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import time
+import traceback
+from pathlib import Path
 
 from veil.errors import VeilError
 
+DESCRIPTION = "veil: private attribute editing of face datasets, with DP training and feature unlearning."
+EPILOG = """\
+workflow:
+  veil train --config lightning_modules/configs/synthetic32.yaml --out runs/dp32
+                                      DP diffusion model on a dataset (prints epsilon)
+  veil sample --checkpoint runs/dp32 --attributes smiling=1 --out grid.png
+                                      look at what it draws
+  veil edit --checkpoint runs/dp32 --first 8 --protect eyeglasses --out edits
+                                      private edits of the dataset's images: a revision
+  veil privacy show --data source=synthetic,seed=0
+                                      everything spent on that dataset, and what is left
+  veil train-classifier ... / veil unlearn --model runs/clf --revision edits/revision --out runs/unl
+                                      update a classifier trained on the originals to the revision
+
+'veil COMMAND --help' documents every option. Exit status: 0 done, 2 bad input (one line naming
+it), 130 interrupted, 1 internal error (the traceback is logged; VEIL_DEBUG=1 prints it).
+"""
+
+
+# ------------------------------------------------------------------ argument types (exit 2 naming the flag)
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A float that is not NaN or infinite."""
+    return _number(text, float)
+
+
+def nonneg_float(text: str) -> float:
+    """A finite float >= 0."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def epsilon_or_budget(text: str) -> float:
+    """A number >= 0 or inf: an epsilon (0 = fair coin, inf = keep every value) or a budget (inf = unlimited)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or inf, got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or inf, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """A whole number >= 0 (seeds)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts, steps, iterations)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------ the parser and main
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage dump): ``veil CMD: error: ... (see veil CMD --help)``,
+    exit status 2. Subcommand parsers inherit it (``add_subparsers`` uses the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="veil", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="veil", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from veil.cli import (  # argparse only: torch loads in handlers
         edit,
@@ -37,13 +137,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_internal_error(command: str, argv: list[str]) -> Path | None:
+    """Write the traceback being handled to ``$VEIL_HOME/logs/veil-<time>-<pid>.log``; its path (None if unwritable)."""
+    from veil.privacy.ledger import veil_home
+
+    path = veil_home() / "logs" / f"veil-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"veil {command}: arguments {argv!r}\n{traceback.format_exc()}")
+    except OSError:
+        return None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad arguments: one line, SystemExit(2)
     try:
         return args.func(args)
     except VeilError as exc:
         print(f"veil {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"veil {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+        if os.environ.get("VEIL_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+            return 1
+        log = log_internal_error(args.command, sys.argv[1:] if argv is None else list(argv))
+        where = f"traceback in {log}" if log else "the traceback could not be logged"
+        print(f"veil {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)} ({where}; "
+              f"rerun with VEIL_DEBUG=1 to print it; please report it)", file=sys.stderr)
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else "(no message)"
 
 
 if __name__ == "__main__":

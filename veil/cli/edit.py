@@ -5,24 +5,36 @@
 
 Every release is recorded in the dataset's privacy database ($VEIL_HOME/datasets/, see
 ``veil privacy``). See docs/editing.md for the privacy levels, the budget and what the guarantee covers.
+
+Every number is checked while parsing (NaN, infinities where they mean nothing, and out-of-range values
+exit 2 naming the flag), --out before anything loads; a release is all-or-nothing (its files are written,
+then charged in one transaction with their move into --out: ``lightning_modules/editing/job.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
+from veil.cli import epsilon_or_budget, nonneg_float, nonneg_int, positive_float, positive_int
 from veil.privacy.ledger import DEFAULT_BUDGET  # stdlib sqlite3 only, no torch
+
+# argparse (before 3.13) reads "-1,2" or "-inf" after a flag as another option and fails with "expected one
+# argument"; no option of `veil edit` starts with "-<digit>", ".", "inf" or "nan", so such words are values
+# (then refused, naming their flag, by the types below: an epsilon is >= 0).
+_NEGATIVE_VALUE = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
 
 
 def _csv(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(s) for s in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+def _epsilons(text: str) -> list[float]:
+    """Comma-separated epsilons, each >= 0 or inf."""
+    values = [epsilon_or_budget(s) for s in _csv(text)]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epsilons such as 0,1,2,inf, got {text!r}")
+    return values
 
 
 def add_subcommand(sub) -> None:
@@ -35,38 +47,39 @@ def add_subcommand(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="the model release of `veil train`: its --out folder or OUT/model")
     data = p.add_argument_group("data (defaults: the dataset the checkpoint was trained on)")
     data.add_argument("--data", choices=["synthetic", "celeba", "folder"], help="dataset source")
-    data.add_argument("--num-images", type=int, help="synthetic: number of images")
-    data.add_argument("--data-seed", type=int, help="synthetic: dataset seed (ids are synth-SEED-INDEX)")
+    data.add_argument("--num-images", type=positive_int, help="synthetic: number of images")
+    data.add_argument("--data-seed", type=nonneg_int, help="synthetic: dataset seed (ids are synth-SEED-INDEX)")
     data.add_argument("--root", help="celeba/folder: dataset folder")
     data.add_argument("--csv", help="folder: label CSV")
-    data.add_argument("--resolution", type=int, help="image size; must match the model's")
+    data.add_argument("--resolution", type=positive_int, help="image size; must match the model's")
     pick = p.add_mutually_exclusive_group(required=True)
     pick.add_argument("--ids", type=_csv, help="comma-separated image ids, e.g. synth-0-000003,synth-0-000010")
-    pick.add_argument("--first", type=int, help="edit the first N images of the dataset")
+    pick.add_argument("--first", type=positive_int, help="edit the first N images of the dataset")
     p.add_argument("--protect", type=_csv, required=True, help="comma-separated attributes to privatize, e.g. eyeglasses,smiling")
     p.add_argument("--level", default="medium", help="privacy level: low | medium | high | max (default medium)")
-    p.add_argument("--epsilon", type=float, help="expert: randomized-response epsilon per protected attribute "
+    p.add_argument("--epsilon", type=epsilon_or_budget, help="expert: randomized-response epsilon per protected attribute "
                                                  "(overrides the level's; 0 = fair coin, inf = keep)")
-    p.add_argument("--strength", type=float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale of the regeneration (default 2.0)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of a full-strength edit; an edit runs about strength*steps each way (default 50)")
-    p.add_argument("--seed", type=int, help="seed of the randomized response. Default: drawn from the OS (nobody can "
+    p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
+    p.add_argument("--guidance", type=nonneg_float, default=2.0, help="classifier-free guidance scale of the regeneration (default 2.0)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of a full-strength edit; an edit runs about strength*steps each way (default 50)")
+    p.add_argument("--seed", type=nonneg_int, help="seed of the randomized response. Default: drawn from the OS (nobody can "
                                             "redo the coin flips), for releases and --sweep alike. A given seed makes "
                                             "the draws reproducible; keep it secret, whoever knows it can undo the mechanism")
     p.add_argument("--ledger", help="the dataset's privacy database (SQLite, owner-only); default "
                                     "$VEIL_HOME/datasets/<dataset>.sqlite (VEIL_HOME defaults to ~/.veil), one per "
                                     "dataset, so the budget counts every release of an image across runs")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=epsilon_or_budget, default=None,
                    help=f"epsilon budget per image and attribute, stored when the dataset's database is created "
                         f"(default {DEFAULT_BUDGET:g}; inf = unlimited); on an existing database it must match the "
                         f"stored one: change that with `veil privacy set-budget`")
     p.add_argument("--sweep", action="store_true", help="preview grid over the four levels (rows) for the chosen "
                                                         "images (columns); releases nothing, no ledger entries")
-    p.add_argument("--sweep-epsilons", type=_floats, help="with --sweep: rows at these epsilons (e.g. 0,1,2,4) at one "
+    p.add_argument("--sweep-epsilons", type=_epsilons, help="with --sweep: rows at these epsilons (e.g. 0,1,2,4,inf; each >= 0) at one "
                                                           "strength (--strength, else --level's)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", required=True, help="output folder: revision/, before_after.png, edit_report.json "
                                                 "(or sweep.png, sweep.json)")
+    p._negative_number_matcher = _NEGATIVE_VALUE  # see _NEGATIVE_VALUE
     p.set_defaults(func=_edit)
 
 
@@ -79,6 +92,11 @@ def _edit(args) -> int:
     common = dict(checkpoint=args.checkpoint, out=args.out, protect=args.protect, data=data, ids=args.ids,
                   first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema)
     if args.sweep:
+        ignored = [flag for flag, value in (("--epsilon", args.epsilon), ("--ledger", args.ledger),
+                                            ("--budget", args.budget)) if value is not None]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)}: not with --sweep (it releases nothing and opens no ledger); "
+                              f"for rows at chosen epsilons use --sweep-epsilons")
         report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength, seed=args.seed,
                            **common)
         print(f"wrote {args.out}/sweep.png ({len(report['rows'])} levels x {len(report['ids'])} images; "

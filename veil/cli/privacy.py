@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from veil.cli import epsilon_or_budget
 from veil.errors import ConfigError
 from veil.privacy.ledger import PrivacyLedger, ledger_path_for  # stdlib only; numpy/PIL load in the handlers
 
@@ -52,6 +53,9 @@ def _open(args, *, create: bool) -> PrivacyLedger | None:
     path = Path(args.ledger).expanduser() if args.ledger else ledger_path_for(data)
     if not create and not path.exists():
         return None
+    if not create and path.is_file() and path.stat().st_size == 0:  # SQLite would make it a database: show writes nothing
+        raise ConfigError(f"--ledger {path}: an empty file, not a veil privacy database; give the database veil "
+                          "made (default $VEIL_HOME/datasets/<dataset>.sqlite)")
     return PrivacyLedger.for_dataset(data, path=path) if data else PrivacyLedger(path, create=create)
 
 
@@ -153,7 +157,7 @@ def add_subcommand(sub) -> None:
     for name, what in (("set-budget", "the per-(image, attribute) release budget"),
                        ("set-training-budget", "the cap on the composed epsilon of all training runs")):
         q = actions.add_parser(name, help=f"change {what} (recorded with who, when, old, new and why)")
-        q.add_argument("value", type=float, help="the new budget (inf = unlimited)")
+        q.add_argument("value", type=epsilon_or_budget, help="the new budget, >= 0 (inf = unlimited)")
         q.add_argument("--reason", required=True, help="why it changes (recorded with the change)")
         _locate(q)
         q.set_defaults(func=_set_budget)

@@ -1,16 +1,24 @@
 """``veil sample``: draw images for given attributes from a trained checkpoint (argparse and a thin handler).
 
-    veil sample --checkpoint RUN --attributes smiling=1,hat=0 --n 16 --out grid.png
+    veil sample --checkpoint RUN --attributes smiling=1,hat=0 --n 16 --out grid.png [--force]
                 [--classifier CLF_RUN --classifier-scale 10]  (classifier guidance)
 
 RUN is a `veil train` output folder or its release, RUN/model (never the owner-only RUN/private).
+Every flag and the --out path are checked before the model loads: a grid file format PIL writes
+(the extension says which), a folder that can be created and written, and no existing file
+replaced without --force. The grid is written atomically (a temporary file, then a rename).
 
 The sampler is ``veil.lightning_modules.diffusion.sample``; torch loads in the handler.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+
+from veil.cli import finite_float, nonneg_float, nonneg_int, positive_int
+from veil.errors import ConfigError
 
 
 def add_subcommand(sub) -> None:
@@ -20,26 +28,50 @@ def add_subcommand(sub) -> None:
                                    "noise-conditional attribute classifier (--classifier).")
     p.add_argument("--checkpoint", required=True, help="the model release of `veil train`: its --out folder or OUT/model")
     p.add_argument("--attributes", default="", help="e.g. smiling=1,hat=0 (1 present, 0/-1 absent, ? unknown; others unknown)")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default 2.0; 0, i.e. unconditional, for a model "
                         "trained without attribute labels)")
     p.add_argument("--classifier", help="noise-conditional classifier release (`veil train-classifier` --out, with "
                                         "model.noise_conditional, e.g. configs/classifier32_guidance.yaml) that "
                                         "steers the samples to --attributes")
-    p.add_argument("--classifier-scale", type=float, default=10.0,
+    p.add_argument("--classifier-scale", type=nonneg_float, default=10.0,
                    help="classifier guidance scale s (default 10.0; used with --classifier)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--out", required=True, help="PNG grid to write")
+    p.add_argument("--out", required=True, help="the grid image to write; its extension picks the format "
+                                                "(.png, .jpg, .jpeg, .webp, ...)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_sample)
 
 
+def check_grid_out(out: str, *, force: bool) -> Path:
+    """``--out`` checked before sampling: a known image extension, not a folder, no existing file unless
+    ``force``, and a folder that exists or can be created, and is writable. ConfigError naming --out."""
+    from veil.lightning_modules.data.grid import grid_format
+
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {path}: is a folder; give an image file path, e.g. {path / 'grid.png'}")
+    grid_format(path)  # ConfigError on a missing or unknown extension
+    if path.exists() and not force:
+        raise ConfigError(f"--out {path}: already exists; choose another file (or pass --force to replace it)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {path}: {parent} is a file, not a folder; choose a path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: cannot write in {parent}; choose a folder you can write")
+    return path
+
+
 def _sample(args) -> int:
+    out = check_grid_out(args.out, force=args.force)  # before the model loads
+
     import torch
 
-    from veil.errors import ConfigError
     from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
     from veil.lightning_modules.data.grid import save_grid
     from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
@@ -50,8 +82,6 @@ def _sample(args) -> int:
         parse_attribute_spec,
     )
 
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
     ckpt = load_diffusion_checkpoint(args.checkpoint, use_ema=not args.no_ema)
     guide = None
     if args.classifier:
@@ -66,6 +96,10 @@ def _sample(args) -> int:
     images = ddim_sample(ckpt.model, ckpt.scheduler_config, attrs, num_steps=args.steps, guidance_scale=guidance,
                          generator=gen, guide=guide,
                          guide_targets=guide.targets_for(attrs, ckpt.attribute_names) if guide else None)
-    save_grid(images, args.out)
-    print(f"wrote {args.out} ({args.n} images; privacy: {combined_privacy(ckpt, guide)})")
+    if not torch.isfinite(images).all():
+        raise ConfigError(f"--checkpoint {args.checkpoint}: the samples are not finite (NaN/inf weights, or a "
+                          f"guidance scale too large: --guidance {guidance}, --classifier-scale "
+                          f"{args.classifier_scale}); nothing written")
+    save_grid(images, out)
+    print(f"wrote {out} ({args.n} images; privacy: {combined_privacy(ckpt, guide)})")
     return 0

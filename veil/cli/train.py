@@ -13,7 +13,8 @@ def add_subcommand(sub) -> None:
                        description="Train the attribute-conditional diffusion model with DP-SGD (Opacus accounting).")
     p.add_argument("--config", help="YAML config (see lightning_modules/configs/); defaults apply when omitted")
     p.add_argument("--out", required=True, help="output folder: model/ (the release to share), privacy.json, "
-                                                "config.json, private/ (owner-only: resume state, logs)")
+                                                "config.json, private/ (owner-only: resume state, logs). A run "
+                                                "that fails before its first checkpoint leaves nothing there")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dp.target_epsilon=10 --set trainer.max_steps=200")
     p.add_argument("--resume", action="store_true", help="continue OUT/private/last.ckpt (privacy accounting "

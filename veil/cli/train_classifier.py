@@ -25,14 +25,19 @@ def _parse_data(text: str | None) -> dict:
         return {**load_manifest(text)["base"], "revision": text}
     if text == "synthetic":
         return {"source": "synthetic"}
+    from veil.lightning_modules.training.classifier import check_data_options
+
     options = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--data expects KEY=VALUE pairs (e.g. source=synthetic,num_images=3000) "
                               f"or a revision folder, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--data {key.strip()}={value}: not a value (numbers, names, [lists])") from None
+    return check_data_options(options, flag="--data")
 
 
 def add_subcommand(sub) -> None:
@@ -48,7 +53,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="train with DP-SGD to this epsilon (sets dp.enabled, dp.target_epsilon, refit_head=false)")
     p.add_argument("--out", required=True, help="output folder: model/ (the release to share), train_report.json, "
-                                                "private/ (owner-only: last.ckpt, test accuracy)")
+                                                "private/ (owner-only: last.ckpt, test accuracy); a run that fails "
+                                                "leaves nothing there")
     p.add_argument("--ledger", help="the dataset's privacy database (default: found from the data, under "
                                     "$VEIL_HOME/datasets); the run is recorded there")
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
@@ -56,11 +62,16 @@ def add_subcommand(sub) -> None:
 
 
 def _train_classifier(args) -> int:
+    import math
+
+    from veil.errors import ConfigError
     from veil.lightning_modules.training.classifier import load_recipe, train_classifier
 
     overrides = list(args.overrides)
     if args.dp_epsilon is not None:
-        overrides += ["dp.enabled=true", f"dp.target_epsilon={args.dp_epsilon}", "refit_head=false"]
+        if not (math.isfinite(args.dp_epsilon) and args.dp_epsilon > 0):
+            raise ConfigError(f"--dp-epsilon must be a finite number > 0 (e.g. --dp-epsilon 8), got {args.dp_epsilon}")
+        overrides += ["dp.enabled=true", f"dp.target_epsilon={args.dp_epsilon!r}", "refit_head=false"]
     recipe, data = load_recipe(args.config, overrides)
     data = {**data, **_parse_data(args.data)}
     record = train_classifier(recipe=recipe, data=data, out=args.out, progress=args.progress, ledger=args.ledger)
@@ -69,6 +80,7 @@ def _train_classifier(args) -> int:
         f"NOT PRIVATE: {record['privacy'].get('not_private_reason')}"
     print(f"{record['steps']} steps in {record['seconds']:.1f}s ({privacy}); wrote {args.out}/model (the release "
           f"to share)")
-    print(f"owner-only: test accuracy {record['test_accuracy']:.4f} on held-out private images "
-          f"({args.out}/private/train_report.json)")
+    acc = record["test_accuracy"]
+    print(f"owner-only: test accuracy {'n/a (no test images)' if acc is None else f'{acc:.4f}'} on held-out private "
+          f"images ({args.out}/private/train_report.json)")
     return 0

@@ -56,7 +56,7 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from veil.errors import ConfigError, DataError, PrivacyError
 from veil.privacy.mechanism import check_epsilon, json_epsilon
@@ -216,8 +216,6 @@ class PrivacyLedger(TrainingRunsMixin):
                 raise ConfigError(f"--ledger {self.path}: no privacy database there (nothing was recorded for this "
                                   f"dataset yet); check --data or --ledger")
             _create_owner_only(self.path)
-        elif self.path.stat().st_mode & 0o077 and self.path.stat().st_uid == os.getuid():
-            os.chmod(self.path, 0o600)  # it holds secrets (release seeds): owner-only, whoever made it
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so check + insert is one transaction.
         self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
         try:
@@ -226,10 +224,15 @@ class PrivacyLedger(TrainingRunsMixin):
             self._open_schema(requested)
         except sqlite3.DatabaseError as e:
             self._db.close()
-            raise DataError(f"--ledger {self.path}: not a veil privacy database ({e})") from None
+            raise DataError(f"--ledger {self.path}: not a veil privacy database ({e}); give the dataset's "
+                            f"database (a .sqlite file veil made) or leave out --ledger") from None
         except BaseException:
             self._db.close()
             raise
+        # it holds secrets (release seeds): owner-only, whoever made it (only once it is known to be a database:
+        # a text file given by mistake keeps its mode)
+        if self.path.stat().st_mode & 0o077 and self.path.stat().st_uid == os.getuid():
+            os.chmod(self.path, 0o600)
 
     @classmethod
     def for_dataset(cls, data_spec: dict, *, budget: float | None = None, path=None) -> "PrivacyLedger":
@@ -239,9 +242,17 @@ class PrivacyLedger(TrainingRunsMixin):
         where = {k: data_spec.get(k) for k in ("source", "seed", "root") if data_spec.get(k) is not None}
         if "root" in where:
             where["root"] = str(Path(str(where["root"])).expanduser().resolve())
-        with ledger._write():
-            ledger._db.execute("INSERT OR IGNORE INTO settings VALUES ('dataset', ?)",
-                               (json.dumps({"slug": slug, **where}),))
+        try:
+            with ledger._write():
+                ledger._db.execute("INSERT OR IGNORE INTO settings VALUES ('dataset', ?)",
+                                   (json.dumps({"slug": slug, **where}),))
+        except sqlite3.DatabaseError as e:  # damaged past the pages read when opening
+            ledger.close()
+            raise DataError(f"--ledger {ledger.path}: damaged privacy database ({e}); restore it from a backup "
+                            f"(it holds every release of the dataset)") from None
+        except BaseException:
+            ledger.close()
+            raise
         return ledger
 
     # -- schema and settings ----------------------------------------------------------------------
@@ -385,8 +396,14 @@ class PrivacyLedger(TrainingRunsMixin):
         return self.record_many([dict(image_id=image_id, protected=protected, epsilon=epsilon, strength=strength,
                                       seed=seed, level=level, released_attributes=released_attributes)])[0]
 
-    def record_many(self, releases: Iterable[Mapping]) -> list[ReleaseRecord]:
-        """Append several releases in one transaction: all are committed, or none (PrivacyError)."""
+    def record_many(self, releases: Iterable[Mapping], *,
+                    before_commit: Callable[[list[ReleaseRecord]], None] | None = None) -> list[ReleaseRecord]:
+        """Append several releases in one transaction: all are committed, or none (PrivacyError).
+
+        ``before_commit(records)`` runs inside the transaction once the rows are in (``spent`` already
+        counts them): a caller publishes the release's files there, so that if publishing raises, the
+        releases are rolled back and nothing is charged (``veil edit``'s all-or-nothing release).
+        """
         releases, ids, now = list(releases), [], _now()
         with self._write():
             budget, pending = self._budget(), {}
@@ -411,9 +428,12 @@ class PrivacyLedger(TrainingRunsMixin):
                         pair[2] += 1
                     else:
                         pair[0], pair[1] = pair[0] + cost, pair[1] + 1
-        marks = ",".join("?" * len(ids))
-        rows = self._db.execute(f"SELECT * FROM releases WHERE release_id IN ({marks}) ORDER BY release_id", ids)
-        return [self._row_to_record(r) for r in rows]
+            marks = ",".join("?" * len(ids))
+            rows = self._db.execute(f"SELECT * FROM releases WHERE release_id IN ({marks}) ORDER BY release_id", ids)
+            records = [self._row_to_record(r) for r in rows]
+            if before_commit is not None:
+                before_commit(records)
+        return records
 
     def _refuse(self, image_id: str, protected: list[str], eps: float, published: list[str], pending: dict,
                 budget: float) -> None:

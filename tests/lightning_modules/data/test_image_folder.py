@@ -57,3 +57,33 @@ def test_image_folder_csv_missing_things(tmp_path):
         ImageFolderCSV(tmp_path / "missing_dir", csv_path)
     with pytest.raises(ConfigError, match=r"'smile'.*smiling"):
         ImageFolderCSV(tmp_path / "f", csv_path, attributes=["smile"])
+
+
+@pytest.mark.parametrize("bad_id", ["../outside.png", "sub/../../outside.png", "ABSOLUTE", "link.png", "sublink/x.png"])
+def test_image_folder_csv_refuses_ids_outside_the_folder(tmp_path, bad_id):
+    """Ids are paths inside the folder: '..', absolute paths and links leading out are refused, naming CSV, line, id."""
+    outside = tmp_path / "outside.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(outside)
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "x.png")
+    csv_path = make_folder(tmp_path / "f")
+    (tmp_path / "f" / "link.png").symlink_to(outside)
+    (tmp_path / "f" / "sublink").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    bad_id = str(outside) if bad_id == "ABSOLUTE" else bad_id
+    csv_path.write_text(f"filename,smiling,hat,young\na.png,1,0,1\n{bad_id},0,1,1\n")
+    with pytest.raises(DataError, match=r"labels.csv, line 3: id .* outside the image folder") as info:
+        ImageFolderCSV(tmp_path / "f", csv_path, resolution=8)
+    assert repr(bad_id) in str(info.value)
+
+
+def test_image_folder_csv_accepts_links_inside_and_unicode_names(tmp_path):
+    csv_path = make_folder(tmp_path / "f")
+    (tmp_path / "f" / "alias.png").symlink_to(tmp_path / "f" / "a.png")  # inside the folder: fine
+    (tmp_path / "f" / "a.png").rename(tmp_path / "f" / "visage é 1.png")
+    (tmp_path / "f" / "alias.png").unlink()
+    (tmp_path / "f" / "alias.png").symlink_to(tmp_path / "f" / "visage é 1.png")
+    csv_path.write_text("filename,smiling\nvisage é 1.png,1\nalias.png,0\nsub/./c.png,1\n", encoding="utf-8")
+    ds = ImageFolderCSV(tmp_path / "f", csv_path, resolution=8)
+    assert ds.ids == ["visage é 1.png", "alias.png", "sub/./c.png"] and ds[1][0].shape == (3, 8, 8)

@@ -248,5 +248,5 @@ def test_cli_sample_with_a_guidance_classifier(tiny_public_and_guide, tmp_path, 
     said = capsys.readouterr()
     assert out.is_file() and "guidance classifier: epsilon" in said.out and S.LABEL_FREE in said.out
     assert "never learned" not in said.err  # a label-free model samples unconditionally by default
-    assert main(args[:-2] + ["--guidance", "2", "--out", str(out)]) == 0
+    assert main(args[:-2] + ["--guidance", "2", "--force", "--out", str(out)]) == 0
     assert "never learned" in capsys.readouterr().err

@@ -7,19 +7,15 @@ import stat
 import numpy as np
 import pytest
 import torch
+from dp_helpers import write_tiny_release
 from PIL import Image
 
 from veil.cli import build_parser, main
 from veil.errors import DataError
-from veil.lightning_modules.checkpoints import DIFFUSION_KIND, write_release
 from veil.lightning_modules.data import FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
-from veil.lightning_modules.diffusion.schedule import default_scheduler_config
-from veil.lightning_modules.models.unet import AttributeConditionalUNet
 from veil.privacy.ledger import PrivacyLedger, ledger_path_for
 
-KWARGS = dict(num_attributes=6, resolution=32, block_out_channels=(16, 32), attention_levels=(False, True),
-              norm_num_groups=8, attention_head_dim=8)
 DATA = dict(source="synthetic", root=None, csv=None, attributes=None, resolution=32, num_images=24, seed=0,
             batch_size=8, poisson=True, val_fraction=0.05, test_fraction=0.05, revision=None, num_workers=0)
 
@@ -30,13 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A run folder with the model release `veil train` writes (OUT/model), random weights."""
-    torch.manual_seed(0)
-    model = AttributeConditionalUNet(**KWARGS)
-    out = tmp_path_factory.mktemp("run")
-    write_release(out, kind=DIFFUSION_KIND, weights={f"ema.{k}": v for k, v in model.state_dict().items()},
-                  meta={"model_kwargs": KWARGS, "scheduler_config": default_scheduler_config(),
-                        "attribute_names": list(SYNTHETIC_ATTRIBUTES), "data_spec": DATA,
-                        "privacy": {"enabled": False}})
+    out = write_tiny_release(tmp_path_factory.mktemp("run"), data_spec=DATA)
     return str(out)
 
 
@@ -157,9 +147,14 @@ def test_sweep_draws_from_a_secret_seed_by_default(checkpoint, tmp_path):
 ])
 def test_bad_options_are_named(checkpoint, tmp_path, capsys, veil_home, extra, option):
     argv = ["edit", "--checkpoint", checkpoint, "--protect", "smiling", "--steps", "10", "--out", str(tmp_path), *extra]
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as e:  # refused by the argument's type while parsing (argparse exits 2)
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("veil edit: error:") and option in err
+    last = err.strip().splitlines()[-1]  # argparse prints its usage above
+    assert last.startswith("veil edit: error:") and option in last
     assert not (veil_home / "datasets").exists()  # refused before any database was opened
 
 
@@ -167,3 +162,70 @@ def test_every_edit_option_has_help():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     actions = [a for a in sub.choices["edit"]._actions if a.dest != "help"]
     assert actions and all(a.help for a in actions)
+
+
+# ------------------------------------------------------------------ a release is all-or-nothing (issue 12)
+def _nothing_released(out, veil_home):
+    """No file of the edit in ``out`` (no staging folder either) and no release in any database."""
+    if out.exists():
+        assert [p.name for p in out.iterdir()] in ([], ["keep.txt"])
+    for db in (veil_home / "datasets").glob("*.sqlite"):  # glob of a missing folder: nothing
+        with PrivacyLedger(db) as book:
+            assert book.releases() == []
+
+
+def test_a_non_finite_edit_is_refused_and_not_charged(checkpoint, tmp_path, veil_home, capsys, monkeypatch):
+    # --guidance nan used to release an all-black image, charged; a model that makes NaN pixels now releases nothing
+    from veil.lightning_modules.editing.editor import PrivateEditor
+
+    monkeypatch.setattr(PrivateEditor, "edit", lambda self, x, *a, **k: torch.full_like(x, float("nan")))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _edit(checkpoint, out, "--first", "2") == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and "nothing was released" in err and "Traceback" not in err
+    _nothing_released(out, veil_home)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_write_error_charges_nothing_and_leaves_no_file(checkpoint, tmp_path, veil_home, capsys, monkeypatch):
+    from veil.lightning_modules.editing import job
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job, "_before_after", disk_full)
+    assert _edit(checkpoint, tmp_path / "out", "--first", "2") == 2
+    assert "--out" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # it made the folder, and took it back
+    _nothing_released(tmp_path / "out", veil_home)
+
+
+def test_a_failure_while_publishing_rolls_the_releases_back(checkpoint, tmp_path, veil_home, monkeypatch):
+    # The files move into OUT inside the ledger transaction: if the last move fails, the ones moved are
+    # taken back and the releases are rolled back.
+    from veil.lightning_modules.editing import job
+
+    real = job.os.replace
+
+    def fail_on_report(src, dst):
+        if str(dst).endswith("edit_report.json"):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(job.os, "replace", fail_on_report)
+    assert _edit(checkpoint, tmp_path / "out", "--first", "2") == 2
+    _nothing_released(tmp_path / "out", veil_home)
+    monkeypatch.undo()
+    assert _edit(checkpoint, tmp_path / "out", "--first", "2") == 0  # the same --out works afterwards
+    with PrivacyLedger.for_dataset(DATA) as book:
+        assert len(book.releases()) == 2
+
+
+def test_a_budget_refusal_leaves_no_file(checkpoint, tmp_path, veil_home):
+    assert _edit(checkpoint, tmp_path / "a", "--first", "2", "--level", "low", "--budget", "4") == 0
+    assert _edit(checkpoint, tmp_path / "b", "--first", "2", "--level", "low") == 2
+    assert not (tmp_path / "b").exists()
+    with PrivacyLedger.for_dataset(DATA) as book:
+        assert len(book.releases()) == 2

@@ -38,6 +38,18 @@ def test_shipped_configs_exist():
         ({"optim": {"lr": 0}}, "optim.lr"),
         ({"data": {"batchsize": 3}}, "data.batchsize"),
         ({"dataa": {}}, "dataa"),
+        # values of the wrong type name the key too (they were TypeErrors or silently accepted)
+        ({"data": {"batch_size": "abc"}}, "data.batch_size"),
+        ({"data": {"batch_size": True}}, "data.batch_size"),
+        ({"trainer": {"max_steps": "5"}}, "trainer.max_steps"),
+        ({"trainer": {"max_time": 3600}}, "trainer.max_time"),
+        ({"model": {"block_out_channels": "abc"}}, "model.block_out_channels"),
+        ({"model": {"block_out_channels": [16, 32], "attention_levels": [False, True], "norm_num_groups": 8,
+                    "attention_head_dim": 24}}, "model.attention_head_dim"),
+        ({"dp": {"max_grad_norm": float("inf")}}, "dp.max_grad_norm"),
+        ({"dp": {"enabled": "false"}}, "dp.enabled"),
+        ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"seed": "x"}, "seed"),
     ],
 )
 def test_bad_values_name_the_option(raw, option):
@@ -48,3 +60,15 @@ def test_bad_values_name_the_option(raw, option):
 def test_set_overrides(tmp_path):
     cfg = load_config(None, ["dp.target_epsilon=3", "trainer.max_steps=7", "data.attributes=[smiling]"])
     assert cfg.dp.target_epsilon == 3 and cfg.trainer.max_steps == 7 and cfg.data.attributes == ["smiling"]
+
+
+def test_numbers_written_as_strings_are_read_as_numbers():
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float option takes it as the number it spells."""
+    cfg = load_config(None, ["optim.lr=1e-3", "dp.delta=1e-7"])
+    assert cfg.optim.lr == 1e-3 and cfg.dp.delta == 1e-7
+
+
+def test_set_into_an_empty_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\ntrainer:\n  max_steps: 3\n")
+    assert load_config(path, ["data.num_images=64"]).data.num_images == 64

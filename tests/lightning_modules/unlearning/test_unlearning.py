@@ -230,3 +230,50 @@ def test_cli_unlearn_on_two_ddp_processes_matches_one(setup, tmp_path):
     assert step.norm() > 1e-4 and (step2 - step).norm() < 1e-4 * step.norm()  # Newton: the same optimum
     assert torch.equal(_flat(m1.trunk), _flat(m2.trunk)) and torch.equal(_flat(m1.proj), _flat(m2.proj))  # head only
     torch.testing.assert_close(c2["veil"]["train_features"], c1["veil"]["train_features"])
+
+
+def test_cli_unlearn_default_is_the_fast_head_update_and_out_is_never_overwritten(setup, tmp_path, capsys):
+    """No method options: second order on the head with the direct solve (the README's table). An existing
+    --out is refused before any work unless --force, which replaces the results (other owner files stay)."""
+    from veil.cli import main
+
+    ckpt_path, revision, _, _ = setup
+    out = tmp_path / "unl"
+    args = ["unlearn", "--model", str(ckpt_path), "--revision", str(revision), "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "unlearn_report.json").read_text())  # strict JSON: json.loads would accept NaN
+    assert report["method"] == "second" and report["params"] == ["head"] and report["update"]["solver"] == "direct"
+    assert all(n.startswith("head.") for n in report["update"]["parameters"]) and report["update"]["cached_features"]
+    (out / "private" / "notes.txt").write_text("owner notes")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "--force" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main([*args, "--force", "--method", "first"]) == 0
+    assert json.loads((out / "unlearn_report.json").read_text())["method"] == "first"
+    assert (out / "private" / "notes.txt").read_text() == "owner notes"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_failed_unlearn_leaves_no_half_written_folder(setup, tmp_path, monkeypatch):
+    ckpt_path, revision, _, _ = setup
+
+    def fail(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(UJ, "write_json_atomic", fail)  # after the release was staged, before anything moved in
+    with pytest.raises(RuntimeError, match="disk full"):
+        UJ.run_unlearn(model=ckpt_path, revision=revision, method="first", params=["head"], out=tmp_path / "new",
+                       compare_retrain=True)
+    assert not (tmp_path / "new").exists()  # created by the run, removed with it (retrained/ too)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "unlearn_report.json").write_text('{"earlier": true}\n')
+    with pytest.raises(RuntimeError, match="disk full"):
+        UJ.run_unlearn(model=ckpt_path, revision=revision, method="first", params=["head"], out=kept, force=True)
+    assert sorted(p.name for p in kept.iterdir()) == ["unlearn_report.json"]
+    assert (kept / "unlearn_report.json").read_text() == '{"earlier": true}\n'
+    with pytest.raises(ConfigError, match="is the --model run folder"):
+        UJ.run_unlearn(model=ckpt_path, revision=revision, method="first", out=ckpt_path, force=True)
