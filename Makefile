@@ -26,9 +26,9 @@ test: setup
 	$(PY) -m pytest -q
 
 # Private fine-tuning from a public start (docs/training.md): ~40 + ~40 minutes on a 2-core CPU.
+# An earlier runs/dp_finetune (or runs/guide below) is never deleted: veil train refuses it; move it away first.
 finetune: setup
 	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
-	rm -rf runs/dp_finetune
 	$(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_dp_finetune.yaml --out runs/dp_finetune
 	$(PY) bench/sample_quality.py --checkpoint runs/dp_finetune --grid runs/dp_finetune/samples.png
 
@@ -36,7 +36,6 @@ finetune: setup
 # finetune) steered by a noise-conditional classifier trained at epsilon 10 (~50 min) on a 2-core CPU.
 guided: setup
 	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
-	rm -rf runs/guide
 	$(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --out runs/guide --progress
 	$(PY) bench/sample_quality.py --checkpoint runs/public --classifier runs/guide --grid runs/guide/samples.png
 
