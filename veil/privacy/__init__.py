@@ -3,7 +3,8 @@
     mechanism  randomized response on binary attributes (keep probability e^eps / (1 + e^eps))
     levels     the named privacy levels low | medium | high | max, each an (epsilon, strength) pair
     ledger     the dataset's privacy database (one per dataset, owner-only): releases composed per
-               (image, attribute), budgets; training_runs: every DP training run on the dataset
+               (image, attribute), budgets; training_runs: every DP training run on the dataset;
+               locations: which database is the dataset's; ledger_schema: its tables and upgrade
     randomness where DP-SGD's seeds come from: the OS CSPRNG, or the not-private reproducible mode
     bounds     the prior-aware bound on attribute inference from a randomized-response release
     session    EditSession: previews, feedback (more_private | less_private | accept | reject), release

@@ -46,11 +46,9 @@ ledger (releases only, composed per image) is migrated in place when opened. Pla
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import math
 import os
-import re
 import socket
 import sqlite3
 from contextlib import contextmanager
@@ -59,6 +57,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from veil.errors import ConfigError, DataError, PrivacyError
+from veil.privacy.ledger_schema import SCHEMA, SCHEMA_VERSION, migrate_v1
+from veil.privacy.locations import dataset_slug, ledger_path_for, veil_home  # noqa: F401  (re-exported)
 from veil.privacy.mechanism import check_epsilon, json_epsilon
 from veil.privacy.training_runs import TrainingRunsMixin, _now, _TOL
 
@@ -66,83 +66,6 @@ __all__ = ["PrivacyLedger", "ReleaseLedger", "ReleaseRecord", "ledger_path_for",
            "DEFAULT_BUDGET", "SCHEMA_VERSION"]
 
 DEFAULT_BUDGET = 8.0  # per (image, attribute): two releases at "low", four at "medium", eight at "high"
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS releases (
-    release_id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    image_id            TEXT NOT NULL,
-    protected           TEXT NOT NULL,   -- JSON list of attribute names
-    epsilon             REAL NOT NULL,   -- randomized response per protected attribute
-    strength            REAL NOT NULL,
-    seed                INTEGER NOT NULL, -- SECRET: undoes the randomized response
-    level               TEXT,
-    released_attributes TEXT,            -- JSON {name: -1|+1}: every value the release publishes
-    budget              REAL,            -- the release budget in force (NULL = unlimited)
-    released_at         TEXT NOT NULL    -- ISO 8601, UTC
-);
-CREATE INDEX IF NOT EXISTS releases_by_image ON releases (image_id);
-CREATE TABLE IF NOT EXISTS attribute_spends (
-    release_id INTEGER NOT NULL REFERENCES releases (release_id),
-    image_id   TEXT NOT NULL,
-    attribute  TEXT NOT NULL,
-    epsilon    REAL                      -- randomized response at epsilon, NULL = published exactly
-);
-CREATE INDEX IF NOT EXISTS spends_by_pair ON attribute_spends (image_id, attribute);
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
-CREATE TABLE IF NOT EXISTS budget_changes (
-    change_id  INTEGER PRIMARY KEY AUTOINCREMENT,
-    budget     TEXT NOT NULL CHECK (budget IN ('release', 'training')),
-    old_value  REAL,                     -- NULL = none before (creation), +inf = unlimited
-    new_value  REAL,                     -- +inf = unlimited
-    reason     TEXT NOT NULL,
-    changed_by TEXT NOT NULL,
-    changed_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS training_runs (
-    run_id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    run             TEXT NOT NULL,       -- run name or output folder
-    kind            TEXT NOT NULL,       -- diffusion | classifier | ...
-    private         INTEGER NOT NULL,
-    planned_epsilon REAL,                -- NULL = unbounded
-    epsilon         REAL,                -- when finished: NULL = unbounded or not private
-    delta           REAL,
-    steps           INTEGER,
-    status          TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
-    details         TEXT NOT NULL,       -- JSON: what it trained
-    started_at      TEXT NOT NULL,
-    finished_at     TEXT
-)
-"""
-
-
-def veil_home() -> Path:
-    """``$VEIL_HOME``, or ``~/.veil``: where the per-dataset privacy databases live."""
-    return Path(os.environ.get("VEIL_HOME") or "~/.veil").expanduser()
-
-
-def dataset_slug(data_spec: Mapping) -> str:
-    """The database name of a dataset: which images of which source it is (see the module docstring)."""
-    source = data_spec.get("source") if isinstance(data_spec, Mapping) else None
-    if source == "synthetic":
-        seed = data_spec.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"--data: synthetic faces are located by their generator seed, got seed={seed!r}; "
-                              f"give it, e.g. source=synthetic,seed=0")
-        return f"synthetic-seed{seed}"
-    if source in ("celeba", "folder"):
-        if not data_spec.get("root"):
-            raise ConfigError(f"--data: a {source} dataset is located by its folder; give root=PATH")
-        root = Path(str(data_spec["root"])).expanduser().resolve()
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", root.name).strip("._") or "root"
-        return f"{source}-{name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
-    raise ConfigError(f"--data: source={source!r}: a privacy database belongs to a located dataset "
-                      f"(source=synthetic,seed=N | source=celeba,root=PATH | source=folder,root=PATH)")
-
-
-def ledger_path_for(data_spec: dict) -> Path:
-    """``$VEIL_HOME/datasets/<slug>.sqlite``: the one privacy database of the dataset ``data_spec`` names."""
-    return veil_home() / "datasets" / f"{dataset_slug(data_spec)}.sqlite"
 
 
 @dataclass(frozen=True)
@@ -275,12 +198,12 @@ class PrivacyLedger(TrainingRunsMixin):
                                 f"(this one reads up to {SCHEMA_VERSION}); upgrade veil")
             if version < SCHEMA_VERSION:
                 legacy = "releases" in tables
-                for statement in _SCHEMA.split(";"):  # not executescript: it would commit mid-transaction
+                for statement in SCHEMA.split(";"):  # not executescript: it would commit mid-transaction
                     self._db.execute(statement)
                 value = DEFAULT_BUDGET if requested is None else requested
                 why = "set when the database was created"
                 if legacy:
-                    why = self._migrate_v1()
+                    why = migrate_v1(self._db)
                 self._db.execute("INSERT INTO settings VALUES ('release_budget', ?), ('training_budget', 'null'),"
                                  " ('created_at', ?)", (json.dumps(None if math.isinf(value) else value), json.dumps(_now())))
                 self._log_change("release", None, value, why)
@@ -291,18 +214,6 @@ class PrivacyLedger(TrainingRunsMixin):
                     f"{self._budget():g} per image and attribute; a dataset's budget is set once, and changing it "
                     f"is an explicit, recorded act: `veil privacy set-budget {requested:g} --reason \"...\" "
                     f"--ledger {self.path}`; or leave out --budget to use the stored one")
-
-    def _migrate_v1(self) -> str:
-        """Schema 1 (releases composed per image) -> 2: re-read every release per (image, attribute)."""
-        rows = self._db.execute("SELECT release_id, image_id, protected, epsilon, released_attributes FROM releases")
-        n = 0
-        for rid, image_id, protected, eps, released in rows.fetchall():
-            protected = json.loads(protected)
-            exact = [a for a in json.loads(released or "{}") if a not in protected]
-            self._db.executemany("INSERT INTO attribute_spends VALUES (?, ?, ?, ?)",
-                                 [(rid, image_id, a, eps) for a in protected] + [(rid, image_id, a, None) for a in exact])
-            n += 1
-        return f"migrated from a schema-1 ledger ({n} releases re-read per image and attribute)"
 
     def _setting(self, key: str):
         row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
