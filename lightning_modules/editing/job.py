@@ -121,6 +121,13 @@ def _selected(dataset, indices, names):
     return [dataset.ids[i] for i in indices], x, a, [_as_dict(names, row) for row in a]
 
 
+def _load_selected(**inputs):
+    """(editor, datamodule, protected, (ids, images, attributes, attribute dicts)): ``load_edit_inputs``
+    followed by ``_selected`` on the chosen items, the common start of an edit and a sweep."""
+    editor, dm, indices, protected = load_edit_inputs(**inputs)
+    return editor, dm, protected, _selected(dm.dataset, indices, editor.attribute_names)
+
+
 def _as_dict(names, row) -> dict[str, int]:
     return {n: int(v) for n, v in zip(names, row.tolist())}
 
@@ -266,11 +273,9 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
     created = _check_out(out, EDIT_FILES)
     with _staging(out, created) as stage:
         # 2. model and data
-        editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
-                                                          protect=protect, steps=steps, guidance=guidance,
-                                                          use_ema=use_ema)
-        names = editor.attribute_names
-        image_ids, x, a, originals = _selected(dm.dataset, indices, names)
+        editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
+            checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
+            use_ema=use_ema)
         try:
             with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
                 return _release(book, stage=stage, out=out, editor=editor, dm=dm, lv=lv, protected=protected,
@@ -359,11 +364,9 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
     seed = secure_seed() if seed is None else seed
     created = _check_out(out, SWEEP_FILES)
     with _staging(out, created) as stage:
-        editor, dm, indices, protected = load_edit_inputs(checkpoint=checkpoint, data=data, ids=ids, first=first,
-                                                          protect=protect, steps=steps, guidance=guidance,
-                                                          use_ema=use_ema)
-        names = editor.attribute_names
-        image_ids, x, a, originals = _selected(dm.dataset, indices, names)
+        editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
+            checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
+            use_ema=use_ema)
         grid, table = [x], []
         inverted: dict[float, torch.Tensor] = {}
         for k, lv in enumerate(rows):
@@ -381,7 +384,7 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
                   "note": "previews for the data owner only (owner-only files): nothing was released and no ledger "
                           "entry was made; do not share them, together they give the protected values away"}
         try:
-            save_grid(torch.cat(grid), _owner_only_file(stage / "sweep.png"), nrow=len(indices),
+            save_grid(torch.cat(grid), _owner_only_file(stage / "sweep.png"), nrow=len(image_ids),
                       scale=max(1, 128 // x.shape[-1]))
             _owner_only_file(stage / "sweep.json").write_text(dumps_strict(report, indent=1) + "\n")
             _publish(stage, out, SWEEP_FILES)

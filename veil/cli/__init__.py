@@ -67,20 +67,24 @@ def finite_float(text: str) -> float:
     return _number(text, float)
 
 
-def nonneg_float(text: str) -> float:
-    """A finite float >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+def _at_least(kind: type, low: float, *, strict: bool = False, doc: str):
+    """An argument type: a finite ``kind`` >= ``low`` (> ``low`` when ``strict``)."""
+    sign = ">" if strict else ">="
+
+    def check(text: str):
+        value = _number(text, kind)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {sign} {low}, got {text!r}")
+        return value
+
+    check.__doc__ = doc
+    return check
 
 
-def positive_float(text: str) -> float:
-    """A finite float > 0."""
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+nonneg_float = _at_least(float, 0, doc="A finite float >= 0.")
+positive_float = _at_least(float, 0, strict=True, doc="A finite float > 0.")
+nonneg_int = _at_least(int, 0, doc="A whole number >= 0 (seeds).")
+positive_int = _at_least(int, 1, doc="A whole number >= 1 (counts, steps, iterations).")
 
 
 def epsilon_or_budget(text: str) -> float:
@@ -91,22 +95,6 @@ def epsilon_or_budget(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0 or inf, got {text!r}") from None
     if math.isnan(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0 or inf, got {text!r}")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    """A whole number >= 0 (seeds)."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (counts, steps, iterations)."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
 
 
