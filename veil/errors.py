@@ -23,3 +23,12 @@ class CheckpointError(VeilError, ValueError):
 
 class PrivacyError(VeilError, RuntimeError):
     """A request would break a privacy guarantee (an exhausted budget, insecure noise claimed as secure)."""
+
+
+class EditRefused(PrivacyError):
+    """An edit that does not show its released protected values even after its re-dos: it is not released
+    (the draw is charged all the same). ``checked`` holds what the checker read, where known."""
+
+    def __init__(self, message: str, checked=None):
+        super().__init__(message)
+        self.checked = checked

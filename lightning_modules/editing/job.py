@@ -48,8 +48,16 @@ from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.grid import save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
-from veil.lightning_modules.diffusion.sample import privacy_phrase
-from veil.lightning_modules.editing.editor import PrivateEditor
+from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
+from veil.lightning_modules.diffusion.sample import combined_privacy, default_guidance
+from veil.lightning_modules.editing.editor import (
+    DEFAULT_CHECK_THRESHOLD,
+    DEFAULT_MAX_RETRIES,
+    RETRY_GUIDANCE_FACTOR,
+    RETRY_STRENGTH_STEP,
+    PrivateEditor,
+    model_costs,
+)
 from veil.outputs import check_out_dir, dumps_strict
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
@@ -62,16 +70,35 @@ from veil.privacy.mechanism import (
 )
 from veil.privacy.session import draw_release
 
-__all__ = ["run_edit", "run_sweep", "load_edit_inputs"]
+__all__ = ["run_edit", "run_sweep", "load_edit_inputs", "DEFAULT_CLASSIFIER_SCALE"]
+
+DEFAULT_CLASSIFIER_SCALE = 10.0  # docs/training.md: the probe peaks near s = 10 for the epsilon-10 classifier
 
 
 def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequence[str] | None, first: int | None,
-                     protect: Sequence[str], steps: int, guidance: float, use_ema: bool = True):
-    """(editor, datamodule, indices, protected) after validating every option against model and data."""
+                     protect: Sequence[str], steps: int, guidance: float | None, use_ema: bool = True,
+                     classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
+                     check_threshold: float = DEFAULT_CHECK_THRESHOLD, max_retries: int = DEFAULT_MAX_RETRIES,
+                     keep_unprotected: bool = True):
+    """(editor, datamodule, indices, protected) after validating every option against model and data.
+
+    The backend follows from what is given: ``classifier`` with ``classifier_scale`` > 0 -> guided (the
+    classifier steers the denoiser); scale 0 -> conditional, the classifier only checks the edits; no
+    classifier -> conditional, unchecked. The images come from the classifier's dataset when one is given
+    (the private data it was trained on; a label-free denoiser is usually trained on public data), else
+    from the denoiser's; ``data`` overrides either. ``editor.costs`` says what the models cost."""
     ckpt = load_diffusion_checkpoint(checkpoint, use_ema=use_ema)
+    guide = None
+    if classifier is not None:
+        guide = load_guidance_classifier(classifier, scheduler_config=ckpt.scheduler_config, scale=classifier_scale,
+                                         check_only=classifier_scale == 0)
+    if guidance is None:
+        guidance = default_guidance(ckpt)
     editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, num_steps=steps,
-                           guidance_scale=guidance)
-    base = {k: v for k, v in (ckpt.data_spec or {}).items() if k in DATASET_KEYS}
+                           guidance_scale=guidance, guide=guide, checker=guide, label_free=ckpt.cond_drop_prob == 1.0,
+                           keep_unprotected=keep_unprotected, check_threshold=check_threshold, max_retries=max_retries)
+    source = guide.data_spec if guide is not None and guide.data_spec else ckpt.data_spec
+    base = {k: v for k, v in (source or {}).items() if k in DATASET_KEYS}
     spec = {**base, **{k: v for k, v in (data or {}).items() if v is not None}}
     spec["attributes"] = list(ckpt.attribute_names)
     res = ckpt.model.unet.config.sample_size
@@ -92,6 +119,7 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     twice = sorted({p for p in protect if list(protect).count(p) > 1})
     if twice:
         raise ConfigError(f"--protect {','.join(protect)}: {', '.join(twice)} listed twice; name each attribute once")
+    editor.protected_mask(protect)  # the classifier must know every protected attribute too
     if (ids is None) == (first is None):
         raise ConfigError("--ids/--first: give exactly one (a comma-separated list of ids, or a count)")
     if first is not None:
@@ -108,9 +136,10 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
         if twice:
             raise ConfigError(f"--ids: {', '.join(twice[:5])} listed twice; name each image once")
         indices = [position[i] for i in ids]
-    # What the model itself cost (the release's own record): reported with every edit, so a model trained
+    # What the models themselves cost (their own records): reported with every edit, so a model trained
     # without DP, or with the not-private reproducible noise, is never presented as a private one.
-    editor.model_privacy = privacy_phrase(ckpt.privacy)[1]
+    editor.model_privacy = combined_privacy(ckpt, guide)
+    editor.costs = model_costs(ckpt, guide, edited=dm.dataset_spec())
     return editor, dm, indices, list(protect)
 
 
@@ -164,7 +193,7 @@ def check_edit_options(*, guidance, steps, first=None, budget=None, seed=None) -
     def number(x):
         return not isinstance(x, bool) and isinstance(x, (int, float))
 
-    if not number(guidance) or not math.isfinite(guidance) or guidance < 0:
+    if guidance is not None and (not number(guidance) or not math.isfinite(guidance) or guidance < 0):
         raise ConfigError(f"--guidance {guidance!r}: must be a finite number >= 0 (0 = unconditional, "
                           f"1 = plain conditional, default 2)")
     for flag, value, low in (("--steps", steps, 1), ("--first", first, 1), ("--seed", seed, 0)):
@@ -245,82 +274,134 @@ def _check_finite(images: torch.Tensor, image_ids: Sequence[str], *, guidance: f
                               f"(does `veil sample` give images?) or lower --guidance")
 
 
-def _write_edit(stage: Path, *, dm, names, changes, image_ids, x, edited) -> dict[str, str]:
-    """The owner-only revision and before/after grid, in the staging folder; {id: file in OUT}."""
+def _write_edit(stage: Path, *, dm, names, changes, image_ids, edited, grid: tuple) -> dict[str, str]:
+    """The owner-only revision (``changes``, ``image_ids``, ``edited``: the edits that passed the check) and
+    before/after grid (``grid``: (originals, edits) of every image, refused ones too), in the staging folder;
+    {id: file in OUT}."""
     (stage / "revision").mkdir(mode=0o700)
     write_revision(_owner_only(stage / "revision"), base_spec=dm.dataset_spec(), attribute_names=names,
                    changes=changes, images=dict(zip(image_ids, edited)))
     manifest = json.loads(_owner_only(stage / "revision/manifest.json").read_text())
-    _before_after(x, edited, _owner_only_file(stage / "before_after.png"))
+    _before_after(*grid, _owner_only_file(stage / "before_after.png"))
     return {c["id"]: f"revision/{c['file']}" for c in manifest["changes"]}
 
 
 def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
              ids: Sequence[str] | None = None, first: int | None = None, level: str = "medium",
-             epsilon: float | None = None, strength: float | None = None, guidance: float = 2.0, steps: int = 50,
-             seed: int | None = None, ledger: str | Path | None = None, budget: float | None = None,
-             use_ema: bool = True) -> dict:
+             epsilon: float | None = None, strength: float | None = None, guidance: float | None = None,
+             steps: int = 50, seed: int | None = None, ledger: str | Path | None = None, budget: float | None = None,
+             use_ema: bool = True, classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
+             check: bool = True, check_threshold: float = DEFAULT_CHECK_THRESHOLD,
+             max_retries: int = DEFAULT_MAX_RETRIES, keep_unprotected: bool = True) -> dict:
     """Release private edits of the chosen images; returns the report also written to OUT/edit_report.json.
 
     Spends on the dataset's privacy database (``PrivacyLedger.for_dataset``; ``ledger`` overrides its
     path). ``budget`` sets the release budget of a new database; on an existing one it must match.
-    All or nothing: the steps of the module docstring.
+    ``classifier``: the guided backend (scale > 0) or the check only (scale 0); every edit is checked to
+    show its released values (``check``, which needs a classifier; ``check=False`` releases unchecked and
+    says so). All or nothing: the steps of the module docstring.
     """
     out = Path(out)
     # 1. every option and --out, before anything is loaded or spent
     check_edit_options(guidance=guidance, steps=steps, first=first, budget=budget, seed=seed)
     lv = resolve_level(level, epsilon=epsilon, strength=strength)
+    if check and classifier is None:
+        raise ConfigError("--classifier: every released edit is checked to show its released values, and the check "
+                          "needs an attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only "
+                          "checks, the conditional model still edits); or pass --no-check to release unchecked edits")
     created = _check_out(out, EDIT_FILES)
     with _staging(out, created) as stage:
-        # 2. model and data
+        # 2. models and data
         editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
             checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
-            use_ema=use_ema)
+            use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale, check_threshold=check_threshold,
+            max_retries=max_retries, keep_unprotected=keep_unprotected)
+        head = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
+                "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
+                "level": lv.to_json(), "protected": protected,
+                "guidance": editor.guidance_scale if editor.backend == "conditional" and not editor.label_free else None,
+                "classifier_scale": editor.guide.scale if editor.guide is not None else None,
+                "keep_unprotected": editor.keep_unprotected if editor.guide is not None else None,
+                "steps": steps, "seed_given": seed is not None,
+                "check": check_policy(editor) if check else
+                {"enabled": False, "warning": "NOT CHECKED: nobody verified that these edits show their released "
+                                              "values; an edit that still shows the value it replaced gives that value away"}}
         try:
             with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
                 return _release(book, stage=stage, out=out, editor=editor, dm=dm, lv=lv, protected=protected,
-                                image_ids=image_ids, x=x, a=a, originals=originals, seed=seed,
-                                report_head={"checkpoint": str(checkpoint), "model_privacy": editor.model_privacy,
-                                             "data": dm.dataset_spec(), "level": lv.to_json(),
-                                             "protected": protected, "guidance": guidance, "steps": steps,
-                                             "seed_given": seed is not None})
+                                image_ids=image_ids, x=x, a=a, originals=originals, seed=seed, check=check,
+                                report_head=head)
         except sqlite3.DatabaseError as e:  # a database damaged past its header: found while reading it
             where = ledger if ledger is not None else "the dataset's privacy database"
             raise DataError(f"--ledger {where}: unreadable privacy database ({e}); nothing was released") from None
 
 
+def check_policy(editor: PrivateEditor) -> dict:
+    """What the check of a release does (edit_report.json, the CLI summary)."""
+    return {"enabled": True, "threshold": editor.check_threshold, "max_retries": editor.max_retries,
+            "retry": f"strength +{RETRY_STRENGTH_STEP:g} (at most 1) and guidance x{RETRY_GUIDANCE_FACTOR:g} per re-do",
+            "on_failure": "refused: not in the revision, but charged in the ledger (outcome 'refused'), because the "
+                          "randomized response was drawn and the refusal depends on it",
+            "rule": "the checker, the classifier at t = 0, must give each released protected value a probability "
+                    ">= threshold"}
+
+
+def release_costs(editor: PrivateEditor, lv, protected: Sequence[str], book: PrivacyLedger) -> dict:
+    """What an edit costs, in one place: each model's training privacy and the release's own."""
+    return {"models": editor.costs, "models_summary": editor.model_privacy,
+            "release": {"mechanism": "randomized response", "epsilon_per_protected_attribute": json_epsilon(lv.epsilon),
+                        "protected": list(protected), "composed_in": str(book.path),
+                        "composition": "basic: each (image, protected attribute)'s epsilons add up across releases, "
+                                       "refused ones included"}}
+
+
 def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, protected, image_ids, x, a, originals,
-             seed, report_head: dict) -> dict:
+             seed, check: bool, report_head: dict) -> dict:
     """Steps 3-6 of the module docstring, on the open database ``book``."""
     names = editor.attribute_names
     # 3. every (image, attribute) first, so nothing is edited when one would be refused
     for image_id in image_ids:
         book.check(image_id=image_id, protected=protected, epsilon=lv.epsilon, published=names)
-    # 4. randomized response per image (fresh stream per release), one batched edit, checked finite
+    # 4. randomized response per image (fresh stream per release), one batched edit, checked finite and
+    #    (unless --no-check) checked to show the released values, re-done or refused where it does not
     draws = [draw_release(image_id=i, attributes=o, protected=protected, epsilon=lv.epsilon, seed=seed,
                           release_index=book.count(i)) for i, o in zip(image_ids, originals)]
     targets = torch.stack([editor.attribute_vector(r) for r, _ in draws])
-    edited = editor.edit(x, a, targets, strength=lv.strength, protected=protected)
+    if check:
+        checked = editor.edit_checked(x, a, targets, strength=lv.strength, protected=protected)
+        edited, passed = checked.images, checked.passed.tolist()
+        checks = {i: checked.row(k) for k, i in enumerate(image_ids)}
+    else:
+        edited, passed, checks = editor.edit(x, a, targets, strength=lv.strength, protected=protected), \
+            [True] * len(image_ids), {}
     _check_finite(edited, image_ids, guidance=editor.guidance_scale, what="edit")
-    # 5. the owner's revision (it keeps the original attributes unlearning needs: owner-only; publish with
-    #    `veil privacy publish-revision`) and the before/after grid (it shows the originals: owner-only), staged
-    changes = [RevisionChange(i, o, r, protected, json_epsilon(lv.epsilon, infinite=None), lv.strength)
-               for i, o, (r, _) in zip(image_ids, originals, draws)]
+    keep = [k for k, ok in enumerate(passed) if ok]
+    # 5. the owner's revision of the edits that passed (it keeps the original attributes unlearning needs:
+    #    owner-only; publish with `veil privacy publish-revision`) and the before/after grid (it shows the
+    #    originals: owner-only), staged
+    changes = [RevisionChange(image_ids[k], originals[k], draws[k][0], protected,
+                              json_epsilon(lv.epsilon, infinite=None), checks.get(image_ids[k], {}).get("strength", lv.strength))
+               for k in keep]
     try:
-        files = _write_edit(stage, dm=dm, names=names, changes=changes, image_ids=image_ids, x=x, edited=edited)
+        files = _write_edit(stage, dm=dm, names=names, changes=changes, image_ids=[image_ids[k] for k in keep],
+                            edited=edited[keep], grid=(x, edited))
     except OSError as e:
         raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
                         f"charged") from None
     report = {}
+    costs = release_costs(editor, lv, protected, book)
 
     # 6. the report (it needs the release ids) and the move into OUT, inside the ledger's transaction
     def publish(records) -> None:
         spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}
-        report.update(report_head, ledger=str(book.path), budget=book.budget, revision="revision",
-                      grid="before_after.png", owner_only=["revision", "before_after.png"], images=[
-                          {"id": i, "file": files[i], "released_attributes": r, "epsilon": json_epsilon(lv.epsilon),
-                           "strength": lv.strength, "release_id": rec.release_id, "spent": spent[i]}
-                          for i, (r, _), rec in zip(image_ids, draws, records)])
+        images = [{"id": i, "outcome": rec.outcome, "file": files.get(i), "released_attributes": r if ok else None,
+                   "epsilon": json_epsilon(lv.epsilon), "strength": lv.strength, "release_id": rec.release_id,
+                   "spent": spent[i], **({"check": checks[i]} if check else {})}
+                  for i, (r, _), rec, ok in zip(image_ids, draws, records, passed)]
+        report.update(report_head, ledger=str(book.path), budget=book.budget, cost=costs, revision="revision",
+                      grid="before_after.png", owner_only=["revision", "before_after.png"],
+                      released=sum(passed), refused=len(passed) - sum(passed),
+                      redone=sum(1 for c in checks.values() if c["attempts"] > 1), images=images)
         try:
             (stage / "edit_report.json").write_text(dumps_strict(report, indent=1) + "\n")
             _publish(stage, out, EDIT_FILES)
@@ -329,9 +410,10 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                             f"charged") from None
 
     try:
-        book.record_many([dict(image_id=i, protected=protected, epsilon=lv.epsilon, strength=lv.strength, seed=s,
-                               level=lv.name, released_attributes=r) for i, (r, s) in zip(image_ids, draws)],
-                         before_commit=publish)
+        book.record_many([dict(image_id=i, protected=protected, epsilon=lv.epsilon,
+                               strength=checks.get(i, {}).get("strength", lv.strength), seed=s, level=lv.name,
+                               released_attributes=r, outcome="released" if ok else "refused", models=editor.costs)
+                          for i, (r, s), ok in zip(image_ids, draws, passed)], before_commit=publish)
     except BaseException:
         if report:  # published, then the commit failed: take the files back (the releases were rolled back)
             _unpublish(out, EDIT_FILES)
@@ -349,8 +431,9 @@ def sweep_levels(*, epsilons: Sequence[float] | None, strength: float | None, le
 
 def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
               ids: Sequence[str] | None = None, first: int | None = None, epsilons: Sequence[float] | None = None,
-              level: str | None = None, strength: float | None = None, guidance: float = 2.0, steps: int = 50,
-              seed: int | None = None, use_ema: bool = True) -> dict:
+              level: str | None = None, strength: float | None = None, guidance: float | None = None, steps: int = 50,
+              seed: int | None = None, use_ema: bool = True, classifier=None,
+              classifier_scale: float = DEFAULT_CLASSIFIER_SCALE, keep_unprotected: bool = True) -> dict:
     """Preview grid over privacy levels for the same images; releases nothing.
 
     The previews are the owner's: row 0 shows the originals and the rows together (several
@@ -366,7 +449,8 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
     with _staging(out, created) as stage:
         editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
             checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
-            use_ema=use_ema)
+            use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale,
+            keep_unprotected=keep_unprotected)
         grid, table = [x], []
         inverted: dict[float, torch.Tensor] = {}
         for k, lv in enumerate(rows):
@@ -375,10 +459,11 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
             if lv.strength not in inverted:  # inversion depends on strength only: share it across rows
                 inverted[lv.strength] = editor.invert(x, a, strength=lv.strength, protected=protected)
             targets = torch.stack([editor.attribute_vector(d) for d in draws])
-            grid.append(editor.regenerate(inverted[lv.strength], targets, strength=lv.strength))
+            grid.append(editor.regenerate(inverted[lv.strength], targets, strength=lv.strength, protected=protected))
             _check_finite(grid[-1], image_ids, guidance=editor.guidance_scale, what="preview")
             table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
-        report = {"checkpoint": str(checkpoint), "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
+        report = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
+                  "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
                   "protected": protected, "ids": image_ids,
                   "rows": table, "grid": "sweep.png",
                   "note": "previews for the data owner only (owner-only files): nothing was released and no ledger "

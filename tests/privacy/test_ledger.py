@@ -173,6 +173,40 @@ CREATE INDEX IF NOT EXISTS releases_by_image ON releases (image_id);
 """
 
 
+def test_a_schema_2_ledger_gains_outcome_and_models(tmp_path):
+    """Schema 3 (issue 13): every release row says whether it was published or refused, and which models'
+    training privacy made the edit; a schema-2 database is upgraded in place, its rows read as released."""
+    from veil.privacy.ledger_schema import SCHEMA
+
+    path = tmp_path / "v2.sqlite"
+    with PrivacyLedger(path, budget=4.0):
+        pass
+    db = sqlite3.connect(str(path))  # rebuild releases as schema 2 had it (no outcome, no models)
+    v2 = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS releases"): SCHEMA.index(");") + 2]
+    v2 = v2.replace("released_at         TEXT NOT NULL,", "released_at         TEXT NOT NULL")
+    v2 = v2[: v2.index("    outcome")] + ");"
+    db.execute("DROP TABLE releases")
+    db.execute(v2)
+    assert {r[1] for r in db.execute("PRAGMA table_info(releases)")}.isdisjoint({"outcome", "models"})
+    db.execute("INSERT INTO releases VALUES (1, 'img-1', '[\"smiling\"]', 1.0, 0.5, 7, 'high', "
+               "'{\"smiling\": 1}', 4.0, '2026-01-01T00:00:00+00:00')")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    models = [{"role": "denoiser", "private": False, "data": "synthetic seed 1"}]
+    with PrivacyLedger(path) as ledger:
+        old = ledger.releases()[0]
+        assert (old.outcome, old.models, old.seed) == ("released", None, 7)
+        new = ledger.record(image_id="img-2", protected=["smiling"], epsilon=1.0, strength=0.7, seed=3,
+                            released_attributes={"smiling": -1}, outcome="refused", models=models)
+        assert (new.outcome, new.models) == ("refused", models)
+        assert ledger.spent("img-2", "smiling") == 1.0  # a refused draw is charged
+        with pytest.raises(ConfigError, match="'lost' is not released or refused"):
+            ledger.record(image_id="img-3", protected=["smiling"], epsilon=1.0, strength=0.7, seed=3,
+                          released_attributes={"smiling": -1}, outcome="lost")
+    assert sqlite3.connect(str(path)).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
 def test_a_schema_1_ledger_is_migrated_and_read_per_attribute(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(str(path))

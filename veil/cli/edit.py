@@ -1,7 +1,13 @@
 """``veil edit``: private attribute edits from the command line (argparse only here; torch loads in the handler).
 
-    veil edit --checkpoint RUN --first 8 --protect eyeglasses,smiling --level high --out edits/
+    veil edit --checkpoint PUBLIC --classifier GUIDE --first 8 --protect eyeglasses,smiling --level high --out edits/
+    veil edit --checkpoint RUN --classifier CLF --classifier-scale 0 --first 8 --protect eyeglasses --out edits/
     veil edit --checkpoint RUN --first 8 --protect eyeglasses --sweep --out sweep/
+
+The backend follows from what is given: --classifier with --classifier-scale > 0 (default 10) is the
+guided backend (the classifier steers a label-free or conditional denoiser); --classifier-scale 0 keeps
+the conditional backend and the classifier only checks. Every release is checked to show its released
+values (re-done, else refused and reported); --no-check releases unchecked edits and says so.
 
 Every release is recorded in the dataset's privacy database ($VEIL_HOME/datasets/, see
 ``veil privacy``). See docs/editing.md for the privacy levels, the budget and what the guarantee covers.
@@ -60,7 +66,24 @@ def add_subcommand(sub) -> None:
     p.add_argument("--epsilon", type=epsilon_or_budget, help="expert: randomized-response epsilon per protected attribute "
                                                  "(overrides the level's; 0 = fair coin, inf = keep)")
     p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
-    p.add_argument("--guidance", type=nonneg_float, default=2.0, help="classifier-free guidance scale of the regeneration (default 2.0)")
+    p.add_argument("--classifier", help="a `veil train-classifier` release (e.g. trained with DP on this dataset). With "
+                                        "--classifier-scale > 0: the guided backend, its gradient steers the denoiser; "
+                                        "in every case it checks that each edit shows its released values")
+    p.add_argument("--classifier-scale", type=nonneg_float, default=None,
+                   help="classifier guidance scale (default 10 with --classifier; 0 = the classifier only checks)")
+    p.add_argument("--no-keep-unprotected", action="store_true",
+                   help="guided backend: steer only the protected attributes (default: also towards the current "
+                        "values of the unprotected ones, which a release publishes as they are)")
+    p.add_argument("--no-check", action="store_true",
+                   help="release without checking that the edits show their released values (needed when there is "
+                        "no --classifier; the report and the summary say NOT CHECKED)")
+    p.add_argument("--check-threshold", type=positive_float, default=0.5,
+                   help="the checker's probability each released protected value must reach (default 0.5)")
+    p.add_argument("--max-retries", type=nonneg_int, default=2,
+                   help="re-dos of an edit that fails the check, each 0.15 stronger with 1.5x guidance (default 2)")
+    p.add_argument("--guidance", type=nonneg_float, default=None,
+                   help="classifier-free guidance scale of the regeneration (default 2.0; a label-free denoiser "
+                        "has none)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of a full-strength edit; an edit runs about strength*steps each way (default 50)")
     p.add_argument("--seed", type=nonneg_int, help="seed of the randomized response. Default: drawn from the OS (nobody can "
                                             "redo the coin flips), for releases and --sweep alike. A given seed makes "
@@ -89,28 +112,57 @@ def _edit(args) -> int:
 
     data = {"source": args.data, "num_images": args.num_images, "seed": args.data_seed, "root": args.root,
             "csv": args.csv, "resolution": args.resolution}
+    if args.classifier is None and args.classifier_scale is not None:
+        raise ConfigError("--classifier-scale: only with --classifier")
+    scale = 10.0 if args.classifier_scale is None else args.classifier_scale
     common = dict(checkpoint=args.checkpoint, out=args.out, protect=args.protect, data=data, ids=args.ids,
-                  first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema)
+                  first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema,
+                  classifier=args.classifier, classifier_scale=scale, keep_unprotected=not args.no_keep_unprotected)
     if args.sweep:
         ignored = [flag for flag, value in (("--epsilon", args.epsilon), ("--ledger", args.ledger),
                                             ("--budget", args.budget)) if value is not None]
+        ignored += [flag for flag, on in (("--no-check", args.no_check), ("--check-threshold", args.check_threshold != 0.5),
+                                          ("--max-retries", args.max_retries != 2)) if on]
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: not with --sweep (it releases nothing and opens no ledger); "
                               f"for rows at chosen epsilons use --sweep-epsilons")
         report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength, seed=args.seed,
                            **common)
-        print(f"wrote {args.out}/sweep.png ({len(report['rows'])} levels x {len(report['ids'])} images; "
-              f"previews for you only, owner-only files: nothing released); model: {report['model_privacy']}")
+        print(f"wrote {args.out}/sweep.png ({len(report['rows'])} levels x {len(report['ids'])} images, "
+              f"{report['backend']} backend; previews for you only, owner-only files: nothing released); "
+              f"models: {report['model_privacy']}")
         return 0
     if args.sweep_epsilons:
         raise ConfigError("--sweep-epsilons: only with --sweep")
+    if not args.check_threshold < 1:
+        raise ConfigError(f"--check-threshold {args.check_threshold:g}: must be a probability below 1")
     report = run_edit(level=args.level, epsilon=args.epsilon, strength=args.strength, seed=args.seed,
-                      ledger=args.ledger, budget=args.budget, **common)
-    lv = report["level"]
-    print(f"released {len(report['images'])} edits at {lv['name']} (epsilon {lv['epsilon']}, strength {lv['strength']}) "
-          f"protecting {','.join(report['protected'])}; ledger {report['ledger']}")
-    print(f"wrote {args.out}/edit_report.json; owner-only: {args.out}/revision (it holds the original attributes; "
-          f"share `veil privacy publish-revision --revision {args.out}/revision --out PUB` instead) and "
-          f"{args.out}/before_after.png")
-    print(f"the model that made the edits: {report['model_privacy']}")
+                      ledger=args.ledger, budget=args.budget, check=not args.no_check,
+                      check_threshold=args.check_threshold, max_retries=args.max_retries, **common)
+    print(summary(report, args.out))
     return 0
+
+
+def summary(report: dict, out) -> str:
+    """The CLI's account of a release: what was released and refused, the check, and what it cost."""
+    lv, check = report["level"], report["check"]
+    lines = [f"released {report['released']} of {len(report['images'])} edits ({report['backend']} backend) at "
+             f"{lv['name']} (epsilon {lv['epsilon']}, strength {lv['strength']}) protecting "
+             f"{','.join(report['protected'])}"]
+    if check["enabled"]:
+        refused = [im["id"] for im in report["images"] if im["outcome"] == "refused"]
+        lines.append(f"check: each released protected value must read >= {check['threshold']:g} on the classifier; "
+                     f"{report['redone']} edits re-done (up to {check['max_retries']} times: {check['retry']}), "
+                     f"{len(refused)} refused" + (f" ({', '.join(refused[:5])}{', ...' if len(refused) > 5 else ''}: "
+                                                  f"not released, but charged)" if refused else ""))
+    else:
+        lines.append(check["warning"])
+    cost = report["cost"]
+    models = "; ".join(f"{m['role']}: {m['privacy']} on {m['data']}" for m in cost["models"])
+    lines.append(f"cost: release: randomized response at epsilon {cost['release']['epsilon_per_protected_attribute']} "
+                 f"per protected attribute, composed in the dataset's ledger {report['ledger']}; models: {models}")
+    lines.append(f"models together: {report['model_privacy']}")
+    lines.append(f"wrote {out}/edit_report.json; owner-only: {out}/revision (it holds the original attributes; "
+                 f"share `veil privacy publish-revision --revision {out}/revision --out PUB` instead) and "
+                 f"{out}/before_after.png")
+    return "\n".join(lines)

@@ -80,7 +80,8 @@ def _print_summary(s: dict) -> None:
     print(f"  composed: epsilon {_eps(t['epsilon']) if t['runs'] else 0}, delta {t['delta']:g}; {left}")
     r = s["releases"]
     print(f"releases ({r['composition']}; budget {_eps(r['budget'], 'unlimited')} per image and attribute):")
-    print(f"  {r['releases']} releases of {r['images']} images; most spent on one (image, attribute) "
+    refused = f" ({r['refused']} refused by the edit check, charged all the same)" if r["refused"] else ""
+    print(f"  {r['releases']} releases of {r['images']} images{refused}; most spent on one (image, attribute) "
           f"{_eps(r['max_spent'])}, least left {_eps(r['least_left'])}")
     for name, a in r["attributes"].items():
         protected = "never protected" if not a["images_protected"] else (

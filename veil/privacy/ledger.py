@@ -39,8 +39,9 @@ with the seed, anyone can undo the coin flips. It is created owner-only (file 06
 
 Durability: WAL journal with ``synchronous=FULL``; check and insert run in one ``BEGIN IMMEDIATE``
 transaction, so two writers (a server and a CLI run) cannot both spend the last of a budget, and a
-writer killed at any point leaves every committed row. Schema 2 (``PRAGMA user_version``); a schema-1
-ledger (releases only, composed per image) is migrated in place when opened. Plain stdlib; no torch.
+writer killed at any point leaves every committed row. Schema 3 (``PRAGMA user_version``); a schema-1
+ledger (releases only, composed per image) or a schema-2 one (no release outcome, no model privacy)
+is migrated in place when opened. Plain stdlib; no torch.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from veil.errors import ConfigError, DataError, PrivacyError
-from veil.privacy.ledger_schema import SCHEMA, SCHEMA_VERSION, migrate_v1
+from veil.privacy.ledger_schema import SCHEMA, SCHEMA_VERSION, add_v3_columns, migrate_v1
 from veil.privacy.locations import dataset_slug, ledger_path_for, veil_home  # noqa: F401  (re-exported)
 from veil.privacy.mechanism import check_epsilon, json_epsilon
 from veil.privacy.training_runs import TrainingRunsMixin, _now, _TOL
@@ -80,6 +81,8 @@ class ReleaseRecord:
     released_attributes: dict[str, int] | None
     budget: float | None
     released_at: str
+    outcome: str = "released"  # "refused": drawn and charged, but its edit did not show it, so not published
+    models: list[dict] | None = None  # training privacy of each model that made the edit (None: not recorded)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -196,13 +199,17 @@ class PrivacyLedger(TrainingRunsMixin):
             if version > SCHEMA_VERSION:
                 raise DataError(f"--ledger {self.path}: schema {version} was written by a newer veil "
                                 f"(this one reads up to {SCHEMA_VERSION}); upgrade veil")
-            if version < SCHEMA_VERSION:
+            if 2 <= version < SCHEMA_VERSION:
+                add_v3_columns(self._db)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION:
                 legacy = "releases" in tables
                 for statement in SCHEMA.split(";"):  # not executescript: it would commit mid-transaction
                     self._db.execute(statement)
                 value = DEFAULT_BUDGET if requested is None else requested
                 why = "set when the database was created"
                 if legacy:
+                    add_v3_columns(self._db)
                     why = migrate_v1(self._db)
                 self._db.execute("INSERT INTO settings VALUES ('release_budget', ?), ('training_budget', 'null'),"
                                  " ('created_at', ?)", (json.dumps(None if math.isinf(value) else value), json.dumps(_now())))
@@ -302,10 +309,13 @@ class PrivacyLedger(TrainingRunsMixin):
         self._refuse(str(image_id), list(protected), check_epsilon(epsilon), list(published), {}, self._budget())
 
     def record(self, *, image_id: str, protected: Sequence[str], epsilon: float, strength: float, seed: int,
-               released_attributes: Mapping[str, int], level: str | None = None) -> ReleaseRecord:
-        """Check the budget and append one release, atomically; returns the committed record."""
+               released_attributes: Mapping[str, int], level: str | None = None, outcome: str = "released",
+               models: list[dict] | None = None) -> ReleaseRecord:
+        """Check the budget and append one release, atomically; returns the committed record. ``outcome``
+        "refused" charges a draw whose edit was not published (its refusal depends on the draw)."""
         return self.record_many([dict(image_id=image_id, protected=protected, epsilon=epsilon, strength=strength,
-                                      seed=seed, level=level, released_attributes=released_attributes)])[0]
+                                      seed=seed, level=level, released_attributes=released_attributes,
+                                      outcome=outcome, models=models)])[0]
 
     def record_many(self, releases: Iterable[Mapping], *,
                     before_commit: Callable[[list[ReleaseRecord]], None] | None = None) -> list[ReleaseRecord]:
@@ -324,12 +334,15 @@ class PrivacyLedger(TrainingRunsMixin):
                 if not protected or not set(protected) <= set(released):
                     raise ConfigError(f"release of {image_id!r}: released_attributes {sorted(released)} must hold "
                                       f"every protected attribute {protected} (and at least one)")
+                if r.get("outcome", "released") not in ("released", "refused"):
+                    raise ConfigError(f"release of {image_id!r}: outcome {r['outcome']!r} is not released or refused")
                 self._refuse(image_id, protected, eps, list(released), pending, budget)
                 cur = self._db.execute(
                     "INSERT INTO releases (image_id, protected, epsilon, strength, seed, level, released_attributes,"
-                    " budget, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " budget, released_at, outcome, models) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (image_id, json.dumps(protected), eps, float(r["strength"]), int(r["seed"]), r.get("level"),
-                     json.dumps(released), None if math.isinf(budget) else budget, now))
+                     json.dumps(released), None if math.isinf(budget) else budget, now, r.get("outcome", "released"),
+                     None if r.get("models") is None else json.dumps(r["models"])))
                 ids.append(cur.lastrowid)
                 for name in released:
                     cost = eps if name in protected else None
@@ -393,6 +406,8 @@ class PrivacyLedger(TrainingRunsMixin):
                          "delta": delta, "budget": _jnum(cap), "left": None if cap is None else _jnum(cap - eps)},
             "releases": {"composition": "per (image, attribute): the epsilons of the releases that protected it add",
                          "releases": self._db.execute("SELECT COUNT(*) FROM releases").fetchone()[0],
+                         "refused": self._db.execute("SELECT COUNT(*) FROM releases WHERE outcome = 'refused'")
+                         .fetchone()[0],
                          "images": self._db.execute("SELECT COUNT(DISTINCT image_id) FROM releases").fetchone()[0],
                          "budget": _jnum(budget), "max_spent": _jnum(top), "least_left": _jnum(budget - top),
                          "attributes": per_attribute},
@@ -401,9 +416,10 @@ class PrivacyLedger(TrainingRunsMixin):
     # -- plumbing ---------------------------------------------------------------------------------
     @staticmethod
     def _row_to_record(row) -> ReleaseRecord:
-        rid, image_id, protected, eps, strength, seed, level, attrs, budget, at = row
+        rid, image_id, protected, eps, strength, seed, level, attrs, budget, at, outcome, models = row
         return ReleaseRecord(rid, image_id, json.loads(protected), float(eps), float(strength), int(seed), level,
-                             None if attrs is None else json.loads(attrs), budget, at)
+                             None if attrs is None else json.loads(attrs), budget, at, outcome,
+                             None if models is None else json.loads(models))
 
     def integrity_check(self) -> str:
         """SQLite's own consistency check: 'ok' for a sound database."""

@@ -1,18 +1,19 @@
 """The schema of a dataset's privacy database (``ledger.PrivacyLedger``), and the upgrade from schema 1.
 
-Schema 2 (``PRAGMA user_version``): ``releases`` (one row per release, with its SECRET
-randomized-response seed), ``attribute_spends`` (what each release spent per (image, attribute):
+Schema 3 (``PRAGMA user_version``): ``releases`` (one row per release, with its SECRET
+randomized-response seed, its ``outcome``, released or refused, and the training privacy of the
+``models`` that made the edit), ``attribute_spends`` (what each release spent per (image, attribute):
 epsilon, or NULL for a value published exactly), ``settings`` (the budgets, the dataset),
 ``budget_changes`` (every change: old, new, reason, who, when) and ``training_runs``
-(``training_runs.TrainingRunsMixin``). Schema 1 held only ``releases``, composed per image; it is
-migrated in place when opened. Plain stdlib.
+(``training_runs.TrainingRunsMixin``). Schema 1 held only ``releases``, composed per image; schema 2 lacked
+``outcome`` and ``models``; both are migrated in place when opened. Plain stdlib.
 """
 
 from __future__ import annotations
 
 import json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -25,7 +26,10 @@ CREATE TABLE IF NOT EXISTS releases (
     level               TEXT,
     released_attributes TEXT,            -- JSON {name: -1|+1}: every value the release publishes
     budget              REAL,            -- the release budget in force (NULL = unlimited)
-    released_at         TEXT NOT NULL    -- ISO 8601, UTC
+    released_at         TEXT NOT NULL,   -- ISO 8601, UTC
+    outcome             TEXT NOT NULL DEFAULT 'released' CHECK (outcome IN ('released', 'refused')),
+                                         -- refused: drawn and charged, but the edit did not show it: not published
+    models              TEXT             -- JSON list: training privacy of each model that made the edit
 );
 CREATE INDEX IF NOT EXISTS releases_by_image ON releases (image_id);
 CREATE TABLE IF NOT EXISTS attribute_spends (
@@ -73,3 +77,17 @@ def migrate_v1(db) -> str:
                    [(rid, image_id, a, eps) for a in protected] + [(rid, image_id, a, None) for a in exact])
         n += 1
     return f"migrated from a schema-1 ledger ({n} releases re-read per image and attribute)"
+
+
+V3_COLUMNS = {"outcome": "TEXT NOT NULL DEFAULT 'released' CHECK (outcome IN ('released', 'refused'))",
+              "models": "TEXT"}
+
+
+def add_v3_columns(db) -> str | None:
+    """Schema 1 or 2 -> 3: add ``releases.outcome`` (earlier rows: released) and ``releases.models``
+    (earlier rows: NULL, not recorded). Returns what was done, or None if nothing was missing."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(releases)")}
+    missing = [c for c in V3_COLUMNS if c not in have]
+    for column in missing:
+        db.execute(f"ALTER TABLE releases ADD COLUMN {column} {V3_COLUMNS[column]}")
+    return f"added {', '.join(missing)} to releases (schema 3)" if missing else None

@@ -17,6 +17,12 @@ among previews, they could pick the one whose protected attributes were kept, an
 value would no longer be randomized response at epsilon (with 4 previews at eps=1, the chance
 that at least one keeps the true value is 99%).
 
+An editor that can check its edits (``can_check``: PrivateEditor with a classifier) is asked to on
+``accept``: an edit that does not show its released protected values even after its re-dos is
+refused (``EditRefused``): the release is recorded as refused and charged (the draw happened, and the
+refusal depends on it), the session closes with decision "refused", and nothing is published. An
+editor without a check releases unchecked, and the release says so (``Release.checked``).
+
 The session is plain Python (no torch): the edit is injected as an ``EditFn`` (PrivateEditor in
 veil.lightning_modules.editing.editor, or an ONNX Runtime editor in serving), and images are whatever
 that editor takes and returns. The editor is told which attributes are protected: its inversion must
@@ -30,7 +36,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
-from veil.errors import ConfigError, PrivacyError
+from veil.errors import ConfigError, EditRefused, PrivacyError
 from veil.privacy.ledger import PrivacyLedger, ReleaseRecord
 from veil.privacy.levels import PrivacyLevel, less_private, more_private, resolve_level
 from veil.privacy.mechanism import (
@@ -49,7 +55,9 @@ class EditFn(Protocol):
     """Edit ``images[i]`` (with attributes ``originals[i]``) towards ``targets[i]``; one output per input.
 
     ``protected`` names the attributes being privatized: the edit must not condition on their
-    values in ``originals`` (inversion sees them as unknown).
+    values in ``originals`` (inversion sees them as unknown). An editor with ``can_check`` True also
+    takes ``check=True`` (a release) and then raises ``EditRefused`` for an edit that does not show its
+    released values.
     """
 
     def __call__(self, images: Sequence[Any], *, originals: Sequence[Mapping[str, int]],
@@ -74,13 +82,14 @@ class Release:
     image: Any
     original_attributes: dict[str, int]
     released_attributes: dict[str, int]
+    checked: bool = False  # the editor's classifier confirmed the edit shows the released values
 
 
 @dataclass(frozen=True)
 class FeedbackOutcome:
     action: str
     level: PrivacyLevel
-    decision: str | None  # None while open, then "accepted" or "rejected"
+    decision: str | None  # None while open, then "accepted", "refused" (the edit failed its check) or "rejected"
     release: Release | None = None
 
 
@@ -121,6 +130,7 @@ class EditSession:
         self._preview_round = 0
         self.decision: str | None = None
         self.release: Release | None = None
+        self.refusal: str | None = None
         self.history: list[dict] = []
 
     def preview(self, n: int | None = None) -> list[Candidate]:
@@ -159,20 +169,31 @@ class EditSession:
         return FeedbackOutcome(action, self.level, self.decision, release)
 
     def accept(self) -> Release:
-        return self.feedback("accept").release
+        """The release; ``EditRefused`` if its edit failed the check (then it is recorded as refused)."""
+        outcome = self.feedback("accept")
+        if outcome.decision == "refused":
+            raise EditRefused(self.refusal)
+        return outcome.release
 
-    def _accept(self) -> Release:
+    def _accept(self) -> Release | None:
         lv = self.level
         self.ledger.check(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon,
                           published=list(self.attributes))  # refuse before spending compute
         released, seed = draw_release(image_id=self.image_id, attributes=self.attributes, protected=self.protected,
                                       epsilon=lv.epsilon, seed=self.seed, release_index=self.ledger.count(self.image_id))
-        image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength,
-                            protected=list(self.protected))[0]
-        record = self.ledger.record(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon,
-                                    strength=lv.strength, seed=seed, level=lv.name, released_attributes=released)
+        checked = bool(getattr(self.editor, "can_check", False))
+        row = dict(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon, strength=lv.strength,
+                   seed=seed, level=lv.name, released_attributes=released, models=getattr(self.editor, "costs", None))
+        try:
+            image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength,
+                                protected=list(self.protected), **({"check": True} if checked else {}))[0]
+        except EditRefused as e:
+            self.ledger.record(**row, outcome="refused")  # charged: the draw happened and the refusal depends on it
+            self.decision, self.refusal = "refused", f"{self.image_id!r}: {e}"
+            return None
+        record = self.ledger.record(**row)
         self.decision = "accepted"
-        self.release = Release(record, image, dict(self.attributes), released)
+        self.release = Release(record, image, dict(self.attributes), released, checked)
         return self.release
 
     def state(self) -> dict:
@@ -181,4 +202,5 @@ class EditSession:
         return {"image_id": self.image_id, "level": self.level.to_json(), "protected": list(self.protected),
                 "decision": self.decision, "spent": self.ledger.spends(self.image_id), "budget": self.ledger.budget,
                 "history": list(self.history),
-                "release_id": None if self.release is None else self.release.record.release_id}
+                "release_id": None if self.release is None else self.release.record.release_id,
+                "checked": None if self.release is None else self.release.checked, "refusal": self.refusal}

@@ -31,8 +31,10 @@ def checkpoint(tmp_path_factory):
 
 
 def _edit(checkpoint, out, *extra):
+    """`veil edit` of the random tiny model: unchecked (there is no classifier here; test_guided_edit.py checks)."""
+    check = [] if "--sweep" in extra else ["--no-check"]
     return main(["edit", "--checkpoint", checkpoint, "--protect", "eyeglasses,smiling", "--steps", "10",
-                 "--out", str(out), *extra])
+                 "--out", str(out), *check, *extra])
 
 
 def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path, veil_home):
@@ -146,7 +148,8 @@ def test_sweep_draws_from_a_secret_seed_by_default(checkpoint, tmp_path):
     (("--first", "99"), "--first"),
 ])
 def test_bad_options_are_named(checkpoint, tmp_path, capsys, veil_home, extra, option):
-    argv = ["edit", "--checkpoint", checkpoint, "--protect", "smiling", "--steps", "10", "--out", str(tmp_path), *extra]
+    argv = ["edit", "--checkpoint", checkpoint, "--protect", "smiling", "--steps", "10", "--out", str(tmp_path),
+            "--no-check", *extra]
     try:
         code = main(argv)
     except SystemExit as e:  # refused by the argument's type while parsing (argparse exits 2)

@@ -47,7 +47,8 @@ def test_invert_then_regenerate_reconstructs(model, faces, strength):
     editor = _editor(model, guidance_scale=1.0, num_steps=50)  # grid step 20: 6 or 11 steps each way
     # inversion drops the protected attribute; regenerating under the same (dropped) attributes reconstructs
     x_t0 = editor.invert(x, a, strength=strength, protected=PROTECTED)
-    rec = editor.regenerate(x_t0, editor.inversion_attributes(a, protected=PROTECTED), strength=strength)
+    rec = editor.regenerate(x_t0, editor.inversion_attributes(a, protected=PROTECTED), strength=strength,
+                           protected=PROTECTED)
     error, moved = (rec - x).norm(), (x_t0 - x).norm()
     assert error < 0.3 * moved, (error.item(), moved.item())
     assert (rec - x).abs().mean() < 0.05
@@ -60,7 +61,7 @@ def test_full_strength_regeneration_is_ddim_sample(model):
     ref = ddim_sample(model, default_scheduler_config(), attrs, num_steps=10, guidance_scale=2.0,
                       generator=torch.Generator().manual_seed(3))
     x_T = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(3))
-    ours = _editor(model, num_steps=10).regenerate(x_T, attrs, strength=1.0)
+    ours = _editor(model, num_steps=10).regenerate(x_T, attrs, strength=1.0, protected=PROTECTED)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -1,0 +1,246 @@
+"""Issue 13: the guided edit backend (a label-free UNet steered by a noise-conditional DP classifier),
+the check that an edit shows what it releases, attributes proposed for unlabelled images, and what
+an edit costs: on tiny models trained from a seed in the test."""
+
+import json
+
+import pytest
+import torch
+from dp_helpers import TINY, train_cli
+from unlearn_helpers import RECIPE, datamodule, one_thread
+
+from veil.cli import main
+from veil.errors import ConfigError, EditRefused
+from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
+from veil.lightning_modules.editing import job as J
+from veil.lightning_modules.editing.editor import RETRY_STRENGTH_STEP, PrivateEditor
+from veil.lightning_modules.training import classifier as TC
+from veil.privacy.ledger import PrivacyLedger
+from veil.privacy.session import EditSession
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NOISY = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
+PROTECTED = ["smiling"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A label-free tiny UNet (never sees a label) and a tiny noise-conditional classifier trained with DP-SGD."""
+    with one_thread():
+        root = tmp_path_factory.mktemp("guided_edit")
+        assert train_cli(root / "unet", TINY, "optim.cond_drop_prob=1.0", "dp.enabled=false") == 0
+        dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 1.0, "accountant": "rdp",
+              "max_physical_batch_size": 16, "noise_multiplicity": 2}
+        recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": dp, "model": dict(NOISY)})
+        TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "guide")
+        return root
+
+
+def _editor(pipeline, scale=30.0, **kw) -> PrivateEditor:
+    return PrivateEditor.from_checkpoint(pipeline / "unet", classifier=pipeline / "guide", classifier_scale=scale,
+                                         num_steps=kw.pop("num_steps", 8), **kw)
+
+
+def _faces(editor, n=4):
+    dm = datamodule(num_images=160)
+    x = torch.stack([dm.dataset[i][0] for i in range(n)])
+    a = torch.stack([dm.dataset[i][1] for i in range(n)])
+    return x, a
+
+
+def _with(a, name, editor, value):
+    out = a.clone()
+    out[:, editor.attribute_names.index(name)] = value
+    return out
+
+
+def test_the_backend_follows_from_what_is_given(pipeline):
+    guided = _editor(pipeline)
+    assert guided.backend == "guided" and guided.label_free and guided.can_check
+    for nothing_steers in ({}, {"classifier": pipeline / "guide", "classifier_scale": 0.0}):  # label-free UNet
+        with pytest.raises(ConfigError, match="without attribute labels"):
+            PrivateEditor.from_checkpoint(pipeline / "unet", **nothing_steers)
+    assert len(guided.costs) == 2 and guided.costs[1]["role"] == "guidance classifier"
+    assert guided.costs[1]["private"] and guided.costs[0]["label_free"] and not guided.costs[0]["private"]
+
+
+def test_guided_backend_moves_the_classifier_logit_towards_the_target(pipeline):
+    editor = _editor(pipeline, scale=30.0, keep_unprotected=False)  # steer smiling only
+    x, a = _faces(editor)
+    j = editor.checker.attribute_names.index("smiling")
+    logit = lambda images: editor.checker.logits(images)[:, j]  # noqa: E731
+    up = editor.edit(x, a, _with(a, "smiling", editor, 1.0), strength=0.7, protected=PROTECTED)
+    down = editor.edit(x, a, _with(a, "smiling", editor, -1.0), strength=0.7, protected=PROTECTED)
+    assert bool((logit(up) > logit(down)).all()), (logit(up), logit(down))
+    unguided = _editor(pipeline, scale=1e-9, keep_unprotected=False)  # the same walk with (almost) no push
+    plain = unguided.edit(x, a, _with(a, "smiling", editor, 1.0), strength=0.7, protected=PROTECTED)
+    assert logit(up).mean() > logit(plain).mean() > logit(down).mean()
+
+
+def test_guided_inversion_never_sees_the_protected_values(pipeline):
+    """The label-free denoiser is called with zeros only, and x_t0 does not depend on the protected values."""
+    editor = _editor(pipeline)
+    x, a = _faces(editor, n=2)
+    seen = []
+    inner = editor.model.forward
+
+    def spy(x_t, t, attrs):
+        seen.append(attrs.clone())
+        return inner(x_t, t, attrs)
+
+    editor.model.forward = spy
+    try:
+        one = editor.invert(x, _with(a, "smiling", editor, 1.0), strength=0.5, protected=PROTECTED)
+        other = editor.invert(x, _with(a, "smiling", editor, -1.0), strength=0.5, protected=PROTECTED)
+    finally:
+        del editor.model.forward
+    assert seen and all(bool((s == 0).all()) for s in seen)
+    torch.testing.assert_close(one, other, rtol=0, atol=0)
+
+
+def test_a_guided_edit_is_deterministic(pipeline):
+    editor = _editor(pipeline)
+    x, a = _faces(editor, n=3)
+    target = _with(a, "smiling", editor, 1.0)
+    first = editor.edit(x, a, target, strength=0.5, protected=PROTECTED)
+    torch.testing.assert_close(first, editor.edit(x, a, target, strength=0.5, protected=PROTECTED), rtol=0, atol=0)
+    batched_one = editor.edit(x[1:2], a[1:2], target[1:2], strength=0.5, protected=PROTECTED)
+    torch.testing.assert_close(first[1:2], batched_one, rtol=1e-5, atol=1e-5)
+
+
+def test_check_redoes_failing_edits_stronger_and_reports_the_rest(pipeline, monkeypatch):
+    editor = _editor(pipeline, max_retries=2)
+    x, a = _faces(editor, n=3)
+    calls = []
+
+    def shown(self, edited, targets, *, protected):  # row 0 passes at once, row 1 on the first re-do, row 2 never
+        calls.append(edited.shape[0])
+        k = len(calls) - 1
+        return torch.tensor({0: [[0.9], [0.2], [0.1]], 1: [[0.8], [0.1]], 2: [[0.3]]}[k])
+
+    monkeypatch.setattr(PrivateEditor, "shown", shown)
+    got = editor.edit_checked(x, a, _with(a, "smiling", editor, -1.0), strength=0.5, protected=PROTECTED)
+    assert calls == [3, 2, 1]  # only the failing rows are re-done
+    assert got.passed.tolist() == [True, True, False] and got.attempts.tolist() == [1, 2, 3]
+    torch.testing.assert_close(got.strength, torch.tensor([0.5, 0.5 + RETRY_STRENGTH_STEP, 0.5 + 2 * RETRY_STRENGTH_STEP]))
+    assert got.guidance_factor.tolist() == [1.0, 1.5, 2.25]
+    assert got.row(2) == {"passed": False, "attempts": 3, "strength": 0.8, "guidance_factor": 2.25, "shown": {"smiling": 0.3}}
+
+
+def test_the_checker_reads_the_released_value(pipeline):
+    editor = _editor(pipeline)
+    x, a = _faces(editor, n=4)
+    j = editor.checker.attribute_names.index("smiling")
+    p_up = torch.sigmoid(editor.checker.logits(x)[:, j])
+    shown = editor.shown(x, _with(a, "smiling", editor, 1.0), protected=PROTECTED)
+    torch.testing.assert_close(shown[:, 0], p_up)
+    torch.testing.assert_close(editor.shown(x, _with(a, "smiling", editor, -1.0), protected=PROTECTED)[:, 0], 1 - p_up)
+
+
+def test_attributes_of_an_unlabelled_image_are_proposed_with_confidence(pipeline):
+    editor = _editor(pipeline)
+    x, _ = _faces(editor, n=3)
+    proposed = editor.propose(x)
+    logits = editor.checker.logits(x)
+    for row, z in zip(proposed, logits):
+        for name, guess in row.items():
+            i = editor.checker.attribute_names.index(name)
+            assert guess["value"] == (1 if z[i] >= 0 else -1)
+            assert guess["confidence"] == pytest.approx(float(torch.sigmoid(z[i].abs())), abs=1e-4)
+            assert 0.5 <= guess["confidence"] <= 1
+
+
+def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp_path, veil_home, monkeypatch):
+    real_shown = PrivateEditor.shown
+
+    def shown(self, edited, targets, *, protected):  # the second image never shows its released value
+        p = real_shown(self, edited, targets, protected=protected)
+        if edited.shape[0] == 3 or (edited.shape[0] == 1 and shown.refusing):
+            p = p.clone()
+            p[-2 if edited.shape[0] == 3 else 0] = 0.0
+        return p
+
+    shown.refusing = False
+    monkeypatch.setattr(PrivateEditor, "shown", shown)
+    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", out=tmp_path / "e",
+                        protect=PROTECTED, first=3, level="high", steps=6, max_retries=0, check_threshold=0.01)
+    assert report["backend"] == "guided" and report["classifier_scale"] == 10.0
+    assert report["data"]["seed"] == 3  # the images come from the classifier's (private) dataset
+    assert [im["outcome"] for im in report["images"]] == ["released", "refused", "released"]
+    assert report["images"][1]["file"] is None and report["images"][1]["released_attributes"] is None
+    assert report["check"]["enabled"] and report["check"]["threshold"] == 0.01 and report["refused"] == 1
+    cost = report["cost"]
+    assert [m["role"] for m in cost["models"]] == ["denoiser", "guidance classifier"]
+    assert cost["models"][1]["private"] and cost["models"][1]["edited_data"] is True
+    assert cost["models"][0]["edited_data"] is False  # the denoiser's data (seed 0) is not the edited set
+    assert cost["release"]["epsilon_per_protected_attribute"] == 1.0
+    manifest = json.loads((tmp_path / "e/revision/manifest.json").read_text())
+    assert [c["id"] for c in manifest["changes"]] == [report["images"][0]["id"], report["images"][2]["id"]]
+    with PrivacyLedger(report["ledger"]) as book:
+        rows = book.releases()
+        assert [r.outcome for r in rows] == ["released", "refused", "released"]
+        assert all(r.models == cost["models"] for r in rows)
+        assert book.spent(report["images"][1]["id"], "smiling") == 1.0  # a refused draw is charged
+        assert book.summary()["releases"]["refused"] == 1
+
+
+def test_a_release_needs_a_check_or_an_explicit_no_check(pipeline, tmp_path, veil_home, capsys):
+    base = ["edit", "--checkpoint", str(pipeline / "unet"), "--protect", "smiling", "--first", "2", "--steps", "4"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--classifier-scale", "3"]) == 2
+    assert "--classifier-scale: only with --classifier" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b")]) == 2  # label-free UNet, no classifier: nothing checks
+    assert "--no-check" in capsys.readouterr().err
+    assert not (veil_home / "datasets").exists()  # refused before anything was opened or charged
+    assert main(base + ["--out", str(tmp_path / "c"), "--classifier", str(pipeline / "guide"), "--level", "max"]) == 0
+    said = capsys.readouterr().out
+    assert "(guided backend)" in said and "check: each released protected value" in said
+    assert "guidance classifier: epsilon" in said and "denoiser: not private" in said
+
+
+def test_a_session_records_a_refused_edit_and_raises(pipeline, tmp_path, monkeypatch):
+    editor = _editor(pipeline, max_retries=0)
+    x, a = _faces(editor, n=1)
+    attrs = {n: int(v) for n, v in zip(editor.attribute_names, a[0].tolist())}
+    monkeypatch.setattr(PrivateEditor, "shown", lambda self, e, t, *, protected: torch.zeros(e.shape[0], 1))
+    with PrivacyLedger(tmp_path / "l.sqlite", budget=10.0) as ledger:
+        session = EditSession(image_id="img", image=x[0], attributes=attrs, protected=PROTECTED, editor=editor,
+                              ledger=ledger, level="high")
+        with pytest.raises(EditRefused, match="does not show its released values"):
+            session.accept()
+        assert session.state()["decision"] == "refused" and session.release is None
+        assert [r.outcome for r in ledger.releases()] == ["refused"] and ledger.spent("img", "smiling") == 1.0
+        assert ledger.releases()[0].models == editor.costs
+
+
+def test_the_guidance_step_traces_into_one_graph(pipeline):
+    """The export issue's premise: make_fx traces a guided DDIM step (classifier gradient included) into a
+    graph of plain ops that computes what the eager step computes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from veil.lightning_modules.diffusion.ddim import ddim_denoise_step
+
+    editor = _editor(pipeline)
+    x = torch.randn(2, 3, 32, 32)
+    t, t_prev = torch.tensor([300, 300]), torch.tensor([200, 200])
+    attrs, targets = torch.zeros(2, 6), torch.tensor([[1.0, 0, 0, 0, 0, -1], [0, 1.0, 0, 0, 0, 0]])
+
+    def step(x, t, t_prev, targets):
+        return ddim_denoise_step(editor.model, x, t, t_prev, attrs, editor.alphas_cumprod, 1.0, True,
+                                 guide=editor.guide, guide_targets=targets)
+
+    graph = make_fx(step)(x, t, t_prev, targets)
+    torch.testing.assert_close(graph(x, t, t_prev, targets), step(x, t, t_prev, targets), rtol=1e-4, atol=1e-5)
+    assert load_diffusion_checkpoint(pipeline / "unet").cond_drop_prob == 1.0
+
+
+def test_sweep_previews_with_the_guided_backend(pipeline, tmp_path, veil_home, capsys):
+    out = tmp_path / "sweep"
+    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+                 "--protect", "smiling", "--first", "2", "--steps", "4", "--sweep", "--out", str(out)]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["backend"] == "guided" and len(report["rows"]) == 4 and "guided backend" in capsys.readouterr().out
+    assert not (veil_home / "datasets").exists()  # previews open no ledger
+    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+                 "--protect", "smiling", "--first", "2", "--sweep", "--no-check", "--out", str(tmp_path / "x")]) == 2
+    assert "--no-check" in capsys.readouterr().err
