@@ -1,33 +1,58 @@
 """Evaluation: what a private edit still leaks about the protected attributes, and what it keeps.
 
-    python bench/edit_eval.py --checkpoint run/ --quick        # ~1-3 min on a CPU
-    python bench/edit_eval.py --checkpoint run/ --out bench/out/edit_eval
+    python bench/edit_eval.py --checkpoint runs/public --classifier runs/guide --label "guided, DP eps 10" \
+        --out bench/out/guided --threads 1                   # the guided pipeline at the four levels
+    python bench/edit_eval.py --checkpoint run/ --quick --threads 1      # conditional backend, a few minutes
+    python bench/edit_eval.py --combine bench/out/guided/edit_eval.json bench/out/control/edit_eval.json \
+        --out docs/edit_eval                                 # several runs in one table and one plot
 
-(a) Privacy. An attribute-inference attacker (a small CNN, trained here on ORIGINAL synthetic
-    faces that neither the diffusion model nor the evaluation uses: the naive attacker; an adaptive
-    one trained on edited images is not implemented yet) reads each protected attribute off the
-    edited images. Its accuracy w.r.t. the ORIGINAL value is compared with the "bound": the
-    Bayes-optimal accuracy of someone who sees only the released value, given the attribute's prior
-    P(a=+1) (``veil.privacy.bounds.bayes_accuracy_bound``; randomized response guarantees posterior
-    odds <= e^eps x prior odds, and e^eps / (1 + e^eps) = p_keep is the bound only for a 50/50 prior:
-    on a skewed attribute always guessing the majority beats p_keep). The prior of each attribute is
-    its frequency in the dataset's TRAINING split: the owner's data, fine for this owner-side
-    evaluation (the edited images come from the val + test splits). Above the bound, the pixels leak
-    what the mechanism hid (inversion keeps part of the original image); the table says where, and
-    by how much ("excess"; "*" = more than 2 standard errors).
-(b) Utility. The same classifier's accuracy on the UNprotected attributes of edited images (they
-    should survive), "follows": accuracy on protected attributes w.r.t. the RELEASED value (does the
-    image show what was released), and PSNR / SSIM (gaussian window 11, sigma 1.5) of edit vs original.
+Pipeline. ``--checkpoint`` is a ``veil train`` release. With ``--classifier`` (a ``veil train-classifier``
+release) and ``--classifier-scale`` > 0 the editor is the guided backend (a denoiser steered by the
+classifier), else the conditional one (classifier-free guidance); see ``PrivateEditor``. The images
+edited are the held-out (val + test) images of the private data: the classifier's dataset when one is
+given (the guided denoiser is a public model of other data), else the checkpoint's. Rows: the privacy
+levels (``--levels``, default low,medium,high,max, each an (epsilon, strength)) or, to re-choose the
+levels, the grid ``--strengths`` x ``--epsilons``. ``--label`` names the rows of one run.
 
-Images: the checkpoint's dataset, its validation + test splits (not trained on). Each strength's
-inversion (with the protected attributes unknown, as every private edit inverts) is computed once
-and shared by every epsilon. Writes OUT/edit_eval.md (table), OUT/edit_eval.png (plot) and
-OUT/edit_eval.json, and prints the table.
+The check. With a classifier, edits go through ``edit_checked``: an edit that does not show its released
+protected values is re-done deeper, and refused if it still does not. Each row gives the fraction re-done
+and refused; every other number is computed on the n edits that passed, the ones that would be released.
+
+(a) Privacy. Attribute-inference attackers (small CNNs) read each protected attribute off the edits;
+    their accuracy w.r.t. the ORIGINAL value is compared with the "bound": the Bayes-optimal accuracy of
+    someone who sees only the released value, given the attribute's prior P(a=+1)
+    (``veil.privacy.bounds.bayes_accuracy_bound``: randomized response keeps posterior odds <= e^eps x
+    prior odds; p_keep = e^eps / (1 + e^eps) is the bound only at a 50/50 prior, on a skewed attribute
+    always guessing the majority beats it). The prior is the attribute's frequency in the dataset's
+    TRAINING split, the owner's labels: fine for this owner-side evaluation.
+    - naive: trained on ORIGINAL synthetic faces of another seed (neither model nor evaluation uses them).
+    - adaptive: knows the pipeline. Per row it edits ``--adaptive-images`` images of the TRAINING split
+      (disjoint from the evaluated ones) with the same backend and level and fresh randomized-response
+      draws, keeps the edits that pass the check, and fine-tunes a copy of the naive attacker on (edit,
+      ORIGINAL attributes) for ``--adaptive-epochs`` epochs: it learns what of the original the
+      pipeline's edits keep.
+    Above the bound, the pixels leak what the mechanism hid (inversion keeps part of the original image);
+    "excess" says by how much for the stronger attacker ("*" = more than 2 standard errors).
+(b) Utility. The naive attacker doubles as the probe: its accuracy on the UNprotected attributes of the
+    edits (they should survive); "follows": its accuracy on the protected ones w.r.t. the RELEASED value
+    (does the edit show what was released); PSNR and SSIM (gaussian window 11, sigma 1.5) against the
+    original; realism as KID between the edits and the evaluated originals.
+(c) Why KID on the probe's features. Inception features mean little on 32x32 synthetic faces, and FID
+    is biased at n ~ 100 (its expectation depends on n), while KID, the unbiased MMD^2 with the kernel
+    k(x, y) = (x.y / d + 1)^3, has expectation 0 for two samples of one distribution at any n. The
+    features are the probe's penultimate layer (``AttributeCNN.embed``, 128-d), trained on this
+    distribution. The noise floor is the KID between two disjoint halves of the originals.
+
+Each strength's inversion is computed once and shared by every epsilon when there is no check (with the
+check, re-dos invert again). Writes OUT/edit_eval.md (table), .png (plot), .json (strict JSON: the rows,
+no per-image attributes, no randomized-response seed but ``--seed``) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import math
 import random
@@ -37,44 +62,75 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from veil.errors import VeilError
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
+from veil.lightning_modules.diffusion.sample import combined_privacy, privacy_phrase
 from veil.lightning_modules.editing.editor import PrivateEditor
+from veil.outputs import write_json_atomic, write_text_atomic
 from veil.privacy.bounds import bayes_accuracy_bound
-from veil.privacy.mechanism import derive_seed, keep_probability, privatize
+from veil.privacy.levels import LEVELS
+from veil.privacy.mechanism import derive_seed, json_epsilon, keep_probability, privatize
+
+SPLIT_KEYS = DATASET_KEYS + ("val_fraction", "test_fraction")  # the images and the splits the model saw
+FULL = dict(num_images=200, adaptive_images=384, attacker_images=2048, attacker_epochs=4, adaptive_epochs=4, steps=25)
+QUICK = dict(num_images=48, adaptive_images=96, attacker_images=1024, attacker_epochs=3, adaptive_epochs=3, steps=12)
+GRID = dict(strengths="0.4,0.55,0.7,0.95", epsilons="0,1,2,4,inf")
 
 
+# ---------------------------------------------------------------------------------------- attackers
 class AttributeCNN(nn.Module):
     """Small multi-label classifier: (B,3,32k,32k) -> (B,k) logits, one per attribute."""
 
     def __init__(self, num_attributes: int):
         super().__init__()
-        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                           nn.MaxPool2d(2))
         self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 64), nn.AdaptiveAvgPool2d(4))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, num_attributes))
 
     def forward(self, x):
         return self.head(self.features(x))
 
+    def embed(self, x):
+        """(B,3,H,W) -> (B,128): the penultimate features (head up to its ReLU), KID's feature space."""
+        return self.head[:3](self.features(x))
 
-def train_attacker(names, *, resolution: int, num_images: int, epochs: int, seed: int) -> AttributeCNN:
-    """Fit the attacker on original synthetic faces drawn with their own seed (disjoint from the eval images)."""
-    ds = SyntheticFaces(num_images=num_images, resolution=resolution, seed=seed, attributes=names)
-    x = torch.stack([ds[i][0] for i in range(len(ds))])  # (N,3,H,W)
-    y = (ds.attribute_matrix > 0).float()  # (N,k) in {0,1}
-    torch.manual_seed(seed)
-    model, gen = AttributeCNN(len(names)), torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+def fit(model: AttributeCNN, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int,
+        noise: float = 0.0) -> AttributeCNN:
+    """Minimise the multi-label BCE of model on images x (N,3,H,W) and labels y (N,k) in {0,1}; in place."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(64):
-            xb = x[idx] + 0.03 * torch.randn(x[idx].shape, generator=gen)  # light noise: edits are slightly noisy
+            xb = x[idx] + noise * torch.randn(x[idx].shape, generator=gen) if noise else x[idx]
             loss = nn.functional.binary_cross_entropy_with_logits(model(xb), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def train_attacker(names, *, resolution: int, num_images: int, epochs: int, seed: int) -> AttributeCNN:
+    """The naive attacker: fit on original synthetic faces drawn with their own seed (disjoint from the
+    evaluated images), with light noise (edits are slightly noisy)."""
+    ds = SyntheticFaces(num_images=num_images, resolution=resolution, seed=seed, attributes=names)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])  # (N,3,H,W)
+    torch.manual_seed(seed)  # the initial weights
+    return fit(AttributeCNN(len(names)), x, (ds.attribute_matrix > 0).float(), epochs=epochs, lr=2e-3, seed=seed,
+               noise=0.03)
+
+
+def adaptive_attacker(naive: AttributeCNN, images: torch.Tensor, originals: torch.Tensor, *, epochs: int,
+                      seed: int) -> AttributeCNN:
+    """A copy of ``naive`` fine-tuned on (edited image (N,3,H,W), ORIGINAL attributes (N,k) in {-1,+1}):
+    the attacker who knows the pipeline. ``naive`` itself is left as it is."""
+    if not len(images):
+        return naive  # every training edit was refused: nothing to learn from
+    return fit(copy.deepcopy(naive), images, (originals > 0).float(), epochs=epochs, lr=5e-4, seed=seed)
 
 
 @torch.no_grad()
@@ -83,6 +139,13 @@ def predict(model, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.where(model(b) > 0, 1.0, -1.0) for b in images.split(256)])
 
 
+@torch.no_grad()
+def embed(model: AttributeCNN, images: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) -> (B,128) probe features."""
+    return torch.cat([model.embed(b) for b in images.split(256)])
+
+
+# ------------------------------------------------------------------------------------------ metrics
 def attribute_priors(attributes: torch.Tensor, names: list[str]) -> dict[str, float]:
     """(N,k) in {-1,0,+1} -> {name: P(a = +1)} over the known (non-zero) values: the attacker's prior."""
     known = attributes != 0  # (N,k)
@@ -94,23 +157,40 @@ def attribute_priors(attributes: torch.Tensor, names: list[str]) -> dict[str, fl
 
 def score_edits(pred: torch.Tensor, original: torch.Tensor, released: torch.Tensor, *, names: list[str],
                 protect: list[str], epsilon: float, priors: dict[str, float]) -> dict:
-    """The classifier's numbers for one (strength, epsilon) cell. pred, original, released: (N,k) in {-1,+1}.
+    """The naive attacker's (the probe's) numbers for one row. pred, original, released: (N,k) in {-1,+1}.
 
-    attack[p]: accuracy on protected p w.r.t. the ORIGINAL value; bound[p]: the Bayes-optimal accuracy
+    naive[p]: accuracy on protected p w.r.t. the ORIGINAL value; bound[p]: the Bayes-optimal accuracy
     from the released value alone at p's prior; follows[p]: accuracy w.r.t. the RELEASED value;
-    unprotected: accuracy on the other attributes.
+    unprotected: accuracy on the other attributes. NaN where N = 0.
     """
     p_idx = [names.index(p) for p in protect]
     u_idx = [i for i in range(len(names)) if i not in p_idx]
-    row = {"epsilon": epsilon, "p_keep": keep_probability(epsilon=epsilon), "attack": {}, "bound": {}, "follows": {},
-           "unprotected": float((pred[:, u_idx] == original[:, u_idx]).float().mean()) if u_idx else float("nan"),
+    row = {"epsilon": epsilon, "p_keep": keep_probability(epsilon=epsilon), "naive": {}, "bound": {}, "follows": {},
+           "unprotected": float((pred[:, u_idx] == original[:, u_idx]).float().mean()) if u_idx else math.nan,
            "flip_rate": float((released[:, p_idx] != original[:, p_idx]).float().mean())}
     for i in p_idx:
         name = names[i]
-        row["attack"][name] = float((pred[:, i] == original[:, i]).float().mean())
+        row["naive"][name] = float((pred[:, i] == original[:, i]).float().mean())
         row["bound"][name] = bayes_accuracy_bound(epsilon=epsilon, prior=priors[name])
         row["follows"][name] = float((pred[:, i] == released[:, i]).float().mean())
     return row
+
+
+def kid(f_x: torch.Tensor, f_y: torch.Tensor) -> float:
+    """Kernel inception distance of features (m,d) and (n,d): the unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3,
+
+        1/(m(m-1)) sum_{i!=j} k(x_i,x_j) + 1/(n(n-1)) sum_{i!=j} k(y_i,y_j) - 2/(mn) sum_{i,j} k(x_i,y_j),
+
+    in float64. Its expectation is 0 when both come from one distribution (it can be slightly negative);
+    NaN if either set has fewer than 2 rows."""
+    m, n = len(f_x), len(f_y)
+    if m < 2 or n < 2:
+        return math.nan
+    x, y = f_x.double(), f_y.double()
+    k = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3
+    k_xx, k_yy = k(x, x), k(y, y)
+    within = (k_xx.sum() - k_xx.trace()) / (m * (m - 1)) + (k_yy.sum() - k_yy.trace()) / (n * (n - 1))
+    return float(within - 2 * k(x, y).mean())
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,162 +213,344 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return float(s.mean())
 
 
-def evaluate(args) -> tuple[list[dict], dict]:
+# --------------------------------------------------------------------------------------- evaluation
+def load_pipeline(args) -> tuple[PrivateEditor, dict, dict]:
+    """(editor, the data spec of its images, {"label", "privacy", "backend"}) of --checkpoint [--classifier]."""
     ckpt = load_diffusion_checkpoint(args.checkpoint)
-    names = list(ckpt.attribute_names)
+    editor = PrivateEditor.from_checkpoint(args.checkpoint, classifier=args.classifier,
+                                           classifier_scale=args.classifier_scale, num_steps=args.steps,
+                                           guidance_scale=args.guidance)
+    data_owner = editor.checker if args.classifier else ckpt  # the private data the edits are about
+    spec = {k: v for k, v in (data_owner.data_spec or {"source": "synthetic"}).items() if k in SPLIT_KEYS}
+    trained = editor.guide if editor.backend == "guided" else ckpt  # the model that learned from that data
+    private, phrase = privacy_phrase(trained.privacy)
+    eps = (trained.privacy or {}).get("epsilon")
+    label = args.label or f"{editor.backend}, " + (f"DP eps {eps:.3g}" if private else "not private")
+    return editor, spec, {"label": label, "backend": editor.backend, "private": private,
+                          "privacy": combined_privacy(ckpt, editor.checker), "model_privacy": phrase}
+
+
+def load_images(dm: FaceDataModule, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(x (N,3,H,W), attributes (N,k), ids) of dataset rows ``indices``."""
+    x = torch.stack([dm.dataset[i][0] for i in indices])
+    a = torch.stack([dm.dataset[i][1] for i in indices])
+    return x, a, [dm.dataset.ids[i] for i in indices]
+
+
+def release(a: torch.Tensor, ids: list[str], *, names: list[str], protect: list[str], epsilon: float, seed: int,
+            stream: str) -> torch.Tensor:
+    """Randomized response of each row's protected attributes: (N,k) -> (N,k) released values, one draw per
+    (seed, stream, image, epsilon): the evaluated and the adaptive attacker's images draw apart."""
+    draws = [privatize(dict(zip(names, row.int().tolist())), protected=protect, epsilon=epsilon,
+                       rng=random.Random(derive_seed(seed, stream, i, epsilon))) for i, row in zip(ids, a)]
+    return torch.tensor([[d[n] for n in names] for d in draws], dtype=torch.float32)
+
+
+def edit_cell(editor: PrivateEditor, x, a, released, *, strength: float, protect: list[str],
+              inversions: dict, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(edits (N,3,H,W), passed (N,) bool, attempts (N,) long): checked when the editor can check, else
+    every edit passes at its first attempt and the inversion is cached in ``inversions`` per (key, strength)."""
+    if editor.can_check:
+        checked = editor.edit_checked(x, a, released, strength=strength, protected=protect)
+        return checked.images, checked.passed, checked.attempts
+    if (key, strength) not in inversions:
+        inversions[key, strength] = editor.invert(x, a, strength=strength, protected=protect)
+    edited = editor.regenerate(inversions[key, strength], released, strength=strength, protected=protect)
+    return edited, torch.ones(len(x), dtype=torch.bool), torch.ones(len(x), dtype=torch.long)
+
+
+def score_row(naive, adaptive, edited, x, a, released, passed, attempts, *, checked: bool, **score) -> dict:
+    """Every number of one row, on the edits that passed (``score``: score_edits' keyword arguments)."""
+    keep = passed.bool()
+    e, o = edited[keep], a[keep]
+    row = score_edits(predict(naive, e), o, released[keep], **score)
+    pred = predict(adaptive, e)
+    row["adaptive"] = {p: float((pred[:, i] == o[:, i]).float().mean())
+                       for p, i in ((p, score["names"].index(p)) for p in score["protect"])}
+    row.update(n=len(e), n_edited=len(x), psnr=psnr(e, x[keep]) if len(e) else math.nan,
+               ssim=ssim(e, x[keep]) if len(e) else math.nan, kid=kid(embed(naive, e), embed(naive, x)),
+               check={"redone": float((attempts > 1).float().mean()), "refused": float((~keep).float().mean())}
+               if checked else None)
+    return row
+
+
+def originals_numbers(naive: AttributeCNN, x: torch.Tensor, a: torch.Tensor, names: list[str]) -> dict:
+    """The naive attacker's accuracy on the unedited originals, and the KID noise floor (two halves of them)."""
+    pred, half = predict(naive, x), len(x) // 2
+    return {"accuracy_on_originals": {n: float((pred[:, i] == a[:, i]).float().mean()) for i, n in enumerate(names)},
+            "kid_floor": kid(embed(naive, x[:half]), embed(naive, x[half:]))}
+
+
+def evaluate(args) -> dict:
+    """One run: {"label", "protect", "rows", "baseline", ...} (the JSON written, before ``_strict``)."""
+    editor, spec, about = load_pipeline(args)
+    names = list(editor.attribute_names)
     protect = [p for p in args.protect.split(",") if p]
     if not protect or not set(protect) <= set(names):
         raise SystemExit(f"--protect {args.protect!r}: choose attributes from {names}")
-    editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, names, num_steps=args.steps, guidance_scale=args.guidance)
-    spec = {k: v for k, v in (ckpt.data_spec or {"source": "synthetic"}).items() if k in DATASET_KEYS}
     dm = FaceDataModule(**{**spec, "attributes": names})
-    indices = (dm.split_indices("val") + dm.split_indices("test"))[: args.num_images]
-    x = torch.stack([dm.dataset[i][0] for i in indices])  # (N,3,H,W)
-    a = torch.stack([dm.dataset[i][1] for i in indices])  # (N,k)
-    ids = [dm.dataset.ids[i] for i in indices]
+    x, a, ids = load_images(dm, (dm.split_indices("val") + dm.split_indices("test"))[: args.num_images])
     train = dm.split_indices("train")
+    adv_rows = random.Random(args.seed).sample(train, min(args.adaptive_images, len(train)))
+    x_adv, a_adv, ids_adv = load_images(dm, sorted(adv_rows))  # the adaptive attacker's: training split
     priors = attribute_priors(dm.dataset.attribute_matrix[train], names)  # owner-side: the training split's labels
-
     t0 = time.time()
-    attacker = train_attacker(names, resolution=x.shape[-1], num_images=args.attacker_images,
-                              epochs=args.attacker_epochs, seed=args.seed + 1000)
-    base_pred = predict(attacker, x)
-    baseline = {"attacker_seconds": time.time() - t0, "n": len(ids), "priors": priors, "prior_n": len(train),
-                "accuracy_on_originals": {n: float((base_pred[:, i] == a[:, i]).float().mean()) for i, n in enumerate(names)}}
-    rows = []
-    for strength in args.strengths:
-        x_t0 = editor.invert(x, a, strength=strength, protected=protect)  # shared by every epsilon
-        for eps in args.epsilons:
-            draws = [privatize(dict(zip(names, row.int().tolist())), protected=protect, epsilon=eps,
-                               rng=random.Random(derive_seed(args.seed, i, eps))) for i, row in zip(ids, a)]
-            released = torch.tensor([[d[n] for n in names] for d in draws], dtype=torch.float32)
-            edited = editor.regenerate(x_t0, released, strength=strength)
-            row = {"strength": strength, **score_edits(predict(attacker, edited), a, released, names=names,
-                                                       protect=protect, epsilon=eps, priors=priors),
-                   "psnr": psnr(edited, x), "ssim": ssim(edited, x)}
-            rows.append(row)
-            print(f"  strength {strength:.2f} eps {eps:g}: attack {row['attack']} bound {row['bound']} "
-                  f"ssim {row['ssim']:.3f} ({time.time() - t0:.0f}s)", flush=True)
-    return rows, baseline
+    naive = train_attacker(names, resolution=x.shape[-1], num_images=args.attacker_images,
+                           epochs=args.attacker_epochs, seed=args.seed + 1000)
+    baseline = {"n": len(ids), "adaptive_images": len(ids_adv), "priors": priors, "prior_n": len(train),
+                "attacker_seconds": time.time() - t0, **originals_numbers(naive, x, a, names)}
+    rr = functools.partial(release, names=names, protect=protect, seed=args.seed)  # randomized response
+    rows, inversions = [], {}
+    for level, eps, strength in args.cells:
+        cell = dict(strength=strength, protect=protect, inversions=inversions)
+        # 1. the adaptive attacker: the pipeline's own edits of training images (fresh draws), ORIGINAL labels
+        adv_edits, adv_passed, _ = edit_cell(editor, x_adv, a_adv, rr(a_adv, ids_adv, epsilon=eps, stream="adaptive"),
+                                             key="adaptive", **cell)
+        adaptive = adaptive_attacker(naive, adv_edits[adv_passed], a_adv[adv_passed], epochs=args.adaptive_epochs,
+                                     seed=derive_seed(args.seed, "adaptive attacker", eps, strength) % 2**31)
+        # 2. the evaluated edits, scored where they passed the check
+        released = rr(a, ids, epsilon=eps, stream="eval")
+        edited, passed, attempts = edit_cell(editor, x, a, released, key="eval", **cell)
+        row = {"label": about["label"], "level": level, "strength": strength, "adaptive_n": int(adv_passed.sum()),
+               **score_row(naive, adaptive, edited, x, a, released, passed, attempts, checked=editor.can_check,
+                           names=names, protect=protect, epsilon=eps, priors=priors)}
+        rows.append(row)
+        print(f"  {_cell_name(row)}: naive {row['naive']} adaptive {row['adaptive']} bound {row['bound']} "
+              f"n {row['n']} KID {row['kid']:.3g} ({time.time() - t0:.0f}s)", flush=True)
+    return {**about, "protect": protect, "rows": rows, "baseline": baseline}
+
+
+# ------------------------------------------------------------------------------------------ reports
+def _num(v) -> float:
+    """A JSON number back to a float (None was NaN, "inf" infinity)."""
+    return math.nan if v is None else float(v)
+
+
+def _fmt(v, spec: str) -> str:
+    v = _num(v)
+    return "n/a" if math.isnan(v) else format(v, spec)
+
+
+def _cell_name(row: dict) -> str:
+    return row["level"] or f"s {row['strength']:g}, eps {_num(row['epsilon']):g}"
 
 
 def _excess(acc: float, bound: float, n: int) -> str:
-    se = math.sqrt(max(bound * (1 - bound), 0.25 / n) / n)  # stderr of an accuracy at the bound
+    """acc - bound where positive, "*" when more than 2 standard errors of an accuracy at the bound."""
+    acc, bound = _num(acc), _num(bound)
+    if not n or math.isnan(acc):
+        return "n/a"
+    se = math.sqrt(max(bound * (1 - bound), 0.25 / n) / n)
     d = acc - bound
     return f"{d:+.3f}{'*' if d > 2 * se else ''}" if d > 0 else "-"
 
 
-def markdown(rows: list[dict], baseline: dict, protect: list[str]) -> str:
-    """The table of rows (``score_edits`` plus strength, PSNR, SSIM) and notes; flags attacks above the
-    prior-aware bound."""
-    n = baseline["n"]
-    head = ["strength", "epsilon", "p_keep"] + [f"{c} {p}" for p in protect for c in ("attack", "bound", "excess")] + \
-        [f"follows {p}" for p in protect] + ["unprotected acc", "PSNR dB", "SSIM"]
+def _stronger(row: dict, p: str) -> float:
+    """The better of the two attackers' accuracies on p (the naive one where the adaptive is missing)."""
+    accuracies = (_num(row["naive"][p]), _num((row.get("adaptive") or {}).get(p)))
+    return max(accuracies, key=lambda v: -1 if math.isnan(v) else v)
+
+
+def markdown(runs: list[dict]) -> str:
+    """One table for the rows of every run (their protected attributes must agree), and notes per run."""
+    protect = runs[0]["protect"]
+    head = ["label", "level", "epsilon", "strength", "n", "re-done", "refused"] + \
+        [f"{c} {p}" for p in protect for c in ("naive", "adaptive", "bound", "excess")] + \
+        [f"follows {p}" for p in protect] + ["unprotected acc", "PSNR dB", "SSIM", "KID"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [f"{r['strength']:.2f}", f"{r['epsilon']:g}", f"{r['p_keep']:.3f}"]
-        for p in protect:
-            cells += [f"{r['attack'][p]:.3f}", f"{r['bound'][p]:.3f}", _excess(r["attack"][p], r["bound"][p], n)]
-        cells += [f"{r['follows'][p]:.3f}" for p in protect] + [f"{r['unprotected']:.3f}", f"{r['psnr']:.1f}", f"{r['ssim']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    beat = [(r, p) for r in rows for p in protect if _excess(r["attack"][p], r["bound"][p], n).endswith("*")]
-    orig = ", ".join(f"{k} {v:.3f}" for k, v in baseline["accuracy_on_originals"].items())
-    priors = ", ".join(f"{p} {baseline['priors'][p]:.3f}" for p in protect)
-    notes = [f"n = {n} images; attacker accuracy on the unedited originals: {orig}.",
-             f"prior P(a=+1) from the training split ({baseline.get('prior_n', '?')} images, the owner's labels): "
-             f"{priors}.",
-             "bound = the best accuracy from the released value alone given that prior (posterior odds <= e^eps x "
-             "prior odds); p_keep = e^eps/(1+e^eps) is the bound only at prior 0.5.",
-             "excess = attack - bound where positive; * = more than 2 standard errors above the bound."]
+    beat = []
+    for run in runs:
+        for r in run["rows"]:
+            check = r.get("check") or {}
+            cells = [run["label"], r["level"] or "-", _fmt(r["epsilon"], "g"), f"{r['strength']:.2f}", str(r["n"]),
+                     _fmt(check.get("redone"), ".2f"), _fmt(check.get("refused"), ".2f")]
+            for p in protect:
+                excess = _excess(_stronger(r, p), r["bound"][p], r["n"])
+                beat += [(run["label"], r, p)] if excess.endswith("*") else []
+                cells += [_fmt(r["naive"][p], ".3f"), _fmt((r.get("adaptive") or {}).get(p), ".3f"),
+                          _fmt(r["bound"][p], ".3f"), excess]
+            cells += [_fmt(r["follows"][p], ".3f") for p in protect]
+            cells += [_fmt(r[key], spec) for key, spec in (("unprotected", ".3f"), ("psnr", ".1f"), ("ssim", ".3f"),
+                                                            ("kid", ".3g"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = [_run_note(run, protect) for run in runs] + [
+        "naive = attacker trained on original faces; adaptive = the naive one fine-tuned on the pipeline's own "
+        "edits of training-split images with their ORIGINAL attributes; n = edits that passed the check (the "
+        "ones released), on which every number but re-done / refused is computed.",
+        "bound = the best accuracy from the released value alone given the prior (posterior odds <= e^eps x "
+        "prior odds); excess = the stronger attack - bound where positive; * = more than 2 standard errors.",
+        "KID: unbiased MMD^2 (polynomial kernel) of edits vs originals on the probe's 128-d features; "
+        "0 = indistinguishable, the floor is two halves of the originals."]
+    cells_total = sum(len(run["rows"]) for run in runs) * len(protect)
     if beat:
-        r, p = max(beat, key=lambda rp: rp[0]["attack"][rp[1]] - rp[0]["bound"][rp[1]])
-        notes.append(f"The attacker beats the prior-aware bound in {len(beat)} of {len(rows) * len(protect)} "
-                     f"cells; worst: {p} at strength {r['strength']:.2f}, epsilon {r['epsilon']:g}, "
-                     f"{r['attack'][p]:.3f} vs {r['bound'][p]:.3f} (+{r['attack'][p] - r['bound'][p]:.3f}).")
+        label, r, p = max(beat, key=lambda b: _stronger(b[1], b[2]) - _num(b[1]["bound"][b[2]]))
+        notes.append(f"An attacker beats the prior-aware bound in {len(beat)} of {cells_total} cells; worst: {p} "
+                     f"in {label} at {_cell_name(r)}, {_stronger(r, p):.3f} vs {_num(r['bound'][p]):.3f}.")
     else:
-        notes.append("The attacker does not beat the prior-aware bound significantly anywhere.")
+        notes.append("No attacker beats the prior-aware bound significantly anywhere.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes) + "\n"
 
 
-def plot(rows, baseline, args, path: Path) -> None:
+def _run_note(run: dict, protect: list[str]) -> str:
+    b = run["baseline"]
+    orig = ", ".join(f"{k} {_num(v):.3f}" for k, v in b["accuracy_on_originals"].items())
+    priors = ", ".join(f"{p} {_num(b['priors'][p]):.3f}" for p in protect)
+    return (f"**{run['label']}** ({run.get('privacy', '')}): {b['n']} evaluated images, {b['adaptive_images']} "
+            f"adaptive-attacker images per row; naive attacker on the unedited originals: {orig}; prior P(a=+1) "
+            f"from the training split ({b['prior_n']} images): {priors}; KID floor {_fmt(b['kid_floor'], '.3g')}.")
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Privacy (one panel per protected attribute: naive and adaptive attack vs bound per row, per label)
+    and utility (follows, unprotected, SSIM; KID on its own axis) against the rows' levels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prot = [p for p in args.protect.split(",") if p]
-    finite = [e for e in args.epsilons if math.isfinite(e)]
-    pos = lambda e: e if math.isfinite(e) else (max(finite, default=1) + 2)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    grid = sorted({pos(e) for e in args.epsilons})
-    top = max(finite, default=1)
-    dense = [top * i / 100 for i in range(101)]
-    marks = "os^vD"
-    for j, p in enumerate(prot):
-        curve = [bayes_accuracy_bound(epsilon=e, prior=baseline["priors"][p]) for e in dense]
-        xs = dense + ([pos(math.inf)] if any(not math.isfinite(e) for e in args.epsilons) else [])
-        ax1.plot(xs, curve + [1.0] * (len(xs) - len(dense)), "k", ls=["--", ":", "-."][j % 3], lw=1,
-                 label=f"bound {p} (prior {baseline['priors'][p]:.2f})")
-    for k, s in enumerate(args.strengths):
-        sel, c = [r for r in rows if r["strength"] == s], f"C{k}"
-        xs = [pos(r["epsilon"]) for r in sel]
-        for j, p in enumerate(prot):
-            ax1.plot(xs, [r["attack"][p] for r in sel], marker=marks[j % len(marks)], color=c,
-                     label=f"attack {p}, strength {s:g}")
-        ax2.plot(xs, [r["unprotected"] for r in sel], "o-", color=c, label=f"unprotected acc, strength {s:g}")
-        ax2.plot(xs, [r["ssim"] for r in sel], "s:", color=c, label=f"SSIM, strength {s:g}")
-    for ax in (ax1, ax2):
-        ax.set_xticks(grid, [f"{e:g}" if e in finite else "inf" for e in grid])
-        ax.set_xlabel("epsilon")
+    protect = runs[0]["protect"]
+    order = sorted(dict.fromkeys(_cell_name(r) for run in runs for r in run["rows"]),  # levels least private first
+                   key=lambda c: list(LEVELS).index(c) if c in LEVELS else len(LEVELS))
+    fig, axes = plt.subplots(1, len(protect) + 2, figsize=(4.2 * (len(protect) + 2), 4.2))
+    for k, run in enumerate(runs):
+        rows = sorted(run["rows"], key=lambda r: order.index(_cell_name(r)))
+        xs, c = [order.index(_cell_name(r)) for r in rows], f"C{k}"
+        for ax, p in zip(axes, protect):
+            ax.plot(xs, [_num(r["bound"][p]) for r in rows], "k_", ms=18, mew=2)
+            ax.plot(xs, [_num(r["naive"][p]) for r in rows], "o--", color=c, label=f"naive, {run['label']}")
+            ax.plot(xs, [_num((r.get("adaptive") or {}).get(p)) for r in rows], "s-", color=c,
+                    label=f"adaptive, {run['label']}")
+            ax.set_title(f"privacy: {p} (black: bound)")
+        for key, style in (("follows", "o-"), ("unprotected", "s--"), ("ssim", "^:")):
+            ys = [sum(map(_num, r[key].values())) / len(r[key]) if key == "follows" else _num(r[key]) for r in rows]
+            axes[-2].plot(xs, ys, style, color=c, label=f"{key}, {run['label']}")
+        axes[-1].plot(xs, [_num(r["kid"]) for r in rows], "o-", color=c, label=run["label"])
+        axes[-1].axhline(_num(run["baseline"]["kid_floor"]), color=c, ls=":", lw=1)
+    axes[0].set_ylabel("accuracy vs original")
+    axes[-2].set_title("utility")
+    axes[-1].set_title("realism: KID (dotted: noise floor)")
+    for ax in axes:
+        ax.set_xticks(range(len(order)), order, fontsize=7)
         ax.grid(alpha=0.3)
-    ax1.set_ylabel("accuracy on protected vs original")
-    ax1.set_title("privacy: attribute inference on edited images")
-    ax2.set_title("utility")
-    ax1.legend(fontsize=6)
-    ax2.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _strict(obj):
+    """The run as strict JSON: NaN -> None, infinities -> "inf" / "-inf" (``_num`` reads them back)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else json_epsilon(obj) if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def write_report(runs: list[dict], out: Path, header: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    text = header + markdown(runs)
+    write_text_atomic(out / "edit_eval.md", text)
+    write_json_atomic(out / "edit_eval.json", runs[0] if len(runs) == 1 else {"runs": runs})
+    plot(runs, out / "edit_eval.png")
+    return text
+
+
+def combine(paths: list[str], out: Path) -> str:
+    """Merge the JSON of several runs (or of earlier merges) into one table and one plot."""
+    runs = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--combine {path}: not a readable edit_eval.json ({e})") from None
+        runs += data.get("runs", [data])
+    if len({tuple(r["protect"]) for r in runs}) > 1:
+        raise SystemExit(f"--combine: the runs protect different attributes ({[r['protect'] for r in runs]}); "
+                         "combine runs made with the same --protect")
+    labels = [r["label"] for r in runs]
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"--combine: labels {labels} repeat; give each run its own --label")
+    return write_report(runs, out, f"{len(runs)} runs: {', '.join(labels)}\n\n")
+
+
+def _cells(args, p) -> list[tuple[str | None, float, float]]:
+    """The rows: (level name, epsilon, strength) of each --levels name, or (None, eps, s) of the grid."""
+    if args.strengths or args.epsilons:
+        if args.levels:
+            p.error("--levels or --strengths/--epsilons: give one of the two")
+        try:
+            strengths = [float(s) for s in (args.strengths or GRID["strengths"]).split(",")]
+            epsilons = [float(e) for e in (args.epsilons or GRID["epsilons"]).split(",")]
+        except ValueError:
+            p.error(f"--strengths {args.strengths!r} / --epsilons {args.epsilons!r}: give comma-separated numbers")
+        if not all(0 < s <= 1 for s in strengths) or not all(e >= 0 for e in epsilons):
+            p.error("--strengths must lie in (0, 1] and --epsilons be >= 0")
+        return [(None, e, s) for s in strengths for e in epsilons]
+    names = [n for n in (args.levels or ",".join(LEVELS)).split(",") if n]
+    unknown = [n for n in names if n not in LEVELS]
+    if unknown or not names:
+        p.error(f"--levels {args.levels!r}: choose names from {list(LEVELS)}")
+    return [(n, LEVELS[n].epsilon, LEVELS[n].strength) for n in names]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="the model release of `veil train`: its run folder OUT or OUT/model")
-    p.add_argument("--protect", default="eyeglasses,smiling", help="protected attributes (default eyeglasses,smiling)")
-    p.add_argument("--epsilons", default="0,1,2,4,inf", help="comma-separated epsilons (default 0,1,2,4,inf)")
-    p.add_argument("--strengths", default="0.4,0.55,0.7,0.95", help="comma-separated strengths (default: the levels')")
-    p.add_argument("--num-images", type=int, default=200, help="edited images (val + test splits; default 200)")
-    p.add_argument("--attacker-images", type=int, default=2048, help="attacker training images (default 2048)")
-    p.add_argument("--attacker-epochs", type=int, default=4, help="attacker training epochs (default 4)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps of a full-strength edit (default 25)")
-    p.add_argument("--guidance", type=float, default=2.0, help="guidance of the regeneration (default 2.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized response and the attacker")
+    p.add_argument("--checkpoint", help="the model release of `veil train`: its run folder OUT or OUT/model")
+    p.add_argument("--classifier", help="a `veil train-classifier` release: guides (scale > 0) and checks the edits")
+    p.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale (default 10; "
+                                                                         "0: the classifier only checks)")
+    p.add_argument("--label", help="names this run's rows (default: backend and privacy, e.g. 'guided, DP eps 10')")
+    p.add_argument("--protect", default="eyeglasses,smiling", help="protected attributes (default: these two)")
+    p.add_argument("--levels", help=f"comma-separated privacy levels (default {','.join(LEVELS)})")
+    p.add_argument("--strengths", help=f"instead of --levels, a grid: strengths (default {GRID['strengths']})")
+    p.add_argument("--epsilons", help=f"... by epsilons (default {GRID['epsilons']})")
+    for name, help_ in (("num-images", "edited images (val + test splits)"),
+                        ("adaptive-images", "training-split images the adaptive attacker edits per row"),
+                        ("attacker-images", "naive attacker's training images"),
+                        ("attacker-epochs", "naive attacker's training epochs"),
+                        ("adaptive-epochs", "epochs of the adaptive attacker's fine-tuning"),
+                        ("steps", "DDIM steps of a full-strength edit")):
+        key = name.replace("-", "_")
+        p.add_argument(f"--{name}", type=int, help=f"{help_} (default {FULL[key]}, --quick {QUICK[key]})")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the conditional "
+                                                               "backend (default 2.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized response and the attackers")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is often "
                                                           "fastest on a busy machine)")
-    p.add_argument("--quick", action="store_true", help="48 images, eps 0,1,4,inf, strengths 0.4,0.7, 12 steps, "
-                                                        "attacker on 1024 images x 3 epochs")
+    p.add_argument("--quick", action="store_true", help="smaller defaults for a few-minute CPU run")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="merge these runs' edit_eval.json into one "
+                                                                "table and plot in --out (no evaluation)")
     p.add_argument("--out", default="bench/out/edit_eval", help="folder for edit_eval.md/.png/.json")
     args = p.parse_args(argv)
-    if args.quick:
-        args.num_images, args.attacker_images, args.attacker_epochs, args.steps = 48, 1024, 3, 12
-        args.epsilons, args.strengths = "0,1,4,inf", "0.4,0.7"
-    args.epsilons = [float(e) for e in args.epsilons.split(",")]
-    args.strengths = [float(s) for s in args.strengths.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.combine:
+        print(combine(args.combine, Path(args.out)))
+        print(f"wrote {args.out}/edit_eval.md, edit_eval.png, edit_eval.json")
+        return
+    if not args.checkpoint:
+        p.error("--checkpoint is required (or --combine)")
+    for key in FULL:
+        value = getattr(args, key)
+        setattr(args, key, value if value is not None else (QUICK if args.quick else FULL)[key])
+        if getattr(args, key) < (0 if key == "adaptive_epochs" else 1):
+            p.error(f"--{key.replace('_', '-')} must be a positive whole number")
+    args.cells = _cells(args, p)
     start = time.time()
-    rows, baseline = evaluate(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, baseline, [p for p in args.protect.split(",") if p])
-    header = (f"checkpoint `{args.checkpoint}`, {baseline['n']} images, steps {args.steps}, guidance {args.guidance}, "
-              f"protect {args.protect}; {time.time() - start:.0f} s\n\n")
-    (out / "edit_eval.md").write_text(header + table)
-    (out / "edit_eval.json").write_text(json.dumps({"rows": rows, "baseline": baseline,
-                                                    "args": {k: v for k, v in vars(args).items()}}, indent=1, default=str))
-    plot(rows, baseline, args, out / "edit_eval.png")
-    print(header + table)
-    print(f"wrote {out}/edit_eval.md, edit_eval.png, edit_eval.json")
+    try:
+        run = evaluate(args)
+    except VeilError as e:
+        raise SystemExit(f"error: {e}") from None
+    run["args"] = {k: v for k, v in vars(args).items() if k not in ("cells", "combine")}
+    run = _strict(run)
+    header = (f"checkpoint `{args.checkpoint}`, classifier `{args.classifier}` (scale {args.classifier_scale:g}), "
+              f"backend {run['backend']}: {run['privacy']}; steps {args.steps}, protect {args.protect}; "
+              f"{time.time() - start:.0f} s\n\n")
+    print(write_report([run], Path(args.out), header))
+    print(f"wrote {args.out}/edit_eval.md, edit_eval.png, edit_eval.json")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
-"""bench/edit_eval.py's table logic on fabricated predictions: attacks are compared with the prior-aware
-bound (issue 11, item 15), not with p_keep, which only bounds a 50/50 attribute."""
+"""bench/edit_eval.py: the table logic on fabricated predictions (attacks are compared with the prior-aware
+bound (issue 11, item 15), not with p_keep, which only bounds a 50/50 attribute; the stronger of the naive
+and the adaptive attacker is flagged), KID against a brute-force reference, the adaptive attacker's
+fine-tuning, and an end-to-end run (guided and conditional backends, then --combine) on tiny models."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from dp_helpers import TINY, train_cli
+from unlearn_helpers import RECIPE, datamodule
 
+from veil.lightning_modules.training import classifier as TC
 from veil.privacy.mechanism import keep_probability
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny CNNs on a shared 2-core machine
 
 NAMES = ["smiling", "eyeglasses", "hat"]
 PROTECT = ["eyeglasses", "smiling"]
@@ -37,13 +45,17 @@ def data():
     return original, released
 
 
-def _row(bench, pred, original, released, priors):
+def _row(bench, pred, original, released, priors, adaptive=None):
+    """A table row as evaluate() makes it: the naive attacker's numbers from pred, the adaptive one's given."""
     row = bench.score_edits(pred, original, released, names=NAMES, protect=PROTECT, epsilon=1.0, priors=priors)
-    return {"strength": 0.7, **row, "psnr": 30.0, "ssim": 0.9}
+    return {"label": "test", "level": "high", "strength": 0.7, **row, "adaptive": adaptive or dict(row["naive"]),
+            "n": N, "n_edited": N, "adaptive_n": N, "check": None, "psnr": 30.0, "ssim": 0.9, "kid": 0.01}
 
 
-def _baseline(priors):
-    return {"n": N, "accuracy_on_originals": dict.fromkeys(NAMES, 1.0), "priors": priors, "prior_n": 10 * N}
+def _run(rows, priors):
+    baseline = {"n": N, "adaptive_images": N, "accuracy_on_originals": dict.fromkeys(NAMES, 1.0), "priors": priors,
+                "prior_n": 10 * N, "kid_floor": 0.001}
+    return {"label": "test", "privacy": "not private", "protect": PROTECT, "rows": rows, "baseline": baseline}
 
 
 def test_priors_come_from_known_labels(bench, data):
@@ -64,13 +76,13 @@ def test_always_no_on_a_skewed_attribute_is_not_a_leak(bench, data):
     pred[:, 1] = -1.0
     row = _row(bench, pred, original, released, priors)
     p_keep = keep_probability(epsilon=1.0)
-    assert row["attack"]["eyeglasses"] == pytest.approx(0.935) and row["attack"]["eyeglasses"] > p_keep + 0.2
-    assert bench._excess(row["attack"]["eyeglasses"], p_keep, N).endswith("*")  # what the old table said
+    assert row["naive"]["eyeglasses"] == pytest.approx(0.935) and row["naive"]["eyeglasses"] > p_keep + 0.2
+    assert bench._excess(row["naive"]["eyeglasses"], p_keep, N).endswith("*")  # what the old table said
     assert row["bound"]["eyeglasses"] == pytest.approx(0.935) and row["p_keep"] == pytest.approx(p_keep)
-    table = bench.markdown([row], _baseline(priors), PROTECT)
+    table = bench.markdown([_run([row], priors)])
     rows_only = table.split("\n\n")[0]
-    assert "*" not in rows_only and "does not beat the prior-aware bound" in table
-    assert "| 0.935 | 0.935 | - |" in table  # attack, bound, excess of eyeglasses
+    assert "*" not in rows_only and "No attacker beats the prior-aware bound" in table
+    assert "| 0.935 | 0.935 | 0.935 | - |" in table  # naive, adaptive, bound, excess of eyeglasses
 
 
 def test_an_attacker_above_the_bound_is_flagged(bench, data):
@@ -78,7 +90,178 @@ def test_an_attacker_above_the_bound_is_flagged(bench, data):
     original, released = data
     priors = bench.attribute_priors(original, NAMES)
     row = _row(bench, original.clone(), original, released, priors)
-    table = bench.markdown([row], _baseline(priors), PROTECT)
-    assert row["attack"] == {"eyeglasses": 1.0, "smiling": 1.0}
+    table = bench.markdown([_run([row], priors)])
+    assert row["naive"] == {"eyeglasses": 1.0, "smiling": 1.0}
     assert "+0.065*" in table and "beats the prior-aware bound in 2 of 2 cells" in table
     assert row["unprotected"] == 1.0 and row["follows"]["smiling"] < 0.8
+
+
+def test_only_the_adaptive_attacker_above_the_bound_is_flagged(bench, data):
+    # The naive attacker sits at the bound (always "no glasses"; reads smiling's released value) while the
+    # adaptive one reads the originals: the excess and the summary follow the stronger of the two.
+    original, released = data
+    priors = bench.attribute_priors(original, NAMES)
+    pred = released.clone()
+    pred[:, 1] = -1.0
+    row = _row(bench, pred, original, released, priors, adaptive={"eyeglasses": 1.0, "smiling": 1.0})
+    table = bench.markdown([_run([row], priors)])
+    assert "| 0.935 | 1.000 | 0.935 | +0.065* |" in table
+    assert "beats the prior-aware bound in 2 of 2 cells" in table
+
+
+class _Brightness(torch.nn.Module):
+    """An 'attacker' that says +1 for every attribute of an image brighter than 0, and embeds it as its mean."""
+
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None].expand(-1, len(NAMES))
+
+    def embed(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None]
+
+
+def test_a_rows_numbers_count_only_the_edits_that_passed_the_check(bench):
+    # 6 edits of images whose attributes are all +1: the 4 that pass are bright (read as +1, right), the
+    # 2 refused ones dark (read as -1, wrong). Counting the refused ones would give 4/6, not 1.
+    edited = torch.cat([torch.ones(4, 3, 16, 16), -torch.ones(2, 3, 16, 16)])
+    a = torch.ones(6, len(NAMES))
+    passed = torch.tensor([True] * 4 + [False] * 2)
+    attempts = torch.tensor([1, 1, 1, 2, 3, 3])
+    score = dict(names=NAMES, protect=PROTECT, epsilon=1.0, priors=dict.fromkeys(NAMES, 0.5))
+    row = bench.score_row(_Brightness(), _Brightness(), edited, torch.zeros(6, 3, 16, 16), a, a.clone(), passed,
+                          attempts, checked=True, **score)
+    assert row["n"] == 4 and row["n_edited"] == 6
+    assert row["check"] == {"redone": pytest.approx(3 / 6), "refused": pytest.approx(2 / 6)}
+    assert row["naive"] == row["adaptive"] == {"eyeglasses": 1.0, "smiling": 1.0} and row["unprotected"] == 1.0
+    assert row["ssim"] == pytest.approx(bench.ssim(torch.ones(4, 3, 16, 16), torch.zeros(4, 3, 16, 16)))
+    unchecked = bench.score_row(_Brightness(), _Brightness(), edited, edited, a, a, torch.ones(6, dtype=torch.bool),
+                                torch.ones(6, dtype=torch.long), checked=False, **score)
+    assert unchecked["check"] is None and unchecked["naive"]["smiling"] == pytest.approx(4 / 6)
+
+
+# -------------------------------------------------------------------------------------------------- KID
+def _kid_by_loops(x, y):
+    """The unbiased MMD^2 of the KID paper written out term by term: the reference."""
+    k = lambda a, b: (float(a @ b) / x.shape[1] + 1) ** 3
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_the_term_by_term_formula(bench):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    assert bench.kid(x, y) == pytest.approx(_kid_by_loops(x, y), rel=1e-9)  # float64 throughout
+    assert bench.kid(x, y[:1]) != bench.kid(x, y[:1])  # NaN: one row has no pairs
+
+
+def test_kid_is_zero_within_noise_for_one_distribution_and_positive_for_a_shift(bench):
+    # ReLU'd gaussians like the probe's 128-d features. Unbiased: the mean over many small (n = 10) pairs
+    # of samples of one distribution is ~0, where the biased (V-statistic) version would be clearly > 0.
+    gen = torch.Generator().manual_seed(0)
+    feats = lambda n, shift=0.0: torch.relu(torch.randn(n, 128, generator=gen) + shift)
+    same = torch.tensor([bench.kid(feats(10), feats(10)) for _ in range(300)])
+    shifted = torch.tensor([bench.kid(feats(10), feats(10, 0.3)) for _ in range(300)])
+    stderr = float(same.std()) / 300**0.5
+    assert abs(float(same.mean())) < 3 * stderr
+    assert float(shifted.mean()) > 10 * stderr and float(shifted.mean()) > 5 * abs(float(same.mean()))
+    assert bench.kid(feats(200), feats(200, 0.3)) > 0
+
+
+# -------------------------------------------------------------------------------------- the attackers
+def _readable(n, seed):
+    """Noisy images whose 2 attributes are written in them: attribute j brightens or darkens quadrant j
+    of channel j. (N,3,32,32), (N,2) in {-1,+1}."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.where(torch.rand(n, 2, generator=gen) < 0.5, 1.0, -1.0)
+    x = 0.3 * torch.randn(n, 3, 32, 32, generator=gen)
+    x[:, 0, :16, :16] += 0.6 * a[:, 0, None, None]
+    x[:, 1, 16:, 16:] += 0.6 * a[:, 1, None, None]
+    return x, a
+
+
+def test_adaptive_attacker_learns_labels_readable_from_the_images_and_leaves_the_naive_one(bench):
+    torch.manual_seed(0)
+    naive = bench.AttributeCNN(2).eval()
+    before = {k: v.clone() for k, v in naive.state_dict().items()}
+    x, a = _readable(256, seed=0)
+    x_test, a_test = _readable(128, seed=1)
+    chance = float((bench.predict(naive, x_test) == a_test).float().mean())
+    adaptive = bench.adaptive_attacker(naive, x, a, epochs=4, seed=0)
+    accuracy = float((bench.predict(adaptive, x_test) == a_test).float().mean())
+    assert chance < 0.7 and accuracy > 0.9
+    assert all(torch.equal(v, naive.state_dict()[k]) for k, v in before.items())  # fine-tuned a copy
+    assert bench.embed(adaptive, x_test[:3]).shape == (3, 128)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A label-free tiny UNet with a tiny noise-conditional DP classifier (the guided pipeline), and a tiny
+    attribute-conditional DP UNet (the conditional backend, no check); as tests/.../test_guidance.py."""
+    noisy = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
+    dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 1.0, "accountant": "rdp",
+          "max_physical_batch_size": 16, "noise_multiplicity": 2}
+    root = tmp_path_factory.mktemp("edit_eval")
+    assert train_cli(root / "unet", TINY, "optim.cond_drop_prob=1.0", "dp.enabled=false") == 0
+    recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": dp, "model": noisy})
+    TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "guide")
+    assert train_cli(root / "cond", TINY) == 0
+    return root
+
+
+SMALL = ["--quick", "--num-images", "8", "--adaptive-images", "16", "--steps", "3", "--attacker-images", "64",
+         "--attacker-epochs", "1", "--adaptive-epochs", "1", "--threads", "1"]
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tiny_models, tmp_path, monkeypatch):
+    root = tiny_models
+    bench.main(["--checkpoint", str(root / "unet"), "--classifier", str(root / "guide"), "--levels", "low,max",
+                "--out", str(tmp_path / "g"), *SMALL])
+    inverted, invert = [], bench.PrivateEditor.invert
+    monkeypatch.setattr(bench.PrivateEditor, "invert", lambda self, x, *a, **kw: inverted.append(len(x)) or
+                        invert(self, x, *a, **kw))
+    bench.main(["--checkpoint", str(root / "cond"), "--strengths", "0.7", "--epsilons", "1,inf", "--label", "control",
+                "--out", str(tmp_path / "c"), *SMALL])
+    assert inverted == [16, 8]  # the grid without a check: one inversion per image set, shared by both epsilons
+    guided, control = _strict_json(tmp_path / "g" / "edit_eval.json"), _strict_json(tmp_path / "c" / "edit_eval.json")
+    assert guided["backend"] == "guided" and guided["label"].startswith("guided, DP eps ")
+    assert [r["level"] for r in guided["rows"]] == ["low", "max"] and control["label"] == "control"
+    assert guided["baseline"]["n"] == 8 and guided["baseline"]["adaptive_images"] == 16
+    for r in guided["rows"]:  # checked: every number on the edits that passed
+        assert set(r["naive"]) == set(r["adaptive"]) == set(r["bound"]) == {"eyeglasses", "smiling"}
+        assert 0 <= r["check"]["refused"] <= r["check"]["redone"] <= 1  # a refused edit was re-done first
+        assert r["n"] == round(8 * (1 - r["check"]["refused"])) and r["n_edited"] == 8
+        assert (r["kid"] is None) == (r["n"] < 2)
+    cells = [(r["level"], r["epsilon"], r["strength"]) for r in control["rows"]]
+    assert cells == [(None, 1.0, 0.7), (None, "inf", 0.7)]  # infinity as "inf": strict JSON
+    for r in control["rows"]:  # no classifier: no check, every edit released
+        assert r["check"] is None and r["n"] == 8 and isinstance(r["kid"], float)
+    assert control["rows"][1]["bound"] == {"eyeglasses": 1.0, "smiling": 1.0} and control["rows"][1]["flip_rate"] == 0
+    text = (tmp_path / "g" / "edit_eval.md").read_text()
+    for column in ("naive eyeglasses", "adaptive smiling", "bound eyeglasses", "re-done", "refused", "KID"):
+        assert f" {column} |" in text
+    assert "synth-" not in (tmp_path / "g" / "edit_eval.json").read_text()  # no per-image ids or labels
+    assert (tmp_path / "g" / "edit_eval.png").stat().st_size > 0
+
+    bench.main(["--combine", str(tmp_path / "g" / "edit_eval.json"), str(tmp_path / "c" / "edit_eval.json"),
+                "--out", str(tmp_path / "m")])
+    merged = (tmp_path / "m" / "edit_eval.md").read_text()
+    table = [line for line in merged.split("\n\n")[1].splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 2
+    assert "| control | - | 1 | 0.70 | 8 | n/a | n/a |" in merged and "| control | - | inf | 0.70 | 8 |" in merged
+    merged_runs = _strict_json(tmp_path / "m" / "edit_eval.json")["runs"]
+    assert [r["label"] for r in merged_runs] == [guided["label"], "control"]
+    assert (tmp_path / "m" / "edit_eval.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="labels"):
+        bench.main(["--combine", str(tmp_path / "c" / "edit_eval.json"), str(tmp_path / "c" / "edit_eval.json"),
+                    "--out", str(tmp_path / "dup")])
