@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
 	touch $@
 
-.PHONY: setup demo test bench finetune guided
+.PHONY: setup demo test bench finetune guided guided-eval
 setup: $(VENV)/.installed
 
 # Each demo run gets a new folder, runs/demo-YYYYmmdd-HHMMSS: an earlier run is never deleted.
@@ -41,3 +41,15 @@ guided: setup
 
 bench: setup
 	$(PY) bench/dp_step.py
+
+# The editing evaluation of the private pipeline (docs/editing.md, "Measured"): the guided backend with the
+# epsilon-10 DP classifier, and the same with a classifier trained without DP as the control (~6 min on a
+# 2-core CPU, epsilon infinity on the private data: it counts in the dataset's account), then both at the
+# four levels, naive and adaptive attackers (~15 min each on a 2-core CPU).
+guided-eval: setup
+	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
+	test -f runs/guide/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --out runs/guide --progress
+	test -f runs/guide_np/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --set dp.enabled=false --out runs/guide_np --progress
+	$(PY) bench/edit_eval.py --checkpoint runs/public --classifier runs/guide --label "guided, DP classifier eps 10" --out runs/eval/guided
+	$(PY) bench/edit_eval.py --checkpoint runs/public --classifier runs/guide_np --label "guided, non-private classifier (control)" --out runs/eval/control
+	$(PY) bench/edit_eval.py --combine runs/eval/guided/edit_eval.json runs/eval/control/edit_eval.json --out runs/eval

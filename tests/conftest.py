@@ -5,10 +5,16 @@ the ``single_thread`` fixture, and the autouse ``veil_home`` fixture.
 rather than conftest files, which would shadow each other on ``from conftest import``.)
 """
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when veil.kernels is first imported,
+# and any test that trains (tests/bench included, which runs first) imports it: set it before any test
+# module loads, not only in tests/kernels/conftest.py (run the compiled kernels with TRITON_INTERPRET=0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 

@@ -244,3 +244,17 @@ def test_sweep_previews_with_the_guided_backend(pipeline, tmp_path, veil_home, c
     assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
                  "--protect", "smiling", "--first", "2", "--sweep", "--no-check", "--out", str(tmp_path / "x")]) == 2
     assert "--no-check" in capsys.readouterr().err
+
+
+def test_a_seeded_guided_release_is_reproducible(pipeline, tmp_path):
+    """A fixed --seed gives the same draws and the same pixels (each run its own database: the draw
+    depends on how often the image was released before)."""
+    reports = [J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", out=tmp_path / run,
+                          protect=PROTECTED, first=2, level="max", steps=4, seed=4, ledger=tmp_path / f"{run}.sqlite",
+                          check_threshold=0.01)  # the tiny classifier barely reads smiling: let the edits pass
+               for run in ("a", "b")]
+    assert all(im["file"] for im in reports[0]["images"])
+    assert [im["released_attributes"] for im in reports[0]["images"]] == \
+        [im["released_attributes"] for im in reports[1]["images"]]
+    for im in reports[0]["images"]:
+        assert (tmp_path / "a" / im["file"]).read_bytes() == (tmp_path / "b" / im["file"]).read_bytes()
