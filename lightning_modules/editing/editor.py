@@ -54,7 +54,8 @@ DEFAULT_MAX_RETRIES = 2
 DEFAULT_CHECK_THRESHOLD = 0.5
 
 
-def model_costs(ckpt, guide: GuidanceClassifier | None, *, edited: Mapping[str, Any] | None = None) -> list[dict]:
+def model_costs(ckpt, guide: GuidanceClassifier | None, *, edited: Mapping[str, Any] | None = None,
+                checker: GuidanceClassifier | None = None) -> list[dict]:
     """The training privacy of each model that makes an edit: role, private?, epsilon, delta, on which data,
     and whether that is the data being edited (``edited``; None: not known), whose images then pay it too."""
     from veil.lightning_modules.diffusion.sample import privacy_phrase
@@ -71,6 +72,8 @@ def model_costs(ckpt, guide: GuidanceClassifier | None, *, edited: Mapping[str, 
     if guide is not None:
         models.append(one("guidance classifier" if guide.scale > 0 else "check classifier", guide.privacy,
                           guide.data_spec))
+    if checker is not None:
+        models.append(one("check classifier", checker.privacy, checker.data_spec))
     return models
 
 

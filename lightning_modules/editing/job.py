@@ -79,8 +79,12 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
                      protect: Sequence[str], steps: int, guidance: float | None, use_ema: bool = True,
                      classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
                      check_threshold: float = DEFAULT_CHECK_THRESHOLD, max_retries: int = DEFAULT_MAX_RETRIES,
-                     keep_unprotected: bool = True):
+                     keep_unprotected: bool = True, checker=None):
     """(editor, datamodule, indices, protected) after validating every option against model and data.
+
+    ``checker`` (a ``veil train-classifier`` release) checks the edits instead of ``classifier``: a
+    classifier that did not steer the edit cannot be fooled by its own guidance (measured: the guidance
+    classifier scored 0.99+ "no eyeglasses" on edits that still showed them, docs/editing.md).
 
     The backend follows from what is given: ``classifier`` with ``classifier_scale`` > 0 -> guided (the
     classifier steers the denoiser); scale 0 -> conditional, the classifier only checks the edits; no
@@ -92,10 +96,13 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     if classifier is not None:
         guide = load_guidance_classifier(classifier, scheduler_config=ckpt.scheduler_config, scale=classifier_scale,
                                          check_only=classifier_scale == 0)
+    judge = None if checker is None else load_guidance_classifier(
+        checker, scheduler_config=ckpt.scheduler_config, scale=0.0, check_only=True)
     if guidance is None:
         guidance = default_guidance(ckpt)
     editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, num_steps=steps,
-                           guidance_scale=guidance, guide=guide, checker=guide, label_free=ckpt.cond_drop_prob == 1.0,
+                           guidance_scale=guidance, guide=guide, checker=judge or guide,
+                           label_free=ckpt.cond_drop_prob == 1.0,
                            keep_unprotected=keep_unprotected, check_threshold=check_threshold, max_retries=max_retries)
     source = guide.data_spec if guide is not None and guide.data_spec else ckpt.data_spec
     base = {k: v for k, v in (source or {}).items() if k in DATASET_KEYS}
@@ -139,7 +146,11 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     # What the models themselves cost (their own records): reported with every edit, so a model trained
     # without DP, or with the not-private reproducible noise, is never presented as a private one.
     editor.model_privacy = combined_privacy(ckpt, guide)
-    editor.costs = model_costs(ckpt, guide, edited=dm.dataset_spec())
+    editor.costs = model_costs(ckpt, guide, edited=dm.dataset_spec(), checker=judge)
+    if judge is not None:  # its cost is its own; on the same data as another model, the epsilons add
+        check = editor.costs[-1]
+        editor.model_privacy += (f"; check classifier: {check['privacy']} on {check['data']} (on the same data "
+                                 f"as another model, their epsilons and deltas add)")
     return editor, dm, indices, list(protect)
 
 
@@ -292,7 +303,7 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
              steps: int = 50, seed: int | None = None, ledger: str | Path | None = None, budget: float | None = None,
              use_ema: bool = True, classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
              check: bool = True, check_threshold: float = DEFAULT_CHECK_THRESHOLD,
-             max_retries: int = DEFAULT_MAX_RETRIES, keep_unprotected: bool = True) -> dict:
+             max_retries: int = DEFAULT_MAX_RETRIES, keep_unprotected: bool = True, checker=None) -> dict:
     """Release private edits of the chosen images; returns the report also written to OUT/edit_report.json.
 
     Spends on the dataset's privacy database (``PrivacyLedger.for_dataset``; ``ledger`` overrides its
@@ -305,7 +316,7 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
     # 1. every option and --out, before anything is loaded or spent
     check_edit_options(guidance=guidance, steps=steps, first=first, budget=budget, seed=seed)
     lv = resolve_level(level, epsilon=epsilon, strength=strength)
-    if check and classifier is None:
+    if check and classifier is None and checker is None:
         raise ConfigError("--classifier: every released edit is checked to show its released values, and the check "
                           "needs an attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only "
                           "checks, the conditional model still edits); or pass --no-check to release unchecked edits")
@@ -315,8 +326,9 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
         editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
             checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
             use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale, check_threshold=check_threshold,
-            max_retries=max_retries, keep_unprotected=keep_unprotected)
+            max_retries=max_retries, keep_unprotected=keep_unprotected, checker=checker)
         head = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
+                "checker": None if checker is None else str(checker),
                 "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
                 "level": lv.to_json(), "protected": protected,
                 "guidance": editor.guidance_scale if editor.backend == "conditional" and not editor.label_free else None,

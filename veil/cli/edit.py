@@ -71,6 +71,9 @@ def add_subcommand(sub) -> None:
                                         "in every case it checks that each edit shows its released values")
     p.add_argument("--classifier-scale", type=nonneg_float, default=None,
                    help="classifier guidance scale (default 10 with --classifier; 0 = the classifier only checks)")
+    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits instead of --classifier "
+                                     "(recommended with the guided backend: the classifier that steered an edit can be "
+                                     "fooled by its own guidance); its training privacy is added to the edit's cost")
     p.add_argument("--no-keep-unprotected", action="store_true",
                    help="guided backend: steer only the protected attributes (default: also towards the current "
                         "values of the unprotected ones, which a release publishes as they are)")
@@ -121,7 +124,8 @@ def _edit(args) -> int:
     if args.sweep:
         ignored = [flag for flag, value in (("--epsilon", args.epsilon), ("--ledger", args.ledger),
                                             ("--budget", args.budget)) if value is not None]
-        ignored += [flag for flag, on in (("--no-check", args.no_check), ("--check-threshold", args.check_threshold != 0.5),
+        ignored += [flag for flag, on in (("--no-check", args.no_check), ("--checker", args.checker is not None),
+                                          ("--check-threshold", args.check_threshold != 0.5),
                                           ("--max-retries", args.max_retries != 2)) if on]
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: not with --sweep (it releases nothing and opens no ledger); "
@@ -136,8 +140,10 @@ def _edit(args) -> int:
         raise ConfigError("--sweep-epsilons: only with --sweep")
     if not args.check_threshold < 1:
         raise ConfigError(f"--check-threshold {args.check_threshold:g}: must be a probability below 1")
+    if args.checker is not None and args.no_check:
+        raise ConfigError("--checker: not with --no-check")
     report = run_edit(level=args.level, epsilon=args.epsilon, strength=args.strength, seed=args.seed,
-                      ledger=args.ledger, budget=args.budget, check=not args.no_check,
+                      ledger=args.ledger, budget=args.budget, check=not args.no_check, checker=args.checker,
                       check_threshold=args.check_threshold, max_retries=args.max_retries, **common)
     print(summary(report, args.out))
     return 0

@@ -258,3 +258,26 @@ def test_a_seeded_guided_release_is_reproducible(pipeline, tmp_path):
         [im["released_attributes"] for im in reports[1]["images"]]
     for im in reports[0]["images"]:
         assert (tmp_path / "a" / im["file"]).read_bytes() == (tmp_path / "b" / im["file"]).read_bytes()
+
+
+def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stated(pipeline, tmp_path, veil_home):
+    """--checker: a classifier that did not steer the edit checks it (the guide can be fooled by its own
+    guidance); it is the one read, and its training privacy is listed in the cost."""
+    dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 2.0, "accountant": "rdp",
+          "max_physical_batch_size": 16}
+    recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "dp": dp, "refit_head": False})  # clean-image classifier
+    TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=tmp_path / "judge")
+    editor, *_ = J.load_edit_inputs(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=tmp_path / "judge",
+                                    data=None, ids=None, first=2, protect=PROTECTED, steps=4, guidance=None)
+    assert editor.backend == "guided" and editor.checker is not editor.guide
+    assert not editor.checker.model.noise_conditional  # a classifier of clean images can judge
+    assert [m["role"] for m in editor.costs] == ["denoiser", "guidance classifier", "check classifier"]
+    assert "check classifier: epsilon" in editor.model_privacy
+    x, a = _faces(editor, n=2)
+    target = _with(a, "smiling", editor, 1.0)
+    j = editor.checker.attribute_names.index("smiling")
+    torch.testing.assert_close(editor.shown(x, target, protected=PROTECTED)[:, 0],
+                               torch.sigmoid(editor.checker.logits(x)[:, j]))
+    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=tmp_path / "judge",
+                        out=tmp_path / "e", protect=PROTECTED, first=2, level="low", steps=4, check_threshold=0.01)
+    assert report["checker"] == str(tmp_path / "judge") and len(report["cost"]["models"]) == 3
