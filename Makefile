@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
 	touch $@
 
-.PHONY: setup demo test bench finetune guided guided-eval
+.PHONY: setup demo test bench finetune guided guided-eval guided-grid
 setup: $(VENV)/.installed
 
 # Each demo run gets a new folder, runs/demo-YYYYmmdd-HHMMSS: an earlier run is never deleted.
@@ -46,10 +46,19 @@ bench: setup
 # epsilon-10 DP classifier, and the same with a classifier trained without DP as the control (~6 min on a
 # 2-core CPU, epsilon infinity on the private data: it counts in the dataset's account), then both at the
 # four levels, naive and adaptive attackers (~15 min each on a 2-core CPU).
+EVAL = --checkpoint runs/public --num-images 128 --adaptive-images 256 --steps 20 --threads 1
 guided-eval: setup
 	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
 	test -f runs/guide/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --out runs/guide --progress
 	test -f runs/guide_np/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --set dp.enabled=false --out runs/guide_np --progress
-	$(PY) bench/edit_eval.py --checkpoint runs/public --classifier runs/guide --label "guided, DP classifier eps 10" --out runs/eval/guided
-	$(PY) bench/edit_eval.py --checkpoint runs/public --classifier runs/guide_np --label "guided, non-private classifier (control)" --out runs/eval/control
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "guided, DP classifier eps 10" --out runs/eval/guided
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide_np --label "guided, non-private classifier (control)" --out runs/eval/control
 	$(PY) bench/edit_eval.py --combine runs/eval/guided/edit_eval.json runs/eval/control/edit_eval.json --out runs/eval
+
+# The grid the levels were chosen from (docs/editing.md, "How the levels were chosen"); after guided-eval.
+guided-grid: setup
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, invert" --levels low,medium,high,max --encodings invert --out runs/grid/invert
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, noise eps 0" --encodings noise --strengths 1.0,0.85 --epsilons 0 --out runs/grid/noise0
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, noise eps 1" --encodings noise --strengths 0.85,0.7 --epsilons 1 --out runs/grid/noise1
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, noise eps 2" --encodings noise --strengths 0.7,0.55 --epsilons 2 --out runs/grid/noise2
+	$(PY) bench/edit_eval.py --combine runs/grid/invert/edit_eval.json runs/grid/noise0/edit_eval.json runs/grid/noise1/edit_eval.json runs/grid/noise2/edit_eval.json --out runs/grid

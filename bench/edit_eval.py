@@ -69,17 +69,18 @@ from veil.errors import VeilError
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
+from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
 from veil.lightning_modules.diffusion.sample import combined_privacy, privacy_phrase
 from veil.lightning_modules.editing.editor import PrivateEditor
 from veil.outputs import write_json_atomic, write_text_atomic
 from veil.privacy.bounds import bayes_accuracy_bound
-from veil.privacy.levels import LEVELS
+from veil.privacy.levels import ENCODINGS, LEVELS
 from veil.privacy.mechanism import derive_seed, json_epsilon, keep_probability, privatize
 
 SPLIT_KEYS = DATASET_KEYS + ("val_fraction", "test_fraction")  # the images and the splits the model saw
 FULL = dict(num_images=200, adaptive_images=384, attacker_images=2048, attacker_epochs=4, adaptive_epochs=4, steps=25)
 QUICK = dict(num_images=48, adaptive_images=96, attacker_images=1024, attacker_epochs=3, adaptive_epochs=3, steps=12)
-GRID = dict(strengths="0.4,0.55,0.7,0.95", epsilons="0,1,2,4,inf")
+GRID = dict(strengths="0.4,0.55,0.7,0.95", epsilons="0,1,2,4,inf", encodings="invert")
 
 
 # ---------------------------------------------------------------------------------------- attackers
@@ -232,14 +233,20 @@ def load_pipeline(args) -> tuple[PrivateEditor, dict, dict]:
     editor = PrivateEditor.from_checkpoint(args.checkpoint, classifier=args.classifier,
                                            classifier_scale=args.classifier_scale, num_steps=args.steps,
                                            guidance_scale=args.guidance)
-    data_owner = editor.checker if args.classifier else ckpt  # the private data the edits are about
+    clf = editor.checker  # the --classifier
+    if args.checker:  # a classifier that did not steer the edit judges it (veil edit --checker)
+        editor.checker = load_guidance_classifier(args.checker, scheduler_config=ckpt.scheduler_config, scale=0.0,
+                                                  check_only=True)
+    data_owner = clf if args.classifier else ckpt  # the private data the edits are about
     spec = {k: v for k, v in (data_owner.data_spec or {"source": "synthetic"}).items() if k in SPLIT_KEYS}
     trained = editor.guide if editor.backend == "guided" else ckpt  # the model that learned from that data
     private, phrase = privacy_phrase(trained.privacy)
     eps = (trained.privacy or {}).get("epsilon")
     label = args.label or f"{editor.backend}, " + (f"DP eps {eps:.3g}" if private else "not private")
     return editor, spec, {"label": label, "backend": editor.backend, "private": private,
-                          "privacy": combined_privacy(ckpt, editor.checker), "model_privacy": phrase}
+                          "privacy": combined_privacy(ckpt, clf) + (
+                              f"; checker: {privacy_phrase(editor.checker.privacy)[1]}" if args.checker else ""),
+                          "model_privacy": phrase}
 
 
 def load_images(dm: FaceDataModule, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -258,16 +265,21 @@ def release(a: torch.Tensor, ids: list[str], *, names: list[str], protect: list[
     return torch.tensor([[d[n] for n in names] for d in draws], dtype=torch.float32)
 
 
-def edit_cell(editor: PrivateEditor, x, a, released, *, strength: float, protect: list[str],
+def edit_cell(editor: PrivateEditor, x, a, released, *, strength: float, encoding: str, protect: list[str],
               inversions: dict, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edits (N,3,H,W), passed (N,) bool, attempts (N,) long): checked when the editor can check, else
-    every edit passes at its first attempt and the inversion is cached in ``inversions`` per (key, strength)."""
+    every edit passes at its first attempt and an inversion is cached in ``inversions`` per (key, strength)
+    (a "noise" encoding is drawn afresh for each cell, as each release draws it)."""
     if editor.can_check:
-        checked = editor.edit_checked(x, a, released, strength=strength, protected=protect)
+        checked = editor.edit_checked(x, a, released, strength=strength, protected=protect, encoding=encoding)
         return checked.images, checked.passed, checked.attempts
-    if (key, strength) not in inversions:
-        inversions[key, strength] = editor.invert(x, a, strength=strength, protected=protect)
-    edited = editor.regenerate(inversions[key, strength], released, strength=strength, protected=protect)
+    if encoding == "noise":
+        x_t0 = editor.encode(x, a, strength=strength, protected=protect, encoding=encoding)
+    else:
+        if (key, strength) not in inversions:
+            inversions[key, strength] = editor.invert(x, a, strength=strength, protected=protect)
+        x_t0 = inversions[key, strength]
+    edited = editor.regenerate(x_t0, released, strength=strength, protected=protect)
     return edited, torch.ones(len(x), dtype=torch.bool), torch.ones(len(x), dtype=torch.long)
 
 
@@ -326,17 +338,18 @@ def evaluate(args) -> dict:
                 "attacker_seconds": time.time() - t0, **originals_numbers(naive, x, a, names)}
     rr = functools.partial(release, names=names, protect=protect, seed=args.seed)  # randomized response
     rows, inversions = [], {}
-    for level, eps, strength in args.cells:
-        cell = dict(strength=strength, protect=protect, inversions=inversions)
+    for level, eps, strength, encoding in args.cells:
+        cell = dict(strength=strength, encoding=encoding, protect=protect, inversions=inversions)
         # 1. the adaptive attacker: the pipeline's own edits of training images (fresh draws), ORIGINAL labels
         adv_edits, adv_passed, _ = edit_cell(editor, x_adv, a_adv, rr(a_adv, ids_adv, epsilon=eps, stream="adaptive"),
                                              key="adaptive", **cell)
         adaptive = adaptive_attacker(naive, adv_edits[adv_passed], a_adv[adv_passed], epochs=args.adaptive_epochs,
-                                     seed=derive_seed(args.seed, "adaptive attacker", eps, strength) % 2**31)
+                                     seed=derive_seed(args.seed, "adaptive attacker", eps, strength, encoding) % 2**31)
         # 2. the evaluated edits, scored where they passed the check
         released = rr(a, ids, epsilon=eps, stream="eval")
         edited, passed, attempts = edit_cell(editor, x, a, released, key="eval", **cell)
-        row = {"label": about["label"], "level": level, "strength": strength, "adaptive_n": int(adv_passed.sum()),
+        row = {"label": about["label"], "level": level, "strength": strength, "encoding": encoding,
+               "adaptive_n": int(adv_passed.sum()),
                **score_row(naive, adaptive, edited, x, a, released, passed, attempts, checked=editor.can_check,
                            names=names, protect=protect, epsilon=eps, priors=priors)}
         rows.append(row)
@@ -357,7 +370,18 @@ def _fmt(v, spec: str) -> str:
 
 
 def _cell_name(row: dict) -> str:
-    return row["level"] or f"s {row['strength']:g}, eps {_num(row['epsilon']):g}"
+    """"high"; "high, invert" where the row overrode the level's encoding; "s 0.7, eps 1, noise" in a grid
+    (rows written before encodings existed were all inverted)."""
+    enc = row.get("encoding", "invert")
+    if row["level"]:
+        return row["level"] + ("" if enc == LEVELS[row["level"]].encoding else f", {enc}")
+    return f"s {row['strength']:g}, eps {_num(row['epsilon']):g}, {enc}"
+
+
+def _cell_order(name: str) -> tuple:
+    """Levels least private first (each before its overrides), then the grid cells by name."""
+    base = name.split(",")[0]
+    return (list(LEVELS).index(base), name) if base in LEVELS else (len(LEVELS), name)
 
 
 def _excess(acc: float, bound: float, n: int) -> str:
@@ -379,7 +403,7 @@ def _stronger(row: dict, p: str) -> float:
 def markdown(runs: list[dict]) -> str:
     """One table for the rows of every run (their protected attributes must agree), and notes per run."""
     protect = runs[0]["protect"]
-    head = ["label", "level", "epsilon", "strength", "n", "re-done", "refused"] + \
+    head = ["label", "level", "epsilon", "strength", "encoding", "n", "re-done", "refused"] + \
         [f"{c} {p}" for p in protect for c in ("naive", "adaptive", "bound", "excess")] + \
         [f"follows {p}" for p in protect] + ["unprotected acc", "PSNR dB", "SSIM", "KID"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -387,7 +411,8 @@ def markdown(runs: list[dict]) -> str:
     for run in runs:
         for r in run["rows"]:
             check = r.get("check") or {}
-            cells = [run["label"], r["level"] or "-", _fmt(r["epsilon"], "g"), f"{r['strength']:.2f}", str(r["n"]),
+            cells = [run["label"], r["level"] or "-", _fmt(r["epsilon"], "g"), f"{r['strength']:.2f}",
+                     r.get("encoding", "invert"), str(r["n"]),
                      _fmt(check.get("redone"), ".2f"), _fmt(check.get("refused"), ".2f")]
             for p in protect:
                 excess = _excess(_stronger(r, p), r["bound"][p], r["n"])
@@ -434,8 +459,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     protect = runs[0]["protect"]
-    order = sorted(dict.fromkeys(_cell_name(r) for run in runs for r in run["rows"]),  # levels least private first
-                   key=lambda c: list(LEVELS).index(c) if c in LEVELS else len(LEVELS))
+    order = sorted(dict.fromkeys(_cell_name(r) for run in runs for r in run["rows"]), key=_cell_order)
     fig, axes = plt.subplots(1, len(protect) + 2, figsize=(4.2 * (len(protect) + 2), 4.2))
     for k, run in enumerate(runs):
         rows = sorted(run["rows"], key=lambda r: order.index(_cell_name(r)))
@@ -501,9 +525,10 @@ def combine(paths: list[str], out: Path) -> str:
     return write_report(runs, out, f"{len(runs)} runs: {', '.join(labels)}\n\n")
 
 
-def _cells(args, p) -> list[tuple[str | None, float, float]]:
-    """The rows: (level name, epsilon, strength) of each --levels name, or (None, eps, s) of the grid."""
-    if args.strengths or args.epsilons:
+def _cells(args, p) -> list[tuple[str | None, float, float, str]]:
+    """The rows: (level name, epsilon, strength, encoding) of each --levels name (with each of --encodings
+    instead of the level's, if given), or (None, eps, s, enc) of the grid."""
+    if args.strengths or args.epsilons or (args.encodings and not args.levels):
         if args.levels:
             p.error("--levels or --strengths/--epsilons: give one of the two")
         try:
@@ -513,12 +538,21 @@ def _cells(args, p) -> list[tuple[str | None, float, float]]:
             p.error(f"--strengths {args.strengths!r} / --epsilons {args.epsilons!r}: give comma-separated numbers")
         if not all(0 < s <= 1 for s in strengths) or not all(e >= 0 for e in epsilons):
             p.error("--strengths must lie in (0, 1] and --epsilons be >= 0")
-        return [(None, e, s) for s in strengths for e in epsilons]
+        encodings = _encodings(args, p) or GRID["encodings"].split(",")
+        return [(None, e, s, enc) for enc in encodings for s in strengths for e in epsilons]
     names = [n for n in (args.levels or ",".join(LEVELS)).split(",") if n]
     unknown = [n for n in names if n not in LEVELS]
     if unknown or not names:
         p.error(f"--levels {args.levels!r}: choose names from {list(LEVELS)}")
-    return [(n, LEVELS[n].epsilon, LEVELS[n].strength) for n in names]
+    return [(n, LEVELS[n].epsilon, LEVELS[n].strength, enc) for n in names
+            for enc in (_encodings(args, p) or [LEVELS[n].encoding])]
+
+
+def _encodings(args, p) -> list[str]:
+    encodings = [e for e in (args.encodings or "").split(",") if e]
+    if args.encodings is not None and (not encodings or not set(encodings) <= set(ENCODINGS)):
+        p.error(f"--encodings {args.encodings!r}: choose from {list(ENCODINGS)}")
+    return encodings
 
 
 def main(argv=None) -> None:
@@ -527,11 +561,14 @@ def main(argv=None) -> None:
     p.add_argument("--classifier", help="a `veil train-classifier` release: guides (scale > 0) and checks the edits")
     p.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale (default 10; "
                                                                          "0: the classifier only checks)")
+    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits instead of "
+                                     "--classifier (as `veil edit --checker`)")
     p.add_argument("--label", help="names this run's rows (default: backend and privacy, e.g. 'guided, DP eps 10')")
     p.add_argument("--protect", default="eyeglasses,smiling", help="protected attributes (default: these two)")
     p.add_argument("--levels", help=f"comma-separated privacy levels (default {','.join(LEVELS)})")
     p.add_argument("--strengths", help=f"instead of --levels, a grid: strengths (default {GRID['strengths']})")
     p.add_argument("--epsilons", help=f"... by epsilons (default {GRID['epsilons']})")
+    p.add_argument("--encodings", help=f"... by encodings, invert and/or noise (default {GRID['encodings']})")
     for name, help_ in (("num-images", "edited images (val + test splits)"),
                         ("adaptive-images", "training-split images the adaptive attacker edits per row"),
                         ("attacker-images", "naive attacker's training images"),

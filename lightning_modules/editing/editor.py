@@ -4,10 +4,14 @@ Editing images x0 (B,3,H,W) in [-1,1] with their attributes a and privatized att
 is ``diffusion.ddim``'s, the one DDIM implementation, for both backends):
 
     1. t0 = the DDIM grid point nearest strength * T (``ddim.edit_timesteps``);
-    2. invert x0 up the grid to x_t0 without the true protected values:
-         conditional: under a with the PROTECTED entries set to 0 (unknown), at guidance
-                      ``inversion_guidance`` (default 1: plain conditional);
-         guided:      unconditionally (a label-free denoiser sees no attributes at all);
+    2. encode x0 at t0 without the true protected values, by the level's ``encoding``:
+         "invert": DDIM inversion up the grid (keeps the face: nearly invertible, so it also keeps
+                   what the pixels say about the protected values), seeing
+           conditional: a with the PROTECTED entries set to 0 (unknown), at guidance
+                        ``inversion_guidance`` (default 1: plain conditional);
+           guided:      no attributes at all (a label-free denoiser);
+         "noise":  the forward process q(x_t0 | x0) with fresh noise (SDEdit): only sqrt(alpha_prod_t0)
+                   of the image survives, so what the pixels keep shrinks with the strength;
     3. regenerate from x_t0 down to a clean image towards a~:
          conditional: classifier-free guidance w through the denoiser's attribute path;
          guided:      classifier guidance by a noise-conditional attribute classifier (DP-trained, e.g.
@@ -22,9 +26,12 @@ Step 2 never sees the true protected values: inverting under them would write th
 directly, outside the randomized response (the pixels of x0 still carry them, and what inversion
 keeps of the pixels is measured by ``bench/edit_eval.py``, not bounded). So every entry point takes
 ``protected`` (attribute names, required, keyword-only). Both walks are deterministic (DDIM,
-eta = 0), so an edit is a function of (x0, a with the protected entries unknown, a~, strength); the
-only randomness of a private edit is the randomized response that chose a~ (veil.privacy.mechanism).
-The editor is also the ``EditFn`` of ``veil.privacy.session``.
+eta = 0), so an "invert" edit is a function of (x0, a with the protected entries unknown, a~,
+strength); its only randomness is the randomized response that chose a~ (veil.privacy.mechanism).
+A "noise" edit adds the encoding noise, drawn from a generator seeded from the OS CSPRNG at each
+call (``veil.privacy.randomness.secret_seed``), never from a config seed and never stored: whoever
+knew it could subtract it and recover sqrt(alpha_prod_t0) x0 exactly. (``noise=`` passes it in, for
+tests and export verification only.) The editor is also the ``EditFn`` of ``veil.privacy.session``.
 """
 
 from __future__ import annotations
@@ -41,10 +48,13 @@ from veil.lightning_modules.diffusion.ddim import (
     ddim_invert,
     ddim_regenerate,
     edit_timesteps,
+    noise_to,
 )
 from veil.lightning_modules.data.specs import data_location, same_dataset
 from veil.lightning_modules.diffusion.guidance import GuidanceClassifier
 from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
+from veil.privacy.levels import check_encoding
+from veil.privacy.randomness import secret_seed
 
 __all__ = ["PrivateEditor", "CheckedEdits", "EditRefused", "model_costs", "RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR"]
 
@@ -221,6 +231,23 @@ class PrivateEditor:
         return torch.cat([ddim_invert(self.model, x, a_b, self.alphas_cumprod, ts, w).cpu()
                           for x, a_b in self._chunks(images, a)])
 
+    def encode(self, images: torch.Tensor, originals: torch.Tensor, *, strength: float, protected: Sequence[str],
+               encoding: str = "invert", noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Step 2: images (B,3,H,W) -> x_t0 by ``encoding`` ("invert" or "noise"). ``noise`` (B,3,H,W) replaces
+        the secret encoding noise; tests and export verification only (a release must never pass it)."""
+        check_encoding(encoding)
+        if encoding == "invert":
+            if noise is not None:
+                raise ConfigError("noise=: DDIM inversion takes no noise (only the 'noise' encoding does)")
+            return self.invert(images, originals, strength=strength, protected=protected)
+        self.protected_mask(protected)  # the same checks as inversion makes
+        if noise is None:
+            noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(secret_seed()))
+        if noise.shape != images.shape:
+            raise ValueError(f"noise {tuple(noise.shape)}: expected the images' shape {tuple(images.shape)}")
+        t0 = self.timesteps(strength)[-1].expand(images.shape[0])
+        return noise_to(images, noise.to(images), self.alphas_cumprod.to(images.device), t0.to(images.device))
+
     def guide_targets(self, targets: torch.Tensor, *, protected: Sequence[str]) -> torch.Tensor:
         """targets (B,k) -> what classifier guidance steers to: the released protected values and, with
         ``keep_unprotected``, the current values of the others (a release publishes them exactly)."""
@@ -249,12 +276,13 @@ class PrivateEditor:
         return torch.cat(out)
 
     def edit(self, images: torch.Tensor, originals: torch.Tensor, targets: torch.Tensor, *,
-             strength: float, protected: Sequence[str], guidance_factor: torch.Tensor | float = 1.0) -> torch.Tensor:
+             strength: float, protected: Sequence[str], guidance_factor: torch.Tensor | float = 1.0,
+             encoding: str = "invert", noise: torch.Tensor | None = None) -> torch.Tensor:
         """Batched private edit (steps 1-3 of the module docstring): (B,3,H,W), (B,k), (B,k) -> (B,3,H,W)."""
         if images.ndim != 4 or originals.shape != targets.shape or originals.shape[0] != images.shape[0]:
             raise ValueError(f"edit: images {tuple(images.shape)}, originals {tuple(originals.shape)}, "
                              f"targets {tuple(targets.shape)} do not line up as (B,3,H,W), (B,k), (B,k)")
-        x_t0 = self.invert(images, originals, strength=strength, protected=protected)
+        x_t0 = self.encode(images, originals, strength=strength, protected=protected, encoding=encoding, noise=noise)
         return self.regenerate(x_t0, targets, strength=strength, protected=protected, guidance_factor=guidance_factor)
 
     # -- step 4: does the edit show what it releases? ----------------------------------------------
@@ -277,9 +305,10 @@ class PrivateEditor:
                 for i in range(self.max_retries + 1)]
 
     def edit_checked(self, images: torch.Tensor, originals: torch.Tensor, targets: torch.Tensor, *,
-                     strength: float, protected: Sequence[str]) -> CheckedEdits:
+                     strength: float, protected: Sequence[str], encoding: str = "invert") -> CheckedEdits:
         """Steps 1-4: edit, check each row shows its released protected values, re-do the rows that do not
-        along ``retry_ladder``; rows failing every attempt have ``passed`` False (the caller refuses them)."""
+        along ``retry_ladder`` (a "noise" re-do draws fresh noise); rows failing every attempt have ``passed``
+        False (the caller refuses them)."""
         mask = self.protected_mask(protected)
         b = images.shape[0]
         out = torch.empty_like(images)
@@ -288,7 +317,7 @@ class PrivateEditor:
         pending = torch.arange(b)
         for k, (s, g) in enumerate(self.retry_ladder(strength)):
             edited = self.edit(images[pending], originals[pending], targets[pending], strength=s, protected=protected,
-                               guidance_factor=g)
+                               guidance_factor=g, encoding=encoding)
             p = self.shown(edited, targets[pending], protected=protected)
             out[pending], shown[pending] = edited, p
             attempts[pending], used_s[pending], used_g[pending] = k + 1, s, g
@@ -311,13 +340,15 @@ class PrivateEditor:
 
     def __call__(self, images: Sequence[torch.Tensor], *, originals: Sequence[Mapping[str, int]],
                  targets: Sequence[Mapping[str, int]], strength: float, protected: Sequence[str],
-                 check: bool = False) -> list[torch.Tensor]:
+                 check: bool = False, encoding: str = "invert") -> list[torch.Tensor]:
         """The EditFn of privacy.session: lists of (3,H,W) images and attribute dicts in, list of edits out.
-        ``check``: run step 4 and raise ``EditRefused`` if a row fails every re-do (a session's release)."""
+        ``check``: run step 4 and raise ``EditRefused`` if a row fails every re-do (a session's release).
+        Previews of one image share one encoding (one inversion, or one noise draw) across the targets."""
         a = torch.stack([self.attribute_vector(o) for o in originals])  # (B,k)
         a_new = torch.stack([self.attribute_vector(t) for t in targets])  # (B,k)
         if check:
-            result = self.edit_checked(torch.stack(list(images)), a, a_new, strength=strength, protected=protected)
+            result = self.edit_checked(torch.stack(list(images)), a, a_new, strength=strength, protected=protected,
+                                       encoding=encoding)
             if not bool(result.passed.all()):
                 i = int((~result.passed).nonzero()[0])
                 raise EditRefused(f"the edit does not show its released values after {int(result.attempts[i])} "
@@ -327,7 +358,8 @@ class PrivateEditor:
         a_inv = self.inversion_attributes(a, protected=protected)  # (B,k), what inversion sees
         if all(im is images[0] for im in images) and bool((a_inv == a_inv[0]).all()):
             # previews of one image: invert once, regenerate every target from the same x_t0
-            x_t0 = self.invert(images[0][None], a_inv[:1], strength=strength, protected=protected)
+            x_t0 = self.encode(images[0][None], a_inv[:1], strength=strength, protected=protected, encoding=encoding)
             return list(self.regenerate(x_t0.expand(len(images), -1, -1, -1), a_new, strength=strength,
                                         protected=protected))
-        return list(self.edit(torch.stack(list(images)), a, a_new, strength=strength, protected=protected))
+        return list(self.edit(torch.stack(list(images)), a, a_new, strength=strength, protected=protected,
+                              encoding=encoding))

@@ -299,7 +299,8 @@ def _write_edit(stage: Path, *, dm, names, changes, image_ids, edited, grid: tup
 
 def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
              ids: Sequence[str] | None = None, first: int | None = None, level: str = "medium",
-             epsilon: float | None = None, strength: float | None = None, guidance: float | None = None,
+             epsilon: float | None = None, strength: float | None = None, encoding: str | None = None,
+             guidance: float | None = None,
              steps: int = 50, seed: int | None = None, ledger: str | Path | None = None, budget: float | None = None,
              use_ema: bool = True, classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
              check: bool = True, check_threshold: float = DEFAULT_CHECK_THRESHOLD,
@@ -315,7 +316,7 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
     out = Path(out)
     # 1. every option and --out, before anything is loaded or spent
     check_edit_options(guidance=guidance, steps=steps, first=first, budget=budget, seed=seed)
-    lv = resolve_level(level, epsilon=epsilon, strength=strength)
+    lv = resolve_level(level, epsilon=epsilon, strength=strength, encoding=encoding)
     if check and classifier is None and checker is None:
         raise ConfigError("--classifier: every released edit is checked to show its released values, and the check "
                           "needs an attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only "
@@ -380,11 +381,12 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                           release_index=book.count(i)) for i, o in zip(image_ids, originals)]
     targets = torch.stack([editor.attribute_vector(r) for r, _ in draws])
     if check:
-        checked = editor.edit_checked(x, a, targets, strength=lv.strength, protected=protected)
+        checked = editor.edit_checked(x, a, targets, strength=lv.strength, protected=protected, encoding=lv.encoding)
         edited, passed = checked.images, checked.passed.tolist()
         checks = {i: checked.row(k) for k, i in enumerate(image_ids)}
     else:
-        edited, passed, checks = editor.edit(x, a, targets, strength=lv.strength, protected=protected), \
+        edited, passed, checks = editor.edit(x, a, targets, strength=lv.strength, protected=protected,
+                                             encoding=lv.encoding), \
             [True] * len(image_ids), {}
     _check_finite(edited, image_ids, guidance=editor.guidance_scale, what="edit")
     keep = [k for k, ok in enumerate(passed) if ok]
@@ -407,7 +409,8 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
     def publish(records) -> None:
         spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}
         images = [{"id": i, "outcome": rec.outcome, "file": files.get(i), "released_attributes": r if ok else None,
-                   "epsilon": json_epsilon(lv.epsilon), "strength": lv.strength, "release_id": rec.release_id,
+                   "epsilon": json_epsilon(lv.epsilon), "strength": lv.strength, "encoding": lv.encoding,
+                   "release_id": rec.release_id,
                    "spent": spent[i], **({"check": checks[i]} if check else {})}
                   for i, (r, _), rec, ok in zip(image_ids, draws, records, passed)]
         report.update(report_head, ledger=str(book.path), budget=book.budget, cost=costs, revision="revision",
@@ -433,17 +436,20 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
     return report
 
 
-def sweep_levels(*, epsilons: Sequence[float] | None, strength: float | None, level: str | None) -> list[PrivacyLevel]:
-    """The rows of a sweep: the named levels, or the given epsilons at one strength (--strength or --level's)."""
+def sweep_levels(*, epsilons: Sequence[float] | None, strength: float | None, level: str | None,
+                 encoding: str | None = None) -> list[PrivacyLevel]:
+    """The rows of a sweep: the named levels, or the given epsilons at one strength and encoding (--strength
+    and --encoding, else --level's)."""
     if not epsilons:
         return list(LEVELS.values())
-    return [resolve_level(level, epsilon=check_epsilon(e, option="--sweep-epsilons"), strength=strength)
-            for e in epsilons]
+    return [resolve_level(level, epsilon=check_epsilon(e, option="--sweep-epsilons"), strength=strength,
+                          encoding=encoding) for e in epsilons]
 
 
 def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any] | None = None,
               ids: Sequence[str] | None = None, first: int | None = None, epsilons: Sequence[float] | None = None,
-              level: str | None = None, strength: float | None = None, guidance: float | None = None, steps: int = 50,
+              level: str | None = None, strength: float | None = None, encoding: str | None = None,
+              guidance: float | None = None, steps: int = 50,
               seed: int | None = None, use_ema: bool = True, classifier=None,
               classifier_scale: float = DEFAULT_CLASSIFIER_SCALE, keep_unprotected: bool = True) -> dict:
     """Preview grid over privacy levels for the same images; releases nothing.
@@ -455,7 +461,7 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
     """
     out = Path(out)
     check_edit_options(guidance=guidance, steps=steps, first=first, seed=seed)
-    rows = sweep_levels(epsilons=epsilons, strength=strength, level=level)
+    rows = sweep_levels(epsilons=epsilons, strength=strength, level=level, encoding=encoding)
     seed = secure_seed() if seed is None else seed
     created = _check_out(out, SWEEP_FILES)
     with _staging(out, created) as stage:
@@ -464,14 +470,15 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
             use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale,
             keep_unprotected=keep_unprotected)
         grid, table = [x], []
-        inverted: dict[float, torch.Tensor] = {}
+        inverted: dict[tuple[float, str], torch.Tensor] = {}
         for k, lv in enumerate(rows):
             draws = [privatize(o, protected=protected, epsilon=lv.epsilon,
                                rng=random.Random(derive_seed(seed, i, "sweep", k))) for i, o in zip(image_ids, originals)]
-            if lv.strength not in inverted:  # inversion depends on strength only: share it across rows
-                inverted[lv.strength] = editor.invert(x, a, strength=lv.strength, protected=protected)
+            key = (lv.strength, lv.encoding)
+            if key not in inverted:  # the encoding depends on strength only: share it across rows (one noise draw)
+                inverted[key] = editor.encode(x, a, strength=lv.strength, protected=protected, encoding=lv.encoding)
             targets = torch.stack([editor.attribute_vector(d) for d in draws])
-            grid.append(editor.regenerate(inverted[lv.strength], targets, strength=lv.strength, protected=protected))
+            grid.append(editor.regenerate(inverted[key], targets, strength=lv.strength, protected=protected))
             _check_finite(grid[-1], image_ids, guidance=editor.guidance_scale, what="preview")
             table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
         report = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),

@@ -3,11 +3,11 @@ bound (issue 11, item 15), not with p_keep, which only bounds a 50/50 attribute;
 and the adaptive attacker is flagged), KID against a brute-force reference, the adaptive attacker's
 fine-tuning, and an end-to-end run (guided and conditional backends, then --combine) on tiny models."""
 
-import importlib.util
+import argparse
 import json
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_bench
 import torch
 from dp_helpers import TINY, train_cli
 from unlearn_helpers import RECIPE, datamodule
@@ -24,11 +24,7 @@ N = 2000
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).parents[2] / "bench" / "edit_eval.py"
-    spec = importlib.util.spec_from_file_location("edit_eval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("edit_eval")
 
 
 @pytest.fixture(scope="module")
@@ -226,15 +222,16 @@ def _strict_json(path):
 def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tiny_models, tmp_path, monkeypatch):
     root = tiny_models
     bench.main(["--checkpoint", str(root / "unet"), "--classifier", str(root / "guide"), "--levels", "low,max",
-                "--out", str(tmp_path / "g"), *SMALL])
+                "--checker", str(root / "guide"), "--out", str(tmp_path / "g"), *SMALL])
     inverted, invert = [], bench.PrivateEditor.invert
     monkeypatch.setattr(bench.PrivateEditor, "invert", lambda self, x, *a, **kw: inverted.append(len(x)) or
                         invert(self, x, *a, **kw))
     bench.main(["--checkpoint", str(root / "cond"), "--strengths", "0.7", "--epsilons", "1,inf", "--label", "control",
-                "--out", str(tmp_path / "c"), *SMALL])
-    assert inverted == [16, 8]  # the grid without a check: one inversion per image set, shared by both epsilons
+                "--encodings", "invert,noise", "--out", str(tmp_path / "c"), *SMALL])
+    assert inverted == [16, 8]  # without a check: one inversion per image set, shared by both epsilons; noise: none
     guided, control = _strict_json(tmp_path / "g" / "edit_eval.json"), _strict_json(tmp_path / "c" / "edit_eval.json")
     assert guided["backend"] == "guided" and guided["label"].startswith("guided, DP eps ")
+    assert "; checker: epsilon" in guided["privacy"]  # the judge's own training privacy is stated
     assert [r["level"] for r in guided["rows"]] == ["low", "max"] and control["label"] == "control"
     assert guided["baseline"]["n"] == 8 and guided["baseline"]["adaptive_images"] == 16
     for r in guided["rows"]:  # checked: every number on the edits that passed
@@ -242,13 +239,15 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
         assert 0 <= r["check"]["refused"] <= r["check"]["redone"] <= 1  # a refused edit was re-done first
         assert r["n"] == round(8 * (1 - r["check"]["refused"])) and r["n_edited"] == 8
         assert (r["kid"] is None) == (r["n"] < 2)
-    cells = [(r["level"], r["epsilon"], r["strength"]) for r in control["rows"]]
-    assert cells == [(None, 1.0, 0.7), (None, "inf", 0.7)]  # infinity as "inf": strict JSON
+    cells = [(r["level"], r["epsilon"], r["strength"], r["encoding"]) for r in control["rows"]]
+    assert cells == [(None, e, 0.7, enc) for enc in ("invert", "noise") for e in (1.0, "inf")]  # inf: strict JSON
+    assert [r["encoding"] for r in guided["rows"]] == [bench.LEVELS[n].encoding for n in ("low", "max")]
     for r in control["rows"]:  # no classifier: no check, every edit released
         assert r["check"] is None and r["n"] == 8 and isinstance(r["kid"], float)
     assert control["rows"][1]["bound"] == {"eyeglasses": 1.0, "smiling": 1.0} and control["rows"][1]["flip_rate"] == 0
+    assert "| noise |" in (tmp_path / "c" / "edit_eval.md").read_text()
     text = (tmp_path / "g" / "edit_eval.md").read_text()
-    for column in ("naive eyeglasses", "adaptive smiling", "bound eyeglasses", "re-done", "refused", "KID"):
+    for column in ("encoding", "naive eyeglasses", "adaptive smiling", "bound eyeglasses", "re-done", "refused", "KID"):
         assert f" {column} |" in text
     assert "synth-" not in (tmp_path / "g" / "edit_eval.json").read_text()  # no per-image ids or labels
     assert (tmp_path / "g" / "edit_eval.png").stat().st_size > 0
@@ -257,11 +256,39 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
                 "--out", str(tmp_path / "m")])
     merged = (tmp_path / "m" / "edit_eval.md").read_text()
     table = [line for line in merged.split("\n\n")[1].splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 2
-    assert "| control | - | 1 | 0.70 | 8 | n/a | n/a |" in merged and "| control | - | inf | 0.70 | 8 |" in merged
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 4
+    assert "| control | - | 1 | 0.70 | invert | 8 | n/a | n/a |" in merged
+    assert "| control | - | inf | 0.70 | noise | 8 |" in merged
     merged_runs = _strict_json(tmp_path / "m" / "edit_eval.json")["runs"]
     assert [r["label"] for r in merged_runs] == [guided["label"], "control"]
     assert (tmp_path / "m" / "edit_eval.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="labels"):
         bench.main(["--combine", str(tmp_path / "c" / "edit_eval.json"), str(tmp_path / "c" / "edit_eval.json"),
                     "--out", str(tmp_path / "dup")])
+
+
+def test_cells_of_levels_grids_and_encodings(bench):
+    p = argparse.ArgumentParser()  # p.error: SystemExit
+
+    def cells(**kw):
+        return bench._cells(argparse.Namespace(**{"levels": None, "strengths": None, "epsilons": None,
+                                                  "encodings": None, **kw}), p)
+
+    lv = bench.LEVELS
+    assert cells(levels="low,max") == [(n, lv[n].epsilon, lv[n].strength, lv[n].encoding) for n in ("low", "max")]
+    assert cells(levels="max", encodings="invert,noise") == [("max", 0.0, lv["max"].strength, e)
+                                                            for e in ("invert", "noise")]
+    assert cells(strengths="0.7", epsilons="1") == [(None, 1.0, 0.7, "invert")]
+    assert cells(strengths="0.7,1", epsilons="0", encodings="noise") == [(None, 0.0, 0.7, "noise"),
+                                                                         (None, 0.0, 1.0, "noise")]
+    for bad in (dict(levels="max", strengths="0.7"), dict(encodings="blur"), dict(levels="max", encodings=",")):
+        with pytest.raises(SystemExit):
+            cells(**bad)
+    other = "invert" if lv["max"].encoding == "noise" else "noise"
+    assert bench._cell_name({"level": "max", "encoding": lv["max"].encoding}) == "max"
+    assert bench._cell_name({"level": "max", "encoding": other}) == f"max, {other}"
+    assert bench._cell_name({"level": "low"}) == "low"  # a row from before encodings: inverted, as low is
+    assert bench._cell_name({"level": None, "strength": 0.7, "epsilon": "inf", "encoding": "noise"}) == \
+        "s 0.7, eps inf, noise"
+    assert sorted(["s 1, eps 0, noise", "max", "low, noise", "low"], key=bench._cell_order) == \
+        ["low", "low, noise", "max", "s 1, eps 0, noise"]

@@ -82,13 +82,31 @@ def test_levels_order_and_moves():
     assert levels.less_private(levels.LEVELS["high"]).name == "medium"
     assert levels.less_private(levels.LEVELS["low"]).name == "low"
     custom = levels.resolve_level("high", epsilon=1.5)
-    assert (custom.name, custom.epsilon, custom.strength) == ("custom", 1.5, 0.7)
+    assert (custom.name, custom.epsilon, custom.strength) == ("custom", 1.5, levels.LEVELS["high"].strength)
     assert levels.more_private(custom).name == "high" and levels.less_private(custom).name == "medium"
+    assert levels.LEVELS["max"].to_json()["encoding"] == levels.LEVELS["max"].encoding
+
+
+def test_encoding_is_part_of_a_level_and_orders_it():
+    """At equal epsilon and strength, fresh noise is more private than inversion (it forgets the pixels)."""
+    base = levels.LEVELS["high"]
+    other = "invert" if base.encoding == "noise" else "noise"
+    custom = levels.resolve_level("high", encoding=other)
+    assert (custom.name, custom.epsilon, custom.strength, custom.encoding) == ("custom", base.epsilon,
+                                                                              base.strength, other)
+    inverted, noised = (levels.PrivacyLevel("x", 1.0, 0.7, e) for e in ("invert", "noise"))
+    assert inverted.order < noised.order
+    assert levels.resolve_level("medium").encoding in levels.ENCODINGS
+    with pytest.raises(ConfigError, match="--encoding"):
+        levels.resolve_level("high", encoding="blur")
+    with pytest.raises(ConfigError, match="--encoding"):
+        levels.PrivacyLevel("x", 1.0, 0.7, "blur")
 
 
 @pytest.mark.parametrize("kwargs, option", [
     (dict(level="extreme"), "--level"), (dict(level="high", epsilon=-1), "--epsilon"),
     (dict(level="high", strength=0.0), "--strength"), (dict(level="high", strength=1.5), "--strength"),
+    (dict(level="high", encoding="sdedit"), "--encoding"),
 ])
 def test_bad_levels_name_the_option(kwargs, option):
     with pytest.raises(ConfigError, match=option):

@@ -9,6 +9,7 @@ from veil.errors import ConfigError, PrivacyError
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.mechanism import flip_probability
 from veil.privacy.session import EditSession, draw_release
+from veil.privacy.levels import LEVELS
 
 ATTRS = {"smiling": 1, "eyeglasses": -1, "hat": 1}
 
@@ -17,9 +18,11 @@ class RecordingEditor:
     """A stand-in EditFn: the 'edit' is the target attributes and strength, so tests can see what was asked."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.encodings = [], []
 
-    def __call__(self, images, *, originals, targets, strength, protected):
+    def __call__(self, images, *, originals, targets, strength, protected, encoding):
+        assert encoding in ("invert", "noise")
+        self.encodings.append(encoding)
         self.calls.append((list(images), list(originals), list(targets), strength, list(protected)))
         return [(im, dict(t), strength) for im, t in zip(images, targets)]
 
@@ -41,19 +44,24 @@ def test_previews_spend_nothing_and_follow_the_level(ledger):
     session = _session(ledger, editor)
     cands = session.preview(6)
     assert len(cands) == 6 and ledger.releases() == [] and ledger.spends("img-7") == {}
-    assert all(c.image[0] == "pixels" and c.image[2] == 0.55 and c.level.name == "medium" for c in cands)
+    assert all(c.image[0] == "pixels" and c.image[2] == LEVELS["medium"].strength and c.level.name == "medium"
+               for c in cands)
     assert all(c.released_attributes["hat"] == 1 for c in cands)  # unprotected: unchanged
     assert all(0 < c.probability <= 1 for c in cands)
     assert session.preview(6) != cands  # each round draws afresh (same seed, next round)
 
 
 def test_feedback_moves_the_level(ledger):
-    session = _session(ledger)
+    editor = RecordingEditor()
+    session = _session(ledger, editor)
     assert session.feedback("more_private").level.name == "high"
     assert session.feedback("more_private").level.name == "max"
+    session.preview(1)
+    assert editor.encodings[-1] == LEVELS["max"].encoding  # the level's encoding reaches the editor
     assert session.feedback("more_private").level.name == "max"  # max stays max
     assert session.feedback("less_private").level.name == "high"
-    assert session.preview(1)[0].image[2] == 0.7
+    assert session.preview(1)[0].image[2] == LEVELS["high"].strength
+    assert editor.encodings[-1] == LEVELS["high"].encoding
     assert [h["action"] for h in session.history] == ["more_private"] * 3 + ["less_private"]
     with pytest.raises(ConfigError, match="feedback"):
         session.feedback("publish")
@@ -68,7 +76,7 @@ def test_accept_releases_exactly_once_and_spends_its_epsilon(ledger):
     release = outcome.release
     assert outcome.decision == "accepted" and ledger.spends("img-7") == {"eyeglasses": 1.0, "smiling": 1.0}
     assert ledger.count("img-7") == 1
-    assert release.record.epsilon == 1.0 and release.record.strength == 0.7 and release.record.level == "high"
+    assert release.record.epsilon == 1.0 and release.record.strength == LEVELS["high"].strength and release.record.level == "high"
     assert release.record.released_attributes == release.released_attributes == release.image[1]
     assert release.original_attributes == ATTRS
     assert len(editor.calls[-1][0]) == 1  # one fresh edit, not a preview

@@ -24,6 +24,7 @@ import re
 
 from veil.cli import epsilon_or_budget, nonneg_float, nonneg_int, positive_float, positive_int
 from veil.privacy.ledger import DEFAULT_BUDGET  # stdlib sqlite3 only, no torch
+from veil.privacy.levels import ENCODINGS  # no torch
 
 # argparse (before 3.13) reads "-1,2" or "-inf" after a flag as another option and fails with "expected one
 # argument"; no option of `veil edit` starts with "-<digit>", ".", "inf" or "nan", so such words are values
@@ -66,6 +67,9 @@ def add_subcommand(sub) -> None:
     p.add_argument("--epsilon", type=epsilon_or_budget, help="expert: randomized-response epsilon per protected attribute "
                                                  "(overrides the level's; 0 = fair coin, inf = keep)")
     p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
+    p.add_argument("--encoding", choices=ENCODINGS, help="expert: how the image is taken to t0 (overrides the level's): "
+                                                         "invert = DDIM inversion (keeps the face, and what its pixels "
+                                                         "show), noise = fresh secret noise (keeps only what survives it)")
     p.add_argument("--classifier", help="a `veil train-classifier` release (e.g. trained with DP on this dataset). With "
                                         "--classifier-scale > 0: the guided backend, its gradient steers the denoiser; "
                                         "in every case it checks that each edit shows its released values")
@@ -130,8 +134,8 @@ def _edit(args) -> int:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: not with --sweep (it releases nothing and opens no ledger); "
                               f"for rows at chosen epsilons use --sweep-epsilons")
-        report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength, seed=args.seed,
-                           **common)
+        report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength,
+                           encoding=args.encoding, seed=args.seed, **common)
         print(f"wrote {args.out}/sweep.png ({len(report['rows'])} levels x {len(report['ids'])} images, "
               f"{report['backend']} backend; previews for you only, owner-only files: nothing released); "
               f"models: {report['model_privacy']}")
@@ -142,7 +146,8 @@ def _edit(args) -> int:
         raise ConfigError(f"--check-threshold {args.check_threshold:g}: must be a probability below 1")
     if args.checker is not None and args.no_check:
         raise ConfigError("--checker: not with --no-check")
-    report = run_edit(level=args.level, epsilon=args.epsilon, strength=args.strength, seed=args.seed,
+    report = run_edit(level=args.level, epsilon=args.epsilon, strength=args.strength, encoding=args.encoding,
+                      seed=args.seed,
                       ledger=args.ledger, budget=args.budget, check=not args.no_check, checker=args.checker,
                       check_threshold=args.check_threshold, max_retries=args.max_retries, **common)
     print(summary(report, args.out))
@@ -153,7 +158,7 @@ def summary(report: dict, out) -> str:
     """The CLI's account of a release: what was released and refused, the check, and what it cost."""
     lv, check = report["level"], report["check"]
     lines = [f"released {report['released']} of {len(report['images'])} edits ({report['backend']} backend) at "
-             f"{lv['name']} (epsilon {lv['epsilon']}, strength {lv['strength']}) protecting "
+             f"{lv['name']} (epsilon {lv['epsilon']}, strength {lv['strength']}, {lv['encoding']} encoding) protecting "
              f"{','.join(report['protected'])}"]
     if check["enabled"]:
         refused = [im["id"] for im in report["images"] if im["outcome"] == "refused"]

@@ -55,13 +55,14 @@ class EditFn(Protocol):
     """Edit ``images[i]`` (with attributes ``originals[i]``) towards ``targets[i]``; one output per input.
 
     ``protected`` names the attributes being privatized: the edit must not condition on their
-    values in ``originals`` (inversion sees them as unknown). An editor with ``can_check`` True also
-    takes ``check=True`` (a release) and then raises ``EditRefused`` for an edit that does not show its
-    released values.
+    values in ``originals`` (inversion sees them as unknown). ``encoding`` is the level's ("invert" or
+    "noise", see veil.privacy.levels). An editor with ``can_check`` True also takes ``check=True`` (a
+    release) and then raises ``EditRefused`` for an edit that does not show its released values.
     """
 
     def __call__(self, images: Sequence[Any], *, originals: Sequence[Mapping[str, int]],
-                 targets: Sequence[Mapping[str, int]], strength: float, protected: Sequence[str]) -> Sequence[Any]: ...
+                 targets: Sequence[Mapping[str, int]], strength: float, protected: Sequence[str],
+                 encoding: str) -> Sequence[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class EditSession:
         lv = self.level
         targets = [privatize(self.attributes, protected=self.protected, epsilon=lv.epsilon, rng=rng) for _ in range(n)]
         images = self.editor([self.image] * n, originals=[self.attributes] * n, targets=targets, strength=lv.strength,
-                             protected=list(self.protected))
+                             protected=list(self.protected), encoding=lv.encoding)
         return [Candidate(t, im, lv, outcome_probability(self.attributes, t, protected=self.protected, epsilon=lv.epsilon))
                 for t, im in zip(targets, images)]
 
@@ -186,7 +187,8 @@ class EditSession:
                    seed=seed, level=lv.name, released_attributes=released, models=getattr(self.editor, "costs", None))
         try:
             image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength,
-                                protected=list(self.protected), **({"check": True} if checked else {}))[0]
+                                protected=list(self.protected), encoding=lv.encoding,
+                                **({"check": True} if checked else {}))[0]
         except EditRefused as e:
             self.ledger.record(**row, outcome="refused")  # charged: the draw happened and the refusal depends on it
             self.decision, self.refusal = "refused", f"{self.image_id!r}: {e}"

@@ -15,6 +15,7 @@ from veil.errors import DataError
 from veil.lightning_modules.data import FaceDataModule
 from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
 from veil.privacy.ledger import PrivacyLedger, ledger_path_for
+from veil.privacy.levels import LEVELS
 
 DATA = dict(source="synthetic", root=None, csv=None, attributes=None, resolution=32, num_images=24, seed=0,
             batch_size=8, poisson=True, val_fraction=0.05, test_fraction=0.05, revision=None, num_workers=0)
@@ -43,7 +44,8 @@ def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path
     assert [r["id"] for r in report["images"]] == ["synth-0-000003", "synth-0-000010"]
     base = FaceDataModule(**DATA).dataset
     for r, index in zip(report["images"], (3, 10)):
-        assert (r["epsilon"], r["strength"], r["spent"]) == (1.0, 0.7, {"eyeglasses": 1.0, "smiling": 1.0})
+        assert (r["epsilon"], r["strength"], r["spent"]) == (LEVELS["high"].epsilon, LEVELS["high"].strength,
+                                                             {"eyeglasses": 1.0, "smiling": 1.0})
         original = dict(zip(SYNTHETIC_ATTRIBUTES, base[index][1].int().tolist()))
         assert {k for k in original if original[k] != r["released_attributes"][k]} <= {"eyeglasses", "smiling"}
         assert np.array(Image.open(tmp_path / r["file"])).shape == (32, 32, 3)
@@ -70,14 +72,18 @@ def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path
         FaceDataModule(**{**DATA, "revision": str(tmp_path / "pub")}).dataset
 
 
-def test_a_seed_makes_releases_reproducible(checkpoint, tmp_path):
+@pytest.mark.parametrize("encoding", ["invert", "noise"])
+def test_a_seed_makes_draws_reproducible_and_pixels_only_when_inverted(checkpoint, tmp_path, encoding):
+    """--seed repeats the randomized response; the secret encoding noise of a noise edit never repeats."""
     for run in ("a", "b"):  # each its own database: the draw depends on how often the image was released before
         assert _edit(checkpoint, tmp_path / run, "--first", "3", "--level", "max", "--seed", "4",
-                     "--ledger", str(tmp_path / f"{run}.sqlite")) == 0
+                     "--encoding", encoding, "--ledger", str(tmp_path / f"{run}.sqlite")) == 0
     a, b = (json.loads((tmp_path / r / "edit_report.json").read_text())["images"] for r in ("a", "b"))
     assert [r["released_attributes"] for r in a] == [r["released_attributes"] for r in b]
+    assert {r["encoding"] for r in a} == {encoding}
     pixels = lambda run: [np.array(Image.open(tmp_path / run / r["file"])) for r in a]
-    assert all((x == y).all() for x, y in zip(pixels("a"), pixels("b")))
+    same = [bool((x == y).all()) for x, y in zip(pixels("a"), pixels("b"))]
+    assert same == [encoding == "invert"] * 3
 
 
 def test_the_budget_counts_every_run_on_the_dataset(checkpoint, tmp_path, capsys):

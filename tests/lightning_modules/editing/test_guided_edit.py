@@ -3,6 +3,7 @@ the check that an edit shows what it releases, attributes proposed for unlabelle
 an edit costs: on tiny models trained from a seed in the test."""
 
 import json
+import secrets
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from unlearn_helpers import RECIPE, datamodule, one_thread
 from veil.cli import main
 from veil.errors import ConfigError, EditRefused
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
+from veil.lightning_modules.editing import editor as E
 from veil.lightning_modules.editing import job as J
 from veil.lightning_modules.editing.editor import RETRY_STRENGTH_STEP, PrivateEditor
 from veil.lightning_modules.training import classifier as TC
@@ -244,20 +246,74 @@ def test_sweep_previews_with_the_guided_backend(pipeline, tmp_path, veil_home, c
     assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
                  "--protect", "smiling", "--first", "2", "--sweep", "--no-check", "--out", str(tmp_path / "x")]) == 2
     assert "--no-check" in capsys.readouterr().err
+    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+                 "--protect", "smiling", "--first", "2", "--steps", "4", "--sweep", "--sweep-epsilons", "0,1",
+                 "--strength", "0.6", "--encoding", "invert", "--out", str(tmp_path / "inv")]) == 0
+    rows = json.loads((tmp_path / "inv" / "sweep.json").read_text())["rows"]
+    assert [(r["level"]["epsilon"], r["level"]["strength"], r["level"]["encoding"]) for r in rows] == \
+        [(0.0, 0.6, "invert"), (1.0, 0.6, "invert")]
+    with pytest.raises(SystemExit):
+        main(["edit", "--checkpoint", str(pipeline / "unet"), "--protect", "smiling", "--first", "2",
+              "--encoding", "blur", "--out", str(tmp_path / "y")])
+    assert "--encoding" in capsys.readouterr().err
 
 
-def test_a_seeded_guided_release_is_reproducible(pipeline, tmp_path):
-    """A fixed --seed gives the same draws and the same pixels (each run its own database: the draw
-    depends on how often the image was released before)."""
+@pytest.mark.parametrize("encoding", ["invert", "noise"])
+def test_a_seeded_guided_release_repeats_its_draws_and_only_inverted_pixels(pipeline, tmp_path, encoding):
+    """A fixed --seed gives the same draws (each run its own database: the draw depends on how often the
+    image was released before); the pixels repeat with inversion, never with the secret encoding noise."""
     reports = [J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", out=tmp_path / run,
-                          protect=PROTECTED, first=2, level="max", steps=4, seed=4, ledger=tmp_path / f"{run}.sqlite",
+                          protect=PROTECTED, first=2, level="max", encoding=encoding, steps=4, seed=4,
+                          ledger=tmp_path / f"{run}.sqlite",
                           check_threshold=0.01)  # the tiny classifier barely reads smiling: let the edits pass
                for run in ("a", "b")]
     assert all(im["file"] for im in reports[0]["images"])
+    assert reports[0]["level"]["encoding"] == encoding
     assert [im["released_attributes"] for im in reports[0]["images"]] == \
         [im["released_attributes"] for im in reports[1]["images"]]
-    for im in reports[0]["images"]:
-        assert (tmp_path / "a" / im["file"]).read_bytes() == (tmp_path / "b" / im["file"]).read_bytes()
+    same = [(tmp_path / "a" / im["file"]).read_bytes() == (tmp_path / "b" / im["file"]).read_bytes()
+            for im in reports[0]["images"]]
+    assert same == [encoding == "invert"] * len(same)
+
+
+def test_noise_encoding_is_the_forward_process_with_fresh_secret_noise(pipeline, monkeypatch):
+    editor = _editor(pipeline)
+    x, a = _faces(editor, n=2)
+    noise = torch.randn_like(x)
+    for strength in (0.5, 1.0):
+        x_t0 = editor.encode(x, a, strength=strength, protected=PROTECTED, encoding="noise", noise=noise)
+        ab = editor.alphas_cumprod[editor.timesteps(strength)[-1]]
+        torch.testing.assert_close(x_t0, ab.sqrt() * x + (1 - ab).sqrt() * noise)
+    # without noise=: a generator seeded from the OS CSPRNG at each call, not torch's global RNG (the config seed)
+    seeds = []
+    monkeypatch.setattr(E, "secret_seed", lambda: seeds.append(secrets.randbits(63)) or seeds[-1])
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(editor.encode(x, a, strength=1.0, protected=PROTECTED, encoding="noise"))
+    assert len(seeds) == 2 and not torch.equal(*draws)
+    edited = editor.edit(x, a, _with(a, "smiling", editor, 1.0), strength=0.5, protected=PROTECTED, encoding="noise")
+    assert len(seeds) == 3 and edited.shape == x.shape and bool(edited.isfinite().all())
+    with pytest.raises(ConfigError, match="noise"):
+        editor.encode(x, a, strength=0.5, protected=PROTECTED, encoding="invert", noise=noise)
+    with pytest.raises(ConfigError, match="--encoding"):
+        editor.edit(x, a, a, strength=0.5, protected=PROTECTED, encoding="blur")
+    with pytest.raises(ConfigError, match="--protect"):
+        editor.encode(x, a, strength=0.5, protected=[], encoding="noise")
+
+
+def test_previews_of_one_image_share_one_noise_draw(pipeline, monkeypatch):
+    """Candidates of a session's preview differ only by their released values: one encoding for all."""
+    editor = _editor(pipeline)
+    x, a = _faces(editor, n=1)
+    originals = dict(zip(editor.attribute_names, a[0].int().tolist()))
+    seeds = []
+    monkeypatch.setattr(E, "secret_seed", lambda: seeds.append(secrets.randbits(63)) or seeds[-1])
+    same_target = [dict(originals)] * 2
+    out = editor([x[0]] * 2, originals=[originals] * 2, targets=same_target, strength=0.6, protected=PROTECTED,
+                 encoding="noise")
+    assert len(seeds) == 1
+    torch.testing.assert_close(out[0], out[1])
 
 
 def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stated(pipeline, tmp_path, veil_home):
