@@ -21,7 +21,7 @@ from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided
 from veil.privacy.levels import check_strength
 
 __all__ = ["edit_timesteps", "sample_timesteps", "alpha_prod", "ddim_invert_step", "ddim_denoise_step",
-           "ddim_invert", "ddim_regenerate", "noise_to"]
+           "ddim_invert", "ddim_regenerate"]
 
 
 def sample_timesteps(*, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
@@ -82,13 +82,6 @@ def ddim_denoise_step(model, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.T
         eps = (x_t - alpha_prod_t.sqrt() * x0_hat) / (1 - alpha_prod_t).sqrt()
     # 3. step to t_prev along eps
     return alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev).sqrt() * eps
-
-
-def noise_to(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The forward process q(x_t | x0) (SDEdit's encoding): sqrt(alpha_prod_t) x0 + sqrt(1 - alpha_prod_t) noise;
-    x0, noise (B,3,H,W), t (B,) int64. Unlike inversion it forgets x0 in proportion to the noise level."""
-    a = alpha_prod(alphas_cumprod, t)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 @torch.no_grad()

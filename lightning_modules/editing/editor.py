@@ -48,11 +48,10 @@ from veil.lightning_modules.diffusion.ddim import (
     ddim_invert,
     ddim_regenerate,
     edit_timesteps,
-    noise_to,
 )
 from veil.lightning_modules.data.specs import data_location, same_dataset
 from veil.lightning_modules.diffusion.guidance import GuidanceClassifier
-from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table
+from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table, q_sample
 from veil.privacy.levels import check_encoding
 from veil.privacy.randomness import secret_seed
 
@@ -246,7 +245,7 @@ class PrivateEditor:
         if noise.shape != images.shape:
             raise ValueError(f"noise {tuple(noise.shape)}: expected the images' shape {tuple(images.shape)}")
         t0 = self.timesteps(strength)[-1].expand(images.shape[0])
-        return noise_to(images, noise.to(images), self.alphas_cumprod.to(images.device), t0.to(images.device))
+        return q_sample(images, self.alphas_cumprod.to(images.device), t0.to(images.device), noise.to(images))
 
     def guide_targets(self, targets: torch.Tensor, *, protected: Sequence[str]) -> torch.Tensor:
         """targets (B,k) -> what classifier guidance steers to: the released protected values and, with
