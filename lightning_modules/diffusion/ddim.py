@@ -6,9 +6,8 @@ the guidance scale, if wanted) as tensors, look the schedule up in an ``alphas_c
 and have no Python control flow on values. ``tests/lightning_modules/diffusion/test_ddim.py``
 checks the steps and the sampling loop against diffusers' ``DDIMScheduler``.
 
-Grid: 0, r, 2r, ..., (n-1) r with r = T // n (diffusers' "leading" spacing with steps_offset 0);
-the edit at strength s walks 0 .. t0, t0 the grid point nearest s T, so strength 1 starts where
-sampling starts. Symbols: alpha_prod_t = cumulative alpha at t (alpha-bar_t of DDPM);
+Grid: ``veil.edit_plan`` (torch-free, shared with the ONNX Runtime editor): 0, r, ..., (n-1) r with
+r = T // n; the edit at strength s walks 0 .. t0, t0 the grid point nearest s T. Symbols: alpha_prod_t = cumulative alpha at t (alpha-bar_t of DDPM);
 alpha_prod = 1 for t = -1 (clean image, the end of the walk down); eps = the guided noise prediction.
 """
 
@@ -16,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from veil.errors import ConfigError
+from veil.edit_plan import edit_grid, sample_grid
 from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided_eps
-from veil.privacy.levels import check_strength
 
 __all__ = ["edit_timesteps", "sample_timesteps", "alpha_prod", "ddim_invert_step", "ddim_denoise_step",
            "ddim_invert", "ddim_regenerate"]
@@ -26,18 +24,13 @@ __all__ = ["edit_timesteps", "sample_timesteps", "alpha_prod", "ddim_invert_step
 
 def sample_timesteps(*, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
     """Ascending DDIM grid 0, r, ..., (n-1) r (int64), r = T // n: the full walk of sampling."""
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
-        raise ConfigError(f"--steps={num_steps!r}: must be an integer in [1, {num_train_timesteps}]")
-    return torch.arange(num_steps, dtype=torch.long) * (num_train_timesteps // num_steps)  # (n,)
+    return torch.tensor(sample_grid(num_steps=num_steps, num_train_timesteps=num_train_timesteps), dtype=torch.long)
 
 
 def edit_timesteps(*, strength: float, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
     """Ascending DDIM grid points 0, r, ..., t0 (int64), t0 = grid point nearest strength * T."""
-    strength = check_strength(strength, option="--strength")
-    grid = sample_timesteps(num_steps=num_steps, num_train_timesteps=num_train_timesteps)
-    r = num_train_timesteps // num_steps
-    k0 = min(num_steps - 1, round(strength * num_train_timesteps / r))
-    return grid[: k0 + 1]  # (k0 + 1,)
+    return torch.tensor(edit_grid(strength=strength, num_steps=num_steps, num_train_timesteps=num_train_timesteps),
+                        dtype=torch.long)
 
 
 def alpha_prod(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from veil.edit_plan import (
+    DEFAULT_CHECK_THRESHOLD,
+    DEFAULT_MAX_RETRIES,
+    RETRY_GUIDANCE_FACTOR,
+    RETRY_STRENGTH_STEP,
+    check_check_options,
+    retry_ladder,
+)
 from veil.errors import ConfigError, EditRefused
 from veil.lightning_modules.diffusion.ddim import (
     ddim_invert,
@@ -57,10 +65,6 @@ from veil.privacy.randomness import secret_seed
 
 __all__ = ["PrivateEditor", "CheckedEdits", "EditRefused", "model_costs", "RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR"]
 
-RETRY_STRENGTH_STEP = 0.15  # each re-do of an edit that does not show its released values goes this much deeper
-RETRY_GUIDANCE_FACTOR = 1.5  # ... and multiplies the guidance (classifier scale, or classifier-free w) by this
-DEFAULT_MAX_RETRIES = 2
-DEFAULT_CHECK_THRESHOLD = 0.5
 
 
 def model_costs(ckpt, guide: GuidanceClassifier | None, *, edited: Mapping[str, Any] | None = None,
@@ -132,11 +136,7 @@ class PrivateEditor:
         for option, w in (("--guidance", guidance_scale), ("inversion_guidance", inversion_guidance)):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise ConfigError(f"{option}={w!r}: must be a finite number >= 0 (1 = plain conditional)")
-        if isinstance(check_threshold, bool) or not isinstance(check_threshold, (int, float)) or \
-                not 0 < check_threshold < 1:
-            raise ConfigError(f"--check-threshold={check_threshold!r}: must be a probability in (0, 1)")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 5:
-            raise ConfigError(f"--max-retries={max_retries!r}: must be a whole number in [0, 5]")
+        check_check_options(check_threshold=check_threshold, max_retries=max_retries)
         if guide is not None and not guide.scale > 0:
             guide = None  # scale 0: the classifier only checks
         if label_free and guide is None:
@@ -300,8 +300,7 @@ class PrivateEditor:
     def retry_ladder(self, strength: float) -> list[tuple[float, float]]:
         """(strength, guidance factor) of the first try and each re-do: strength + 0.15 per re-do (at most 1),
         guidance x 1.5 per re-do; ``max_retries`` re-dos."""
-        return [(min(1.0, strength + i * RETRY_STRENGTH_STEP), RETRY_GUIDANCE_FACTOR**i)
-                for i in range(self.max_retries + 1)]
+        return retry_ladder(strength, self.max_retries)
 
     def edit_checked(self, images: torch.Tensor, originals: torch.Tensor, targets: torch.Tensor, *,
                      strength: float, protected: Sequence[str], encoding: str = "invert") -> CheckedEdits:

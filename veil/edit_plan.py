@@ -1,0 +1,55 @@
+"""What an edit runs, without torch: the DDIM grid of a strength and the check's re-do ladder.
+
+Both editors use these: ``PrivateEditor`` (torch, ``veil.lightning_modules.editing.editor``) and
+``OrtEditor`` (ONNX Runtime, ``veil.export.runtime``, which must not import torch), so the two walk
+the same timesteps and re-do the same rows the same way.
+
+Grid: 0, r, 2r, ..., (n-1) r with r = T // n (diffusers' "leading" spacing, steps_offset 0); the
+edit at strength s walks 0 .. t0, t0 the grid point nearest s T, so strength 1 starts where
+sampling starts.
+"""
+
+from __future__ import annotations
+
+from veil.errors import ConfigError
+from veil.privacy.levels import check_strength
+
+__all__ = ["RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR", "DEFAULT_MAX_RETRIES", "DEFAULT_CHECK_THRESHOLD",
+           "sample_grid", "edit_grid", "retry_ladder", "check_check_options"]
+
+RETRY_STRENGTH_STEP = 0.15  # each re-do of an edit that does not show its released values goes this much deeper
+RETRY_GUIDANCE_FACTOR = 1.5  # ... and multiplies the guidance (classifier scale, or classifier-free w) by this
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_CHECK_THRESHOLD = 0.5
+
+
+def sample_grid(*, num_steps: int, num_train_timesteps: int) -> list[int]:
+    """Ascending DDIM grid 0, r, ..., (n-1) r, r = T // n: the full walk of sampling."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+        raise ConfigError(f"--steps={num_steps!r}: must be an integer in [1, {num_train_timesteps}]")
+    r = num_train_timesteps // num_steps
+    return [k * r for k in range(num_steps)]
+
+
+def edit_grid(*, strength: float, num_steps: int, num_train_timesteps: int) -> list[int]:
+    """Ascending DDIM grid points 0, r, ..., t0, t0 = grid point nearest strength * T."""
+    strength = check_strength(strength, option="--strength")
+    grid = sample_grid(num_steps=num_steps, num_train_timesteps=num_train_timesteps)
+    r = num_train_timesteps // num_steps
+    k0 = min(num_steps - 1, round(strength * num_train_timesteps / r))
+    return grid[: k0 + 1]
+
+
+def retry_ladder(strength: float, max_retries: int) -> list[tuple[float, float]]:
+    """(strength, guidance factor) of the first try and each re-do: strength + 0.15 per re-do (at most 1),
+    guidance x 1.5 per re-do; ``max_retries`` re-dos."""
+    return [(min(1.0, strength + i * RETRY_STRENGTH_STEP), RETRY_GUIDANCE_FACTOR**i) for i in range(max_retries + 1)]
+
+
+def check_check_options(*, check_threshold, max_retries) -> None:
+    """ConfigError naming --check-threshold or --max-retries when out of range."""
+    if isinstance(check_threshold, bool) or not isinstance(check_threshold, (int, float)) or \
+            not 0 < check_threshold < 1:
+        raise ConfigError(f"--check-threshold={check_threshold!r}: must be a probability in (0, 1)")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 5:
+        raise ConfigError(f"--max-retries={max_retries!r}: must be a whole number in [0, 5]")
