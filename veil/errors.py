@@ -32,3 +32,8 @@ class EditRefused(PrivacyError):
     def __init__(self, message: str, checked=None):
         super().__init__(message)
         self.checked = checked
+
+
+class ExportError(VeilError, ValueError):
+    """An ONNX export is missing a file, corrupted, from another version, or does not match PyTorch; the
+    message names the file (and, for a failed verification, the measured error and the tolerance)."""

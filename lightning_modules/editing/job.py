@@ -30,6 +30,8 @@ So no release is charged without its files, and no file is published without its
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -73,7 +75,7 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
                      protect: Sequence[str], steps: int, guidance: float | None, use_ema: bool = True,
                      classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
                      check_threshold: float = DEFAULT_CHECK_THRESHOLD, max_retries: int = DEFAULT_MAX_RETRIES,
-                     keep_unprotected: bool = True, checker=None):
+                     keep_unprotected: bool = True, checker=None, runtime: str = "torch"):
     """(editor, datamodule, indices, protected) after validating every option against model and data.
 
     ``checker`` (a ``veil train-classifier`` release) checks the edits instead of ``classifier``: a
@@ -84,36 +86,49 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     classifier steers the denoiser); scale 0 -> conditional, the classifier only checks the edits; no
     classifier -> conditional, unchecked. The images come from the classifier's dataset when one is given
     (the private data it was trained on; a label-free denoiser is usually trained on public data), else
-    from the denoiser's; ``data`` overrides either. ``editor.costs`` says what the models cost."""
-    ckpt = load_diffusion_checkpoint(checkpoint, use_ema=use_ema)
-    guide = None
-    if classifier is not None:
-        guide = load_guidance_classifier(classifier, scheduler_config=ckpt.scheduler_config, scale=classifier_scale,
-                                         check_only=classifier_scale == 0)
-    judge = None if checker is None else load_guidance_classifier(
-        checker, scheduler_config=ckpt.scheduler_config, scale=0.0, check_only=True)
-    if guidance is None:
-        guidance = default_guidance(ckpt)
-    editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, num_steps=steps,
-                           guidance_scale=guidance, guide=guide, checker=judge or guide,
-                           label_free=ckpt.cond_drop_prob == 1.0,
-                           keep_unprotected=keep_unprotected, check_threshold=check_threshold, max_retries=max_retries)
-    source = guide.data_spec if guide is not None and guide.data_spec else ckpt.data_spec
+    from the denoiser's; ``data`` overrides either. ``editor.costs`` says what the models cost.
+
+    ``runtime="ort"``: ``checkpoint`` is a ``veil export`` folder and the editor runs on ONNX Runtime
+    (``veil.export.runtime.OrtEditor``); its classifier, backend, data and costs are the export's."""
+    if runtime not in ("torch", "ort"):
+        raise ConfigError(f"--runtime {runtime!r}: choose torch or ort")
+    if runtime == "ort":
+        if classifier is not None or checker is not None:
+            raise ConfigError("--classifier/--checker: with --runtime ort the export brings its own classifier "
+                              "(`veil export --classifier`); re-export to change it")
+        editor = OrtTensors.load(checkpoint, steps=steps, guidance=guidance, keep_unprotected=keep_unprotected,
+                                 check_threshold=check_threshold, max_retries=max_retries)
+        attribute_names, res, source = editor.attribute_names, editor.resolution, editor.meta.get("data_spec")
+    else:
+        ckpt = load_diffusion_checkpoint(checkpoint, use_ema=use_ema)
+        guide = None
+        if classifier is not None:
+            guide = load_guidance_classifier(classifier, scheduler_config=ckpt.scheduler_config,
+                                             scale=classifier_scale, check_only=classifier_scale == 0)
+        judge = None if checker is None else load_guidance_classifier(
+            checker, scheduler_config=ckpt.scheduler_config, scale=0.0, check_only=True)
+        if guidance is None:
+            guidance = default_guidance(ckpt)
+        editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, num_steps=steps,
+                               guidance_scale=guidance, guide=guide, checker=judge or guide,
+                               label_free=ckpt.cond_drop_prob == 1.0, keep_unprotected=keep_unprotected,
+                               check_threshold=check_threshold, max_retries=max_retries)
+        source = guide.data_spec if guide is not None and guide.data_spec else ckpt.data_spec
+        attribute_names, res = list(ckpt.attribute_names), ckpt.model.unet.config.sample_size
     base = {k: v for k, v in (source or {}).items() if k in DATASET_KEYS}
     spec = {**base, **{k: v for k, v in (data or {}).items() if v is not None}}
-    spec["attributes"] = list(ckpt.attribute_names)
-    res = ckpt.model.unet.config.sample_size
+    spec["attributes"] = list(attribute_names)
     if spec.setdefault("resolution", res) != res:
         raise ConfigError(f"--resolution {spec['resolution']}: the model was trained at {res}x{res}; use {res}")
     dm = FaceDataModule(**spec)
     dataset = dm.dataset
-    if list(dataset.attribute_names) != list(ckpt.attribute_names):
+    if list(dataset.attribute_names) != list(attribute_names):
         raise ConfigError(f"--data: the dataset's attributes {dataset.attribute_names} differ from the model's "
-                          f"{ckpt.attribute_names}")
-    names = ", ".join(ckpt.attribute_names)
+                          f"{attribute_names}")
+    names = ", ".join(attribute_names)
     if not protect:
         raise ConfigError(f"--protect: empty; name the attributes to privatize, comma-separated, from: {names}")
-    unknown = [p for p in protect if p not in ckpt.attribute_names]
+    unknown = [p for p in protect if p not in attribute_names]
     if unknown:
         raise ConfigError(f"--protect {','.join(protect)}: {', '.join(unknown)}: not "
                           f"{'an attribute' if len(unknown) == 1 else 'attributes'} of the model; choose from: {names}")
@@ -139,6 +154,8 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
         indices = [position[i] for i in ids]
     # What the models themselves cost (their own records): reported with every edit, so a model trained
     # without DP, or with the not-private reproducible noise, is never presented as a private one.
+    if runtime == "ort":  # the export's records, as `veil export` wrote them
+        return editor, dm, indices, list(protect)
     editor.model_privacy = combined_privacy(ckpt, guide)
     editor.costs = model_costs(ckpt, guide, edited=dm.dataset_spec(), checker=judge)
     if judge is not None:  # its cost is its own; on the same data as another model, the epsilons add
@@ -146,6 +163,53 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
         editor.model_privacy += (f"; check classifier: {check['privacy']} on {check['data']} (on the same data "
                                  f"as another model, their epsilons and deltas add)")
     return editor, dm, indices, list(protect)
+
+
+class OrtTensors:
+    """``OrtEditor`` (numpy, no torch) behind the torch tensors this job passes: converted at the edges."""
+
+    def __init__(self, ort_editor):
+        self.ort = ort_editor
+
+    @classmethod
+    def load(cls, folder, *, steps: int, guidance: float | None, **kwargs) -> "OrtTensors":
+        from veil.export.runtime import OrtEditor
+
+        ort_editor = OrtEditor(folder, num_steps=steps, **kwargs)
+        if guidance is not None:
+            ort_editor.guidance_scale = float(guidance)
+        return cls(ort_editor)
+
+    def __getattr__(self, name):
+        return getattr(self.ort, name)
+
+    def attribute_vector(self, attributes) -> torch.Tensor:
+        return torch.from_numpy(self.ort.attribute_vector(attributes))
+
+    def encode(self, x, a, **kw) -> torch.Tensor:
+        return torch.from_numpy(self.ort.encode(x.numpy(), a.numpy(), **kw))
+
+    def regenerate(self, x_t0, targets, **kw) -> torch.Tensor:
+        return torch.from_numpy(self.ort.regenerate(x_t0.numpy(), targets.numpy(), **kw))
+
+    def edit(self, x, a, targets, **kw) -> torch.Tensor:
+        return torch.from_numpy(self.ort.edit(x.numpy(), a.numpy(), targets.numpy(), **kw))
+
+    def edit_checked(self, x, a, targets, **kw):
+        r = self.ort.edit_checked(x.numpy(), a.numpy(), targets.numpy(), **kw)
+        return dataclasses.replace(r, images=torch.from_numpy(r.images), passed=torch.from_numpy(r.passed))
+
+
+NEEDS_CHECKER = ("--classifier: every released edit is checked to show its released values, and the check needs an "
+                 "attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only checks, the "
+                 "conditional model still edits; with --runtime ort, `veil export --classifier`); or pass --no-check "
+                 "to release unchecked edits")
+
+
+def _classifier_scale(editor) -> float | None:
+    if isinstance(editor, OrtTensors):
+        return editor.classifier_scale if editor.backend == "guided" else None
+    return editor.guide.scale if editor.guide is not None else None
 
 
 def _selected(dataset, indices, names):
@@ -298,7 +362,8 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
              steps: int = 50, seed: int | None = None, ledger: str | Path | None = None, budget: float | None = None,
              use_ema: bool = True, classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
              check: bool = True, check_threshold: float = DEFAULT_CHECK_THRESHOLD,
-             max_retries: int = DEFAULT_MAX_RETRIES, keep_unprotected: bool = True, checker=None) -> dict:
+             max_retries: int = DEFAULT_MAX_RETRIES, keep_unprotected: bool = True, checker=None,
+             runtime: str = "torch") -> dict:
     """Release private edits of the chosen images; returns the report also written to OUT/edit_report.json.
 
     Spends on the dataset's privacy database (``PrivacyLedger.for_dataset``; ``ledger`` overrides its
@@ -311,24 +376,24 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
     # 1. every option and --out, before anything is loaded or spent
     check_edit_options(guidance=guidance, steps=steps, first=first, budget=budget, seed=seed)
     lv = resolve_level(level, epsilon=epsilon, strength=strength, encoding=encoding)
-    if check and classifier is None and checker is None:
-        raise ConfigError("--classifier: every released edit is checked to show its released values, and the check "
-                          "needs an attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only "
-                          "checks, the conditional model still edits); or pass --no-check to release unchecked edits")
+    if check and classifier is None and checker is None and runtime == "torch":
+        raise ConfigError(NEEDS_CHECKER)
     created = _check_out(out, EDIT_FILES)
     with _staging(out, created) as stage:
         # 2. models and data
         editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
             checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
             use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale, check_threshold=check_threshold,
-            max_retries=max_retries, keep_unprotected=keep_unprotected, checker=checker)
+            max_retries=max_retries, keep_unprotected=keep_unprotected, checker=checker, runtime=runtime)
+        if check and not editor.can_check:  # an export without a classifier
+            raise ConfigError(NEEDS_CHECKER)
         head = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
-                "checker": None if checker is None else str(checker),
+                "checker": None if checker is None else str(checker), "runtime": runtime,
                 "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
                 "level": lv.to_json(), "protected": protected,
                 "guidance": editor.guidance_scale if editor.backend == "conditional" and not editor.label_free else None,
-                "classifier_scale": editor.guide.scale if editor.guide is not None else None,
-                "keep_unprotected": editor.keep_unprotected if editor.guide is not None else None,
+                "classifier_scale": _classifier_scale(editor),
+                "keep_unprotected": editor.keep_unprotected if editor.backend == "guided" else None,
                 "steps": steps, "seed_given": seed is not None,
                 "check": check_policy(editor) if check else
                 {"enabled": False, "warning": "NOT CHECKED: nobody verified that these edits show their released "
@@ -445,7 +510,8 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
               level: str | None = None, strength: float | None = None, encoding: str | None = None,
               guidance: float | None = None, steps: int = 50,
               seed: int | None = None, use_ema: bool = True, classifier=None,
-              classifier_scale: float = DEFAULT_CLASSIFIER_SCALE, keep_unprotected: bool = True) -> dict:
+              classifier_scale: float = DEFAULT_CLASSIFIER_SCALE, keep_unprotected: bool = True,
+              runtime: str = "torch") -> dict:
     """Preview grid over privacy levels for the same images; releases nothing.
 
     The previews are the owner's: row 0 shows the originals and the rows together (several
@@ -462,7 +528,7 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
         editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
             checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
             use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale,
-            keep_unprotected=keep_unprotected)
+            keep_unprotected=keep_unprotected, runtime=runtime)
         grid, table = [x], []
         inverted: dict[tuple[float, str], torch.Tensor] = {}
         for k, lv in enumerate(rows):
@@ -475,7 +541,8 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
             grid.append(editor.regenerate(inverted[key], targets, strength=lv.strength, protected=protected))
             _check_finite(grid[-1], image_ids, guidance=editor.guidance_scale, what="preview")
             table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
-        report = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
+        report = {"checkpoint": str(checkpoint), "runtime": runtime,
+                  "classifier": None if classifier is None else str(classifier),
                   "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
                   "protected": protected, "ids": image_ids,
                   "rows": table, "grid": "sweep.png",

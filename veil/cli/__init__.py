@@ -3,6 +3,7 @@
     veil train              --config CONFIG.yaml --out DIR [--set key=value ...] [--resume]   (cli/train.py)
     veil sample             --checkpoint DIR --attributes smiling=1 --out grid.png            (cli/sample.py)
     veil edit               --checkpoint DIR --first 8 --protect eyeglasses --out E           (cli/edit.py)
+    veil export             --checkpoint DIR [--classifier CLF] --out X                       (cli/export.py)
     veil train-classifier   --data source=synthetic --out CLF                                 (cli/train_classifier.py)
     veil unlearn            --model CLF --revision REV --out U                                (cli/unlearn.py)
     veil privacy            show --data source=synthetic,seed=0 | set-budget | publish-revision (cli/privacy.py)
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from veil.cli import (  # argparse only: torch loads in handlers
         edit,
+        export,
         privacy,
         sample,
         train,
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         unlearn,
     )
 
-    for command in (train, sample, edit, train_classifier, unlearn, privacy):  # in --help order
+    for command in (train, sample, edit, export, train_classifier, unlearn, privacy):  # in --help order
         command.add_subcommand(sub)
     return parser
 

@@ -67,6 +67,9 @@ def add_subcommand(sub) -> None:
     p.add_argument("--epsilon", type=epsilon_or_budget, help="expert: randomized-response epsilon per protected attribute "
                                                  "(overrides the level's; 0 = fair coin, inf = keep)")
     p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
+    p.add_argument("--runtime", choices=("torch", "ort"), default="torch",
+                   help="torch (default), or ort: --checkpoint is a `veil export` folder and the edit runs on ONNX "
+                        "Runtime (its classifier, backend and data are the export's)")
     p.add_argument("--encoding", choices=ENCODINGS, help="expert: how the image is taken to t0 (overrides the level's): "
                                                          "invert = DDIM inversion (keeps the face, and what its pixels "
                                                          "show), noise = fresh secret noise (keeps only what survives it)")
@@ -124,7 +127,8 @@ def _edit(args) -> int:
     scale = 10.0 if args.classifier_scale is None else args.classifier_scale
     common = dict(checkpoint=args.checkpoint, out=args.out, protect=args.protect, data=data, ids=args.ids,
                   first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema,
-                  classifier=args.classifier, classifier_scale=scale, keep_unprotected=not args.no_keep_unprotected)
+                  classifier=args.classifier, classifier_scale=scale, keep_unprotected=not args.no_keep_unprotected,
+                  runtime=args.runtime)
     if args.sweep:
         ignored = [flag for flag, value in (("--epsilon", args.epsilon), ("--ledger", args.ledger),
                                             ("--budget", args.budget)) if value is not None]
