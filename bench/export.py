@@ -42,7 +42,7 @@ def _veil(*args: str) -> None:
 def models(work: Path, resolution: int) -> dict[str, Path]:
     """One-step models and their exports at ``resolution`` (made once, reused)."""
     d = work / f"r{resolution}"
-    data = ["--set", "data.num_images=64", "--set", f"data.resolution={resolution}", "--set", "trainer.max_steps=1",
+    data = ["--set", "data.num_images=300", "--set", f"data.resolution={resolution}", "--set", "trainer.max_steps=1",
             "--set", "dp.enabled=false"]
     paths = {"unet": d / "unet", "cond": d / "cond", "guide": d / "guide",
              "guided": d / "export_guided", "conditional": d / "export_conditional"}
@@ -53,7 +53,7 @@ def models(work: Path, resolution: int) -> dict[str, Path]:
               "--out", str(paths["cond"]))
     if not (paths["guide"] / "model").exists():
         _veil("train-classifier", "--config", str(CONFIGS / "classifier32_guidance.yaml"),
-              "--data", f"source=synthetic,num_images=64,resolution={resolution}", "--set", "epochs=1",
+              "--data", f"source=synthetic,num_images=300,resolution={resolution}", "--set", "epochs=1", "--set", "batch_size=64",
               "--set", "dp.enabled=false", "--out", str(paths["guide"]))
     if not (paths["guided"] / "veil_export.json").exists():
         _veil("export", "--checkpoint", str(paths["unet"]), "--classifier", str(paths["guide"]), "--steps", "10",

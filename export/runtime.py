@@ -183,7 +183,14 @@ class OrtEditor:
 
         want = [CPU] if self._want == "cpu" or self.provider == CPU else \
             [CUDA, CPU] if CUDA in ort.get_available_providers() or self._want == "cuda" else [CPU]
-        session = self._session(name, want)
+        quiet = want[0] == CUDA and self._want == "auto"  # the CUDA probe fails loudly on a machine without CUDA
+        if quiet:
+            ort.set_default_logger_severity(4)
+        try:
+            session = self._session(name, want)
+        finally:
+            if quiet:
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
         got = session.get_providers()[0]
         if got != want[0] and want[0] == CUDA:
             if self._want == "cuda":
