@@ -17,6 +17,7 @@ from veil.export.runtime import META_FILE, OrtEditor
 from veil.lightning_modules.editing import job as J
 from veil.lightning_modules.editing.editor import PrivateEditor
 from veil.privacy.ledger import PrivacyLedger
+from veil.privacy.levels import LEVELS
 from veil.privacy.session import EditSession
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -208,3 +209,12 @@ def test_veil_edit_runs_on_the_export(models, exports, tmp_path, veil_home, caps
     with pytest.raises(ConfigError, match="--runtime ort"):
         J.load_edit_inputs(checkpoint=exports / "guided", data=None, ids=None, first=1, protect=["smiling"], steps=4,
                            guidance=None, classifier=models / "guide", runtime="ort")
+
+
+def test_a_sweep_previews_on_the_export(exports, tmp_path, veil_home):
+    assert main(["edit", "--runtime", "ort", "--checkpoint", str(exports / "conditional"), "--first", "2",
+                 "--protect", "smiling", "--sweep", "--steps", "4", "--out", str(tmp_path / "sweep")]) == 0
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert report["runtime"] == "ort" and report["backend"] == "conditional" and len(report["rows"]) == 4
+    assert [r["level"]["encoding"] for r in report["rows"]] == [lv.encoding for lv in LEVELS.values()]
+    assert not (veil_home / "datasets").exists()  # previews open no ledger

@@ -39,8 +39,10 @@ workflow:
                                       DP diffusion model on a dataset (prints epsilon)
   veil sample --checkpoint runs/dp32 --attributes smiling=1 --out grid.png
                                       look at what it draws
-  veil edit --checkpoint runs/dp32 --first 8 --protect eyeglasses --out edits
-                                      private edits of the dataset's images: a revision
+  veil edit --checkpoint runs/dp32 --classifier runs/clf --classifier-scale 0 --first 8 --protect eyeglasses --out edits
+                                      private edits of the dataset's images, checked: a revision
+  veil export --checkpoint runs/dp32 --classifier runs/clf --classifier-scale 0 --out exports/dp32
+                                      the editor on ONNX Runtime (veil edit --runtime ort, the server)
   veil privacy show --data source=synthetic,seed=0
                                       everything spent on that dataset, and what is left
   veil train-classifier ... / veil unlearn --model runs/clf --revision edits/revision --out runs/unl
