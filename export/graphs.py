@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from veil.errors import ExportError
-from veil.lightning_modules.diffusion.ddim import alpha_prod, ddim_denoise_step, ddim_invert_step
-from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided_eps
+from veil.lightning_modules.diffusion.ddim import ddim_denoise_step, ddim_denoise_step_x0, ddim_invert_step
+from veil.lightning_modules.diffusion.guidance import GuidanceClassifier
 from veil.lightning_modules.editing.editor import PrivateEditor
 
 __all__ = ["OPSET", "DENOISE_STEP_FILE", "INVERT_STEP_FILE", "CLASSIFIER_FILE", "export_denoise_step",
@@ -51,21 +51,6 @@ DYNAMO = "torch.onnx.export(dynamo=True)"
 
 
 # -- the steps, as modules of tensors -----------------------------------------------------------------
-def _denoise_step(model, x_t, t, t_prev, attrs, alphas_cumprod, guidance_scale, clip_sample, *, guide=None,
-                  guide_targets=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ddim_denoise_step``'s arithmetic line for line, also returning the (clipped) x0 estimate it walks
-    along; ``check_step_parity`` holds both outputs to ``ddim_denoise_step`` itself."""
-    eps = guided_eps(model, x_t, t, attrs, guidance_scale, alphas_cumprod=alphas_cumprod, guide=guide,
-                     guide_targets=guide_targets)
-    alpha_prod_t, alpha_prod_prev = alpha_prod(alphas_cumprod, t), alpha_prod(alphas_cumprod, t_prev)
-    x0_hat = (x_t - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
-    if clip_sample:
-        x0_hat = x0_hat.clamp(-1.0, 1.0)
-    if guide is not None:
-        eps = (x_t - alpha_prod_t.sqrt() * x0_hat) / (1 - alpha_prod_t).sqrt()
-    return alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev).sqrt() * eps, x0_hat
-
-
 def _to_classifier_order(names: list[str], guide: GuidanceClassifier) -> torch.Tensor:
     """(k, k_clf) 0/1 matrix: attrs (B,k) in the denoiser's order @ it = ``guide.targets_for(attrs, names)``
     (an attribute the classifier does not know is dropped; targets_for raises instead, at the edit)."""
@@ -99,13 +84,13 @@ class _DenoiseStep(nn.Module):
     def forward(self, sample, timestep, prev_timestep, attributes, guidance_scale):
         _same_batch(sample, timestep, prev_timestep, attributes, guidance_scale)
         if self.guide is None:  # conditional: classifier-free guidance, w per row (both branches, one call)
-            return _denoise_step(self.model, sample, timestep, prev_timestep, attributes, self.alphas_cumprod,
-                                 guidance_scale, self.clip_sample)
+            return ddim_denoise_step_x0(self.model, sample, timestep, prev_timestep, attributes,
+                                        self.alphas_cumprod, guidance_scale, self.clip_sample)
         targets = attributes @ self.to_classifier  # (B, k_clf)
         attrs = torch.zeros_like(attributes) if self.label_free else attributes
         guide = dataclasses.replace(self.guide, model=self.guide_model, scale=guidance_scale)  # s per row
-        return _denoise_step(self.model, sample, timestep, prev_timestep, attrs, self.alphas_cumprod,
-                             self.cfg_scale, self.clip_sample, guide=guide, guide_targets=targets)
+        return ddim_denoise_step_x0(self.model, sample, timestep, prev_timestep, attrs, self.alphas_cumprod,
+                                    self.cfg_scale, self.clip_sample, guide=guide, guide_targets=targets)
 
 
 class _InvertStep(nn.Module):

@@ -37,6 +37,7 @@ from veil.edit_plan import (
     DEFAULT_CHECK_THRESHOLD,
     DEFAULT_MAX_RETRIES,
     check_check_options,
+    check_row,
     edit_grid,
     retry_ladder,
 )
@@ -101,10 +102,9 @@ class OrtCheckedEdits:
     protected: tuple[str, ...]
 
     def row(self, i: int) -> dict:
-        """JSON-able check of row i, for reports (the same keys as ``CheckedEdits.row``)."""
-        return {"passed": bool(self.passed[i]), "attempts": int(self.attempts[i]),
-                "strength": round(float(self.strength[i]), 4), "guidance_factor": round(float(self.guidance_factor[i]), 4),
-                "shown": {p: round(float(v), 4) for p, v in zip(self.protected, self.shown[i].tolist())}}
+        """JSON-able check of row i, for reports (``veil.edit_plan.check_row``)."""
+        return check_row(passed=self.passed[i], attempts=self.attempts[i], strength=self.strength[i],
+                         guidance_factor=self.guidance_factor[i], shown=self.shown[i], protected=self.protected)
 
 
 class _Graph:

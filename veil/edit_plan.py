@@ -15,7 +15,7 @@ from veil.errors import ConfigError
 from veil.privacy.levels import check_strength
 
 __all__ = ["RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR", "DEFAULT_MAX_RETRIES", "DEFAULT_CHECK_THRESHOLD",
-           "sample_grid", "edit_grid", "retry_ladder", "check_check_options"]
+           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "check_row"]
 
 RETRY_STRENGTH_STEP = 0.15  # each re-do of an edit that does not show its released values goes this much deeper
 RETRY_GUIDANCE_FACTOR = 1.5  # ... and multiplies the guidance (classifier scale, or classifier-free w) by this
@@ -53,3 +53,11 @@ def check_check_options(*, check_threshold, max_retries) -> None:
         raise ConfigError(f"--check-threshold={check_threshold!r}: must be a probability in (0, 1)")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 5:
         raise ConfigError(f"--max-retries={max_retries!r}: must be a whole number in [0, 5]")
+
+
+def check_row(*, passed, attempts, strength, guidance_factor, shown, protected) -> dict:
+    """The JSON-able check of one edit (``CheckedEdits.row``, ``OrtCheckedEdits.row``): scalars and a row of
+    P(shows the released value) per protected attribute, from torch or numpy alike."""
+    return {"passed": bool(passed), "attempts": int(attempts), "strength": round(float(strength), 4),
+            "guidance_factor": round(float(guidance_factor), 4),
+            "shown": {p: round(float(v), 4) for p, v in zip(protected, shown.tolist())}}

@@ -19,6 +19,7 @@ from veil.edit_plan import edit_grid, sample_grid
 from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided_eps
 
 __all__ = ["edit_timesteps", "sample_timesteps", "alpha_prod", "ddim_invert_step", "ddim_denoise_step",
+           "ddim_denoise_step_x0",
            "ddim_invert", "ddim_regenerate"]
 
 
@@ -61,6 +62,15 @@ def ddim_denoise_step(model, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.T
     ``DDIMScheduler.step`` for eps prediction (clip_sample clips x0_hat to [-1, 1]); with ``guide``
     (classifier guidance towards ``guide_targets``), ``use_clipped_model_output=True``.
     """
+    return ddim_denoise_step_x0(model, x_t, t, t_prev, attrs, alphas_cumprod, guidance_scale, clip_sample,
+                                guide=guide, guide_targets=guide_targets)[0]
+
+
+def ddim_denoise_step_x0(model, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, attrs: torch.Tensor,
+                         alphas_cumprod: torch.Tensor, guidance_scale=1.0, clip_sample: bool = True, *,
+                         guide: GuidanceClassifier | None = None,
+                         guide_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ddim_denoise_step`` and the (clipped) x0 estimate it steps along: (x_t_prev, x0_hat), for previews."""
     # 1. guided noise prediction
     eps = guided_eps(model, x_t, t, attrs, guidance_scale, alphas_cumprod=alphas_cumprod, guide=guide,
                      guide_targets=guide_targets)
@@ -74,7 +84,7 @@ def ddim_denoise_step(model, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.T
         # guidance push that the clip removes from x0 survives, reversed, in the direction term.
         eps = (x_t - alpha_prod_t.sqrt() * x0_hat) / (1 - alpha_prod_t).sqrt()
     # 3. step to t_prev along eps
-    return alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev).sqrt() * eps
+    return alpha_prod_prev.sqrt() * x0_hat + (1 - alpha_prod_prev).sqrt() * eps, x0_hat
 
 
 @torch.no_grad()

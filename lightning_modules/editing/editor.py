@@ -49,6 +49,7 @@ from veil.edit_plan import (
     RETRY_GUIDANCE_FACTOR,
     RETRY_STRENGTH_STEP,
     check_check_options,
+    check_row,
     retry_ladder,
 )
 from veil.errors import ConfigError, EditRefused
@@ -108,10 +109,9 @@ class CheckedEdits:
     protected: tuple[str, ...]
 
     def row(self, i: int) -> dict:
-        """JSON-able check of row i, for reports."""
-        return {"passed": bool(self.passed[i]), "attempts": int(self.attempts[i]),
-                "strength": round(float(self.strength[i]), 4), "guidance_factor": round(float(self.guidance_factor[i]), 4),
-                "shown": {p: round(float(v), 4) for p, v in zip(self.protected, self.shown[i].tolist())}}
+        """JSON-able check of row i, for reports (``veil.edit_plan.check_row``)."""
+        return check_row(passed=self.passed[i], attempts=self.attempts[i], strength=self.strength[i],
+                         guidance_factor=self.guidance_factor[i], shown=self.shown[i], protected=self.protected)
 
 
 class PrivateEditor:
