@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,7 +36,7 @@ from veil.edit_plan import (
     DEFAULT_CHECK_THRESHOLD,
     DEFAULT_MAX_RETRIES,
     check_check_options,
-    check_row,
+    CheckedEdits,
     edit_grid,
     retry_ladder,
 )
@@ -45,7 +44,7 @@ from veil.errors import ConfigError, EditRefused, ExportError
 from veil.privacy.levels import check_encoding
 from veil.privacy.randomness import secret_seed
 
-__all__ = ["OrtEditor", "OrtCheckedEdits", "EXPORT_FORMAT", "META_FILE", "read_export_meta", "file_sha256"]
+__all__ = ["OrtEditor", "EXPORT_FORMAT", "META_FILE", "read_export_meta", "file_sha256"]
 
 EXPORT_FORMAT = "veil-export/1"
 META_FILE = "veil_export.json"
@@ -86,25 +85,6 @@ def read_export_meta(folder) -> dict:
         if required not in meta.get("files", {}):
             raise ExportError(f"{path}: lists no {required}; re-export the model")
     return meta
-
-
-@dataclass(frozen=True)
-class OrtCheckedEdits:
-    """``CheckedEdits`` in numpy (``OrtEditor.edit_checked``): B rows, p protected attributes."""
-
-    images: np.ndarray  # (B,3,H,W)
-    shown: np.ndarray  # (B,p)
-    passed: np.ndarray  # (B,) bool
-    attempts: np.ndarray  # (B,) int
-    strength: np.ndarray  # (B,)
-    guidance_factor: np.ndarray  # (B,)
-    threshold: float
-    protected: tuple[str, ...]
-
-    def row(self, i: int) -> dict:
-        """JSON-able check of row i, for reports (``veil.edit_plan.check_row``)."""
-        return check_row(passed=self.passed[i], attempts=self.attempts[i], strength=self.strength[i],
-                         guidance_factor=self.guidance_factor[i], shown=self.shown[i], protected=self.protected)
 
 
 class _Graph:
@@ -370,7 +350,7 @@ class OrtEditor:
         return 1.0 / (1.0 + np.exp(-z[:, clf] * np.asarray(targets, dtype=np.float32)[:, cols]))
 
     def edit_checked(self, images, originals: np.ndarray, targets: np.ndarray, *, strength: float,
-                     protected: Sequence[str], encoding: str = "invert") -> OrtCheckedEdits:
+                     protected: Sequence[str], encoding: str = "invert") -> CheckedEdits:
         images = self._images(images)
         originals, targets = np.asarray(originals, dtype=np.float32), np.asarray(targets, dtype=np.float32)
         mask = self.protected_mask(protected)
@@ -388,7 +368,7 @@ class OrtEditor:
             if not len(pending):
                 break
         passed = (shown >= self.check_threshold).all(axis=1)
-        return OrtCheckedEdits(out, shown, passed, attempts, used_s, used_g, self.check_threshold,
+        return CheckedEdits(out, shown, passed, attempts, used_s, used_g, self.check_threshold,
                                tuple(n for n in self.attribute_names if n in set(protected)))
 
     def propose(self, images) -> list[dict[str, dict]]:

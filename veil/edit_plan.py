@@ -11,11 +11,14 @@ sampling starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from veil.errors import ConfigError
 from veil.privacy.levels import check_strength
 
 __all__ = ["RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR", "DEFAULT_MAX_RETRIES", "DEFAULT_CHECK_THRESHOLD",
-           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "check_row"]
+           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "CheckedEdits"]
 
 RETRY_STRENGTH_STEP = 0.15  # each re-do of an edit that does not show its released values goes this much deeper
 RETRY_GUIDANCE_FACTOR = 1.5  # ... and multiplies the guidance (classifier scale, or classifier-free w) by this
@@ -55,9 +58,28 @@ def check_check_options(*, check_threshold, max_retries) -> None:
         raise ConfigError(f"--max-retries={max_retries!r}: must be a whole number in [0, 5]")
 
 
-def check_row(*, passed, attempts, strength, guidance_factor, shown, protected) -> dict:
-    """The JSON-able check of one edit (``CheckedEdits.row``, ``OrtCheckedEdits.row``): scalars and a row of
-    P(shows the released value) per protected attribute, from torch or numpy alike."""
-    return {"passed": bool(passed), "attempts": int(attempts), "strength": round(float(strength), 4),
-            "guidance_factor": round(float(guidance_factor), 4),
-            "shown": {p: round(float(v), 4) for p, v in zip(protected, shown.tolist())}}
+
+@dataclass(frozen=True)
+class CheckedEdits:
+    """Edits and what the checker read off them (``edit_checked`` of either editor; torch tensors from
+    ``PrivateEditor``, numpy arrays from ``OrtEditor``); B rows, p protected attributes.
+
+    ``shown`` (B,p): P(the edit shows the released value) per protected attribute, final attempt;
+    ``passed`` (B,): every protected value at or above the threshold; ``attempts`` (B,): 1 = first try;
+    ``strength`` / ``guidance_factor`` (B,): what the final attempt used."""
+
+    images: Any
+    shown: Any
+    passed: Any
+    attempts: Any
+    strength: Any
+    guidance_factor: Any
+    threshold: float
+    protected: tuple[str, ...]
+
+    def row(self, i: int) -> dict:
+        """JSON-able check of row i, for reports."""
+        return {"passed": bool(self.passed[i]), "attempts": int(self.attempts[i]),
+                "strength": round(float(self.strength[i]), 4),
+                "guidance_factor": round(float(self.guidance_factor[i]), 4),
+                "shown": {p: round(float(v), 4) for p, v in zip(self.protected, self.shown[i].tolist())}}

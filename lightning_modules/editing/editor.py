@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -49,7 +48,7 @@ from veil.edit_plan import (
     RETRY_GUIDANCE_FACTOR,
     RETRY_STRENGTH_STEP,
     check_check_options,
-    check_row,
+    CheckedEdits,
     retry_ladder,
 )
 from veil.errors import ConfigError, EditRefused
@@ -89,29 +88,6 @@ def model_costs(ckpt, guide: GuidanceClassifier | None, *, edited: Mapping[str, 
     if checker is not None:
         models.append(one("check classifier", checker.privacy, checker.data_spec))
     return models
-
-
-@dataclass(frozen=True)
-class CheckedEdits:
-    """Edits and what the checker read off them (``PrivateEditor.edit_checked``); B rows, p protected.
-
-    ``shown`` (B,p): P(the edit shows the released value) per protected attribute, final attempt;
-    ``passed`` (B,): every protected value at or above the threshold; ``attempts`` (B,): 1 = first try;
-    ``strength`` / ``guidance_factor`` (B,): what the final attempt used."""
-
-    images: torch.Tensor
-    shown: torch.Tensor
-    passed: torch.Tensor
-    attempts: torch.Tensor
-    strength: torch.Tensor
-    guidance_factor: torch.Tensor
-    threshold: float
-    protected: tuple[str, ...]
-
-    def row(self, i: int) -> dict:
-        """JSON-able check of row i, for reports (``veil.edit_plan.check_row``)."""
-        return check_row(passed=self.passed[i], attempts=self.attempts[i], strength=self.strength[i],
-                         guidance_factor=self.guidance_factor[i], shown=self.shown[i], protected=self.protected)
 
 
 class PrivateEditor:
