@@ -64,7 +64,7 @@ from veil.privacy.mechanism import check_epsilon, json_epsilon
 from veil.privacy.training_runs import TrainingRunsMixin, _now, _TOL
 
 __all__ = ["PrivacyLedger", "ReleaseLedger", "ReleaseRecord", "ledger_path_for", "dataset_slug", "veil_home",
-           "DEFAULT_BUDGET", "SCHEMA_VERSION"]
+           "DEFAULT_BUDGET", "SCHEMA_VERSION", "refuse_release"]
 
 DEFAULT_BUDGET = 8.0  # per (image, attribute): two releases at "low", four at "medium", eight at "high"
 
@@ -122,6 +122,35 @@ def _create_owner_only(path: Path) -> None:
     except FileExistsError:  # another writer created it first: fine, it made it 0600 too
         return
     os.chmod(path, 0o600)
+
+
+def refuse_release(image_id: str, protected: list[str], eps: float, published: list[str], pending: dict,
+                   budget: float, pair: Callable[[str, str], list]) -> None:
+    """PrivacyError naming the (image, attribute) a release would break; fills ``pending`` with the pairs.
+
+    ``pair(image_id, name)`` reads [epsilon spent, protected releases, exact releases] of one (image,
+    attribute) from the database; ``pending`` holds the pairs read so far, updated by the caller for the
+    rows it has inserted in the same transaction. Shared by ``PrivacyLedger`` and the server's state store.
+    """
+    for name in dict.fromkeys(protected + published):
+        if (image_id, name) not in pending:
+            pending[image_id, name] = pair(image_id, name)
+        spent, n_protected, n_exact = pending[image_id, name]
+        if name in protected and n_exact:
+            raise PrivacyError(
+                f"release of {image_id!r} refused: {name!r} was published exactly (unprotected) by an earlier "
+                f"release of this image, so protecting it now protects nothing; leave it out of --protect")
+        if name not in protected and n_protected:
+            raise PrivacyError(
+                f"release of {image_id!r} refused: it would publish {name!r} exactly (unprotected), but earlier "
+                f"releases of this image protected it (epsilon {spent:g} spent): that would give its true value "
+                f"away; add {name!r} to --protect")
+        if name in protected and spent + eps > budget + _TOL:
+            raise PrivacyError(
+                f"release of {image_id!r} refused: its attribute {name!r} has spent epsilon {spent:g} of its "
+                f"budget {budget:g}, and this release asks for {eps:g} more ({spent + eps:g} > {budget:g}); "
+                f"choose a more private level (smaller epsilon), or raise the dataset's budget with "
+                f"`veil privacy set-budget` if that is really intended")
 
 
 class PrivacyLedger(TrainingRunsMixin):
@@ -361,26 +390,7 @@ class PrivacyLedger(TrainingRunsMixin):
 
     def _refuse(self, image_id: str, protected: list[str], eps: float, published: list[str], pending: dict,
                 budget: float) -> None:
-        """PrivacyError naming the (image, attribute) a release would break; fills ``pending`` with the pairs."""
-        for name in dict.fromkeys(protected + published):
-            if (image_id, name) not in pending:
-                pending[image_id, name] = self._pair(image_id, name)
-            spent, n_protected, n_exact = pending[image_id, name]
-            if name in protected and n_exact:
-                raise PrivacyError(
-                    f"release of {image_id!r} refused: {name!r} was published exactly (unprotected) by an earlier "
-                    f"release of this image, so protecting it now protects nothing; leave it out of --protect")
-            if name not in protected and n_protected:
-                raise PrivacyError(
-                    f"release of {image_id!r} refused: it would publish {name!r} exactly (unprotected), but earlier "
-                    f"releases of this image protected it (epsilon {spent:g} spent): that would give its true value "
-                    f"away; add {name!r} to --protect")
-            if name in protected and spent + eps > budget + _TOL:
-                raise PrivacyError(
-                    f"release of {image_id!r} refused: its attribute {name!r} has spent epsilon {spent:g} of its "
-                    f"budget {budget:g}, and this release asks for {eps:g} more ({spent + eps:g} > {budget:g}); "
-                    f"choose a more private level (smaller epsilon), or raise the dataset's budget with "
-                    f"`veil privacy set-budget` if that is really intended")
+        refuse_release(image_id, protected, eps, published, pending, budget, self._pair)
 
     # -- the account ------------------------------------------------------------------------------
     def summary(self) -> dict:
