@@ -1,5 +1,5 @@
 """Test-suite setup: the shared helper modules in ``tests/helpers/`` are importable from every test folder,
-the ``single_thread`` fixture, and the autouse ``veil_home`` fixture.
+the ``single_thread`` fixture, the tiny exports (``models``, ``exports``), and the autouse ``veil_home`` fixture.
 
 (Test folders have no ``__init__.py``, so helpers are uniquely named modules on ``sys.path``
 rather than conftest files, which would shadow each other on ``from conftest import``.)
@@ -17,6 +17,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+
+from export_models import exports, models  # noqa: E402,F401  (session fixtures: tests/export and tests/serve)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Tiny models and their `veil export`s, made once for tests/export (exporting the guided step takes a
-minute or more here, so the graph tests and the runtime tests share them)."""
+"""Tiny models and their `veil export`s, made once per test run (exporting the guided step takes a minute or
+more here, so tests/export and tests/serve share them): the session fixtures ``models`` and ``exports``,
+registered for every test folder by tests/conftest.py."""
 
 import pytest
 from dp_helpers import TINY, train_cli

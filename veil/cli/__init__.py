@@ -7,6 +7,7 @@
     veil train-classifier   --data source=synthetic --out CLF                                 (cli/train_classifier.py)
     veil unlearn            --model CLF --revision REV --out U                                (cli/unlearn.py)
     veil privacy            show --data source=synthetic,seed=0 | set-budget | publish-revision (cli/privacy.py)
+    veil serve              --export X [--host 127.0.0.1] [--port 8000] [--state URL]        (cli/serve.py)
 
 ``veil <cmd> --help`` documents every option. How ``main`` ends:
 
@@ -43,6 +44,7 @@ workflow:
                                       private edits of the dataset's images, checked: a revision
   veil export --checkpoint runs/dp32 --classifier runs/clf --classifier-scale 0 --out exports/dp32
                                       the editor on ONNX Runtime (veil edit --runtime ort, the server)
+  veil serve --export exports/dp32    preview, adjust and accept private edits over HTTP (OpenAPI at /docs)
   veil privacy show --data source=synthetic,seed=0
                                       everything spent on that dataset, and what is left
   veil train-classifier ... / veil unlearn --model runs/clf --revision edits/revision --out runs/unl
@@ -119,12 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         export,
         privacy,
         sample,
+        serve,
         train,
         train_classifier,
         unlearn,
     )
 
-    for command in (train, sample, edit, export, train_classifier, unlearn, privacy):  # in --help order
+    for command in (train, sample, edit, export, serve, train_classifier, unlearn, privacy):  # in --help order
         command.add_subcommand(sub)
     return parser
 

@@ -1,0 +1,408 @@
+"""``veil serve``'s ASGI app (FastAPI): private preview edits over HTTP, on an ONNX Runtime export; no torch.
+
+    app = create_app(editor=OrtEditor(export), store=open_state(url), settings=ServeSettings(token=None))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes (all JSON but the preview stream, the revision and the metrics; OpenAPI at /docs and /openapi.json):
+
+    GET  /healthz                           liveness and what runs where
+    GET  /metrics                           Prometheus text format
+    GET  /v1/info                           attributes, levels, limits, budget
+    POST /v1/sessions                       multipart: image (PNG/JPEG), attributes (JSON, optional: else the
+                                            classifier's guesses), protected (JSON list), level -> the capability
+    GET  /v1/sessions/{session}             state: level, decision, budget spent and left, release history
+    POST /v1/sessions/{session}/previews    candidates as server-sent events: the predicted clean image every few
+                                            steps, then each final candidate with its released attributes
+    POST /v1/sessions/{session}/feedback    more_private | less_private | accept | reject; accept carries an
+                                            idempotency key and answers with the release
+    GET  /v1/revision                       the publishable revision (zip): edited images and released attributes
+
+Load once, then per request: decode and validate, predict (on the batcher's worker thread), encode.
+A session id is its capability: 256 random bits, stored hashed; whoever holds it can see that one
+session's image and nothing else. Off loopback every route but /healthz needs the server token
+(``Authorization: Bearer``). Errors are ``{"error": message, "field": name-or-null}`` with a 4xx status
+(503 + Retry-After when overloaded); an unexpected failure is a bare 500 with no traceback, logged.
+Privacy is the session's (veil.privacy.session): previews spend nothing and go to the owner only; accept
+releases a fresh draw, checked by the classifier when the export has one, budget-checked and recorded in
+one transaction with its idempotency key (veil.serve.state).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import random
+import re
+import tempfile
+import zipfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from veil import __version__
+from veil.errors import ConfigError, EditRefused, PrivacyError, VeilError
+from veil.privacy.levels import LEVELS, PrivacyLevel, less_private, more_private, resolve_level
+from veil.privacy.mechanism import outcome_probability, privatize
+from veil.privacy.revision_manifest import RevisionChange, publish_revision, write_revision
+from veil.privacy.session import draw_release
+from veil.serve.batcher import MicroBatcher, PreviewJob
+from veil.serve.errors import ApiError, BodyLimit, install_error_handlers, sse
+from veil.serve.images import ImageLimits, data_url, decode_upload, from_png, image_id_for, install_bomb_guard, png_bytes, \
+    to_model_input
+from veil.serve.metrics import CONTENT_TYPE, MetricsMiddleware, ServeMetrics
+from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackRequest, FeedbackResponse, LevelName, PreviewRequest, SessionState
+from veil.serve.state import SessionRow, StateStore
+
+__all__ = ["create_app", "ServeSettings", "LEVEL_HELP"]
+
+log = logging.getLogger("veil.serve")
+
+LEVEL_HELP = {
+    "low": "light touch: the face stays; the attribute is released as it is 98% of the time",
+    "medium": "about one protected attribute in eight is flipped; the face is redrawn from a noised copy",
+    "high": "one in four flipped; redrawn from deeper noise",
+    "max": "a fair coin: the released value says nothing about the original; the face is drawn afresh",
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The knobs of one server (the CLI's flags)."""
+
+    token: str | None = None  # required on every route but /healthz when set
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    batching: bool = True
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    preview_every: int = 2
+    default_level: str = "medium"
+
+    def __post_init__(self):
+        if self.default_level not in LEVELS:
+            raise ConfigError(f"--level {self.default_level!r}: choose one of {list(LEVELS)}")
+        if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 16):
+            raise ConfigError("--token: use at least 16 characters (e.g. `python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'`)")
+
+
+@dataclass
+class _Ctx:
+    editor: object
+    store: StateStore
+    settings: ServeSettings
+    metrics: ServeMetrics
+    batcher: MicroBatcher
+
+
+def _ctx(request: Request) -> _Ctx:
+    return request.app.state.ctx
+
+
+def require_token(request: Request, authorization: str | None = Header(None, description="Bearer <token>, off loopback")):
+    token = _ctx(request).settings.token
+    if token is None:
+        return
+    given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "missing or wrong server token: send 'Authorization: Bearer <token>'", "Authorization",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def open_session(request: Request, session: str = PathParam(..., min_length=8, max_length=128,
+                                                            description="the capability create returned")):
+    """(token, SessionRow); 404 for an unknown or malformed capability (a sync dependency: runs off the loop)."""
+    return session, _ctx(request).store.session(session)
+
+
+def _level_of(row: SessionRow) -> PrivacyLevel:
+    d = row.level
+    return PrivacyLevel(d["name"], float(d["epsilon"]), float(d["strength"]), d["encoding"])
+
+
+def _state(ctx: _Ctx, row: SessionRow, *, token: str | None = None, image: bool = False) -> dict:
+    budget, spent = ctx.store.budget, ctx.store.spends(row.image_id)
+    left = {p: (None if budget is None else round(budget - spent.get(p, 0.0), 12)) for p in row.protected}
+    return {"session": token, "image_id": row.image_id, "attributes": row.attributes, "guesses": row.guesses,
+            "protected": row.protected, "level": row.level, "decision": row.decision, "release_id": row.release_id,
+            "budget": budget, "spent": spent, "left": left, "history": ctx.store.releases(row.image_id),
+            "image": data_url(row.image_png) if image else None}
+
+
+def _check_protected(editor, protected, attributes: dict, *, field_name: str = "protected") -> list[str]:
+    protected = list(dict.fromkeys(protected))
+    try:
+        editor.protected_mask(protected)
+    except ConfigError as e:
+        raise ApiError(422, str(e).replace("--protect", field_name), field_name) from None
+    unknown = [p for p in protected if attributes.get(p) not in (-1, 1)]
+    if unknown:
+        raise ApiError(422, f"{field_name}: {unknown} have no known value (-1 or 1) for this image; set them in "
+                            f"the session's attributes first", field_name)
+    return protected
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _parse_json_field(text: str | None, name: str, kind: type):
+    if text is None or text == "":
+        return None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:
+        raise ApiError(422, f"{name}: not valid JSON ({e})", name) from None
+    if not isinstance(value, kind):
+        raise ApiError(422, f"{name}: expected a JSON {kind.__name__}", name)
+    return value
+
+
+def _attributes(editor, text: str | None, guesses: dict | None) -> dict[str, int]:
+    given = _parse_json_field(text, "attributes", dict)
+    if given is None and guesses is None:
+        raise ApiError(422, "attributes: required, since this export has no classifier to guess them "
+                            '(e.g. {"smiling": 1, "eyeglasses": -1})', "attributes")
+    given = given or {}
+    unknown = sorted(set(given) - set(editor.attribute_names))
+    if unknown:
+        raise ApiError(422, f"attributes: {unknown} are not attributes of the model ({editor.attribute_names})",
+                       "attributes")
+    bad = {k: v for k, v in given.items() if isinstance(v, bool) or v not in (-1, 0, 1)}
+    if bad:
+        raise ApiError(422, f"attributes: values must be -1, 1 or 0 (unknown), got {bad}", "attributes")
+    base = {n: (guesses[n]["value"] if guesses else 0) for n in editor.attribute_names}
+    return {**base, **{k: int(v) for k, v in given.items()}}
+
+
+def create_app(*, editor, store: StateStore, settings: ServeSettings | None = None, data_spec: dict | None = None) -> FastAPI:
+    """The app over a loaded ``OrtEditor`` and an open state store (see the module docstring)."""
+    settings = settings or ServeSettings()
+    install_bomb_guard(settings.limits)
+    metrics = ServeMetrics()
+    batcher = MicroBatcher(editor, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                           batching=settings.batching, preview_every=settings.preview_every,
+                           observe=metrics.observe_batch)
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="veil serve", version=__version__, lifespan=lifespan,
+                  description="Private preview edits of face images: previews spend nothing, an accepted edit is "
+                              "released through randomized response and charged to the dataset's ledger.")
+    app.state.ctx = ctx = _Ctx(editor, store, settings, metrics, batcher)
+    install_error_handlers(app, metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_bytes + (64 << 10))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    auth = [Depends(require_token)]
+
+    @app.get("/healthz", tags=["ops"])
+    def health():
+        return {"status": "ok", "version": __version__, "state": store.backend, "queue_depth": batcher.depth,
+                "backend": editor.backend, "provider": editor.provider, "batching": settings.batching}
+
+    @app.get("/metrics", tags=["ops"], dependencies=auth, response_class=Response)
+    def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/info", tags=["edit"], dependencies=auth)
+    def info():
+        return {"attribute_names": editor.attribute_names, "classifier": editor.can_check,
+                "classifier_attributes": editor.classifier_attribute_names, "resolution": editor.resolution,
+                "steps": editor.num_steps, "budget": store.budget, "model_privacy": editor.model_privacy,
+                "levels": [{**lv.to_json(), "keep_probability": round(lv.keep_probability, 4),
+                            "explanation": LEVEL_HELP[name]} for name, lv in LEVELS.items()],
+                "default_level": settings.default_level, "max_upload_bytes": settings.limits.max_bytes,
+                "max_side": settings.limits.max_side, "max_pixels": settings.limits.max_pixels}
+
+    @app.post("/v1/sessions", tags=["edit"], dependencies=auth, status_code=201, response_model=SessionState)
+    async def create_session(image: UploadFile = File(..., description="PNG or JPEG"),
+                             attributes: str | None = Form(None, description='JSON object, e.g. {"smiling": 1}'),
+                             protected: str | None = Form(None, description='JSON list, e.g. ["smiling"]'),
+                             level: LevelName | None = Form(None)):
+        data = await image.read(settings.limits.max_bytes + 1)
+        pixels = await run_in_threadpool(decode_upload, data, limits=settings.limits)
+        png = png_bytes(to_model_input(pixels, resolution=editor.resolution))
+        x = from_png(png)  # what every replica will edit: the stored, quantized image
+        guesses = (await batcher.run_exclusive(lambda: editor.propose(x[None])))[0] if editor.can_check else None
+        attrs = _attributes(editor, attributes, guesses)
+        chosen = _parse_json_field(protected, "protected", list) or []
+        if not all(isinstance(p, str) for p in chosen):
+            raise ApiError(422, "protected: expected a JSON list of attribute names", "protected")
+        chosen = _check_protected(editor, chosen, attrs) if chosen else []
+        lv = LEVELS[level or settings.default_level]
+        token = await run_in_threadpool(store.create_session, image_id=image_id_for(pixels), image_png=png,
+                                        attributes=attrs, guesses=guesses, protected=chosen, level=lv.to_json())
+        row = await run_in_threadpool(store.session, token)
+        return await run_in_threadpool(_state, ctx, row, token=token, image=True)
+
+    @app.get("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState)
+    def session_state(s=Depends(open_session)):
+        return _state(ctx, s[1])
+
+    @app.post("/v1/sessions/{session}/previews", tags=["edit"], dependencies=auth,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events: start, preview (every few steps), candidate (each final "
+                                              "edit), done; or error"}})
+    async def preview(body: PreviewRequest, s=Depends(open_session)):
+        token, row = s
+        if row.decision is not None:
+            raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
+        try:
+            lv = resolve_level(body.level or (row.level["name"] if row.level["name"] in LEVELS else None),
+                               epsilon=body.epsilon, strength=body.strength, encoding=body.encoding)
+        except ConfigError as e:
+            raise ApiError(422, str(e), "level") from None
+        protected = _check_protected(editor, body.protected if body.protected is not None else row.protected,
+                                     row.attributes)
+        if not protected:
+            raise ApiError(422, "protected: name at least one attribute to protect", "protected")
+        row = await run_in_threadpool(store.update_session, token, level=lv.to_json(), protected=protected)
+        rng = random.SystemRandom()  # preview draws: the OS's randomness, never stored
+        targets = [privatize(row.attributes, protected=protected, epsilon=lv.epsilon, rng=rng) for _ in range(body.n)]
+        job = batcher.submit_preview(PreviewJob(
+            image=from_png(row.image_png), original=editor.attribute_vector(row.attributes),
+            targets=np.stack([editor.attribute_vector(t) for t in targets]), strength=lv.strength,
+            encoding=lv.encoding, protected=tuple(n for n in editor.attribute_names if n in protected)))
+
+        async def events():
+            try:
+                yield sse("start", {"n": body.n, "level": lv.to_json(), "protected": protected,
+                                    "steps": len(editor.timesteps(lv.strength))})
+                async for event in job.events():
+                    if event[0] == "step":
+                        yield sse("preview", {"step": event[1], "steps": event[2], "images": event[3]})
+                        continue
+                    for i, (t, im) in enumerate(zip(targets, event[1])):
+                        p = outcome_probability(row.attributes, t, protected=protected, epsilon=lv.epsilon)
+                        yield sse("candidate", {"index": i, "image": data_url(png_bytes(im)), "released_attributes": t,
+                                                "probability": round(p, 6)})
+                yield sse("done", {"n": body.n})
+            except VeilError as e:
+                yield sse("error", {"error": str(e), "field": None})
+            except Exception:  # noqa: BLE001 - the stream has started: say so in it, log the rest
+                log.exception("preview failed")
+                yield sse("error", {"error": "internal error: the preview failed (logged on the server)", "field": None})
+            finally:
+                job.cancelled = True
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/sessions/{session}/feedback", tags=["edit"], dependencies=auth, response_model=FeedbackResponse)
+    async def feedback(body: FeedbackRequest, s=Depends(open_session),
+                       idempotency_key: str | None = Header(None, description="accept: same as the body's field")):
+        token, row = s
+        if body.action == "accept":
+            return await _accept(ctx, token, row, body.idempotency_key or idempotency_key)
+        if row.decision is not None:
+            raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
+        lv = _level_of(row)
+        new = {"more_private": more_private, "less_private": less_private}.get(body.action, lambda x: x)(lv)
+        decision = "rejected" if body.action == "reject" else None
+        await run_in_threadpool(store.feedback, token, action=body.action, level=new.to_json(), decision=decision)
+        hint = None if decision else (f"preview at {new.name}" if new != lv else
+                                      f"already at the {'most' if body.action == 'more_private' else 'least'} private level")
+        return FeedbackResponse(action=body.action, decision=decision, level=new.to_json(), suggestion=hint)
+
+    @app.get("/v1/revision", tags=["edit"], dependencies=auth, response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    def revision():
+        return Response(_revision_zip(editor, store, data_spec or {}), media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="veil-revision.zip"'})
+
+    return app
+
+
+async def _accept(ctx: _Ctx, token: str, row: SessionRow, key: str | None) -> dict:
+    """One fresh release: idempotent by ``key``, checked before compute and again inside the write."""
+    store, editor = ctx.store, ctx.editor
+    if key is None or not re.fullmatch(IDEMPOTENCY_KEY[1:-1], key):
+        raise ApiError(422, "idempotency_key: accept needs one (8-128 of A-Z a-z 0-9 _ . : -), in the body or the "
+                            "Idempotency-Key header; reuse it when you retry", "idempotency_key")
+    replay = await run_in_threadpool(store.replay, token, key)
+    if replay is not None:
+        return {**replay, "replayed": True}
+    if row.decision is not None:
+        raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
+    if not row.protected:
+        raise ApiError(422, "protected: choose the attributes to protect (preview first)", "protected")
+    lv = _level_of(row)
+    try:
+        await run_in_threadpool(store.check_release, image_id=row.image_id, protected=row.protected,
+                                epsilon=lv.epsilon, published=list(row.attributes))
+    except PrivacyError:
+        replay = await run_in_threadpool(store.replay, token, key)  # the same key, committed by another replica
+        if replay is not None:
+            return {**replay, "replayed": True}
+        raise
+    released, seed = draw_release(image_id=row.image_id, attributes=row.attributes, protected=row.protected,
+                                  epsilon=lv.epsilon, seed=None, release_index=0)  # seed=None: from the OS
+    x = from_png(row.image_png)
+    check = {"check": True} if editor.can_check else {}
+
+    def edit():
+        return editor([x], originals=[row.attributes], targets=[released], strength=lv.strength,
+                      protected=row.protected, encoding=lv.encoding, **check)[0]
+
+    image, refusal = None, None
+    try:
+        image = await ctx.batcher.run_exclusive(edit)
+    except EditRefused as e:
+        refusal = f"the edit did not show its released values after its re-dos, so it is not released; the draw " \
+                  f"is charged all the same ({str(e)[:200]})"
+    outcome = "released" if image is not None else "refused"
+    png = None if image is None else png_bytes(image)
+    cost = {p: lv.epsilon for p in row.protected}
+
+    def respond(record) -> dict:
+        release = None if png is None else {
+            "release_id": record.release_id, "image_id": row.image_id, "image": data_url(png),
+            "released_attributes": released, "protected": row.protected, "epsilon": lv.epsilon,
+            "level": lv.to_json(), "cost": cost, "checked": bool(check), "released_at": record.released_at}
+        return FeedbackResponse(action="accept", decision="accepted" if png is not None else "refused",
+                                level=lv.to_json(), release_id=record.release_id, release=release, refusal=refusal,
+                                suggestion=None if png is not None else "start a new session to try again, at a "
+                                                                        "further cost").model_dump()
+
+    result = await run_in_threadpool(
+        store.accept, token, key=key, image_png=png, respond=respond,
+        release=dict(image_id=row.image_id, protected=row.protected, epsilon=lv.epsilon, strength=lv.strength,
+                     seed=seed, level=lv.name, released_attributes=released, outcome=outcome, models=editor.costs))
+    if not result.replayed:
+        ctx.metrics.releases.labels(outcome).inc()
+    return {**result.response, "replayed": result.replayed}
+
+
+def _revision_zip(editor, store: StateStore, data_spec: dict) -> bytes:
+    """The publishable revision (``publish_revision``: no original attributes, no seeds), latest release per image."""
+    latest = {}
+    for item in store.revision_items():
+        latest[item["image_id"]] = item
+    changes = [RevisionChange(id=i["image_id"], original_attributes=i["original_attributes"],
+                              released_attributes=i["released_attributes"], protected=i["protected"],
+                              epsilon=i["epsilon"], strength=i["strength"]) for i in latest.values()]
+    images = {i["image_id"]: from_png(i["image_png"]) for i in latest.values()}
+    base = {k: v for k, v in data_spec.items() if k in ("source", "attributes", "num_images", "seed")}
+    base["resolution"] = editor.resolution
+    with tempfile.TemporaryDirectory(prefix="veil-revision-") as tmp:
+        owner = write_revision(Path(tmp) / "owner", base_spec=base, attribute_names=editor.attribute_names,
+                               changes=changes, images=images)
+        out = publish_revision(owner, Path(tmp) / "published")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(out.rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(out).as_posix())
+        return buf.getvalue()

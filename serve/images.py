@@ -1,0 +1,155 @@
+"""Uploaded images in, model-sized arrays out, and PNGs back: the server's only image handling.
+
+    limits = ImageLimits(max_bytes=8 << 20, max_pixels=16_000_000, max_side=8192, min_side=16)
+    pixels = decode_upload(data, limits=limits)       # uint8 (H, W, 3), decoded and verified
+    x = to_model_input(pixels, resolution=32)         # float32 (3, 32, 32) in [-1, 1]
+    png = png_bytes(x)                                # what the session stores and the API returns
+    url = data_url(png)                               # "data:image/png;base64,..." for JSON and SSE
+
+An upload is never trusted by its name or content type: Pillow must recognise it as PNG or JPEG from
+its bytes, ``verify()`` must pass, and it is decoded in full (a truncated file fails). Size limits
+apply before decoding (bytes), from the header (width, height, pixel count) and through Pillow's
+decompression-bomb guard, which is turned into an error here for anything over ``max_pixels``.
+Every failure is an ``ImageRejected`` with the HTTP status it deserves (413 too large, 415 not a
+PNG or JPEG, 422 unreadable or out of bounds) and a message that names the field.
+
+The model sees a centre square crop resized to its resolution (Lanczos). ``image_id_for`` names an
+upload by the SHA-256 of its decoded pixels, so the same picture uploaded again composes with its
+earlier releases in the ledger (a re-encoded or resized copy gets a new id: see the README).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from veil.errors import ConfigError
+
+__all__ = ["ImageLimits", "ImageRejected", "decode_upload", "to_model_input", "png_bytes", "data_url",
+           "image_id_for", "from_png", "install_bomb_guard"]
+
+FORMATS = ("PNG", "JPEG")
+
+
+class ImageRejected(ConfigError):
+    """An upload the server will not decode; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an upload may be: bytes on the wire, pixels, and the length of each side."""
+
+    max_bytes: int = 8 << 20  # 8 MiB
+    max_pixels: int = 16_000_000
+    max_side: int = 8192
+    min_side: int = 16
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_pixels", "max_side", "min_side"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={v!r}: must be a whole number >= 1")
+        if self.min_side > self.max_side:
+            raise ConfigError(f"--min-side {self.min_side} > --max-side {self.max_side}")
+
+
+def decode_upload(data: bytes, *, limits: ImageLimits, field: str = "image") -> np.ndarray:
+    """The upload's pixels as uint8 (H, W, 3); ImageRejected naming ``field`` otherwise."""
+    if not data:
+        raise ImageRejected(f"{field}: the upload is empty; send a PNG or JPEG file")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(f"{field}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes", 413)
+    install_bomb_guard(limits)
+    try:
+        return _decode(data, limits=limits, field=field)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected(f"{field}: more than {limits.max_pixels} pixels (decompression-bomb guard)", 413) from None
+
+
+def install_bomb_guard(limits: ImageLimits) -> None:
+    """Pillow's decompression-bomb guard at ``max_pixels``, its warning made an error (process-wide: set
+    once by the server, not per request, because Pillow's limit and Python's warning filters are global)."""
+    if Image.MAX_IMAGE_PIXELS != limits.max_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def _decode(data: bytes, *, limits: ImageLimits, field: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
+            fmt, (w, h) = probe.format, probe.size
+            _check_size(w, h, limits=limits, field=field)
+            probe.verify()  # structure and checksums, without decoding the pixels
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:  # verify() leaves the image unusable: reopen
+            im.load()  # decode in full: a truncated file fails here
+            pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ImageRejected(f"{field}: not a PNG or JPEG image (the file's bytes were checked, not its name or "
+                            f"content type)", 415) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise
+    except ImageRejected:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "damaged"
+        raise ImageRejected(f"{field}: a damaged or truncated {fmt if 'fmt' in locals() else 'image'} file "
+                            f"({type(e).__name__}: {str(e)[:120]})") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageRejected(f"{field}: could not be read as an RGB image")
+    return pixels
+
+
+def _check_size(w: int, h: int, *, limits: ImageLimits, field: str) -> None:
+    if max(w, h) > limits.max_side:
+        raise ImageRejected(f"{field}: {w}x{h} is larger than {limits.max_side} pixels on a side", 413)
+    if w * h > limits.max_pixels:
+        raise ImageRejected(f"{field}: {w}x{h} is more than {limits.max_pixels} pixels", 413)
+    if min(w, h) < limits.min_side:
+        raise ImageRejected(f"{field}: {w}x{h} is smaller than {limits.min_side} pixels on a side")
+
+
+def image_id_for(pixels: np.ndarray) -> str:
+    """A stable id for an upload: ``img-`` + 24 hex of SHA-256 over its shape and decoded pixels."""
+    h = hashlib.sha256(repr(pixels.shape).encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return "img-" + h.hexdigest()[:24]
+
+
+def to_model_input(pixels: np.ndarray, *, resolution: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, r, r) in [-1, 1]: centre square crop, Lanczos resize."""
+    h, w = pixels.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    im = Image.fromarray(pixels[top:top + s, left:left + s])
+    if s != resolution:
+        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+def png_bytes(x: np.ndarray) -> bytes:
+    """float (3, H, W) in [-1, 1] -> PNG bytes (no metadata)."""
+    u8 = np.clip(np.rint((np.asarray(x, np.float32).transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def from_png(data: bytes) -> np.ndarray:
+    """PNG bytes the server wrote -> float32 (3, H, W) in [-1, 1]."""
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
+        x = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

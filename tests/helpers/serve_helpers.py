@@ -1,0 +1,41 @@
+"""Helpers for tests/serve: test images, a server on an export, and reading server-sent events."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+
+import numpy as np
+from PIL import Image
+
+
+def png_upload(width: int = 40, height: int = 48, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A small random RGB picture as PNG (or JPEG) bytes."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def read_sse(text: str) -> list[tuple[str, dict]]:
+    """[(event, data), ...] of a text/event-stream body."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode_data_url(url: str) -> np.ndarray:
+    import base64
+
+    assert url.startswith("data:image/png;base64,"), url[:40]
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+        return np.asarray(im.convert("RGB"))
