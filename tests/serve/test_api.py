@@ -300,3 +300,34 @@ def test_one_session_cannot_read_another(client):
     state = client.get(f"/v1/sessions/{a['session']}").json()
     assert state["image_id"] == a["image_id"] and b["image_id"] not in json.dumps(state)
     assert np.array_equal(decode_data_url(a["image"]), decode_data_url(new_session(client, seed=5)["image"]))
+
+
+def test_overload_is_shed_with_503_and_retry_after(editor, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    gate, real = threading.Event(), editor.regenerate
+
+    def held(*args, **kwargs):  # the worker is busy until the gate opens
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "regenerate", held)
+    c, store = make_client(editor, tmp_path / "o.sqlite", max_queue=1, max_wait_ms=0)
+    with c:
+        p = protected_name(c)
+        sid = new_session(c, attributes=known(c, p), protected=[p])["session"]
+        url, answers = f"/v1/sessions/{sid}/previews", []
+        threads = [threading.Thread(target=lambda: answers.append(c.post(url, json={"n": 1}))) for _ in range(2)]
+        for t in threads:  # one runs (held at the gate), one waits in the queue of 1
+            t.start()
+            time.sleep(0.5)
+        shed = c.post(url, json={"n": 1})
+        assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
+        assert shed.json()["error"].startswith("overloaded")
+        gate.set()
+        for t in threads:
+            t.join(60)
+        assert [read_sse(r.text)[-1][0] for r in answers] == ["done", "done"]  # the admitted ones complete
+        assert "veil_overloaded_total 1.0" in c.get("/metrics").text
+    store.close()
