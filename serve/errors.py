@@ -96,7 +96,8 @@ def install_error_handlers(app: FastAPI, metrics) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.scope.get("route", request.url.path))
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: a raw path holds capabilities
+        log.exception("internal error on %s %s", request.method, route)
         return _answer(500, "internal error (logged on the server)", None)
 
 
