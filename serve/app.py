@@ -3,14 +3,18 @@
     app = create_app(editor=OrtEditor(export), store=open_state(url), settings=ServeSettings(token=None))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes (all JSON but the preview stream, the revision and the metrics; OpenAPI at /docs and /openapi.json):
+Routes (all JSON but the page, the preview stream, the revision and the metrics; OpenAPI at /docs):
 
+    GET  /                                  the owner's page (serve/static/: HTML, CSS, one JS module)
     GET  /healthz                           liveness and what runs where
     GET  /metrics                           Prometheus text format
-    GET  /v1/info                           attributes, levels, limits, budget
-    POST /v1/sessions                       multipart: image (PNG/JPEG), attributes (JSON, optional: else the
-                                            classifier's guesses), protected (JSON list), level -> the capability
+    GET  /v1/info                           attributes, levels, limits, budget, whether there is a dataset
+    GET  /v1/dataset                        the owner's images to pick from (--dataset), a page at a time
+    POST /v1/sessions                       multipart: image (PNG/JPEG) or dataset_image, attributes (JSON,
+                                            optional: else the dataset's labels or the classifier's guesses),
+                                            protected (JSON list), level -> the capability
     GET  /v1/sessions/{session}             state: level, decision, budget spent and left, release history
+    PATCH /v1/sessions/{session}            corrected attributes, protected attributes, level
     POST /v1/sessions/{session}/previews    candidates as server-sent events: the predicted clean image every few
                                             steps, then each final candidate with its released attributes
     POST /v1/sessions/{session}/feedback    more_private | less_private | accept | reject; accept carries an
@@ -20,7 +24,8 @@ Routes (all JSON but the preview stream, the revision and the metrics; OpenAPI a
 Load once, then per request: decode and validate, predict (on the batcher's worker thread), encode.
 A session id is its capability: 256 random bits, stored hashed; whoever holds it can see that one
 session's image and nothing else. Off loopback every route but /healthz needs the server token
-(``Authorization: Bearer``). Errors are ``{"error": message, "field": name-or-null}`` with a 4xx status
+(``Authorization: Bearer``). Every answer carries a Content-Security-Policy that allows only the
+server's own scripts and styles. Errors are ``{"error": message, "field": name-or-null}`` with a 4xx status
 (503 + Retry-After when overloaded); an unexpected failure is a bare 500 with no traceback, logged.
 Privacy is the session's (veil.privacy.session): previews spend nothing and go to the owner only; accept
 releases a fresh draw, checked by the classifier when the export has one, budget-checked and recorded in
@@ -42,9 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from veil import __version__
@@ -54,16 +60,22 @@ from veil.privacy.mechanism import outcome_probability, privatize
 from veil.privacy.revision_manifest import RevisionChange, publish_revision, write_revision
 from veil.privacy.session import draw_release
 from veil.serve.batcher import MicroBatcher, PreviewJob
+from veil.serve.dataset import FolderDataset
 from veil.serve.errors import ApiError, BodyLimit, install_error_handlers, sse
 from veil.serve.images import ImageLimits, data_url, decode_upload, from_png, image_id_for, install_bomb_guard, png_bytes, \
     to_model_input
 from veil.serve.metrics import CONTENT_TYPE, MetricsMiddleware, ServeMetrics
-from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackRequest, FeedbackResponse, LevelName, PreviewRequest, SessionState
+from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackRequest, FeedbackResponse, LevelName, PreviewRequest, SessionState, \
+    SessionUpdate
 from veil.serve.state import SessionRow, StateStore
 
 __all__ = ["create_app", "ServeSettings", "LEVEL_HELP"]
 
 log = logging.getLogger("veil.serve")
+
+STATIC = Path(__file__).parent / "static"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 LEVEL_HELP = {
     "low": "light touch: the face stays; the attribute is released as it is 98% of the time",
@@ -165,11 +177,8 @@ def _parse_json_field(text: str | None, name: str, kind: type):
     return value
 
 
-def _attributes(editor, text: str | None, guesses: dict | None) -> dict[str, int]:
-    given = _parse_json_field(text, "attributes", dict)
-    if given is None and guesses is None:
-        raise ApiError(422, "attributes: required, since this export has no classifier to guess them "
-                            '(e.g. {"smiling": 1, "eyeglasses": -1})', "attributes")
+def _attributes(editor, given: dict | None, base: dict[str, int]) -> dict[str, int]:
+    """``base`` with the owner's ``given`` values over it; 422 naming ``attributes`` for a bad name or value."""
     given = given or {}
     unknown = sorted(set(given) - set(editor.attribute_names))
     if unknown:
@@ -178,12 +187,34 @@ def _attributes(editor, text: str | None, guesses: dict | None) -> dict[str, int
     bad = {k: v for k, v in given.items() if isinstance(v, bool) or v not in (-1, 0, 1)}
     if bad:
         raise ApiError(422, f"attributes: values must be -1, 1 or 0 (unknown), got {bad}", "attributes")
-    base = {n: (guesses[n]["value"] if guesses else 0) for n in editor.attribute_names}
     return {**base, **{k: int(v) for k, v in given.items()}}
 
 
-def create_app(*, editor, store: StateStore, settings: ServeSettings | None = None, data_spec: dict | None = None) -> FastAPI:
-    """The app over a loaded ``OrtEditor`` and an open state store (see the module docstring)."""
+def _security_headers(app) -> None:
+    """Every answer: a CSP allowing only the server's own scripts and styles (images also as data: URLs, which
+    the API returns), no framing, no sniffing, no referrer (session capabilities live in URLs)."""
+    headers = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+               (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
+
+    class SecurityHeaders:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            async def with_headers(message):
+                if message["type"] == "http.response.start":
+                    message["headers"] = list(message.get("headers", [])) + headers
+                await send(message)
+
+            await self.inner(scope, receive, with_headers if scope["type"] == "http" else send)
+
+    app.add_middleware(SecurityHeaders)
+
+
+def create_app(*, editor, store: StateStore, settings: ServeSettings | None = None, data_spec: dict | None = None,
+               dataset: FolderDataset | None = None) -> FastAPI:
+    """The app over a loaded ``OrtEditor`` and an open state store (see the module docstring); ``dataset``: the
+    owner's images to pick from (``--dataset``)."""
     settings = settings or ServeSettings()
     install_bomb_guard(settings.limits)
     metrics = ServeMetrics()
@@ -204,8 +235,15 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
     app.state.ctx = ctx = _Ctx(editor, store, settings, metrics, batcher)
     install_error_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_bytes + (64 << 10))
+    _security_headers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     auth = [Depends(require_token)]
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz", tags=["ops"])
     def health():
@@ -224,25 +262,53 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
                 "levels": [{**lv.to_json(), "keep_probability": round(lv.keep_probability, 4),
                             "explanation": LEVEL_HELP[name]} for name, lv in LEVELS.items()],
                 "default_level": settings.default_level, "max_upload_bytes": settings.limits.max_bytes,
-                "max_side": settings.limits.max_side, "max_pixels": settings.limits.max_pixels}
+                "max_side": settings.limits.max_side, "max_pixels": settings.limits.max_pixels,
+                "dataset": {"available": dataset is not None, "count": 0 if dataset is None else len(dataset)}}
+
+    @app.get("/v1/dataset", tags=["edit"], dependencies=auth)
+    def dataset_items(offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=64)):
+        """The owner's images to pick from (``--dataset``), at the model's resolution."""
+        if dataset is None:
+            return {"available": False, "count": 0, "items": []}
+        ids = dataset.ids[offset:offset + limit]
+        return {"available": True, "count": len(dataset),
+                "items": [{"id": i, "image": data_url(dataset.image_png(i))} for i in ids]}
 
     @app.post("/v1/sessions", tags=["edit"], dependencies=auth, status_code=201, response_model=SessionState)
-    async def create_session(image: UploadFile = File(..., description="PNG or JPEG"),
+    async def create_session(image: UploadFile | None = File(None, description="PNG or JPEG"),
+                             dataset_image: str | None = Form(None, description="instead of image: an id from "
+                                                                                 "/v1/dataset"),
                              attributes: str | None = Form(None, description='JSON object, e.g. {"smiling": 1}'),
                              protected: str | None = Form(None, description='JSON list, e.g. ["smiling"]'),
                              level: LevelName | None = Form(None)):
-        data = await image.read(settings.limits.max_bytes + 1)
-        pixels = await run_in_threadpool(decode_upload, data, limits=settings.limits)
-        png = png_bytes(to_model_input(pixels, resolution=editor.resolution))
+        if (image is None) == (dataset_image is None):
+            raise ApiError(422, "image: send an image file, or dataset_image (an id from /v1/dataset), not both",
+                           "image")
+        if image is not None:
+            data = await image.read(settings.limits.max_bytes + 1)
+            pixels = await run_in_threadpool(decode_upload, data, limits=settings.limits)
+            png, image_id, known = png_bytes(to_model_input(pixels, resolution=editor.resolution)), \
+                image_id_for(pixels), {}
+        else:
+            if dataset is None or dataset_image not in dataset.ids:
+                raise ApiError(422, f"dataset_image: {dataset_image!r} is not an image of the server's dataset"
+                                    + ("" if dataset else " (it was started without --dataset)"), "dataset_image")
+            png, image_id = await run_in_threadpool(dataset.image_png, dataset_image), dataset_image
+            known = {k: v for k, v in dataset.attributes(dataset_image).items() if v in (-1, 1)}  # the owner's labels
         x = from_png(png)  # what every replica will edit: the stored, quantized image
         guesses = (await batcher.run_exclusive(lambda: editor.propose(x[None])))[0] if editor.can_check else None
-        attrs = _attributes(editor, attributes, guesses)
+        given = _parse_json_field(attributes, "attributes", dict)
+        if given is None and guesses is None and not known:
+            raise ApiError(422, "attributes: required, since this export has no classifier to guess them "
+                                '(e.g. {"smiling": 1, "eyeglasses": -1})', "attributes")
+        base = {n: (guesses[n]["value"] if guesses else 0) for n in editor.attribute_names}
+        attrs = _attributes(editor, given, {**base, **known})
         chosen = _parse_json_field(protected, "protected", list) or []
         if not all(isinstance(p, str) for p in chosen):
             raise ApiError(422, "protected: expected a JSON list of attribute names", "protected")
         chosen = _check_protected(editor, chosen, attrs) if chosen else []
         lv = LEVELS[level or settings.default_level]
-        token = await run_in_threadpool(store.create_session, image_id=image_id_for(pixels), image_png=png,
+        token = await run_in_threadpool(store.create_session, image_id=image_id, image_png=png,
                                         attributes=attrs, guesses=guesses, protected=chosen, level=lv.to_json())
         row = await run_in_threadpool(store.session, token)
         return await run_in_threadpool(_state, ctx, row, token=token, image=True)
@@ -250,6 +316,19 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
     @app.get("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState)
     def session_state(s=Depends(open_session)):
         return _state(ctx, s[1])
+
+    @app.patch("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState)
+    def update_session(body: SessionUpdate, s=Depends(open_session)):
+        """Correct attribute values, choose the protected attributes or the level (an open session only)."""
+        token, row = s
+        if row.decision is not None:
+            raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
+        attrs = _attributes(editor, body.attributes, row.attributes) if body.attributes is not None else None
+        chosen = body.protected if body.protected is not None else row.protected
+        chosen = _check_protected(editor, chosen, attrs or row.attributes) if chosen else []
+        row = store.update_session(token, attributes=attrs, protected=chosen,
+                                   level=None if body.level is None else LEVELS[body.level].to_json())
+        return _state(ctx, row)
 
     @app.post("/v1/sessions/{session}/previews", tags=["edit"], dependencies=auth,
               responses={200: {"content": {"text/event-stream": {}},

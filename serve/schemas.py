@@ -34,6 +34,14 @@ class PreviewRequest(_Strict):
     n: int = Field(4, ge=1, le=16, description="how many candidates")
 
 
+class SessionUpdate(_Strict):
+    """The owner's corrections and choices on an open session (previews then use them)."""
+
+    attributes: dict[str, int] | None = Field(None, description="corrected values: -1, 1, or 0 (unknown)")
+    protected: list[str] | None = Field(None, max_length=64, description="attributes to protect (may be empty)")
+    level: LevelName | None = Field(None, description="low | medium | high | max")
+
+
 class FeedbackRequest(_Strict):
     action: Action = Field(..., description="more_private | less_private | accept | reject")
     idempotency_key: str | None = Field(None, pattern=IDEMPOTENCY_KEY,

@@ -255,8 +255,11 @@ class StateStore:
             raise SessionClosed(f"session already {row.decision}: start a new session to edit this image again")
         return row
 
-    def update_session(self, token: str, *, level: dict | None = None, protected: list | None = None) -> SessionRow:
-        sets = {k: json.dumps(v) for k, v in (("level", level), ("protected", protected)) if v is not None}
+    def update_session(self, token: str, *, level: dict | None = None, protected: list | None = None,
+                       attributes: dict | None = None) -> SessionRow:
+        """Change the owner's choices (and corrected attribute values) of an open session."""
+        sets = {k: json.dumps(v) for k, v in (("level", level), ("protected", protected), ("attributes", attributes))
+                if v is not None}
         with self._db.transaction() as execute:
             if not sets:
                 return self._session(execute, _hash(token))

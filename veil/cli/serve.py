@@ -31,6 +31,9 @@ def add_subcommand(sub) -> None:
     p.add_argument("--budget", type=epsilon_or_budget, default=None,
                    help="per-(image, attribute) release budget when the database is new (default 8; inf = unlimited)")
     p.add_argument("--token", default=None, help="server token (default $VEIL_SERVE_TOKEN); required off loopback")
+    p.add_argument("--dataset", default=None, help="a folder of the owner's images with labels.csv (the layout of "
+                                                    "--data source=folder): the page offers them to pick")
+    p.add_argument("--dataset-csv", default=None, help="the dataset's CSV when it is not DATASET/labels.csv")
     p.add_argument("--no-batching", action="store_true", help="one preview at a time (the benchmark's baseline)")
     p.add_argument("--max-wait-ms", type=nonneg_float, default=5.0, help="how long to gather a batch (default 5 ms)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503 (default 64)")
@@ -58,6 +61,7 @@ def _serve(args) -> int:
     from veil.export.runtime import OrtEditor, read_export_meta
     from veil.privacy.ledger import ledger_path_for
     from veil.serve.app import ServeSettings, create_app
+    from veil.serve.dataset import FolderDataset
     from veil.serve.images import ImageLimits
     from veil.serve.state import open_state
 
@@ -79,12 +83,17 @@ def _serve(args) -> int:
                              batching=not args.no_batching, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              preview_every=args.preview_every)
     editor = OrtEditor(args.export, num_steps=args.steps, providers=args.providers, threads=args.threads)
+    dataset = None
+    if args.dataset is not None:
+        dataset = FolderDataset(args.dataset, attribute_names=editor.attribute_names, resolution=editor.resolution,
+                                csv_path=args.dataset_csv)
     store = open_state(state, budget=args.budget)
     try:
-        app = create_app(editor=editor, store=store, settings=settings, data_spec=data_spec)
+        app = create_app(editor=editor, store=store, settings=settings, data_spec=data_spec, dataset=dataset)
         print(f"veil serve: {editor.backend} export {args.export} on {editor.provider}, state {store.backend} "
-              f"({store.where}), batching {'on' if settings.batching else 'off'}; "
-              f"http://{args.host}:{args.port}/docs", file=sys.stderr, flush=True)
+              f"({store.where}), batching {'on' if settings.batching else 'off'}"
+              f"{f', {len(dataset)} dataset images' if dataset else ''}; the page: http://{args.host}:{args.port}/ "
+              f"(API: /docs)", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:
         store.close()
