@@ -35,13 +35,9 @@ one transaction with its idempotency key (veil.serve.state).
 from __future__ import annotations
 
 import hmac
-import io
 import json
 import logging
 import random
-import re
-import tempfile
-import zipfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,18 +50,17 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from veil import __version__
-from veil.errors import ConfigError, EditRefused, PrivacyError, VeilError
-from veil.privacy.levels import LEVELS, PrivacyLevel, less_private, more_private, resolve_level
+from veil.errors import ConfigError, VeilError
+from veil.privacy.levels import LEVELS, less_private, more_private, resolve_level
 from veil.privacy.mechanism import outcome_probability, privatize
-from veil.privacy.revision_manifest import RevisionChange, publish_revision, write_revision
-from veil.privacy.session import draw_release
 from veil.serve.batcher import MicroBatcher, PreviewJob
 from veil.serve.dataset import FolderDataset
+from veil.serve.release import accept_release, level_of, revision_zip
 from veil.serve.errors import ApiError, BodyLimit, install_error_handlers, sse
 from veil.serve.images import ImageLimits, data_url, decode_upload, from_png, image_id_for, install_bomb_guard, png_bytes, \
     to_model_input
 from veil.serve.metrics import CONTENT_TYPE, MetricsMiddleware, ServeMetrics
-from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackRequest, FeedbackResponse, LevelName, PreviewRequest, SessionState, \
+from veil.serve.schemas import FeedbackRequest, FeedbackResponse, LevelName, PreviewRequest, SessionState, \
     SessionUpdate
 from veil.serve.state import SessionRow, StateStore
 
@@ -132,11 +127,6 @@ def open_session(request: Request, session: str = PathParam(..., min_length=8, m
                                                             description="the capability create returned")):
     """(token, SessionRow); 404 for an unknown or malformed capability (a sync dependency: runs off the loop)."""
     return session, _ctx(request).store.session(session)
-
-
-def _level_of(row: SessionRow) -> PrivacyLevel:
-    d = row.level
-    return PrivacyLevel(d["name"], float(d["epsilon"]), float(d["strength"]), d["encoding"])
 
 
 def _state(ctx: _Ctx, row: SessionRow, *, token: str | None = None, image: bool = False) -> dict:
@@ -384,10 +374,10 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
                        idempotency_key: str | None = Header(None, description="accept: same as the body's field")):
         token, row = s
         if body.action == "accept":
-            return await _accept(ctx, token, row, body.idempotency_key or idempotency_key)
+            return await accept_release(ctx, token, row, body.idempotency_key or idempotency_key)
         if row.decision is not None:
             raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
-        lv = _level_of(row)
+        lv = level_of(row)
         new = {"more_private": more_private, "less_private": less_private}.get(body.action, lambda x: x)(lv)
         decision = "rejected" if body.action == "reject" else None
         await run_in_threadpool(store.feedback, token, action=body.action, level=new.to_json(), decision=decision)
@@ -398,90 +388,7 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
     @app.get("/v1/revision", tags=["edit"], dependencies=auth, response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})
     def revision():
-        return Response(_revision_zip(editor, store, data_spec or {}), media_type="application/zip",
+        return Response(revision_zip(editor, store, data_spec or {}), media_type="application/zip",
                         headers={"Content-Disposition": 'attachment; filename="veil-revision.zip"'})
 
     return app
-
-
-async def _accept(ctx: _Ctx, token: str, row: SessionRow, key: str | None) -> dict:
-    """One fresh release: idempotent by ``key``, checked before compute and again inside the write."""
-    store, editor = ctx.store, ctx.editor
-    if key is None or not re.fullmatch(IDEMPOTENCY_KEY[1:-1], key):
-        raise ApiError(422, "idempotency_key: accept needs one (8-128 of A-Z a-z 0-9 _ . : -), in the body or the "
-                            "Idempotency-Key header; reuse it when you retry", "idempotency_key")
-    replay = await run_in_threadpool(store.replay, token, key)
-    if replay is not None:
-        return {**replay, "replayed": True}
-    if row.decision is not None:
-        raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
-    if not row.protected:
-        raise ApiError(422, "protected: choose the attributes to protect (preview first)", "protected")
-    lv = _level_of(row)
-    try:
-        await run_in_threadpool(store.check_release, image_id=row.image_id, protected=row.protected,
-                                epsilon=lv.epsilon, published=list(row.attributes))
-    except PrivacyError:
-        replay = await run_in_threadpool(store.replay, token, key)  # the same key, committed by another replica
-        if replay is not None:
-            return {**replay, "replayed": True}
-        raise
-    released, seed = draw_release(image_id=row.image_id, attributes=row.attributes, protected=row.protected,
-                                  epsilon=lv.epsilon, seed=None, release_index=0)  # seed=None: from the OS
-    x = from_png(row.image_png)
-    check = {"check": True} if editor.can_check else {}
-
-    def edit():
-        return editor([x], originals=[row.attributes], targets=[released], strength=lv.strength,
-                      protected=row.protected, encoding=lv.encoding, **check)[0]
-
-    image, refusal = None, None
-    try:
-        image = await ctx.batcher.run_exclusive(edit)
-    except EditRefused as e:
-        refusal = f"the edit did not show its released values after its re-dos, so it is not released; the draw " \
-                  f"is charged all the same ({str(e)[:200]})"
-    outcome = "released" if image is not None else "refused"
-    png = None if image is None else png_bytes(image)
-    cost = {p: lv.epsilon for p in row.protected}
-
-    def respond(record) -> dict:
-        release = None if png is None else {
-            "release_id": record.release_id, "image_id": row.image_id, "image": data_url(png),
-            "released_attributes": released, "protected": row.protected, "epsilon": lv.epsilon,
-            "level": lv.to_json(), "cost": cost, "checked": bool(check), "released_at": record.released_at}
-        return FeedbackResponse(action="accept", decision="accepted" if png is not None else "refused",
-                                level=lv.to_json(), release_id=record.release_id, release=release, refusal=refusal,
-                                suggestion=None if png is not None else "start a new session to try again, at a "
-                                                                        "further cost").model_dump()
-
-    result = await run_in_threadpool(
-        store.accept, token, key=key, image_png=png, respond=respond,
-        release=dict(image_id=row.image_id, protected=row.protected, epsilon=lv.epsilon, strength=lv.strength,
-                     seed=seed, level=lv.name, released_attributes=released, outcome=outcome, models=editor.costs))
-    if not result.replayed:
-        ctx.metrics.releases.labels(outcome).inc()
-    return {**result.response, "replayed": result.replayed}
-
-
-def _revision_zip(editor, store: StateStore, data_spec: dict) -> bytes:
-    """The publishable revision (``publish_revision``: no original attributes, no seeds), latest release per image."""
-    latest = {}
-    for item in store.revision_items():
-        latest[item["image_id"]] = item
-    changes = [RevisionChange(id=i["image_id"], original_attributes=i["original_attributes"],
-                              released_attributes=i["released_attributes"], protected=i["protected"],
-                              epsilon=i["epsilon"], strength=i["strength"]) for i in latest.values()]
-    images = {i["image_id"]: from_png(i["image_png"]) for i in latest.values()}
-    base = {k: v for k, v in data_spec.items() if k in ("source", "attributes", "num_images", "seed")}
-    base["resolution"] = editor.resolution
-    with tempfile.TemporaryDirectory(prefix="veil-revision-") as tmp:
-        owner = write_revision(Path(tmp) / "owner", base_spec=base, attribute_names=editor.attribute_names,
-                               changes=changes, images=images)
-        out = publish_revision(owner, Path(tmp) / "published")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted(out.rglob("*")):
-                if f.is_file():
-                    z.write(f, f.relative_to(out).as_posix())
-        return buf.getvalue()

@@ -1,0 +1,122 @@
+"""What ``accept`` does on the server, and the publishable revision (``veil.serve.app``'s two longer handlers).
+
+``accept_release``: replay a stored answer for a seen idempotency key; refuse a closed session or a release
+the ledger would refuse, before any compute; draw the released attributes from the OS's randomness
+(``veil.privacy.session.draw_release``); run the checked edit on the batcher's worker; then record the
+release, its answer and the session's decision in one transaction (``StateStore.accept``), which replays
+instead if another request with the same key committed first. A refused edit (the checker did not read
+its released values) is recorded and charged, and answered with ``decision: "refused"``.
+
+``revision_zip``: the latest accepted release of each image as ``publish_revision`` writes it (edited images
+and released attributes only), zipped.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from veil.errors import EditRefused, PrivacyError
+from veil.privacy.levels import PrivacyLevel
+from veil.privacy.revision_manifest import RevisionChange, publish_revision, write_revision
+from veil.privacy.session import draw_release
+from veil.serve.errors import ApiError
+from veil.serve.images import data_url, from_png, png_bytes
+from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackResponse
+from veil.serve.state import SessionRow, StateStore
+
+__all__ = ["accept_release", "level_of", "revision_zip"]
+
+
+def level_of(row: SessionRow) -> PrivacyLevel:
+    d = row.level
+    return PrivacyLevel(d["name"], float(d["epsilon"]), float(d["strength"]), d["encoding"])
+
+
+
+async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> dict:
+    """One fresh release: idempotent by ``key``, checked before compute and again inside the write."""
+    store, editor = ctx.store, ctx.editor
+    if key is None or not re.fullmatch(IDEMPOTENCY_KEY[1:-1], key):
+        raise ApiError(422, "idempotency_key: accept needs one (8-128 of A-Z a-z 0-9 _ . : -), in the body or the "
+                            "Idempotency-Key header; reuse it when you retry", "idempotency_key")
+    replay = await run_in_threadpool(store.replay, token, key)
+    if replay is not None:
+        return {**replay, "replayed": True}
+    if row.decision is not None:
+        raise ApiError(409, f"session: closed ({row.decision}); start a new one", "session")
+    if not row.protected:
+        raise ApiError(422, "protected: choose the attributes to protect (preview first)", "protected")
+    lv = level_of(row)
+    try:
+        await run_in_threadpool(store.check_release, image_id=row.image_id, protected=row.protected,
+                                epsilon=lv.epsilon, published=list(row.attributes))
+    except PrivacyError:
+        replay = await run_in_threadpool(store.replay, token, key)  # the same key, committed by another replica
+        if replay is not None:
+            return {**replay, "replayed": True}
+        raise
+    released, seed = draw_release(image_id=row.image_id, attributes=row.attributes, protected=row.protected,
+                                  epsilon=lv.epsilon, seed=None, release_index=0)  # seed=None: from the OS
+    x = from_png(row.image_png)
+    check = {"check": True} if editor.can_check else {}
+
+    def edit():
+        return editor([x], originals=[row.attributes], targets=[released], strength=lv.strength,
+                      protected=row.protected, encoding=lv.encoding, **check)[0]
+
+    image, refusal = None, None
+    try:
+        image = await ctx.batcher.run_exclusive(edit)
+    except EditRefused as e:
+        refusal = f"the edit did not show its released values after its re-dos, so it is not released; the draw " \
+                  f"is charged all the same ({str(e)[:200]})"
+    outcome = "released" if image is not None else "refused"
+    png = None if image is None else png_bytes(image)
+    cost = {p: lv.epsilon for p in row.protected}
+
+    def respond(record) -> dict:
+        release = None if png is None else {
+            "release_id": record.release_id, "image_id": row.image_id, "image": data_url(png),
+            "released_attributes": released, "protected": row.protected, "epsilon": lv.epsilon,
+            "level": lv.to_json(), "cost": cost, "checked": bool(check), "released_at": record.released_at}
+        return FeedbackResponse(action="accept", decision="accepted" if png is not None else "refused",
+                                level=lv.to_json(), release_id=record.release_id, release=release, refusal=refusal,
+                                suggestion=None if png is not None else "start a new session to try again, at a "
+                                                                        "further cost").model_dump()
+
+    result = await run_in_threadpool(
+        store.accept, token, key=key, image_png=png, respond=respond,
+        release=dict(image_id=row.image_id, protected=row.protected, epsilon=lv.epsilon, strength=lv.strength,
+                     seed=seed, level=lv.name, released_attributes=released, outcome=outcome, models=editor.costs))
+    if not result.replayed:
+        ctx.metrics.releases.labels(outcome).inc()
+    return {**result.response, "replayed": result.replayed}
+
+
+def revision_zip(editor, store: StateStore, data_spec: dict) -> bytes:
+    """The publishable revision (``publish_revision``: no original attributes, no seeds), latest release per image."""
+    latest = {}
+    for item in store.revision_items():
+        latest[item["image_id"]] = item
+    changes = [RevisionChange(id=i["image_id"], original_attributes=i["original_attributes"],
+                              released_attributes=i["released_attributes"], protected=i["protected"],
+                              epsilon=i["epsilon"], strength=i["strength"]) for i in latest.values()]
+    images = {i["image_id"]: from_png(i["image_png"]) for i in latest.values()}
+    base = {k: v for k, v in data_spec.items() if k in ("source", "attributes", "num_images", "seed")}
+    base["resolution"] = editor.resolution
+    with tempfile.TemporaryDirectory(prefix="veil-revision-") as tmp:
+        owner = write_revision(Path(tmp) / "owner", base_spec=base, attribute_names=editor.attribute_names,
+                               changes=changes, images=images)
+        out = publish_revision(owner, Path(tmp) / "published")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(out.rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(out).as_posix())
+        return buf.getvalue()
