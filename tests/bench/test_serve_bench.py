@@ -35,10 +35,16 @@ def test_serve_bench_measures_both_modes_without_errors(bench, exports, tmp_path
 
 def test_gain_is_batched_over_unbatched_at_the_same_cell(bench):
     row = dict(resolution=32, p50_ms=10.0, p99_ms=20.0, admitted=5, shed=0, errors=0, mean_batch_rows=1.0,
-               client_cores=0.1, server_cores=1.0)
+               mean_batch_ms=50.0, worker_busy=0.5, client_cores=0.1, server_cores=1.0)
     rows = [{**row, "clients": 4, "mode": "unbatched", "rps": 10.0}, {**row, "clients": 4, "mode": "batched", "rps": 35.0},
             {**row, "clients": 16, "mode": "unbatched", "rps": 20.0}, {**row, "clients": 16, "mode": "batched", "rps": 30.0},
             {**row, "resolution": 64, "clients": 4, "mode": "batched", "rps": 7.0, "admitted": 0}]
     lines = bench.table(rows).splitlines()[2:]
     assert "| 3.50x | 2.00 |" in lines[1] and "| 1.50x |" in lines[3]
     assert "| - |" in lines[0] and "| - | n/a |" in lines[4]  # no baseline at 64; nothing admitted: no ratio
+
+
+def test_a_server_that_does_not_start_stops_the_bench_with_its_log(bench, tmp_path):
+    with pytest.raises(SystemExit, match=r"veil serve exited with [1-9]\d* \(log .*server_export_batched\.log\)"):
+        bench.main(["--export", str(tmp_path / "no_such_export"), "--clients", "1", "--seconds", "1",
+                    "--out", str(tmp_path / "out")])
