@@ -15,12 +15,9 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup demo test bench finetune guided guided-eval guided-grid
 setup: $(VENV)/.installed
 
-# Each demo run gets a new folder, runs/demo-YYYYmmdd-HHMMSS: an earlier run is never deleted.
+# The main job (README, "Quick start"): the whole loop on the embedded synthetic faces; rerunning resumes runs/demo.
 demo: setup
-	@out=runs/demo-$$(date +%Y%m%d-%H%M%S); \
-	echo "make demo: training into $$out (earlier demo runs are kept)"; \
-	$(VENV)/bin/veil train --config lightning_modules/configs/synthetic32.yaml --out $$out && \
-	echo "make demo: wrote $$out (the release: $$out/model; sample it: $(VENV)/bin/veil sample --checkpoint $$out --out $$out/grid.png)"
+	$(VENV)/bin/veil demo --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -7,6 +7,7 @@
     veil train-classifier   --data source=synthetic --out CLF                                 (cli/train_classifier.py)
     veil unlearn            --model CLF --revision REV --out U                                (cli/unlearn.py)
     veil privacy            show --data source=synthetic,seed=0 | set-budget | publish-revision (cli/privacy.py)
+    veil demo               [--out DIR] [--quick] [--fresh] [--serve]                        (cli/demo.py)
     veil serve              --export X [--host 127.0.0.1] [--port 8000] [--state URL]        (cli/serve.py)
 
 ``veil <cmd> --help`` documents every option. How ``main`` ends:
@@ -36,6 +37,7 @@ from veil.errors import VeilError
 DESCRIPTION = "veil: private attribute editing of face datasets, with DP training and feature unlearning."
 EPILOG = """\
 workflow:
+  veil demo                           the whole loop on the embedded faces, ending in runs/demo/report.html
   veil train --config lightning_modules/configs/synthetic32.yaml --out runs/dp32
                                       DP diffusion model on a dataset (prints epsilon)
   veil sample --checkpoint runs/dp32 --attributes smiling=1 --out grid.png
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from veil.cli import (  # argparse only: torch loads in handlers
+        demo,
         edit,
         export,
         privacy,
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         unlearn,
     )
 
-    for command in (train, sample, edit, export, serve, train_classifier, unlearn, privacy):  # in --help order
+    for command in (demo, train, sample, edit, export, serve, train_classifier, unlearn, privacy):  # in --help order
         command.add_subcommand(sub)
     return parser
 

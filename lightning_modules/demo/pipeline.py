@@ -1,0 +1,172 @@
+"""``veil demo``: the whole framework on the embedded synthetic faces, stage by stage, ending in a report.
+
+    run_demo(out="runs/demo", quick=False)   # models -> edits -> unlearning -> export -> serve; report.json/.html
+
+Each stage writes ``OUT/<stage>/stage.json`` (its key numbers) when it is done, and a later run reuses
+it (an interrupted demo resumes at the stage it was in; ``fresh=True`` redoes everything). The demo
+is owner-only (folder 0700: its grids and report show private originals; ``veil_home`` holds release
+seeds) and keeps its privacy account in its own ``OUT/veil_home`` (``$VEIL_HOME`` for the demo and the server it
+starts): every training run and release on the synthetic faces is recorded there, so the report's
+epsilons are what the demo spent in total, and a demo never spends the budget of the user's own
+databases in ``~/.veil``.
+
+1. models: a label-free UNet on public faces (seed 1), a DP noise-conditional classifier on the private
+   faces (seed 0; it guides and checks the edits), and the classifier the owner already published
+   (trained without DP on the original private images: its epsilon is infinite, and the account says so).
+2. edits (``owner.py``): the scripted owner edits some of the published classifier's training images,
+   asking for more privacy until the level's adaptive attacker is at most ``threshold`` sure of the
+   original protected value; releases go through the ledger; accepted edits form a revision.
+3. unlearning: the published classifier updated to the revision (``veil unlearn``'s default update),
+   against retraining from scratch.
+4. export: the guided editor to ONNX (verified against PyTorch), and the preview latency of ONNX Runtime
+   against PyTorch.
+5. serve: ``veil serve`` on the export, one session from upload to release over HTTP, then stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from veil.errors import ConfigError
+from veil.lightning_modules.demo.plan import PLANS, PRIVATE_DATA, PUBLIC_DATA, DemoPlan, command
+from veil.outputs import write_json_atomic
+
+__all__ = ["run_demo", "STAGES"]
+
+STAGES = ("models", "edits", "unlearning", "export", "serve")
+PROVES = {
+    "models": "DP training on the private faces is accounted for, model by model and in total for the dataset",
+    "edits": "protected attributes are released through randomized response, charged to the dataset's ledger, "
+             "and the owner can raise protection until an adaptive attacker is unsure",
+    "unlearning": "a model trained on the originals is updated to the revision in closed form, far faster than "
+                  "retraining",
+    "export": "the edit sampler runs on ONNX Runtime without torch and matches PyTorch",
+    "serve": "an edit session runs from upload to release over HTTP, with the same ledger",
+}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every stage into ``out``; returns the report (also OUT/report.json and .html)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a folder for the demo")
+    plan = PLANS["quick" if quick else "default"]
+    meta = out / "demo.json"
+    if meta.is_file() and not fresh:
+        earlier = json.loads(meta.read_text())
+        if earlier.get("plan") != plan.name:
+            raise ConfigError(f"--out {out}: holds a {earlier.get('plan')} demo; resume it with the same --quick "
+                              f"setting, give another --out, or --fresh to start over")
+    if fresh and out.exists():
+        for name in (*STAGES, "veil_home", "report.json", "report.html", "demo.json"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)  # owner-only: the report and grids show the private originals, veil_home holds seeds
+    write_json_atomic(meta, {"plan": plan.name})
+    os.environ["VEIL_HOME"] = str((out / "veil_home").resolve())  # the demo's own privacy databases
+    started, report = time.perf_counter(), {"format": "veil-demo-report/1", "quick": quick, "stages": {}}
+    for i, stage in enumerate(STAGES, 1):
+        done = out / stage / "stage.json"
+        if done.is_file():
+            report["stages"][stage] = json.loads(done.read_text())
+            progress(f"[{i}/{len(STAGES)}] {stage}: done earlier ({done}), reused")
+            continue
+        progress(f"[{i}/{len(STAGES)}] {stage}: {PROVES[stage]}")
+        t0 = time.perf_counter()
+        result = STAGE_FUNCTIONS[stage](out, plan, report["stages"], progress)
+        result = {"seconds": round(time.perf_counter() - t0, 1), "proves": PROVES[stage], **result}
+        (out / stage).mkdir(exist_ok=True)
+        write_json_atomic(done, result)
+        report["stages"][stage] = result
+        progress(f"[{i}/{len(STAGES)}] {stage}: done in {result['seconds']:.0f} s")
+    report.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  seconds=round(time.perf_counter() - started, 1), machine=_machine())
+    write_json_atomic(out / "report.json", report)
+    from veil.lightning_modules.demo.report import summary_table, write_html
+
+    for path in (out / "report.json", write_html(report, out)):
+        os.chmod(path, 0o600)
+    progress(summary_table(report))
+    return report
+
+
+def _machine() -> str:
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core CPU, {gpu}"
+
+
+def _params(state_path: Path) -> int | None:
+    """Parameters of a release (its raw weights, not the EMA copy)."""
+    from safetensors.torch import load_file
+
+    if not state_path.is_file():
+        return None
+    state = load_file(str(state_path))
+    raw = [k for k in state if not k.startswith("ema")] or list(state)
+    return int(sum(state[k].numel() for k in raw))
+
+
+# -------------------------------------------------------------------------------------------- 1. models
+def stage_models(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
+    from veil.lightning_modules.training.classifier import load_recipe, train_classifier
+    from veil.lightning_modules.training.config import load_config
+    from veil.lightning_modules.training.diffusion import run_training
+    from veil.privacy.ledger import PrivacyLedger
+
+    folder = out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    jobs = [("public_unet", "label-free denoiser (guided by the classifier below)", "synthetic32_public.yaml",
+             plan.public_unet, "train", PUBLIC_DATA),
+            ("guide", "DP noise-conditional classifier: guides and checks the edits", "classifier32_guidance.yaml",
+             plan.guide, "train-classifier", PRIVATE_DATA),
+            ("published", "classifier the owner already published (trained on the original images)",
+             "classifier32.yaml", plan.published, "train-classifier", PRIVATE_DATA)]
+    for name, role, config, overrides, tool, data in jobs:
+        target = folder / name
+        if not (target / "model").is_dir():
+            shutil.rmtree(target, ignore_errors=True)  # a run interrupted half-way: start it again
+            progress(f"  training {name} ({role})")
+            t0 = time.perf_counter()
+            if tool == "train":
+                run_training(load_config(str(CONFIGS / config), overrides), target, progress=False)
+            else:
+                recipe, data_options = load_recipe(str(CONFIGS / config), overrides)
+                train_classifier(recipe=recipe, data=data_options, out=target)
+            progress(f"  {name}: trained in {time.perf_counter() - t0:.0f} s")
+        rows.append({"name": name, "role": role, **_privacy_of(target, data),
+                     "params": _params(target / "model" / "model.safetensors"),
+                     "source": "trained by this demo", "command": command(tool, config, overrides, str(target))})
+    with PrivacyLedger.for_dataset(PRIVATE_DATA) as ledger:
+        eps, delta = ledger.training_spent()
+        runs = len(ledger.training_runs())
+    account = {"epsilon": "inf" if eps == float("inf") else round(eps, 4), "delta": delta, "runs": runs,
+               "note": "basic composition of every training run on the private faces; the published classifier "
+                       "was trained without DP, so the data's total is infinite: only the guide's epsilon covers "
+                       "what the edits use"}
+    return {"shipped": False, "models": rows, "dataset_account": account}
+
+
+def _privacy_of(run: Path, data: dict) -> dict:
+    meta = json.loads((run / "model" / "veil_model.json").read_text())
+    record = meta.get("privacy") or json.loads((run / "privacy.json").read_text())
+    private = bool(record.get("private") and record.get("enabled", True))
+    eps = record.get("epsilon") if private else "inf"
+    return {"data": f"synthetic faces, seed {data['seed']} ({'public' if data is PUBLIC_DATA else 'private'})",
+            "private": private, "epsilon": eps, "delta": record.get("delta") if private else None}
+
+
+STAGE_FUNCTIONS: dict[str, Callable] = {"models": stage_models}
+from veil.lightning_modules.demo.stages import stage_edits, stage_export, stage_serve, stage_unlearning  # noqa: E402
+
+STAGE_FUNCTIONS.update(edits=stage_edits, unlearning=stage_unlearning, export=stage_export, serve=stage_serve)

@@ -1,0 +1,66 @@
+"""The sizes of ``veil demo`` (default and ``--quick``) and the exact commands that make its models.
+
+Every model is trained from the embedded synthetic faces by the same code as ``veil train`` and
+``veil train-classifier``, with the shipped configs and the ``--set`` overrides below; the report
+prints each model's command, so any of them can be rerun by hand. The default sizes keep the demo
+within about 15 minutes on a 2-core CPU (the public UNet gets a 5-minute wall-clock cap, so it is
+a rough denoiser: the edits show the mechanism, not photo quality); ``--quick`` (about 3 minutes,
+used by the test) trains tiny models for a few steps: its numbers check the plumbing, not quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from veil.lightning_modules.demo.owner import AttackerSizes
+
+__all__ = ["DemoPlan", "PLANS", "PRIVATE_DATA", "PUBLIC_DATA"]
+
+PRIVATE_DATA = {"source": "synthetic", "seed": 0}  # the owner's faces
+PUBLIC_DATA = {"source": "synthetic", "seed": 1}  # another seed: the label-free UNet's public data
+
+TINY_UNET = ["data.num_images=256", "data.batch_size=32", "model.block_out_channels=[16,32]",
+             "model.attention_levels=[false,true]", "model.norm_num_groups=8", "model.attention_head_dim=8",
+             "trainer.max_steps=6", "trainer.max_time=null", "trainer.checkpoint_every_n_steps=6",
+             "trainer.accelerator=cpu"]
+TINY_CLASSIFIER = ["model.channels=[8,16,16]", "model.feature_dim=16", "model.norm_num_groups=4"]
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    name: str
+    public_unet: list[str]  # --set overrides of configs/synthetic32_public.yaml
+    guide: list[str]  # ... of configs/classifier32_guidance.yaml (DP, noise-conditional)
+    published: list[str]  # ... of configs/classifier32.yaml (non-private: what the owner already published)
+    edit_images: int  # private images the scripted owner edits
+    steps: int  # DDIM steps of a full-strength edit
+    attackers: AttackerSizes = field(default_factory=AttackerSizes)
+    threshold: float = 0.75  # the owner accepts once the attacker is at most this sure of the original value
+    protected: tuple[str, ...] = ("eyeglasses",)
+    latency_repeats: int = 5
+    classifier_scale: float = 10.0
+
+
+PLANS = {
+    "default": DemoPlan(
+        name="default",
+        public_unet=["data.num_images=8000", "trainer.max_time=00:00:05:00", "trainer.checkpoint_every_n_steps=100"],
+        guide=["epochs=2", "batch_size=512", "dp.max_physical_batch_size=256", "dp.noise_multiplicity=2",
+               "data.num_images=20000"],
+        published=[],
+        edit_images=24, steps=20,
+        attackers=AttackerSizes(naive_images=2048, naive_epochs=4, edits_per_level=96, adaptive_epochs=4)),
+    "quick": DemoPlan(
+        name="quick",
+        public_unet=TINY_UNET,
+        guide=TINY_CLASSIFIER + ["model.noise_conditional=true", "epochs=1", "batch_size=64",
+                                 "dp.max_physical_batch_size=64", "dp.noise_multiplicity=2", "data.num_images=640"],
+        published=TINY_CLASSIFIER + ["epochs=1", "data.num_images=400"],
+        edit_images=3, steps=6, latency_repeats=2,
+        attackers=AttackerSizes(naive_images=128, naive_epochs=1, edits_per_level=16, adaptive_epochs=1)),
+}
+
+
+def command(tool: str, config: str, overrides: list[str], out: str) -> str:
+    sets = " ".join(f"--set {o}" for o in overrides)
+    return f"veil {tool} --config lightning_modules/configs/{config} {sets} --out {out}".replace("  ", " ")

@@ -1,0 +1,188 @@
+"""Stages 2-5 of ``veil demo`` (see pipeline.py): edits, unlearning, export, serve. Each takes
+(out, plan, the earlier stages' results, progress) and returns its key numbers for the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from veil.lightning_modules.demo.owner import level_attackers, scripted_owner, utility
+from veil.lightning_modules.demo.plan import PRIVATE_DATA, DemoPlan
+
+__all__ = ["stage_edits", "stage_unlearning", "stage_export", "stage_serve"]
+
+
+def _editor(out: Path, plan: DemoPlan):
+    from veil.lightning_modules.editing.editor import PrivateEditor
+
+    models = out / "models"
+    return PrivateEditor.from_checkpoint(models / "public_unet", classifier=models / "guide",
+                                         classifier_scale=plan.classifier_scale, num_steps=plan.steps)
+
+
+def _published_data(out: Path):
+    """The published classifier's datamodule (its images and splits): the edits are of its training images."""
+    from veil.lightning_modules.data.datamodule import FaceDataModule
+
+    meta = json.loads((out / "models" / "published" / "model" / "veil_model.json").read_text())
+    spec = {k: v for k, v in meta["data_spec"].items() if k not in ("batch_size", "poisson", "revision")}
+    return FaceDataModule(**spec)
+
+
+# ------------------------------------------------------------------------------------------- 2. edits
+def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
+    from veil.lightning_modules.data.grid import save_grid
+    from veil.privacy.ledger import PrivacyLedger
+    from veil.privacy.revision_manifest import RevisionChange, write_revision
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    folder = out / "edits"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    editor = _editor(out, plan)
+    names, protected = list(editor.attribute_names), list(plan.protected)
+    dm = _published_data(out)
+    ds = dm.dataset
+    train = [int(i) for i in dm.split_indices("train")[: plan.edit_images]]
+    items = [(ds.ids[i], *ds[i]) for i in train]  # (id, (3,H,W), (k,))
+    progress(f"  attackers: one per level, trained on {plan.attackers.edits_per_level // 2} edits of other faces")
+    naive, attackers, attack_rows = level_attackers(editor, names=names, protected=protected, sizes=plan.attackers,
+                                                    resolution=ds[0][0].shape[-1], progress=progress)
+    progress(f"  the owner edits {len(items)} images, starting at low, threshold {plan.threshold:.0%}")
+    with PrivacyLedger.for_dataset(PRIVATE_DATA) as ledger:
+        result = scripted_owner(editor, ledger, items, names=names, protected=protected, attackers=attackers,
+                                threshold=plan.threshold, progress=progress)
+        ids = {i for i, _, _ in items}
+        in_ledger = sum(1 for r in ledger.releases() if r.image_id in ids)
+    accepted = result["accepted"]
+    if accepted:
+        write_revision(folder / "revision", base_spec=dm.dataset_spec(), attribute_names=names,
+                       changes=[RevisionChange(id=r["id"], original_attributes=r["original"],
+                                               released_attributes=r["released"], protected=protected,
+                                               epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
+                       images={r["id"]: r["edit"] for r in accepted})
+        shown = accepted[:8]
+        save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), folder / "grid.png",
+                  nrow=len(shown), scale=4)
+    eps = result["epsilons"]
+    return {"images": len(items), "protected": protected, "threshold": plan.threshold, "start_level": "low",
+            "accepted_at": result["accepted_at"], "more_private_requests": result["more_private_requests"],
+            "releases": result["releases"], "refused": result["refused"],
+            "release_epsilon": {"mean": round(statistics.fmean(eps), 4) if eps else None,
+                                "max": max(eps) if eps else None},
+            "attacker": attack_rows, "utility": utility(naive, accepted, names=names, protected=protected),
+            "ledger_releases": in_ledger, "grid": "edits/grid.png" if accepted else None,
+            "grid_note": "top: originals, bottom: accepted edits"}
+
+
+# -------------------------------------------------------------------------------------- 3. unlearning
+def stage_unlearning(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
+    from veil.lightning_modules.unlearning.job import run_unlearn
+
+    revision = out / "edits" / "revision"
+    if not (revision / "manifest.json").is_file():
+        return {"changed": 0, "note": "no edit was accepted, so there is nothing to unlearn"}
+    target = out / "unlearning" / "unlearned"
+    shutil.rmtree(target, ignore_errors=True)
+    r = run_unlearn(model=out / "models" / "published", revision=revision, method="second", out=target,
+                    compare_retrain=True, params=["head"], solver="direct")
+    acc, remembered = r["test_accuracy"], r["changed_original_attribute_accuracy"]
+    rnd = lambda v: None if v is None or v != v else round(float(v), 4)  # NaN (no flipped value) -> None
+    progress(f"  update {r['update_seconds'] * 1000:.0f} ms vs retraining {r['retrain_seconds']:.1f} s "
+             f"({r['speedup']:.0f}x); test accuracy {acc['before']:.3f} -> {acc['after']:.3f} (retrained "
+             f"{acc['retrained']:.3f})")
+    return {"changed": r["changed_train_samples"], "method": "second order on the head (direct solve)",
+            "update_seconds": round(r["update_seconds"], 4), "retrain_seconds": round(r["retrain_seconds"], 2),
+            "speedup": round(r["speedup"], 1),
+            "test_accuracy": {"original": rnd(acc["before"]), "updated": rnd(acc["after"]),
+                              "retrained": rnd(acc["retrained"])},
+            "remembered": {"original": rnd(remembered["before"]), "updated": rnd(remembered["after"]),
+                           "retrained": rnd(remembered["retrained"])}}
+
+
+# ------------------------------------------------------------------------------------------ 4. export
+def _p50_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def stage_export(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
+    from veil.export.exporter import export_model
+    from veil.export.runtime import OrtEditor
+    from veil.privacy.levels import LEVELS
+
+    import logging
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "torchvision is not installed"
+    target = out / "export" / "guided"
+    shutil.rmtree(target, ignore_errors=True)
+    models = out / "models"
+    meta = export_model(checkpoint=models / "public_unet", classifier=models / "guide",
+                        classifier_scale=plan.classifier_scale, steps=plan.steps, out=target)
+    v = meta["verification"]
+    ort, torch_editor = OrtEditor(target), _editor(out, plan)
+    lv, names = LEVELS["medium"], list(ort.attribute_names)
+    x = np.zeros((1, 3, ort.resolution, ort.resolution), np.float32)
+    a = np.ones((1, len(names)), np.float32)
+    noise = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)  # timing only: never a release
+    protected = list(plan.protected)
+    ort_ms = _p50_ms(lambda: ort.edit(x, a, -a, strength=lv.strength, protected=protected, encoding="noise",
+                                      noise=noise), plan.latency_repeats)
+    xt, at, nt = torch.from_numpy(x), torch.from_numpy(a), torch.from_numpy(noise)
+    with torch.no_grad():
+        torch_ms = _p50_ms(lambda: torch_editor.edit(xt, at, -at, strength=lv.strength, protected=protected,
+                                                     encoding="noise", noise=nt), plan.latency_repeats)
+    progress(f"  parity {max(v['max_abs_error'].values()):.2g} (tolerance {v['tolerance']:g}); a preview at medium: "
+             f"ONNX Runtime {ort_ms:.0f} ms, PyTorch {torch_ms:.0f} ms")
+    return {"parity_max_abs_error": max(v["max_abs_error"].values()), "tolerance": v["tolerance"],
+            "latency_ms": {"ort_p50": ort_ms, "torch_p50": torch_ms}, "speedup": round(torch_ms / ort_ms, 2),
+            "provider": ort.provider, "export": str(target)}
+
+
+# ------------------------------------------------------------------------------------------- 5. serve
+def serve_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "veil.cli", "serve", "--export", str(out / "export" / "guided"), *extra]
+
+
+def stage_serve(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
+    import httpx
+
+    from veil.lightning_modules.demo.serving import free_port, one_session, wait_ready
+
+    port = free_port()
+    log = out / "serve" / "serve.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(serve_command(out, "--port", str(port), "--log-level", "warning"), stdout=f,
+                                stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, url, log)
+        dm = _published_data(out)
+        test = dm.split_indices("test")
+        i = int(test[0]) if test else 0
+        with httpx.Client(base_url=url, timeout=120) as client:
+            result = one_session(client, dm.dataset.image_uint8(i), list(plan.protected))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    progress(f"  over HTTP: {result['preview_events']} preview events, then {result['decision']} "
+             f"(release {result['release_id']})")
+    return {**result, "command": f"veil demo --out {out} --serve  (or: veil serve --export "
+                                 f"{out / 'export' / 'guided'} --dataset {out / 'serve' / 'faces'})"}

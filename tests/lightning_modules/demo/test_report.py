@@ -1,0 +1,185 @@
+"""Tests of the demo's report: the offline report.html, the summary rows and the terminal table.
+
+Run: OMP_NUM_THREADS=1 pytest tests/lightning_modules/demo/test_report.py
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import re
+import struct
+import zlib
+
+import pytest
+
+from veil.errors import DataError
+from veil.lightning_modules.demo.report import (
+    STAGES,
+    summary_rows,
+    summary_table,
+    write_html,
+)
+
+
+def _tiny_png() -> bytes:
+    """A valid 2x2 grey PNG, written by hand so the test needs no imaging library."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\x00" + b"\x80\x80" for _ in range(2))  # filter byte + 2 grey pixels per row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _report() -> dict:
+    cmd = "veil train --config lightning_modules/configs/synthetic32.yaml --out runs/x"
+    return {
+        "format": "veil-demo-report/1", "created": "2026-12-02T21:00:00+00:00", "quick": False, "seconds": 812.3,
+        "machine": "2-core CPU, no GPU",
+        "stages": {
+            "models": {"seconds": 12.0, "proves": "Models proves: DP training is accounted.", "shipped": True,
+                       "models": [
+                           {"name": "public_unet", "role": "label-free denoiser", "data": "synthetic faces, seed 1 (public)",
+                            "private": False, "epsilon": None, "delta": None, "params": 1100000, "source": "shipped", "command": cmd},
+                           {"name": "guide", "role": "DP noise-conditional classifier", "data": "synthetic faces, seed 0 (private)",
+                            "private": True, "epsilon": 9.99, "delta": 1e-6, "params": 200000, "source": "shipped", "command": cmd},
+                           {"name": "published", "role": "classifier the owner published", "data": "synthetic faces, seed 0",
+                            "private": False, "epsilon": "inf", "delta": None, "params": 150000, "source": "trained", "command": cmd}],
+                       "dataset_account": {"epsilon": "inf", "delta": 1e-6, "runs": 3, "note": "One run was not private."}},
+            "edits": {"seconds": 200.0, "proves": "Edits proves: the attacker stays near the bound.", "images": 32,
+                      "protected": ["eyeglasses"], "threshold": 0.75, "start_level": "low",
+                      "accepted_at": {"low": 3, "medium": 10, "high": 12, "max": 7}, "more_private_requests": 40,
+                      "releases": 30, "refused": 2, "release_epsilon": {"mean": 1.2, "max": 4.0},
+                      "attacker": [{"level": "low", "accuracy": 0.98, "bound": 0.98, "n": 64},
+                                   {"level": "medium", "accuracy": 0.81, "bound": 0.88, "n": 64},
+                                   {"level": "high", "accuracy": 0.7, "bound": 0.73, "n": 64},
+                                   {"level": "max", "accuracy": 0.52, "bound": 0.5, "n": 64}],
+                      "utility": {"follows": 0.85, "unprotected_kept": 0.97, "ssim": 0.6},
+                      "ledger_releases": 32, "grid": "edits/grid.png"},
+            "unlearning": {"seconds": 60.0, "proves": "Unlearning proves: the update matches retraining.", "changed": 30,
+                           "method": "second order, head", "update_seconds": 0.02, "retrain_seconds": 3.5, "speedup": 175.0,
+                           "test_accuracy": {"original": 0.95, "updated": 0.95, "retrained": 0.95},
+                           "remembered": {"original": 0.6, "updated": 0.3, "retrained": 0.25}},
+            "export": {"seconds": 90.0, "proves": "Export proves: ONNX Runtime matches PyTorch.", "parity_max_abs_error": 8.6e-6,
+                       "tolerance": 0.002, "latency_ms": {"ort_p50": 120.0, "torch_p50": 200.0}, "speedup": 1.67,
+                       "provider": "CPUExecutionProvider"},
+            "serve": {"seconds": 20.0, "proves": "Serve proves: one session over HTTP ends in a release.", "ok": True,
+                      "decision": "accepted", "release_id": 33, "preview_events": 7,
+                      "command": "veil serve --export runs/demo/export"},
+        },
+    }
+
+
+@pytest.fixture()
+def demo_dir(tmp_path):
+    (tmp_path / "edits").mkdir()
+    (tmp_path / "edits" / "grid.png").write_bytes(_tiny_png())
+    return tmp_path
+
+
+def test_full_report_is_self_contained_and_complete(demo_dir):
+    report = _report()
+    path = write_html(report, demo_dir)
+    assert path == demo_dir / "report.html"
+    page = path.read_text(encoding="utf-8")
+    for name in STAGES:
+        assert report["stages"][name]["proves"] in page
+    # the grid itself, byte for byte, and the four plots (attacker, acceptances, unlearning, latency)
+    assert "data:image/png;base64," + base64.b64encode(_tiny_png()).decode("ascii") in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) >= 4
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page
+    assert "∞" in page  # the published model's and the account's epsilon
+    assert "Missing stages" not in page and "is missing" not in page
+    assert "veil serve --export runs/demo/export" in page
+    assert "What is protected and what is not" in page
+
+
+def test_summary_rows_give_each_stage_its_key_numbers():
+    rows = summary_rows(_report())
+    assert all(isinstance(r, tuple) and len(r) == 3 and all(isinstance(c, str) for c in r) for r in rows)
+    by_stage = {name: {what: value for stage, what, value in rows if stage == name} for name in STAGES}
+    assert by_stage["models"]["guide epsilon"] == "9.99"
+    assert by_stage["models"]["published epsilon"] == "∞"
+    assert by_stage["models"]["public_unet epsilon"] == "n/a"
+    assert by_stage["edits"]["releases / refused"] == "30 / 2"
+    assert by_stage["edits"]["attacker at medium (bound)"] == "81.0% (88.0%)"
+    assert by_stage["unlearning"]["update speed-up over retraining"] == "175×"
+    assert by_stage["export"]["ORT speed-up"] == "1.67×"
+    assert by_stage["export"]["p50 latency ORT / PyTorch"] == "120.0 ms / 200.0 ms"
+    assert by_stage["serve"]["decision / release id"] == "accepted / 33"
+    assert ("demo", "total time", "13 min 32 s") in rows
+
+
+def test_summary_table_is_fixed_width_plain_text():
+    text = summary_table(_report())
+    lines = text.splitlines()
+    assert len(lines) == len(summary_rows(_report())) + 2  # header and rule
+    assert "\x1b" not in text
+    what, value = lines[0].index("what"), lines[0].index("value")
+    for line in lines[2:]:  # every row's second and third cells start under their headers
+        assert line[what - 2:what] == "  " and line[what] != " "
+        assert line[value - 2:value] == "  " and line[value] != " "
+    assert "guide epsilon" in text and "9.99" in text
+
+
+def test_interrupted_demo_renders_and_names_missing_stages(demo_dir):
+    report = _report()
+    del report["stages"]["serve"], report["stages"]["export"]
+    page = write_html(report, demo_dir).read_text(encoding="utf-8")
+    assert "Missing stages (the demo was interrupted): export, serve." in page
+    assert 'Stage "export" is missing' in page and 'Stage "serve" is missing' in page
+    assert report["stages"]["unlearning"]["proves"] in page
+    rows = summary_rows(report)
+    assert ("serve", "status", "missing (the demo stopped before it)") in rows
+    assert not any(stage == "export" and what != "status" for stage, what, _ in rows)
+
+
+def test_none_values_render_as_na_and_missing_image_is_noted(demo_dir):
+    report = copy.deepcopy(_report())
+    export = report["stages"]["export"]
+    export.update(parity_max_abs_error=None, speedup=None, latency_ms={"ort_p50": None, "torch_p50": None})
+    report["stages"]["edits"]["release_epsilon"] = {"mean": None, "max": "inf"}
+    report["stages"]["edits"]["grid"] = "edits/nowhere.png"
+    rows = {(s, w): v for s, w, v in summary_rows(report)}
+    assert rows[("export", "ORT speed-up")] == "n/a"
+    assert rows[("export", "p50 latency ORT / PyTorch")] == "n/a / n/a"
+    assert rows[("edits", "release epsilon mean / max")] == "n/a / ∞"
+    page = write_html(report, demo_dir).read_text(encoding="utf-8")
+    assert "<td>ORT vs PyTorch max abs error (tol)</td><td>n/a (0.002)</td>" in page
+    assert "(no latencies)" in page  # an all-None plot is replaced by a note
+    assert "(image missing: edits/nowhere.png)" in page
+
+
+def test_strings_from_the_report_are_escaped(demo_dir):
+    report = _report()
+    evil = "<script>alert('x')</script>"
+    report["stages"]["edits"]["proves"] = evil
+    report["stages"]["models"]["models"][0]["name"] = evil
+    report["stages"]["serve"]["command"] = "veil serve </code><script>1</script>"
+    page = write_html(report, demo_dir).read_text(encoding="utf-8")
+    assert "<script" not in page
+    assert html.escape(evil) in page
+    assert "veil serve &lt;/code&gt;&lt;script&gt;1&lt;/script&gt;" in page
+
+
+def test_image_outside_the_demo_folder_is_not_embedded(tmp_path):
+    (tmp_path / "secret.png").write_bytes(_tiny_png())
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    report = _report()
+    report["stages"]["edits"]["grid"] = "../secret.png"
+    page = write_html(report, demo).read_text(encoding="utf-8")
+    assert "(image missing: ../secret.png)" in page
+    assert base64.b64encode(_tiny_png()).decode("ascii") not in page
+
+
+def test_not_a_report_is_refused(tmp_path):
+    with pytest.raises(DataError, match="report.json"):
+        write_html(["not", "a", "report"], tmp_path)
+    with pytest.raises(DataError):
+        summary_rows({"stages": "models"})
+

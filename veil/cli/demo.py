@@ -1,0 +1,51 @@
+"""``veil demo``: the whole framework on the embedded synthetic faces, ending in a report (argparse and a thin handler).
+
+    veil demo                      # ~15 min on a 2-core CPU: runs/demo/report.html, report.json, a summary table
+    veil demo --quick --out D      # ~3 min, tiny models: checks the plumbing (the test runs it)
+    veil demo --serve              # then keep serving the page on the demo's faces (Ctrl-C stops)
+
+Stages: models -> edits -> unlearning -> export -> serve (``veil.lightning_modules.demo.pipeline``). An
+interrupted demo resumes at the stage it was in; ``--fresh`` starts over in the same folder.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole framework on the embedded synthetic faces and write a report",
+                       description="Train the private models, edit private images with a scripted owner through "
+                                   "the dataset's ledger, unlearn the revision from a published classifier, export "
+                                   "to ONNX, serve one edit over HTTP; write OUT/report.html and report.json.")
+    p.add_argument("--out", default="runs/demo", help="the demo's folder (default runs/demo; reused to resume)")
+    p.add_argument("--quick", action="store_true", help="tiny models, a few images (~3 min): the plumbing only")
+    p.add_argument("--fresh", action="store_true", help="start over: redo every stage in --out")
+    p.add_argument("--serve", action="store_true", help="afterwards, serve the page on the demo's faces until Ctrl-C")
+    p.add_argument("--port", type=int, default=8000, help="port of --serve (default 8000)")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from veil.lightning_modules.demo.pipeline import run_demo
+
+    out = Path(args.out)
+    run_demo(out=out, quick=args.quick, fresh=args.fresh,
+                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"\nwrote {out / 'report.html'} and {out / 'report.json'}; the demo's privacy account: {out / 'veil_home'}")
+    if not args.serve:
+        print(f"open the interactive page on the demo's models: veil demo --out {out} --serve")
+        return 0
+    from veil.lightning_modules.demo.serving import write_faces
+    from veil.lightning_modules.demo.stages import _published_data, serve_command
+
+    faces = write_faces(_published_data(out), out / "serve" / "faces")
+    print(f"serving the page on {len(list(faces.glob('*.png')))} of the demo's private faces: "
+          f"http://127.0.0.1:{args.port}/  (Ctrl-C stops)", flush=True)
+    try:
+        return subprocess.call(serve_command(out, "--dataset", str(faces), "--port", str(args.port)))
+    except KeyboardInterrupt:
+        return 0
