@@ -47,7 +47,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from veil.serve.launch import ServerNotReady, free_port, wait_ready
 
 sys.path.insert(0, str(Path(__file__).parent))
 import export as export_bench  # noqa: E402  (bench/ is not a package)
@@ -78,12 +79,6 @@ def conditional_export(work: Path, resolution: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (Linux /proc; None elsewhere)."""
     try:
@@ -97,7 +92,7 @@ class Server:
     """``veil serve`` on a free loopback port, killed by ``close()``."""
 
     def __init__(self, export: Path, *, batched: bool, args, log_path: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = tempfile.TemporaryDirectory(prefix="veil-bench-serve-")
         cmd = [sys.executable, "-m", "veil.cli", "serve", "--export", str(export),
@@ -112,19 +107,11 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        tail = self.log_path.read_text(errors="replace")[-2000:]
-        why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else f"not ready in {timeout:.0f} s"
-        raise SystemExit(f"bench/serve.py: veil serve {why} (log {self.log_path}):\n{tail}")
+        try:
+            wait_ready(self.proc, self.url, timeout=timeout)
+        except ServerNotReady as e:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"bench/serve.py: {e} (log {self.log_path}):\n{tail}") from None
 
     def cpu_seconds(self) -> float | None:
         return _cpu_seconds(self.proc.pid)

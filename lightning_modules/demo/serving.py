@@ -10,37 +10,23 @@ from __future__ import annotations
 import io
 import json
 import secrets
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from veil.serve import launch
+from veil.serve.launch import free_port
+
 __all__ = ["free_port", "wait_ready", "one_session", "write_faces"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"veil serve exited with {proc.returncode}; its log: {log}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"veil serve was not ready within {timeout:.0f} s; its log: {log}")
+def wait_ready(proc, url: str, log: Path) -> None:
+    """``veil.serve.launch.wait_ready``, naming the server's log when it fails."""
+    try:
+        launch.wait_ready(proc, url)
+    except launch.ServerNotReady as e:
+        raise RuntimeError(f"{e}; its log: {log}") from None
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
 import numpy as np
 from PIL import Image
+
+from veil.serve.launch import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def png_upload(width: int = 40, height: int = 48, seed: int = 0, fmt: str = "PNG") -> bytes:
@@ -25,12 +26,6 @@ def read_sse(text: str) -> list[tuple[str, dict]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
         events.append((lines["event"], json.loads(lines["data"])))
     return events
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decode_data_url(url: str) -> np.ndarray:

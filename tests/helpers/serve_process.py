@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 from serve_helpers import free_port, png_upload
+
+from veil.serve.launch import ServerNotReady, wait_ready
 
 
 class Server:
@@ -26,19 +27,12 @@ class Server:
         self.client = httpx.Client(base_url=self.url, timeout=60)
         self._wait()
 
-    def _wait(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"veil serve exited with {self.proc.returncode} before it was ready")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"veil serve was not ready within {timeout:.0f} s")
+    def _wait(self) -> None:
+        try:
+            wait_ready(self.proc, self.url, timeout=120)
+        except ServerNotReady:
+            self.kill()
+            raise
 
     def session(self, attributes: dict, protected: list, level: str, seed: int = 0) -> dict:
         r = self.client.post("/v1/sessions", files={"image": ("face.png", png_upload(seed=seed), "image/png")},
