@@ -53,6 +53,7 @@ PROVES = {
     "serve": "an edit session runs from upload to release over HTTP, with the same ledger",
 }
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = Path(__file__).resolve().parent / "models"  # the demo's shipped models (each with COMMAND and its record)
 
 
 def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callable[[str], None] = print) -> dict:
@@ -135,21 +136,33 @@ def stage_models(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
              plan.guide, "train-classifier", PRIVATE_DATA),
             ("published", "classifier the owner already published (trained on the original images)",
              "classifier32.yaml", plan.published, "train-classifier", PRIVATE_DATA)]
+    shipped_any = False
     for name, role, config, overrides, tool, data in jobs:
         target = folder / name
+        shipped = SHIPPED / name
+        cmd = command(tool, config, overrides, str(target))
         if not (target / "model").is_dir():
             shutil.rmtree(target, ignore_errors=True)  # a run interrupted half-way: start it again
-            progress(f"  training {name} ({role})")
-            t0 = time.perf_counter()
-            if tool == "train":
-                run_training(load_config(str(CONFIGS / config), overrides), target, progress=False)
+            if plan.use_shipped and (shipped / "model" / "veil_model.json").is_file():
+                cmd = (shipped / "COMMAND").read_text().strip()
+                _import_shipped(shipped, target, name=name, command=cmd, data=data)
+                progress(f"  {name}: the model shipped with veil ({shipped}), recorded in the demo's account")
             else:
-                recipe, data_options = load_recipe(str(CONFIGS / config), overrides)
-                train_classifier(recipe=recipe, data=data_options, out=target)
-            progress(f"  {name}: trained in {time.perf_counter() - t0:.0f} s")
+                progress(f"  training {name} ({role})")
+                t0 = time.perf_counter()
+                if tool == "train":
+                    run_training(load_config(str(CONFIGS / config), overrides), target, progress=False)
+                else:
+                    recipe, data_options = load_recipe(str(CONFIGS / config), overrides)
+                    train_classifier(recipe=recipe, data=data_options, out=target)
+                progress(f"  {name}: trained in {time.perf_counter() - t0:.0f} s")
+        from_shipped = (target / "SHIPPED").is_file()
+        shipped_any |= from_shipped
+        if from_shipped:
+            cmd = (target / "SHIPPED").read_text().strip()
         rows.append({"name": name, "role": role, **_privacy_of(target, data),
                      "params": _params(target / "model" / "model.safetensors"),
-                     "source": "trained by this demo", "command": command(tool, config, overrides, str(target))})
+                     "source": "shipped with veil" if from_shipped else "trained by this demo", "command": cmd})
     with PrivacyLedger.for_dataset(PRIVATE_DATA) as ledger:
         eps, delta = ledger.training_spent()
         runs = len(ledger.training_runs())
@@ -157,7 +170,28 @@ def stage_models(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
                "note": "basic composition of every training run on the private faces; the published classifier "
                        "was trained without DP, so the data's total is infinite: only the guide's epsilon covers "
                        "what the edits use"}
-    return {"shipped": False, "models": rows, "dataset_account": account}
+    return {"shipped": shipped_any, "models": rows, "dataset_account": account}
+
+
+def _import_shipped(shipped: Path, target: Path, *, name: str, command: str, data: dict) -> None:
+    """Copy a shipped model in and record its training run in the demo's account of the data its release names
+    (``data`` if it names none), with its own privacy record: shipped or not, what it cost is counted."""
+    from veil.privacy.ledger import PrivacyLedger
+
+    shutil.copytree(shipped, target)
+    (target / "SHIPPED").write_text(command + "\n")
+    meta = json.loads((target / "model" / "veil_model.json").read_text())
+    record = meta.get("privacy") or {}
+    private = bool(record.get("private") and record.get("enabled", True))
+    eps = record.get("epsilon") if private else None
+    spec = {k: v for k, v in (meta.get("data_spec") or data).items() if k in ("source", "seed", "root") and v is not None}
+    with PrivacyLedger.for_dataset(spec) as ledger:  # the data it was really trained on, as its release says
+        run = ledger.start_training_run(run=str(target), kind="classifier" if "classifier" in str(meta.get("kind")) else
+                                        "diffusion", private=private, planned_epsilon=eps,
+                                        delta=record.get("delta") if private else None,
+                                        details={"shipped": True, "model": name, "command": command})
+        ledger.finish_training_run(run, epsilon=eps, delta=record.get("delta") if private else None,
+                                   steps=int(record.get("steps") or 0))
 
 
 def _privacy_of(run: Path, data: dict) -> dict:

@@ -39,6 +39,7 @@ class DemoPlan:
     protected: tuple[str, ...] = ("eyeglasses",)
     latency_repeats: int = 5
     classifier_scale: float = 10.0
+    use_shipped: bool = True  # take a model from lightning_modules/demo/models/ when it ships there (never for quick)
 
 
 PLANS = {
@@ -46,7 +47,7 @@ PLANS = {
         name="default",
         public_unet=["data.num_images=8000", "trainer.max_time=00:00:05:00", "trainer.checkpoint_every_n_steps=100"],
         guide=["epochs=2", "batch_size=512", "dp.max_physical_batch_size=256", "dp.noise_multiplicity=2",
-               "data.num_images=20000"],
+               "data.num_images=8000"],
         published=[],
         edit_images=24, steps=20,
         attackers=AttackerSizes(naive_images=2048, naive_epochs=4, edits_per_level=96, adaptive_epochs=4)),
@@ -56,7 +57,7 @@ PLANS = {
         guide=TINY_CLASSIFIER + ["model.noise_conditional=true", "epochs=1", "batch_size=64",
                                  "dp.max_physical_batch_size=64", "dp.noise_multiplicity=2", "data.num_images=640"],
         published=TINY_CLASSIFIER + ["epochs=1", "data.num_images=400"],
-        edit_images=3, steps=6, latency_repeats=2,
+        edit_images=3, steps=6, latency_repeats=2, use_shipped=False,
         attackers=AttackerSizes(naive_images=128, naive_epochs=1, edits_per_level=16, adaptive_epochs=1)),
 }
 
