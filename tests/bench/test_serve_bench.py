@@ -45,6 +45,6 @@ def test_gain_is_batched_over_unbatched_at_the_same_cell(bench):
 
 
 def test_a_server_that_does_not_start_stops_the_bench_with_its_log(bench, tmp_path):
-    with pytest.raises(SystemExit, match=r"veil serve exited with [1-9]\d* \(log .*server_export_batched\.log\)"):
+    with pytest.raises(SystemExit, match=r"veil serve exited with [1-9]\d* before it was ready \(log .*server_export_batched\.log\)"):
         bench.main(["--export", str(tmp_path / "no_such_export"), "--clients", "1", "--seconds", "1",
                     "--out", str(tmp_path / "out")])

@@ -67,6 +67,10 @@ def test_concurrent_jobs_share_one_batch_and_get_their_own_rows():
         await b.start()
         jobs = [b.submit_preview(job(v)) for v in (0.1, 0.2, 0.3)]
         results = await asyncio.gather(*(collect(j) for j in jobs))
+        for _ in range(200):  # the loop task reports the batch once the worker hands it back
+            if seen:
+                break
+            await asyncio.sleep(0.01)
         await b.stop()
         return results, seen
 
