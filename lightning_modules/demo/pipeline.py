@@ -76,6 +76,8 @@ def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callabl
     os.chmod(out, 0o700)  # owner-only: the report and grids show the private originals, veil_home holds seeds
     write_json_atomic(meta, {"plan": plan.name})
     os.environ["VEIL_HOME"] = str((out / "veil_home").resolve())  # the demo's own privacy databases
+    import lightning.pytorch  # noqa: F401  (it sets its loggers to INFO when imported: import it first)
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # no "GPU available", tips, model tables
         logging.getLogger(name).setLevel(logging.WARNING)
     started, report = time.perf_counter(), {"format": "veil-demo-report/1", "quick": quick, "stages": {}}
