@@ -43,7 +43,6 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     from veil.privacy.ledger import PrivacyLedger
     from veil.privacy.revision_manifest import RevisionChange, write_revision
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = out / "edits"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
