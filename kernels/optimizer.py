@@ -345,3 +345,53 @@ class FusedDistributedDPOptimizer(_FusedDPMixin, DistributedDPOptimizer):
 
     def _adds_noise(self) -> bool:
         return self.rank == 0
+
+
+class _ClippedSumMixin:
+    """The DP optimizer of the ghost engine (``veil.lightning_modules.dp.ghost``): every ``p.grad`` already
+    holds one physical chunk's clipped sum, ``sum_i c_i g_i``, computed from one backward. ``pre_step``
+    adds it to ``p.summed_grad`` (virtual steps accumulate there), and at the last chunk adds the noise
+    (the fused mixin's ``add_noise``: CSPRNG-seeded, rank 0 only under DDP) and divides by the expected
+    batch size. The distributed class then all-reduces the noised sums once (Opacus's ``reduce_gradients``).
+    Nothing here reads ``p.grad_sample``: no per-example gradient exists."""
+
+    def clip_and_accumulate(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                raise ValueError("no clipped gradient on a parameter: run GhostClipper.backward before the step")
+            if p.summed_grad is None:
+                p.summed_grad = p.grad.detach().clone()  # never an alias of p.grad (zero_grad zeroes it)
+            else:
+                _check_processed_flag(p.summed_grad)
+                p.summed_grad.add_(p.grad.detach())
+
+    def _denominator(self) -> float:
+        return float(self.expected_batch_size) if self.loss_reduction == "mean" else 1.0
+
+    def scale_grad(self) -> None:
+        denominator = self._denominator()
+        if denominator != 1.0:
+            for p in self.params:
+                p.grad /= denominator
+
+    def pre_step(self, closure=None) -> bool:
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+
+class GhostDPOptimizer(_ClippedSumMixin, FusedDPOptimizer):
+    """Noise and scale of pre-clipped sums (``dp.engine: ghost``); keywords as ``FusedDPOptimizer``."""
+
+
+class GhostDistributedDPOptimizer(_ClippedSumMixin, FusedDistributedDPOptimizer):
+    """``GhostDPOptimizer`` under DDP: noise on rank 0, all-reduce SUM of the noised sums, / world size."""

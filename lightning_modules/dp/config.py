@@ -20,6 +20,7 @@ from veil.errors import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp")
 KERNELS = ("auto", "fused", "opacus")  # clip-and-noise implementations; auto: fused, opacus under secure_mode
+ENGINES = ("ghost", "opacus")  # how per-example norms are found: one backward (ghost) or Opacus's per-sample hooks
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DPConfig:
     accountant: str = "prv"
     noise_multiplicity: int = 1  # K noise draws per example averaged inside its loss (DPDM)
     max_physical_batch_size: int = 64  # logical (Poisson) batches are split into chunks this big
+    engine: str = "ghost"  # per-example norms: ghost (one backward, no per-example grads) | opacus (hooks)
     kernel: str = "auto"  # clip-and-noise implementation: fused (veil.kernels) | opacus | auto
     secure_mode: bool = False  # refused: needs torchcsprng (see __post_init__)
     reproducible_noise_seed: int | None = None  # tests/debugging only: noise + batches from this seed, NOT private
@@ -86,6 +88,8 @@ class DPConfig:
             raise ConfigError(f"dp.noise_multiplicity must be >= 1, got {self.noise_multiplicity}")
         if self.max_physical_batch_size < 1:
             raise ConfigError(f"dp.max_physical_batch_size must be >= 1, got {self.max_physical_batch_size}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"dp.engine must be one of {ENGINES}, got {self.engine!r}")
         if self.kernel not in KERNELS:
             raise ConfigError(f"dp.kernel must be one of {KERNELS}, got {self.kernel!r}")
 

@@ -5,11 +5,16 @@ One logical step of ``dp_training_step``:
 1. the logical batch (Poisson-sampled at rate q under DP, by the DataModule) is split into physical
    chunks of at most ``dp.max_physical_batch_size`` (without DP: one chunk, the whole batch);
 2. per chunk, ``chunk_loss`` returns the mean loss over its rows and K, the rows per example (K
-   noise draws under noise multiplicity, adjacent); it is back-propagated, Opacus's hooks fill
-   ``p.grad_sample`` and the K rows of each example are folded into one per-sample gradient;
-   an empty chunk (an empty Poisson batch) gets zero-row per-sample gradients, so the step still
-   adds noise, as the accountant assumes;
-3. the DP optimizer clips each example's gradient to C and accumulates; at the last chunk it adds
+   noise draws under noise multiplicity, adjacent); it is back-propagated once, and
+   - ``dp.engine: ghost`` (default): ``dp.ghost.GhostClipper`` takes each example's gradient norm
+     (of the mean of its K rows) from the layers' stored activations and output gradients and
+     leaves the chunk's clipped sum in ``p.grad``; no per-example gradient is materialised;
+   - ``dp.engine: opacus``: Opacus's hooks fill ``p.grad_sample`` and the K rows of each example
+     are folded into one per-sample gradient;
+   an empty chunk (an empty Poisson batch) gets a zero clipped sum (ghost) or zero-row per-sample
+   gradients (opacus), so the step still adds noise, as the accountant assumes;
+3. the DP optimizer clips each example's gradient to C (opacus engine; ghost: already clipped) and
+   accumulates; at the last chunk it adds
    N(0, sigma^2 C^2) and divides by the expected batch size (the earlier chunks are *virtual*
    steps, taken on the DP optimizer itself so that Lightning's step counter counts logical steps);
 4. the accountant records one step at (sigma, q);
@@ -48,6 +53,7 @@ def dp_training_step(module, opt, x: torch.Tensor, attrs: torch.Tensor, *, chunk
     """One logical step (steps 1-4 above) of ``module`` (``dp_cfg``, ``accounting``, ``manual_backward``)
     with its optimizer ``opt``; ``params`` are the trained parameters. Returns the mean loss."""
     dp = module.dp_cfg.enabled
+    ghost = getattr(module, "_ghost_clipper", None) if dp else None
     if dp:
         disable_ddp_gradient_sync(module)
     size = module.dp_cfg.max_physical_batch_size if dp else max(len(x), 1)
@@ -56,11 +62,18 @@ def dp_training_step(module, opt, x: torch.Tensor, attrs: torch.Tensor, *, chunk
     for i, s in enumerate(starts):
         xc, ac = x[s : s + size], attrs[s : s + size]
         if len(xc) == 0:
-            empty_grad_samples(params)
+            if ghost is not None:
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+            else:
+                empty_grad_samples(params)
         else:
             loss, k = chunk_loss(xc, ac)
-            module.manual_backward(loss)
-            fold_noise_draws(params, len(xc), k)
+            if ghost is not None:
+                ghost.backward_mean(loss, examples=len(xc), noise_multiplicity=k)  # autograd.grad, not manual_backward
+            else:
+                module.manual_backward(loss)
+                fold_noise_draws(params, len(xc), k)
             total += float(loss.detach()) * len(xc)
         if dp:
             if i == len(starts) - 1:

@@ -10,9 +10,9 @@ from veil.lightning_modules.diffusion_module import DPDiffusionModule
 
 
 def _module(*, sigma=0.0, C=0.05, kernel="opacus", physical=64, multiplicity=1, train_size=10, q=0.5,
-            accountant="prv", optimizer="sgd", lr=1.0, reproducible=None):
+            accountant="prv", optimizer="sgd", lr=1.0, reproducible=None, engine="ghost"):
     dp = dict(enabled=True, target_epsilon=None, noise_multiplier=sigma, max_grad_norm=C, accountant=accountant,
-              kernel=kernel, max_physical_batch_size=physical, noise_multiplicity=multiplicity,
+              kernel=kernel, engine=engine, max_physical_batch_size=physical, noise_multiplicity=multiplicity,
               reproducible_noise_seed=reproducible)
     return DPDiffusionModule(model_kwargs=TINY_MODEL, attribute_names=["a", "b", "c"], train_size=train_size,
                              sample_rate=q, planned_steps=10, dp=dp, optimizer=optimizer, lr=lr,
@@ -53,11 +53,12 @@ def _hand_clipped_mean(model, draws, x, a, *, C, expected_batch):
     return [t / expected_batch for t in total]
 
 
+@pytest.mark.parametrize("engine", ["ghost", "opacus"])
 @pytest.mark.parametrize("kernel", ["opacus", "fused"])
 @pytest.mark.parametrize("physical", [64, 2])  # 2 < batch 5: three physical chunks = virtual steps
-def test_noise_free_update_is_the_hand_computed_clipped_mean(physical, kernel):
+def test_noise_free_update_is_the_hand_computed_clipped_mean(physical, kernel, engine):
     torch.manual_seed(0)
-    module = _module(sigma=0.0, C=0.05, physical=physical, kernel=kernel)
+    module = _module(sigma=0.0, C=0.05, physical=physical, kernel=kernel, engine=engine)
     x, a = make_batch(5)
     draws = FixedDraws(module, 5)
     before = copy.deepcopy(module.model)
@@ -68,15 +69,16 @@ def test_noise_free_update_is_the_hand_computed_clipped_mean(physical, kernel):
         torch.testing.assert_close(p0.detach() - p1.detach(), g, rtol=1e-4, atol=1e-7)  # SGD, lr = 1
 
 
+@pytest.mark.parametrize("engine", ["ghost", "opacus"])
 @pytest.mark.parametrize("kernel", ["opacus", "fused"])
-def test_noise_is_secret_unless_explicitly_reproducible(kernel):
+def test_noise_is_secret_unless_explicitly_reproducible(kernel, engine):
     """The config seed (seed_everything) must not determine the DP noise: the same seed twice gives
     different updates. Only dp.reproducible_noise_seed (tests/debugging, stamped not private) repeats."""
     x, a = make_batch(4)
 
     def run(*, seed, reproducible=None):
         torch.manual_seed(0)
-        module = _module(sigma=1.0, optimizer="sgd", lr=0.1, kernel=kernel, reproducible=reproducible)
+        module = _module(sigma=1.0, optimizer="sgd", lr=0.1, kernel=kernel, reproducible=reproducible, engine=engine)
         fit_batches(module, [(x, a)], seed=seed)
         return torch.cat([p.detach().flatten() for p in module.model.parameters()]), module
 
@@ -88,9 +90,10 @@ def test_noise_is_secret_unless_explicitly_reproducible(kernel):
     assert module.privacy()["private"] is False and "reproducible" in module.privacy()["not_private_reason"]
 
 
-def test_noise_multiplicity_and_empty_batch_run():
+@pytest.mark.parametrize("engine", ["ghost", "opacus"])
+def test_noise_multiplicity_and_empty_batch_run(engine):
     torch.manual_seed(0)
-    module = _module(sigma=1.0, multiplicity=3, physical=2)
+    module = _module(sigma=1.0, multiplicity=3, physical=2, engine=engine)
     empty = (torch.zeros(0, 3, 16, 16), torch.zeros(0, 3))
     before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters()])
     fit_batches(module, [make_batch(3), empty])

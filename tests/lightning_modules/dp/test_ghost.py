@@ -271,7 +271,7 @@ def test_shared_parameter_is_refused():
         GhostClipper(nn.Sequential(a, b), max_grad_norm=1.0)
 
 
-def test_bad_arguments_and_autocast_are_refused():
+def test_bad_arguments_are_refused():
     model = _mlp()
     with pytest.raises(ConfigError, match="mode"):
         GhostClipper(model, max_grad_norm=1.0, mode="fast")
@@ -283,15 +283,13 @@ def test_bad_arguments_and_autocast_are_refused():
     model(_mlp_inputs(4)[0])  # a forward whose rows are not the losses' rows
     with pytest.raises(ConfigError, match="once after each forward"):
         clipper.backward(_mlp_loss(model, *_mlp_inputs(2)))
-    with pytest.raises(ConfigError, match="autocast"), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(_mlp_inputs(2)[0])
 
 
 def test_backward_frees_storage_and_remove_unhooks():
     model = _mlp()
     clipper = GhostClipper(model, max_grad_norm=1.0)
     losses = _mlp_loss(model, *_mlp_inputs(2))
-    assert clipper.stored_tensors == 3  # the inputs of Linear, LayerNorm, Linear
+    assert clipper.stored_tensors == 6  # the inputs and outputs of Linear, LayerNorm, Linear
     clipper.backward(losses)
     assert clipper.stored_tensors == 0
     with torch.no_grad():

@@ -198,7 +198,8 @@ def test_missing_data_folder_fails_before_training(tmp_path):
 
 
 def test_ddp_two_processes_identical_parameters_and_global_epsilon(tmp_path):
-    """2 CPU ranks (gloo): same parameters on both ranks; epsilon equals the 1-process run's."""
+    """2 CPU ranks (gloo): same parameters on both ranks; epsilon equals the 1-process run's. The default
+    engine (ghost: clipped sums from one backward, all-reduced once, noise added on rank 0 only)."""
     script = HERE / "ddp_train_script.py"
     for name, devices in (("ddp", 2), ("single", 1)):
         subprocess.run([sys.executable, str(script), str(tmp_path / name), str(devices)], check=True,
@@ -208,6 +209,7 @@ def test_ddp_two_processes_identical_parameters_and_global_epsilon(tmp_path):
     init = torch.load(tmp_path / "single" / "params_rank0.pt")
     assert torch.equal(p0, p1), "ranks drifted apart"
     assert not torch.equal(p0, init)  # it trained (and differs from the 1-process run's noise draws)
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["dp"]["engine"] == "ghost"
     ddp = json.loads((tmp_path / "ddp" / "privacy.json").read_text())
     single = json.loads((tmp_path / "single" / "privacy.json").read_text())
     assert ddp["steps"] == single["steps"] == 4 and ddp["sample_rate"] == single["sample_rate"]
