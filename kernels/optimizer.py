@@ -353,7 +353,22 @@ class _ClippedSumMixin:
     adds it to ``p.summed_grad`` (virtual steps accumulate there), and at the last chunk adds the noise
     (the fused mixin's ``add_noise``: CSPRNG-seeded, rank 0 only under DDP) and divides by the expected
     batch size. The distributed class then all-reduces the noised sums once (Opacus's ``reduce_gradients``).
-    Nothing here reads ``p.grad_sample``: no per-example gradient exists."""
+    Nothing here reads ``p.grad_sample``: no per-example gradient exists.
+
+    ``fused_update``: at the last chunk, noise + mean + the base optimizer's update in one pass of
+    ``veil.kernels.noise_update`` (no ``p.grad``, no noise tensor) for a plain ``torch.optim.SGD``,
+    ``AdamW``, or ``Adam`` without weight decay, in one process. "auto" (default): when the noise
+    runs on the Triton backend (CUDA); "always": whenever the optimizer qualifies (else ConfigError;
+    on the CPU it runs the reference path); "never": the three separate stages.
+    """
+
+    _distributed = False
+
+    def __init__(self, *args, fused_update: str = "auto", **kwargs):
+        if fused_update not in ("auto", "always", "never"):
+            raise ConfigError(f"fused_update must be auto, always or never, got {fused_update!r}")
+        super().__init__(*args, **kwargs)
+        self.fused_update = fused_update
 
     def clip_and_accumulate(self) -> None:
         for p in self.params:
@@ -388,6 +403,108 @@ class _ClippedSumMixin:
         self._is_last_step_skipped = False
         return True
 
+    # --- noise + update in one pass --------------------------------------------------------------
+    def _unfusable(self) -> str | None:
+        """Why the base optimizer cannot take the fused update (None: it can)."""
+        opt = self.original_optimizer
+        if self._distributed:
+            return "under DDP the noised sums are all-reduced between the noise and the update"
+        if type(opt) not in (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam):
+            return f"{type(opt).__name__} is not SGD, AdamW or Adam"
+        for group in opt.param_groups:
+            if any(group.get(flag) for flag in ("maximize", "amsgrad", "differentiable", "capturable")):
+                return "maximize/amsgrad/differentiable/capturable are not supported"
+            if torch.is_tensor(group["lr"]):
+                return "a tensor lr is not supported"
+            if type(opt) is torch.optim.Adam and group["weight_decay"] != 0:
+                return "Adam's coupled weight decay is not supported (use AdamW)"
+        if any(p.dtype != torch.float32 or not p.is_contiguous() for p in self.params):
+            return "parameters must be contiguous fp32"
+        return None
+
+    def _fused_backend(self) -> str | None:
+        """The noise_update backend to use at this step, or None for the separate stages."""
+        if self.fused_update == "never" or not self.params:
+            return None
+        reason = self._unfusable()
+        if reason is not None:
+            if self.fused_update == "always":
+                raise ConfigError(f"fused_update='always': {reason}")
+            return None
+        triton = self._resolve_backend([list(self.params)]) == "triton"
+        if self.fused_update == "auto" and not triton:
+            return None
+        return "triton" if triton else "reference"
+
+    def step(self, closure=None):
+        backend = self._fused_backend()
+        if backend is None:
+            return super().step(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return None
+        self._fused_noise_update(backend)
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return None
+
+    @torch.no_grad()
+    def _fused_noise_update(self, backend: str) -> None:
+        from veil.kernels.noise_update import fused_noise_adamw_, fused_noise_sgd_
+
+        params = self.params
+        std = self._noise_std()
+        noise = {"noise_std": std, "denominator": self._denominator(), "backend": backend}
+        if std > 0 and backend == "triton":
+            offset, bases = self._philox_counters()
+            base_of = {id(p): b for p, b in zip(params, bases)}
+            noise.update(seed=self._philox_key(), philox_offset=offset)
+        else:
+            base_of = None
+            if std > 0:
+                noise["generator"] = self._reference_generator(params[0].device)
+                self._noise_step += 1
+        opt = self.original_optimizer
+        for group in opt.param_groups:
+            ps = [p for p in group["params"] if p.requires_grad]
+            if not ps:
+                continue
+            summed = [p.summed_grad for p in ps]
+            for t in summed:
+                _check_processed_flag(t)
+            bases = [base_of[id(p)] for p in ps] if base_of is not None else None
+            states = [opt.state[p] for p in ps]
+            if type(opt) is torch.optim.SGD:
+                momentum = group["momentum"]
+                first = momentum != 0 and "momentum_buffer" not in states[0]
+                if first:
+                    for p, st in zip(ps, states):
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                buffers = [st["momentum_buffer"] for st in states] if momentum != 0 else None
+                fused_noise_sgd_(ps, summed, buffers, lr=group["lr"], momentum=momentum,
+                                 dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                 nesterov=group["nesterov"], first_step=first, elem_bases=bases, **noise)
+            else:  # AdamW, or Adam without weight decay (the same update)
+                for p, st in zip(ps, states):
+                    if "step" not in st:
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st["step"] += 1
+                beta1, beta2 = group["betas"]
+                fused_noise_adamw_(ps, summed, [st["exp_avg"] for st in states],
+                                   [st["exp_avg_sq"] for st in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                   eps=group["eps"], weight_decay=group["weight_decay"] if type(opt) is
+                                   torch.optim.AdamW else 0.0, step=int(states[0]["step"]), elem_bases=bases,
+                                   **noise)
+            for t in summed:
+                _mark_as_processed(t)
+
 
 class GhostDPOptimizer(_ClippedSumMixin, FusedDPOptimizer):
     """Noise and scale of pre-clipped sums (``dp.engine: ghost``); keywords as ``FusedDPOptimizer``."""
@@ -395,3 +512,5 @@ class GhostDPOptimizer(_ClippedSumMixin, FusedDPOptimizer):
 
 class GhostDistributedDPOptimizer(_ClippedSumMixin, FusedDistributedDPOptimizer):
     """``GhostDPOptimizer`` under DDP: noise on rank 0, all-reduce SUM of the noised sums, / world size."""
+
+    _distributed = True

@@ -215,6 +215,19 @@ def _conv_instantiated_sq(layer: _Layer, b: int, k: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+CONV_GHOST_BACKEND = "auto"  # veil.kernels.ghost_norm's backend; the tests set "triton" (interpreter on the CPU)
+
+
+def _conv_kernel_applies(layer: _Layer) -> bool:
+    """The Triton ghost norm of a Conv2d (no im2col) takes one call of a groups=1, integer-padded conv,
+    on CUDA (or wherever CONV_GHOST_BACKEND forces it); otherwise im2col + Grams in PyTorch."""
+    m = layer.module
+    if not (isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str)
+            and len(layer.out_grads) == 1 and len(layer.inputs) == 1):
+        return False
+    return CONV_GHOST_BACKEND != "auto" or layer.inputs[0].is_cuda
+
+
 def _matmul_sq_norms(layer: _Layer, b: int, k: int, mode: str) -> tuple[torch.Tensor, str]:
     """Squared per-example norm (B,) of this layer's trainable parameters, and the path taken."""
     m = layer.module
@@ -224,6 +237,15 @@ def _matmul_sq_norms(layer: _Layer, b: int, k: int, mode: str) -> tuple[torch.Te
         s = k * _positions(layer)
         chosen = ("ghost" if use_ghost(s, m.weight.numel(), groups) else "instantiate") if mode == "auto" else mode
     sq = None
+    if chosen == "ghost" and _conv_kernel_applies(layer):
+        from veil.kernels.ghost_norm import conv2d_ghost_sq_norms
+
+        ((x, g),) = layer.calls(b * k)
+        sq = conv2d_ghost_sq_norms(x.contiguous(), g.contiguous(), kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                                   dilation=m.dilation, rows_per_example=k, backend=CONV_GHOST_BACKEND)
+        if layer.trainable("bias"):
+            sq += _bias_sq(layer, b, k)
+        return sq, chosen
     if chosen == "instantiate" and isinstance(m, nn.Conv2d):
         sq = _conv_instantiated_sq(layer, b, k)
         if layer.trainable("bias"):
