@@ -10,7 +10,10 @@ Z, ``revised`` their revision Z~ (same order). The math and its scaling are in `
 
 - ``first``:  theta_S <- theta_S - tau g / N      (tau=None: the minimal-residual step along g)
 - ``second``: theta_S <- theta_S - tau (H + damping I)^-1 g / N, by CG or LiSSA over HVPs, or for
-  the head a direct solve with its closed-form Hessian (``solver="direct"``)
+  the head a direct solve with its closed-form Hessian (``solver="direct"``). ``curvature="ggn"``
+  puts the Gauss-Newton matrix G in place of H (PSD, so CG cannot meet negative curvature; damping
+  by ``curvature.default_damping``'s rule unless given), solved by preconditioned CG
+  (``preconditioner="kfac"`` or none), whose residual history is reported (``curvature.py``)
 - ``exact``:  Newton's method to convergence on the revised objective of the head alone, with the
   penultimate features frozen: L2-regularised logistic regression, convex, so it lands on the
   optimum that refitting the head on the revised data reaches.
@@ -65,6 +68,8 @@ from veil.lightning_modules.unlearning import influence as U
 
 METHODS = ("first", "second", "exact")
 SOLVERS = ("cg", "lissa", "direct")
+CURVATURES = ("hessian", "ggn")
+PRECONDITIONERS = (None, "kfac")
 
 
 def _check_knobs(method: str, solver: str, damping: float, tau: float | None, batch_size: int,
@@ -136,9 +141,20 @@ class FeatureUnlearningModule(L.LightningModule):
         batch_size: int = 256,
         hvp_mode: str = "reverse",
         seed: int = 0,
+        curvature: str = "hessian",
+        preconditioner: str | None = None,
     ):
         super().__init__()
         _check_knobs(method, solver, damping, tau, batch_size, hessian_samples)
+        if curvature not in CURVATURES:
+            raise ConfigError(f"--curvature {curvature!r}: choose one of {list(CURVATURES)}")
+        if preconditioner not in PRECONDITIONERS:
+            raise ConfigError(f"--preconditioner {preconditioner!r}: choose kfac or none")
+        if (curvature == "ggn" or preconditioner) and (method != "second" or solver not in (None, "cg")):
+            raise ConfigError("--curvature ggn and --preconditioner kfac go with --method second --solver cg")
+        if preconditioner and curvature != "ggn":
+            raise ConfigError("--preconditioner kfac approximates the Gauss-Newton matrix: add --curvature ggn")
+        self.curvature, self.preconditioner = curvature, preconditioner
         if method == "exact":
             params = ["head"] if params is None else params
             outside = [n for n in U.select_parameter_names(model, params) if not n.startswith("head.")]
@@ -155,6 +171,9 @@ class FeatureUnlearningModule(L.LightningModule):
         # on the benchmark's CNN and the step wrecked test accuracy).
         convex = self.frozen_features and any(v > 0 for k, v in (l2 or {}).items() if k.startswith("head."))
         self.damping = (0.0 if convex else 1.0) if damping is None else float(damping)
+        self.damping_rule = damping is None and curvature == "ggn"  # set in unlearn, from G's trace
+        if curvature == "ggn" and solver is None:
+            solver = "cg"
         if solver is None:  # the head has a closed-form Hessian: one solve, no iterations (README's table)
             solver = self.solver = "direct" if self.frozen_features else "cg"
         if solver == "direct" and not self.frozen_features:
@@ -254,8 +273,16 @@ class FeatureUnlearningModule(L.LightningModule):
                                       reduce=reduce)  # (P,), a sum over Z, Z~
             rows = self._hessian_rows(len(x), processes)
             self._h_batches = U.iter_batches(z_train[rows], attrs[rows], bs)
-            hvp = U.make_hvp(obj, theta, self._h_batches, damping=self.damping, mode=self.hvp_mode, reduce=reduce)
-            info.update(hessian_samples=int(reduce(torch.tensor([float(len(rows))])).item()))
+            if self.curvature == "ggn":
+                from veil.lightning_modules.unlearning import curvature as CV
+
+                if self.damping_rule:
+                    self.damping = CV.default_damping(obj, theta, self._h_batches, seed=self.seed, reduce=reduce)
+                    info.update(damping=self.damping, damping_rule="max(1e-3 tr(G)/P, max l2, 1e-8)")
+                hvp = CV.make_ggn_vp(obj, theta, self._h_batches, damping=self.damping, reduce=reduce)
+            else:
+                hvp = U.make_hvp(obj, theta, self._h_batches, damping=self.damping, mode=self.hvp_mode, reduce=reduce)
+            info.update(hessian_samples=int(reduce(torch.tensor([float(len(rows))])).item()), curvature=self.curvature)
             new = theta - self._step(g / n, hvp, info, reduce)
         info["step_norm"] = float((new - theta).norm())
         obj.assign(new)
@@ -283,6 +310,17 @@ class FeatureUnlearningModule(L.LightningModule):
             hessian += self.damping * torch.eye(len(g_mean), dtype=hessian.dtype)
             x = torch.linalg.solve(hessian, g_mean.double()).to(g_mean.dtype)
             solve = U.SolveInfo(1, float((hvp(x) - g_mean).norm() / g_mean.norm()), "converged")
+        elif self.curvature == "ggn":  # SPD: preconditioned CG, its residual history reported
+            from veil.lightning_modules.unlearning import curvature as CV
+
+            precondition = None
+            if self.preconditioner == "kfac":
+                obj = self.objective()
+                precondition = CV.kfac_preconditioner(obj, obj.flat(), self._h_batches, damping=self.damping,
+                                                      reduce=reduce)
+            x, solve = CV.preconditioned_cg(hvp, g_mean, precondition=precondition, max_iter=self.cg_max_iter,
+                                            tol=self.cg_tol)
+            info.update(preconditioner=self.preconditioner, residuals=[round(r, 8) for r in solve.residuals])
         elif self.solver == "cg":
             x, solve = U.conjugate_gradient(hvp, g_mean, max_iter=self.cg_max_iter, tol=self.cg_tol)
         else:

@@ -43,6 +43,12 @@ def add_subcommand(sub) -> None:
     p.add_argument("--solver", choices=["cg", "lissa", "direct"], default=None,
                    help="H^-1 g for second order: cg, lissa, or direct (head only: closed-form Hessian) "
                         "(default direct for the head, cg otherwise)")
+    p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian",
+                   help="second order: the Hessian H, or the Gauss-Newton matrix G (PSD: CG cannot meet negative "
+                        "curvature on the whole network; damping by a trace rule unless --damping; default hessian)")
+    p.add_argument("--preconditioner", choices=["none", "kfac"], default="none",
+                   help="with --curvature ggn: precondition CG with K-FAC (default none; measure, it does not "
+                        "always cut iterations)")
     p.add_argument("--cg-max-iter", type=positive_int, default=100, help="conjugate-gradient iterations at most (default 100)")
     p.add_argument("--lissa-iterations", type=positive_int, default=300, help="LiSSA recursion depth (default 300)")
     p.add_argument("--lissa-scale", type=positive_float, default=None,
@@ -77,7 +83,8 @@ def _unlearn(args) -> int:
         compare_retrain=args.compare_retrain, params=params, trainer=trainer_config(args.overrides),
         tau=args.tau, damping=args.damping, solver=args.solver, cg_max_iter=args.cg_max_iter,
         lissa_iterations=args.lissa_iterations, lissa_scale=args.lissa_scale,
-        hessian_samples=args.hessian_samples, seed=args.seed,
+        hessian_samples=args.hessian_samples, seed=args.seed, curvature=args.curvature,
+        preconditioner=None if args.preconditioner == "none" else args.preconditioner,
     )
     wait_for_other_ranks()
     if rank_zero_only.rank == 0:
