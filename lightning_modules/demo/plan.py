@@ -2,9 +2,12 @@
 
 Every model is trained from the embedded synthetic faces by the same code as ``veil train`` and
 ``veil train-classifier``, with the shipped configs and the ``--set`` overrides below; the report
-prints each model's command, so any of them can be rerun by hand. The default sizes keep the demo
-within about 15 minutes on a 2-core CPU (the public UNet gets a 5-minute wall-clock cap, so it is
-a rough denoiser: the edits show the mechanism, not photo quality); ``--quick`` (about 3 minutes,
+prints each model's command, so any of them can be rerun by hand. By default the public UNet and
+the guide are the ones shipped in ``lightning_modules/demo/models/`` (trained longer than the demo's
+budget: their COMMAND files say how; the demo takes ~5 minutes on a 2-core CPU). With ``--fresh``
+every model is trained here with the sizes below, within about 15 minutes (the public UNet gets a
+5-minute wall-clock cap, so it is a rough denoiser: the edits show the mechanism, not photo
+quality; the guide trains on 8000 faces, the shipped one on 20000); ``--quick`` (about 3 minutes,
 used by the test) trains tiny models for a few steps: its numbers check the plumbing, not quality.
 """
 

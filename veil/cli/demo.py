@@ -1,11 +1,14 @@
 """``veil demo``: the whole framework on the embedded synthetic faces, ending in a report (argparse and a thin handler).
 
-    veil demo                      # ~15 min on a 2-core CPU: runs/demo/report.html, report.json, a summary table
+    veil demo                      # ~5 min on a 2-core CPU (shipped models): runs/demo/report.html, report.json, a summary table
+    veil demo --fresh              # start over and retrain every model here (~15 min)
     veil demo --quick --out D      # ~3 min, tiny models: checks the plumbing (the test runs it)
     veil demo --serve              # then keep serving the page on the demo's faces (Ctrl-C stops)
 
 Stages: models -> edits -> unlearning -> export -> serve (``veil.lightning_modules.demo.pipeline``). An
-interrupted demo resumes at the stage it was in; ``--fresh`` starts over in the same folder.
+interrupted demo resumes at the stage it was in. The default takes the models shipped in
+lightning_modules/demo/models/ (each with its command and privacy record); ``--fresh`` starts over in
+the same folder and retrains every model from the embedded data within the demo's budget (~15 min).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ def add_subcommand(sub) -> None:
                                    "to ONNX, serve one edit over HTTP; write OUT/report.html and report.json.")
     p.add_argument("--out", default="runs/demo", help="the demo's folder (default runs/demo; reused to resume)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few images (~3 min): the plumbing only")
-    p.add_argument("--fresh", action="store_true", help="start over: redo every stage in --out")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in --out and retrain every model from the embedded data instead of using the "
+                        "shipped ones (~15 min on a 2-core CPU; the public UNet then gets 5 minutes and draws roughly)")
     p.add_argument("--serve", action="store_true", help="afterwards, serve the page on the demo's faces until Ctrl-C")
     p.add_argument("--port", type=int, default=8000, help="port of --serve (default 8000)")
     p.set_defaults(func=_demo)

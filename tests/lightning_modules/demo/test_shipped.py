@@ -37,3 +37,47 @@ def test_shipped_models_are_used_and_recorded(models, tmp_path, monkeypatch):
         assert guide["details"]["shipped"] and guide["private"] and guide["epsilon"] == rows["guide"]["epsilon"]
     with PrivacyLedger.for_dataset(PUBLIC_DATA) as ledger:
         assert ledger.training_runs() == []
+
+
+def test_fresh_retrains_instead_of_taking_the_shipped_models_and_a_resume_keeps_to_it(tmp_path, monkeypatch):
+    """--fresh: the models stage sees use_shipped False (every model trained here), and a resumed
+    --fresh demo keeps retraining; a plain run takes the shipped ones. The stages are stubbed: this
+    checks the switch, test_shipped_models_are_used_and_recorded the stage itself."""
+    seen = []
+
+    def stub(out, plan, done, progress):
+        seen.append(plan.use_shipped)
+        raise KeyboardInterrupt  # interrupted in the first stage
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "models", stub)
+    lines = []
+    for fresh in (True, False):  # --fresh, interrupted, then resumed without --fresh
+        try:
+            pipeline.run_demo(out=tmp_path / "demo", fresh=fresh, progress=lines.append)
+        except KeyboardInterrupt:
+            pass
+    try:
+        pipeline.run_demo(out=tmp_path / "other", progress=lines.append)  # a plain demo
+    except KeyboardInterrupt:
+        pass
+    assert seen == [False, False, True]
+    assert any(line.startswith("--fresh: every model is trained here") for line in lines)
+
+
+def test_the_models_shipped_with_veil_load_and_say_what_they_cost():
+    """The two models in lightning_modules/demo/models/ (what `make demo` starts from) load as the demo
+    loads them, name the data they were trained on, and carry the privacy record their COMMAND claims."""
+    from veil.lightning_modules import checkpoints as CK
+
+    shipped = pipeline.SHIPPED
+    unet = CK.load_diffusion_checkpoint(shipped / "public_unet")  # EMA weights only: use_ema is the default
+    assert unet.privacy["private"] is False and unet.privacy["steps"] > 0
+    assert unet.data_spec["seed"] == PUBLIC_DATA["seed"]  # public faces, not the private ones
+    assert "public_unet" in (shipped / "public_unet" / "COMMAND").read_text()
+    guide, meta = CK.load_classifier(shipped / "guide")
+    record = meta["privacy"] if "privacy" in meta else json.loads(
+        (shipped / "guide" / "model" / "veil_model.json").read_text())["privacy"]
+    assert guide.noise_conditional and record["private"] is True and 0 < record["epsilon"] <= 10.0
+    assert record["delta"] < 1 / 18000 and record["steps"] == 70
+    command = (shipped / "guide" / "COMMAND").read_text()
+    assert "classifier32_guidance.yaml" in command and f"{record['steps']} DP steps" in command
