@@ -8,6 +8,12 @@ that Opacus can compute per-sample gradients and the model can be trained with D
       -> flatten -> proj: Linear -> SiLU                                     (B, feature_dim) = features(x)
       -> head: Linear                                                        (B, k) logits
 
+``blocks=n`` (default 0) adds n residual blocks after each stage's downsampling conv, each
+[Conv3x3 -> GroupNorm -> SiLU -> Conv3x3 -> GroupNorm] + skip -> SiLU (ResNet's basic block, with
+GroupNorm): ``channels=[32, 64, 128, 256], blocks=2`` is ResNet-18's layout (4 stages x 2 blocks; here
+each stage opens with a stride-2 conv instead of a strided block), the unlearning benchmark's large model
+(``configs/classifier32_resnet.yaml``). Stored in ``res`` (absent when 0, so older checkpoints load).
+
 ``features`` is the penultimate representation: with it frozen, ``head`` is a logistic regression
 (convex in the head's parameters), which is what exact feature unlearning works on.
 
@@ -39,6 +45,7 @@ class AttributeClassifier(nn.Module):
         feature_dim: int = 64,
         noise_conditional: bool = False,
         time_embedding_dim: int = 64,
+        blocks: int = 0,
     ):
         super().__init__()
         channels = [int(c) for c in channels]
@@ -54,6 +61,12 @@ class AttributeClassifier(nn.Module):
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(norm_num_groups, c), nn.SiLU()]
             c_in = c
         self.trunk = nn.Sequential(*layers)
+        if int(blocks) < 0:
+            raise ConfigError(f"blocks={blocks}: residual blocks per stage must be >= 0")
+        self.blocks = int(blocks)
+        if self.blocks:
+            self.res = nn.ModuleList(nn.Sequential(*(BasicBlock(c, norm_num_groups) for _ in range(self.blocks)))
+                                     for c in channels)
         self.proj = nn.Linear(c_in * side * side, feature_dim)
         self.head = nn.Linear(feature_dim, num_attributes)
         self.noise_conditional = bool(noise_conditional)
@@ -64,7 +77,12 @@ class AttributeClassifier(nn.Module):
 
     def _trunk(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         if not self.noise_conditional:
-            return self.trunk(x)
+            if not self.blocks:
+                return self.trunk(x)
+            h = x
+            for i, stage in enumerate(self.res):
+                h = stage(self.trunk[3 * i + 2](self.trunk[3 * i + 1](self.trunk[3 * i](h))))
+            return h
         if t is None:
             t = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
         temb = self.time_mlp(timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.time_embedding_dim))
@@ -72,6 +90,8 @@ class AttributeClassifier(nn.Module):
         for i, shift in enumerate(self.time_shift):  # trunk = [conv, norm, silu] * L
             conv, norm, act = self.trunk[3 * i : 3 * i + 3]
             h = act(norm(conv(h)) + shift(temb)[:, :, None, None])
+            if self.blocks:
+                h = self.res[i](h)
         return h
 
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +102,20 @@ class AttributeClassifier(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """(B, k) logits; ``t`` (B,) diffusion timesteps of a noise-conditional model (None: clean, t = 0)."""
         return self.head(self.features(x, t))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block with GroupNorm: SiLU(x + GN(conv(SiLU(GN(conv(x)))))), channels and size kept."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x + self.norm2(self.conv2(F.silu(self.norm1(self.conv1(x))))))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

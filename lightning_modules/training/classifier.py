@@ -95,7 +95,7 @@ class ClassifierRecipe:
 
 # The recipe's model options: AttributeClassifier's keyword arguments, checked here so that a bad
 # value is refused naming model.<key> rather than failing inside the network's constructor.
-MODEL_OPTIONS = ("channels", "feature_dim", "norm_num_groups", "noise_conditional", "time_embedding_dim")
+MODEL_OPTIONS = ("channels", "feature_dim", "norm_num_groups", "noise_conditional", "time_embedding_dim", "blocks")
 
 
 def check_model_options(model: Any) -> dict[str, Any]:
@@ -111,6 +111,8 @@ def check_model_options(model: Any) -> dict[str, Any]:
     for name in ("feature_dim", "norm_num_groups", "time_embedding_dim"):
         if name in model:
             check_int(model[name], f"model.{name}", minimum=1)
+    if "blocks" in model:
+        check_int(model["blocks"], "model.blocks", minimum=0)
     if "noise_conditional" in model:
         check_bool(model["noise_conditional"], "model.noise_conditional")
     channels, groups = model.get("channels", [16, 32, 64]), model.get("norm_num_groups", 8)
@@ -214,9 +216,11 @@ def refit_head(model, feats: torch.Tensor, attrs: torch.Tensor, *, l2: float) ->
 
 
 def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = None, out: str | Path,
-                     datamodule=None, progress: bool = False, ledger: str | Path | None = None) -> dict[str, Any]:
+                     datamodule=None, progress: bool = False, ledger: str | Path | None = None,
+                     init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train on ``data`` (FaceDataModule options) or a ready ``datamodule``; write OUT/model and
-    OUT/private/last.ckpt; return a record (with the owner-only test accuracy).
+    OUT/private/last.ckpt; return a record (with the owner-only test accuracy). ``init``: a state dict
+    of the same architecture to start from instead of a fresh initialisation (``fine_tune_classifier``).
 
     All or nothing: ``--out`` is checked (not a file, writable) before any work, and when anything
     fails (a diverged loss, Ctrl-C) what this run created in ``--out`` is removed; the dataset's
@@ -228,11 +232,23 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
         raise ConfigError(f"--out {out} already holds a classifier; choose another --out")
     with removed_on_failure(out):
         check_out_dir(out)
-        return _train(recipe, data, out, datamodule=datamodule, progress=progress, ledger=ledger)
+        return _train(recipe, data, out, datamodule=datamodule, progress=progress, ledger=ledger, init=init)
+
+
+def fine_tune_classifier(*, model, recipe: ClassifierRecipe, datamodule, epochs: int, out: str | Path,
+                         lr: float | None = None, progress: bool = False) -> dict[str, Any]:
+    """Continue training ``model``'s weights on ``datamodule`` (a revision: the baseline an owner would
+    otherwise run instead of unlearning) for ``epochs`` with the recipe's optimizer (Adam, a fresh
+    state) at ``lr`` (default: the recipe's / 10), without the head refit; writes OUT as
+    ``train_classifier`` does (and, like every training run, counts in the dataset's account)."""
+    check_int(epochs, "epochs", minimum=1)
+    tuned = dataclasses.replace(recipe, epochs=epochs, lr=recipe.lr / 10 if lr is None else lr, refit_head=False)
+    return train_classifier(recipe=tuned, datamodule=datamodule, out=out, progress=progress,
+                            init={k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
 def _train(recipe: ClassifierRecipe, data: dict[str, Any] | None, out: Path, *, datamodule, progress: bool,
-           ledger: str | Path | None) -> dict[str, Any]:
+           ledger: str | Path | None, init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     from veil.lightning_modules.checkpoints import (
         private_dir,
         seal_private,
@@ -257,6 +273,8 @@ def _train(recipe: ClassifierRecipe, data: dict[str, Any] | None, out: Path, *, 
         sample_rate=dm.sample_rate, planned_steps=max(steps, 1), dp=recipe.dp, lr=recipe.lr,
         head_l2=recipe.head_l2, data_spec=dm.spec(), recipe=recipe.to_dict(),
     )
+    if init is not None:
+        module.model.load_state_dict(init)
     account = DatasetAccount(module=module, out=out, kind="classifier", data_spec=dm.dataset_spec(),
                              planned_steps=max(steps, 1), ledger=ledger, details={"recipe": recipe.to_dict()})
     account.check()  # refused before training if the dataset's training budget would be passed

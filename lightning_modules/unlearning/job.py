@@ -70,6 +70,7 @@ class UnlearningData:
     original_changed: torch.Tensor  # (m, k) the attributes the changed samples had
     flipped: torch.Tensor  # (m, k) bool: protected attributes the revision changed
     changed_elsewhere: int  # changed samples outside the training split (not unlearned)
+    protected: torch.Tensor | None = None  # (m, k) bool: the attributes each change protected (released by RR)
 
     @classmethod
     def build(cls, ckpt: dict[str, Any], revision, *, base=None) -> "UnlearningData":
@@ -95,13 +96,15 @@ class UnlearningData:
         original = torch.tensor([[float(c["original_attributes"][n]) for n in names] for c in changes]).reshape(-1, len(names))
         flipped = torch.tensor([[n in c["protected"] and c["original_attributes"][n] != c["released_attributes"][n]
                                  for n in names] for c in changes], dtype=torch.bool).reshape(-1, len(names))
+        protected = torch.tensor([[n in c["protected"] for n in names] for c in changes],
+                                 dtype=torch.bool).reshape(-1, len(names))
         train = tensors(dm.dataset, train_idx)
         revised_changed = tensors(rev_ds, changed)
         positions = torch.tensor([position[i] for i in changed], dtype=torch.long)
         rx, ra = train[0].clone(), train[1].clone()
         rx[positions], ra[positions] = revised_changed
         return cls(dm_rev, train, positions, revised_changed, (rx, ra), tensors(rev_ds, dm_rev.split_indices("test")),
-                   original, flipped, len(rev_ds.changed_indices) - len(changed))
+                   original, flipped, len(rev_ds.changed_indices) - len(changed), protected)
 
 
 def snapshot(model: AttributeClassifier) -> AttributeClassifier:
@@ -122,8 +125,11 @@ def base_report(*, method, params, info, data: UnlearningData, seconds: float) -
 
 
 def add_model_metrics(report: dict[str, Any], key: str, model, data: UnlearningData) -> None:
-    """Test accuracy, and what the model predicts for the flipped attributes of the changed samples."""
+    """Test accuracy, what the model predicts for the flipped attributes of the changed samples, and
+    what its penultimate features still say of their original values (``feature_probe_leakage``)."""
     report.setdefault("test_accuracy", {})[key] = test_accuracy(model, data.test)
+    report.setdefault("changed_released_accuracy", {})[key] = released_accuracy(model, data)
+    report.setdefault("feature_probe_original_accuracy", {})[key] = feature_probe_leakage(model, data)
     logits = predict(model, data.revised_changed[0])  # (m, k) on the revised images
     mask = data.flipped
     said_original = ((logits > 0) == (data.original_changed > 0))[mask].float()
@@ -131,6 +137,51 @@ def add_model_metrics(report: dict[str, Any], key: str, model, data: UnlearningD
     nan = float("nan")
     report.setdefault("changed_original_attribute_accuracy", {})[key] = float(said_original.mean()) if mask.any() else nan
     report.setdefault("changed_original_attribute_probability", {})[key] = float(p_original.mean()) if mask.any() else nan
+
+
+@torch.no_grad()
+def released_accuracy(model, data: UnlearningData) -> float:
+    """On the changed samples' revised images: how often the model predicts the *released* value of each
+    protected attribute (the label the revision gives them); NaN without protected attributes."""
+    if data.protected is None or not data.protected.any():
+        return float("nan")
+    logits = predict(model, data.revised_changed[0])
+    return float(((logits > 0) == (data.revised_changed[1] > 0))[data.protected].float().mean())
+
+
+@torch.no_grad()
+def feature_probe_leakage(model, data: UnlearningData, *, l2: float = 1e-3) -> float:
+    """How much of the *original* protected attributes the model's penultimate features still hold.
+
+    A linear probe (L2-regularised logistic regression, Newton to its optimum) of each attribute the
+    revision flipped somewhere is fit on the features of the held-out test images and their labels;
+    returned is its accuracy at predicting the *original* value on the changed samples whose release
+    flipped it, from the features of their *revised* images. A model that never saw the originals (the
+    retrained one) sits near what the edited pixels show; a model that memorised the originals scores
+    higher. NaN when nothing was flipped."""
+    from types import SimpleNamespace
+
+    from veil.lightning_modules.training.classifier import refit_head
+
+    cols = data.flipped.any(0)
+    if not cols.any() or not len(data.test[0]):
+        return float("nan")
+    feats = features_of(model, data.test[0])
+    probe = SimpleNamespace(head=torch.nn.Linear(feats.shape[1], int(cols.sum())))
+    torch.nn.init.zeros_(probe.head.weight), torch.nn.init.zeros_(probe.head.bias)
+    with torch.enable_grad():
+        refit_head(probe, feats, data.test[1][:, cols], l2=l2)
+    said = probe.head(features_of(model, data.revised_changed[0])) > 0
+    return float((said == (data.original_changed[:, cols] > 0))[data.flipped[:, cols]].float().mean())
+
+
+@torch.no_grad()
+def output_kl(model, reference, x: torch.Tensor) -> float:
+    """Mean over images and attributes of KL(reference || model) between their Bernoulli outputs."""
+    ref, out = predict(reference, x), predict(model, x)
+    log_p, log_1p = torch.nn.functional.logsigmoid(ref), torch.nn.functional.logsigmoid(-ref)
+    log_q, log_1q = torch.nn.functional.logsigmoid(out), torch.nn.functional.logsigmoid(-out)
+    return float((log_p.exp() * (log_p - log_q) + log_1p.exp() * (log_1p - log_1q)).mean())
 
 
 @torch.no_grad()
@@ -275,6 +326,8 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
         report["gradient_residual"]["retrained"] = unlearner.gradient_residual(data.revised_train, model)
         add_model_metrics(report, "retrained", model, data)
         report["distance_to_retrained"] = distances(before, clf, model, unlearner.names)
+        report["output_kl_to_retrained"] = {"before": output_kl(before, model, data.test[0]),
+                                            "after": output_kl(clf, model, data.test[0])}
     features = None
     if cache is not None and info["cached_features"]:  # the trunk is unchanged: only Z's rows move
         features = cache.clone()

@@ -276,10 +276,12 @@ class FeatureUnlearningModule(L.LightningModule):
             if self.curvature == "ggn":
                 from veil.lightning_modules.unlearning import curvature as CV
 
-                if self.damping_rule:
-                    self.damping = CV.default_damping(obj, theta, self._h_batches, seed=self.seed, reduce=reduce)
+                ggn = CV.make_ggn_vp(obj, theta, self._h_batches, reduce=reduce)  # G + diag(l2), undamped
+                if self.damping_rule:  # tr(G) from 2 Hutchinson probes: a scale for a 1e-3 rule, not a number to trust
+                    self.damping = CV.default_damping(obj, theta, self._h_batches, apply_ggn=ggn, probes=2,
+                                                      seed=self.seed, reduce=reduce)
                     info.update(damping=self.damping, damping_rule="max(1e-3 tr(G)/P, max l2, 1e-8)")
-                hvp = CV.make_ggn_vp(obj, theta, self._h_batches, damping=self.damping, reduce=reduce)
+                hvp = lambda v, ggn=ggn, damping=self.damping: ggn(v) + damping * v  # noqa: E731
             else:
                 hvp = U.make_hvp(obj, theta, self._h_batches, damping=self.damping, mode=self.hvp_mode, reduce=reduce)
             info.update(hessian_samples=int(reduce(torch.tensor([float(len(rows))])).item()), curvature=self.curvature)

@@ -210,3 +210,22 @@ def test_default_damping_is_positive_finite_and_follows_its_rule(tiny):
     relative = C.default_damping(no_l2, vec, batches, relative=1.0, probes=64)  # damping = tr(G) / P estimate
     assert 0.5 * exact_mean < relative < 2 * exact_mean, (relative, exact_mean)
     assert C.default_damping(no_l2, vec, batches) > 0  # no L2 at all: still positive
+
+
+def test_ggn_product_without_the_pullback_cache_is_the_same(tiny, monkeypatch):
+    """Past CACHE_PULLBACKS samples the product re-runs each batch's forward instead of keeping its graph:
+    the same numbers (and on a residual-block network, the large benchmark's layout)."""
+    obj, vec, batches = tiny
+    v = torch.randn(len(vec), generator=torch.Generator().manual_seed(2), dtype=F64)
+    cached = C.make_ggn_vp(obj, vec, batches, damping=0.1)(v)
+    monkeypatch.setattr(C, "CACHE_PULLBACKS", 0)
+    torch.testing.assert_close(C.make_ggn_vp(obj, vec, batches, damping=0.1)(v), cached, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(0)
+    res = AttributeClassifier(num_attributes=3, resolution=8, channels=(4, 4), norm_num_groups=2, feature_dim=6,
+                              blocks=1).double()
+    robj = U.Objective(res, U.select_parameter_names(res), attribute_bce, {})
+    rvec, rv = robj.flat(), torch.randn(len(robj.flat()), generator=torch.Generator().manual_seed(3), dtype=F64)
+    uncached = C.make_ggn_vp(robj, rvec, batches)(rv)
+    monkeypatch.setattr(C, "CACHE_PULLBACKS", 4096)
+    torch.testing.assert_close(C.make_ggn_vp(robj, rvec, batches)(rv), uncached, rtol=1e-12, atol=1e-12)
+    assert float(rv.dot(uncached)) > 0  # v.Gv > 0 on this v (PSD, and not zero here)

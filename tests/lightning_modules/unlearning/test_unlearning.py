@@ -174,6 +174,10 @@ def test_cli_unlearn_writes_checkpoint_and_report(setup, tmp_path, capsys):
         assert set(report[key]) == {"before", "after", "retrained"}
     assert report["gradient_residual"]["after"] < 1e-3 * report["gradient_residual"]["before"]
     assert set(report["distance_to_retrained"]) >= {"before", "after"}
+    for key in ("changed_released_accuracy", "feature_probe_original_accuracy"):  # the issue-19 metrics
+        assert set(report[key]) == {"before", "after", "retrained"}
+        assert all(0 <= v <= 1 for v in report[key].values())
+    assert report["output_kl_to_retrained"]["before"] > 0 and report["output_kl_to_retrained"]["after"] >= 0
     model, ckpt = CK.load_classifier(out)  # loadable again, records what was done
     assert ckpt["veil"]["data_spec"]["revision"] == str(revision) and ckpt["veil"]["unlearning"]["method"] == "exact"
     assert main(["unlearn", "--model", str(ckpt_path), "--revision", str(tmp_path / "nope"), "--method", "first",
@@ -332,3 +336,66 @@ def test_cli_unlearn_with_gauss_newton_and_kfac(setup, tmp_path):
         FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="second", preconditioner="kfac")
     with pytest.raises(ConfigError, match="--method second --solver cg"):
         FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="first", curvature="ggn")
+
+
+class _LookupFeatures(torch.nn.Module):
+    """A stand-in model whose penultimate feature of an image is a value looked up by its pixels."""
+
+    def __init__(self, table: dict[bytes, float]):
+        super().__init__()
+        self.table = table
+
+    def features(self, x):
+        return torch.tensor([[self.table[row.flatten()[:96].numpy().tobytes()]] for row in x])
+
+
+def test_feature_probe_leakage_tells_a_model_that_remembers_from_one_that_forgot(setup):
+    """The probe is fit on held-out images' features and their labels, and read on the flipped changed
+    samples' revised images: features holding the *original* value leak 100%, features holding what the
+    revision shows (the released value) 0%; released accuracy and the output KL against brute force."""
+    _, _, data, _ = setup
+    col = 1 if data.flipped[:, 1].any() else int(data.flipped.any(0).nonzero()[0])
+    assert data.flipped.any() and data.flipped[:, col].all()  # the flip revision flips eyeglasses on every change
+    key = lambda row: row.flatten()[:96].numpy().tobytes()  # noqa: E731
+    test = {key(x): float(a[col]) for x, a in zip(*data.test)}
+    remembers = _LookupFeatures({**test, **{key(x): float(o) for x, o in
+                                            zip(data.revised_changed[0], data.original_changed[:, col])}})
+    forgot = _LookupFeatures({**test, **{key(x): float(r) for x, r in
+                                         zip(data.revised_changed[0], data.revised_changed[1][:, col])}})
+    assert UJ.feature_probe_leakage(remembers, data) == 1.0
+    assert UJ.feature_probe_leakage(forgot, data) == 0.0
+    model, _ = CK.load_classifier(setup[0])
+    from veil.lightning_modules.models.classifier import predict
+
+    logits = predict(model, data.revised_changed[0])
+    want = ((logits > 0) == (data.revised_changed[1] > 0))[data.protected].float().mean()
+    assert data.protected.sum() == len(data.changed_positions) and UJ.released_accuracy(model, data) == float(want)
+    assert UJ.output_kl(model, model, data.test[0]) == pytest.approx(0.0, abs=1e-7)
+    shifted, _ = CK.load_classifier(setup[0])
+    with torch.no_grad():
+        shifted.head.bias += 0.7
+    p, q = torch.sigmoid(predict(model, data.test[0])), torch.sigmoid(predict(shifted, data.test[0]))
+    brute = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()
+    assert UJ.output_kl(shifted, model, data.test[0]) == pytest.approx(float(brute), rel=1e-4) and brute > 0
+
+
+def test_fine_tuning_baseline_starts_from_the_model(setup, tmp_path):
+    """fine_tune_classifier continues the given weights on the revised data (Adam at the recipe's lr / 10 unless
+    given, no head refit): at lr ~ 0 it returns the weights it started from; at its default it moves each
+    weight by at most a few lr per step (Adam's step is about lr), far less than a fresh initialisation."""
+    ckpt_path, _, data, _ = setup
+    model, ckpt = CK.load_classifier(ckpt_path, owner=True)
+    recipe = TC.ClassifierRecipe(**ckpt["veil"]["recipe"])
+    TC.fine_tune_classifier(model=model, recipe=recipe, datamodule=data.dm_rev, epochs=1, out=tmp_path / "still",
+                            lr=1e-12)
+    still, still_ckpt = CK.load_classifier(tmp_path / "still", owner=True)
+    torch.testing.assert_close(_flat(still), _flat(model), rtol=0, atol=1e-6)
+    assert still_ckpt["veil"]["recipe"]["lr"] == 1e-12 and still_ckpt["veil"]["recipe"]["refit_head"] is False
+    record = TC.fine_tune_classifier(model=model, recipe=recipe, datamodule=data.dm_rev, epochs=1,
+                                     out=tmp_path / "tuned")
+    tuned, tuned_ckpt = CK.load_classifier(tmp_path / "tuned", owner=True)
+    assert tuned_ckpt["veil"]["recipe"]["lr"] == pytest.approx(recipe.lr / 10) and record["seconds"] > 0
+    moved = (_flat(tuned) - _flat(model)).abs().max()
+    assert 0 < moved <= 3.2 * recipe.lr / 10 * record["steps"]
+    with pytest.raises(ConfigError, match="epochs"):
+        TC.fine_tune_classifier(model=model, recipe=recipe, datamodule=data.dm_rev, epochs=0, out=tmp_path / "x")
