@@ -512,6 +512,50 @@ def preconditioned_cg(apply: Operator, b: torch.Tensor, *, precondition: Operato
     return x, PCGInfo(k, float((apply(x) - b).norm() / b_norm), stopped, residuals)
 
 
+def conjugate_residual(apply: Operator, b: torch.Tensor, *, precondition: Operator | None = None,
+                       max_iter: int = 100, tol: float = 1e-5) -> tuple[torch.Tensor, PCGInfo]:
+    """Solve A x = b (A SPD) by the conjugate residual method: x_k minimises ||b - A x|| over the Krylov space
+    (with ``precondition`` M: the M-norm of the residual), so the residual falls at every iteration.
+
+    Why beside CG: CG minimises the A-norm of the error, and its residual may rise on the way; cut off
+    after a few iterations on an ill-conditioned G (a confident, nearly separable fit), CG's iterate
+    leans on the smallest eigenvalues, and on the large benchmark's ResNet its relative residual went
+    1 -> 2.95 in 10 iterations and the step cost 10 points of test accuracy. Same cost per iteration
+    (one product, plus one M application when preconditioned). ``info`` as ``preconditioned_cg``'s
+    (residuals: 2-norms relative to ||b||; non-increasing without M).
+    """
+    precondition = precondition or (lambda v: v)
+    b_norm = b.norm().clamp_min(1e-30)
+    x, r = torch.zeros_like(b), b.clone()
+    residuals = [float(r.norm() / b_norm)]
+    if residuals[0] <= tol:
+        return x, PCGInfo(0, residuals[0], "converged", residuals)
+    z = precondition(r)
+    az = apply(z)
+    zaz = z.dot(az)
+    if not zaz > 0:
+        raise ConfigError("conjugate residual: z.Az <= 0: the operator or the preconditioner is not positive definite")
+    p, ap, stopped, k = z.clone(), az.clone(), "max_iter", 0
+    for k in range(1, max_iter + 1):
+        map_ = precondition(ap)
+        denom = ap.dot(map_)
+        if not denom > 0:
+            raise ConfigError("conjugate residual: Ap.M Ap <= 0: the preconditioner is not positive definite")
+        alpha = zaz / denom
+        x, r, z = x + alpha * p, r - alpha * ap, z - alpha * map_
+        residuals.append(float(r.norm() / b_norm))
+        if residuals[-1] <= tol:
+            stopped = "converged"
+            break
+        az = apply(z)
+        zaz_new = z.dot(az)
+        if not zaz_new > 0:
+            raise ConfigError("conjugate residual: z.Az <= 0: the operator is not positive definite")
+        beta = zaz_new / zaz
+        p, ap, zaz = z + beta * p, az + beta * ap, zaz_new
+    return x, PCGInfo(k, float((apply(x) - b).norm() / b_norm), stopped, residuals)
+
+
 # --------------------------------------------------------------------------------------- damping
 def hutchinson_trace(apply: Operator, dim: int, *, probes: int = 8, seed: int = 0,
                      dtype: torch.dtype = torch.float32) -> float:

@@ -40,15 +40,19 @@ def add_subcommand(sub) -> None:
     p.add_argument("--damping", type=nonneg_float, default=None,
                    help="added to the Hessian's diagonal (default: 0 for the head, which its L2 term makes "
                         "convex; 1.0 when network layers are updated)")
-    p.add_argument("--solver", choices=["cg", "lissa", "direct"], default=None,
-                   help="H^-1 g for second order: cg, lissa, or direct (head only: closed-form Hessian) "
-                        "(default direct for the head, cg otherwise)")
+    p.add_argument("--solver", choices=["cg", "cr", "lissa", "direct"], default=None,
+                   help="H^-1 g for second order: cg, cr (conjugate residual, --curvature ggn: the residual falls "
+                        "at every iteration), lissa, or direct (head only: closed-form Hessian) "
+                        "(default direct for the head, cr with --curvature ggn, cg otherwise)")
     p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian",
                    help="second order: the Hessian H, or the Gauss-Newton matrix G (PSD: CG cannot meet negative "
                         "curvature on the whole network; damping by a trace rule unless --damping; default hessian)")
     p.add_argument("--preconditioner", choices=["none", "kfac"], default="none",
                    help="with --curvature ggn: precondition CG with K-FAC (default none; measure, it does not "
                         "always cut iterations)")
+    p.add_argument("--line-search", choices=["auto", "on", "off"], default="auto",
+                   help="second order: scale the step by the tau in 1, 1/2, ..., 1/32 (or 0) that most lowers an "
+                        "estimate of the revised objective (default auto: on for --method second unless --tau)")
     p.add_argument("--cg-max-iter", type=positive_int, default=100, help="conjugate-gradient iterations at most (default 100)")
     p.add_argument("--lissa-iterations", type=positive_int, default=300, help="LiSSA recursion depth (default 300)")
     p.add_argument("--lissa-scale", type=positive_float, default=None,
@@ -85,10 +89,12 @@ def _unlearn(args) -> int:
         lissa_iterations=args.lissa_iterations, lissa_scale=args.lissa_scale,
         hessian_samples=args.hessian_samples, seed=args.seed, curvature=args.curvature,
         preconditioner=None if args.preconditioner == "none" else args.preconditioner,
+        line_search={"auto": None, "on": True, "off": False}[args.line_search],
     )
     wait_for_other_ranks()
     if rank_zero_only.rank == 0:
         keys = ("update_seconds", "retrain_seconds", "test_accuracy", "changed_original_attribute_accuracy",
+                "changed_released_accuracy", "feature_probe_original_accuracy", "output_kl_to_retrained",
                 "gradient_residual", "distance_to_retrained")
         print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
         print(f"wrote {args.out}/model, {args.out}/private/unlearned.ckpt and {args.out}/unlearn_report.json")

@@ -229,3 +229,23 @@ def test_ggn_product_without_the_pullback_cache_is_the_same(tiny, monkeypatch):
     monkeypatch.setattr(C, "CACHE_PULLBACKS", 4096)
     torch.testing.assert_close(C.make_ggn_vp(robj, rvec, batches)(rv), uncached, rtol=1e-12, atol=1e-12)
     assert float(rv.dot(uncached)) > 0  # v.Gv > 0 on this v (PSD, and not zero here)
+
+
+def test_conjugate_residual_solves_and_its_residual_never_rises(tiny):
+    """CR on the damped GGN: the dense solve when run to convergence; the residual non-increasing at every
+    iteration (CG's may rise); with K-FAC as M the solution is the same."""
+    obj, vec, batches = tiny
+    apply = C.make_ggn_vp(obj, vec, batches, damping=1e-3)
+    b = torch.randn(len(vec), generator=torch.Generator().manual_seed(4), dtype=F64)
+    want = torch.linalg.solve(C.dense_operator(apply, len(vec)), b)
+    x, info = C.conjugate_residual(apply, b, max_iter=2000, tol=1e-10)
+    assert info.converged and info.relative_residual < 1e-8
+    torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+    assert all(later <= earlier * (1 + 1e-12) for earlier, later in pairwise(info.residuals))
+    short, short_info = C.conjugate_residual(apply, b, max_iter=5, tol=1e-12)
+    assert short_info.stopped == "max_iter" and len(short_info.residuals) == 6 and short_info.residuals[-1] < 1
+    kfac = C.kfac_preconditioner(obj, vec, batches, damping=1e-3)
+    xp, pinfo = C.conjugate_residual(apply, b, precondition=kfac, max_iter=2000, tol=1e-10)
+    torch.testing.assert_close(xp, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="positive definite"):
+        C.conjugate_residual(lambda v: -v, b)

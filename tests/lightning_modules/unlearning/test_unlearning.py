@@ -292,7 +292,7 @@ def test_ggn_update_through_the_network_is_the_dense_gauss_newton_solve(setup):
 
     ckpt_path, _, data, _ = setup
     model, ckpt = CK.load_classifier(ckpt_path, owner=True)
-    knobs = dict(params=["trunk.6.bias", "trunk.7", "head"], curvature="ggn", hessian_samples=32, cg_tol=1e-8,
+    knobs = dict(params=["trunk.6.bias", "trunk.7", "head"], curvature="ggn", hessian_samples=32, cg_tol=1e-8, line_search=False,
                  cg_max_iter=500)
     unlearner = FeatureUnlearningModule(model, method="second", l2=ckpt["veil"]["l2"], **knobs)
     obj = unlearner.objective()
@@ -325,16 +325,16 @@ def test_cli_unlearn_with_gauss_newton_and_kfac(setup, tmp_path):
                  "--params", "all", "--curvature", "ggn", "--preconditioner", "kfac", "--hessian-samples", "64",
                  "--out", str(out)]) == 0
     update = json.loads((out / "unlearn_report.json").read_text())["update"]
-    # What the CLI must show: the curvature, the preconditioner, the rule's damping and CG's residual
-    # history. (Whether the step helps the whole tiny network is the benchmark's question: here, with
-    # G from 64 samples and the rule's small damping, K-FAC-preconditioned CG stopped at 100
-    # iterations without reaching 1e-5, and the revised gradient residual rose 0.25 -> 0.41.)
+    # What the CLI must show: the curvature, the preconditioner, the solver (conjugate residual, the default
+    # with G), the rule's damping, the residual history and the line search's tau. (Whether the step helps
+    # the whole network is the benchmark's question: bench/unlearning.py --large, docs/unlearning.md.)
     assert update["curvature"] == "ggn" and update["preconditioner"] == "kfac" and update["damping"] > 0
+    assert update["solver"] == "cr" and update["tau"] == update["line_search"]["tau"]
     assert update["residuals"][0] == 1 and update["residuals"][-1] < 0.1
     assert len(update["residuals"]) == update["iterations"] + 1
     with pytest.raises(ConfigError, match="add --curvature ggn"):
         FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="second", preconditioner="kfac")
-    with pytest.raises(ConfigError, match="--method second --solver cg"):
+    with pytest.raises(ConfigError, match="--method second --solver cr"):
         FeatureUnlearningModule(CK.load_classifier(ckpt_path)[0], method="first", curvature="ggn")
 
 
@@ -399,3 +399,44 @@ def test_fine_tuning_baseline_starts_from_the_model(setup, tmp_path):
     assert 0 < moved <= 3.2 * recipe.lr / 10 * record["steps"]
     with pytest.raises(ConfigError, match="epochs"):
         TC.fine_tune_classifier(model=model, recipe=recipe, datamodule=data.dm_rev, epochs=0, out=tmp_path / "x")
+
+
+def test_line_search_takes_the_step_scale_that_lowers_the_revised_objective(setup):
+    """Second order without --tau scales its step by the tau in 1, 1/2, ..., 1/32 or 0 whose estimate of the
+    revised objective is lowest (reported with every candidate's value); it is the tau applied; off with
+    --tau, for first order, or when switched off; refused with --tau or outside second order."""
+    from veil.lightning_modules.unlearning.module import LINE_SEARCH_TAUS
+
+    ckpt_path, _, data, _ = setup
+    knobs = dict(params=["trunk.6", "head"], curvature="ggn", hessian_samples=64, cg_max_iter=20)
+    model, info, _, _ = _unlearned(setup, "second", **knobs)
+    search = info["line_search"]
+    values = {float(t): v for t, v in search["revised_objective"].items()}
+    assert set(values) == {0.0, *LINE_SEARCH_TAUS} and info["tau"] == search["tau"]
+    assert values[search["tau"]] == min(values.values())
+    full, full_info, _, _ = _unlearned(setup, "second", line_search=False, **knobs)
+    assert "line_search" not in full_info and full_info["tau"] == 1.0
+    original, _ = CK.load_classifier(ckpt_path)
+    step_full = _flat(full) - _flat(original)
+    torch.testing.assert_close(_flat(model) - _flat(original), search["tau"] * step_full, rtol=1e-4, atol=1e-6)
+    clf = CK.load_classifier(ckpt_path)[0]
+    assert FeatureUnlearningModule(clf, method="second", params=["head"]).line_search is True  # the default
+    assert FeatureUnlearningModule(clf, method="second", params=["head"], tau=1.0).line_search is False
+    assert FeatureUnlearningModule(clf, method="second", params=["head"], line_search=False).line_search is False
+    assert FeatureUnlearningModule(clf, method="first", params=["head"]).line_search is False
+    with pytest.raises(ConfigError, match="line-search"):
+        FeatureUnlearningModule(clf, method="second", curvature="ggn", tau=0.5, line_search=True)
+    with pytest.raises(ConfigError, match="line-search"):
+        FeatureUnlearningModule(clf, method="first", line_search=True)
+
+
+def test_ggn_defaults_to_conjugate_residual_and_cr_needs_ggn(setup):
+    ckpt_path, _, _, _ = setup
+    clf = CK.load_classifier(ckpt_path)[0]
+    assert FeatureUnlearningModule(clf, method="second", curvature="ggn", solver=None).solver == "cr"
+    assert FeatureUnlearningModule(clf, method="second", curvature="ggn", solver="cg").solver == "cg"
+    with pytest.raises(ConfigError, match="solver cr"):
+        FeatureUnlearningModule(clf, method="second", solver="cr")
+    _, info, _, _ = _unlearned(setup, "second", params=["trunk.6", "head"], curvature="ggn", solver="cr",
+                               hessian_samples=64, cg_max_iter=15)
+    assert info["solver"] == "cr" and all(b <= a * (1 + 1e-6) for a, b in zip(info["residuals"], info["residuals"][1:]))
