@@ -98,7 +98,9 @@ def stage_unlearning(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     progress(f"  update {r['update_seconds'] * 1000:.0f} ms vs retraining {r['retrain_seconds']:.1f} s "
              f"({r['speedup']:.0f}x); test accuracy {acc['before']:.3f} -> {acc['after']:.3f} (retrained "
              f"{acc['retrained']:.3f})")
-    return {"changed": r["changed_train_samples"], "method": "second order on the head (direct solve)",
+    return {"changed": r["changed_train_samples"],
+            "method": "second order on the head (direct solve, step scaled by a line search)",
+            "tau": r["update"].get("tau"),
             "update_seconds": round(r["update_seconds"], 4), "retrain_seconds": round(r["retrain_seconds"], 2),
             "speedup": round(r["speedup"], 1),
             "test_accuracy": {"original": rnd(acc["before"]), "updated": rnd(acc["after"]),
