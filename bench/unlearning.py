@@ -1,10 +1,21 @@
 """Benchmark: feature unlearning vs retraining on the synthetic faces, 1% / 5% / 10% of the training set revised.
 
-    python bench/unlearning.py                 # 3000 images, 6 epochs (a few minutes on a 2-core CPU)
+    python bench/unlearning.py --large --plot docs/unlearning.png --json runs/unlearning_large.json
+                                               # the README's table: ~45 min from nothing, ~13 resumed
+    python bench/unlearning.py                 # the small flip setting: 3000 images, 6 epochs (1-3 minutes)
     python bench/unlearning.py --quick         # 1200 images, 3 epochs, ~1 minute
-    python bench/unlearning.py --plot docs/unlearning.png --json runs/unlearning.json
+    python bench/unlearning.py --plot docs/unlearning_small.png --json runs/unlearning.json
 
-A classifier is trained once (recipe of lightning_modules/configs/classifier32.yaml). For each
+``--large`` (``run_large``; docs/unlearning.md, "Benchmark at scale"): 50000 faces, the ResNet-layout
+classifier of configs/classifier32_resnet.yaml, revisions made by ``veil edit`` releases with the
+demo's shipped models (``real_edit_revisions``: eyeglasses protected at ``high``), baselines in the
+same run (retraining; fine-tuning the published model for 1 and 3 epochs; no update), every update
+of ``LARGE_METHODS``, and the metrics that tell them apart (test accuracy, accuracy on the released
+attributes, the feature probe of the original attribute, KL to the retrained model). Models, edits
+and revisions are kept in ``--work`` (default runs/unlearning_large) so a rerun resumes; torch on
+``--threads`` (2).
+
+The small setting: a classifier is trained once (recipe of lightning_modules/configs/classifier32.yaml). For each
 fraction, that many training images are replaced by the same face re-rendered with *eyeglasses*
 flipped (a stand-in for accepted private edits), the model is retrained from scratch on the revised
 data with the same recipe and seed (the baseline a user would otherwise run), and each unlearning
