@@ -128,9 +128,9 @@ def add_model_metrics(report: dict[str, Any], key: str, model, data: UnlearningD
     """Test accuracy, what the model predicts for the flipped attributes of the changed samples, and
     what its penultimate features still say of their original values (``feature_probe_leakage``)."""
     report.setdefault("test_accuracy", {})[key] = test_accuracy(model, data.test)
-    report.setdefault("changed_released_accuracy", {})[key] = released_accuracy(model, data)
-    report.setdefault("feature_probe_original_accuracy", {})[key] = feature_probe_leakage(model, data)
     logits = predict(model, data.revised_changed[0])  # (m, k) on the revised images
+    report.setdefault("changed_released_accuracy", {})[key] = released_accuracy(model, data, logits=logits)
+    report.setdefault("feature_probe_original_accuracy", {})[key] = feature_probe_leakage(model, data)
     mask = data.flipped
     said_original = ((logits > 0) == (data.original_changed > 0))[mask].float()
     p_original = torch.sigmoid(logits * data.original_changed)[mask]  # probability given to the original value
@@ -140,12 +140,13 @@ def add_model_metrics(report: dict[str, Any], key: str, model, data: UnlearningD
 
 
 @torch.no_grad()
-def released_accuracy(model, data: UnlearningData) -> float:
+def released_accuracy(model, data: UnlearningData, *, logits: torch.Tensor | None = None) -> float:
     """On the changed samples' revised images: how often the model predicts the *released* value of each
-    protected attribute (the label the revision gives them); NaN without protected attributes."""
+    protected attribute (the label the revision gives them); NaN without protected attributes.
+    ``logits``: the model's on those images, when the caller has them already."""
     if data.protected is None or not data.protected.any():
         return float("nan")
-    logits = predict(model, data.revised_changed[0])
+    logits = predict(model, data.revised_changed[0]) if logits is None else logits
     return float(((logits > 0) == (data.revised_changed[1] > 0))[data.protected].float().mean())
 
 

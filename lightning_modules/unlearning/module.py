@@ -326,17 +326,15 @@ class FeatureUnlearningModule(L.LightningModule):
         full step leaves it (measured on the large benchmark: -10 points of test accuracy), and this rule takes
         the largest step the objective itself still rewards."""
         (old_b, new_b, m) = pairs
-        count = reduce(torch.tensor([float(sum(len(x) for x, _ in self._h_batches))], dtype=theta.dtype))
         pairs_count = reduce(torch.tensor([float(sum(len(x) for x, _ in old_b))], dtype=theta.dtype))
-        m_total = reduce(torch.tensor([float(m)], dtype=theta.dtype))
-        l2 = obj.l2_vector.to(theta.dtype)
+        scale = reduce(torch.tensor([float(m)], dtype=theta.dtype)) / pairs_count.clamp(min=1) / n
 
-        def value(v: torch.Tensor) -> float:
-            def total(batches):
-                return reduce(sum((obj.sum_loss(v, x, a) for x, a in batches if len(x)), torch.zeros((), dtype=v.dtype)))
-            mean = total(self._h_batches) / count
-            diff = (total(new_b) - total(old_b)) * (m_total / pairs_count.clamp(min=1)) / n
-            return float(mean + diff + 0.5 * (l2 * v * v).sum())
+        def total(v: torch.Tensor, batches) -> torch.Tensor:
+            return reduce(sum((obj.sum_loss(v, x, a) for x, a in batches if len(x)), torch.zeros((), dtype=v.dtype)))
+
+        def value(v: torch.Tensor) -> float:  # L (mean loss + L2) plus the revision's scaled term
+            return U.objective_value(obj, v, self._h_batches, reduce=reduce) + \
+                float((total(v, new_b) - total(v, old_b)) * scale)
 
         values = {tau: value(theta - tau * step) for tau in (0.0, *LINE_SEARCH_TAUS)}
         best = min(values, key=lambda t: (values[t], -t))
