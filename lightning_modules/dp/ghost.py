@@ -1,11 +1,14 @@
 """Ghost clipping for DP-SGD: per-example gradient norms and the clipped summed gradient from ONE backward.
 
 ``GhostClipper(model, max_grad_norm=C, noise_multiplicity=K)`` hooks every module that owns trainable
-parameters directly. The forward hooks keep each layer's input ``a`` and output; ``backward(losses)``
-runs ONE ``torch.autograd.grad`` of ``losses.sum()`` with respect to those outputs, which gives every
-layer's output gradient ``g`` and skips the unclipped parameter gradients an ordinary backward would
-compute (they would be thrown away). From ``a`` and ``g`` it computes, layer by layer and without a
-second backward through the network:
+parameters directly. Each forward hook keeps the layer's input ``a`` and returns the layer's output passed
+through a tap (``_Tap``: an autograd Function that is the identity forward). ``backward(losses)`` runs ONE
+``torch.autograd.grad`` of ``losses.sum()`` with respect to a 0-dim anchor tensor that every tap takes as
+an input: autograd runs the ordinary backward through the network but skips the unclipped parameter
+gradients (they lead nowhere it was asked about, so e.g. a conv's backward computes only its input
+gradient), and calls each tap's backward as it reaches the layer, with the layer's output gradient ``g``.
+The clipper uses ``(a, g)`` there and then (``GhostClipper._on_grad``), layer by layer and without a second
+backward through the network, for:
 
 1. each example's gradient norm ``norm_i = ||g_i||`` over all trainable parameters, where ``g_i`` is the
    mean over the example's K rows (noise draws) of d loss_row / d theta;
@@ -24,11 +27,11 @@ gradient); here memory is bounded either way (the conv path below works in slice
 compares time: the ghost norm when its multiply-adds, T^2 (p + d), are fewer than instantiating's,
 T d p, i.e. ``T (p + d) < d p`` (``use_ghost``). With the memory rule, K = 4 made the Grams of the
 UNet's 8x8 layers (T = 256) 4.5x the work of instantiating: the DP step took 9.7 s against 5.0 s
-for Opacus's hooks (batch 32, CPU). Otherwise instantiate G_i: an einsum for a Linear; for a Conv2d ONE grouped weight-gradient
-convolution over all rows (``torch.nn.grad.conv2d_weight`` with the batch folded into the groups: the
-native kernel, 3-4x faster on the CPU than im2col + einsum), a slice of examples at a time so that at
-most 2^24 per-row entries exist at once. A grouped conv is ``groups`` independent layers: the rule
-compares one group's d and p. Biases are always instantiated (``sum_s g_s``, p numbers).
+for Opacus's hooks (batch 32, CPU). Otherwise instantiate G_i: an einsum for a Linear; for a Conv2d ONE
+grouped weight-gradient convolution over all rows (``torch.nn.grad.conv2d_weight`` with the batch folded
+into the groups: the native kernel, 3-4x faster on the CPU than im2col + einsum), a slice of examples at a
+time so that at most 2^24 per-row entries exist at once. A grouped conv is ``groups`` independent layers:
+the rule compares one group's d and p. Biases are always instantiated (``sum_s g_s``, p numbers).
 GroupNorm and LayerNorm weights get ``sum_s g_s * a_hat_s`` and biases ``sum_s g_s`` (a_hat: the input
 normalised again from the stored input): p numbers per example, always instantiated.
 
@@ -37,38 +40,74 @@ gradients is ``(1/K) sum_k sum_s g_{k,s} a_{k,s}^T``: the K rows' positions conc
 with output gradients scaled by 1/K. Both paths run on that, so the norm is exactly the norm of the
 mean, and the per-example state is one example's (not K rows') gradient. The rule uses T = K * positions.
 
-Book-keeping (Bu et al. 2023). After the norms, ``p.grad = sum_i c_i G_i = sum_{i,s} (c_i g_s) a_s^T``:
-the ordinary weight gradient of the batch with each row's output gradient scaled by c_i / K, by the
-native kernel (``conv2d_weight``, or one matmul for a Linear): the cost of the weight gradient the
-backward skipped. No second backward through the network.
+The algorithm. Before the backward (``_plan``) each layer gets its path: the rule (or ``mode``) picks
+ghost or instantiate for a Linear/Conv2d weight. As the backward reaches a layer, for each call of it:
 
-Memory per layer, B examples, S = K * T positions, weight d x p (beyond what autograd keeps itself):
-stored until ``backward`` returns: the input and the output gradient (one activation-sized tensor
-each) and the output (usually kept by autograd anyway); temporaries, one layer at a time: ghost
-2 B S^2 plus, for a Conv2d, its im2col (B S C_in kh kw); instantiate B d p for a Linear, at most 2^24
-entries for a Conv2d; norm layers: B p.
+- GroupNorm / LayerNorm, and an instantiated Linear/Conv2d whose per-example gradients (B x d x p,
+  one tensor for all its calls, fp32) take no more bytes than the inputs and output gradients of its
+  calls: the per-example weight and bias gradients (mean over K) are computed in the tap and kept,
+  ``a`` and ``g`` dropped. The calls of a layer used twice add up (same parameters); the norm is taken
+  of the sum, after the backward. For an fp32 Linear the byte test is the rule's instantiate side itself
+  (``S (I + O) >= I O`` is ``B I O <= B S (I + O)``); a conv's stored input is kh kw times smaller
+  than its im2col, so some instantiated convs (3x3 at 8x8 and 16x16 in the UNet) fail it;
+- the others keep ``a`` and ``g`` for after the backward: the ghost-norm layers (few positions, many
+  channels: in the UNet the time and attribute embeddings' Linears) and the instantiated layers that
+  failed the byte test, whose per-example gradients are then made a slice of examples at a time.
 
-Conv inputs are made contiguous before anything reads them (channels_last views from diffusers'
-attention blocks, DESIGN.md "Platform facts"). Parameters used outside their module's forward (tied or
-shared weights) would be missed, so a parameter owned by two modules is refused; a layer output
-modified in place after the layer ran would have the wrong gradient, so that is refused too.
+After the backward: per-example squared norms (the ghost norm, or the instantiated gradients in slices,
+from the kept ``(a, g)``; the norms of the kept per-example gradients), the clip factors, then the
+clipped sums layer by layer, freeing each layer's tensors once its sum is set: ``c @ G`` (one matmul)
+for the kept per-example gradients, book-keeping for the kept ``(a, g)``. The norm needs every layer
+before any clip factor exists, so nothing can be summed earlier.
+
+Book-keeping (Bu et al. 2023), for the layers that kept ``(a, g)``: ``p.grad = sum_i c_i G_i =
+sum_{i,s} (c_i g_s) a_s^T``, the ordinary weight gradient of the batch with each row's output gradient
+scaled by c_i / K, by the native kernel (``conv2d_weight``, or one matmul for a Linear): the cost of the
+weight gradient the backward skipped. No second backward through the network.
+
+Memory, B examples, S = K * T positions, weight d x p. The autograd graph frees each layer's saved
+tensors as the backward passes it, and the clipper holds, beyond that: for every layer until the backward
+reaches it, its input (the tensor autograd saved for the layer anyway, usually) and a weak reference to
+its output (for the in-place check: no storage); afterwards, per layer, its per-example gradients (B p
+for norm layers and biases, at most its ``a`` + ``g`` for weights done in the tap) or ``a`` and ``g``
+(one activation-sized tensor each) for a layer that keeps them, until step 3 reaches the layer. So the
+peak is about the non-private backward's plus the per-example gradients made in the taps plus ``a`` and
+``g`` of the layers that keep them. (Before the taps, one ``autograd.grad`` with respect to every layer's
+output returned all output gradients at the end: every layer's ``a`` and ``g`` at once, on top of the
+graph, about twice the activations; 1.65-1.95x the non-private step's peak on the CPU bench.)
+Temporaries, one layer at a time: ghost 2 B S^2 plus, for a Conv2d, its im2col (B S C_in kh kw);
+instantiate at most 2^24 per-row entries for a Conv2d in slices, B d p for a Linear; norm layers: B p.
+
+Conv inputs are made contiguous where they are read (channels_last views from diffusers' attention
+blocks; the stored tensor stays the one autograd saved). Parameters used outside their module's forward
+(tied or shared weights) would be missed, so a parameter owned by two modules is refused. A layer output
+modified in place after the layer ran is refused when ``backward`` starts (its version counter moved),
+as before the tap. The tap returns ``output.detach()`` (same storage and version counter, not an autograd
+view: PyTorch forbids in-place ops on a view returned by a custom Function, with an error of its own that
+would pre-empt this one). The clipper keeps only a weak reference, so an output modified in place and
+then dropped by everyone is not seen; that is harmless: the tap receives the gradient of the output as
+the layer produced it, whatever happens to the tensor downstream.
 
 Precision: under autocast (Lightning's bf16-mixed) the stored inputs and output gradients are what the
 forward and backward produced (bf16 for convs and matmuls); they are widened to fp32 and the norms, clip
-factors and sums run with autocast off, so p.grad is fp32 (the parameter's dtype).
+factors and sums run with autocast off (in the taps too), so p.grad is fp32 (the parameter's dtype). The
+taps change neither the forward's values nor its dtype.
 
 Where it runs: ``dp.engine: ghost`` (the default) in ``veil.lightning_modules.dp.step``; the optimizer
 ``veil.kernels.optimizer.GhostDPOptimizer`` accumulates the clipped sums over virtual steps, adds the
 noise once and divides; under DDP each rank's clipped sum is all-reduced once (noise on rank 0 only).
-Lightning's ``manual_backward`` is not used (fp16 with a loss scaler is refused in ``dp.optimizer``). Supported: nn.Linear (any leading dims),
-nn.Conv2d (stride, padding incl. "same", dilation, groups; padding_mode "zeros"), nn.GroupNorm and
-nn.LayerNorm (affine). Anything else that owns trainable parameters directly is refused with
-``UnsupportedLayer`` when the clipper is built (``configure_optimizers``), before any step.
+Lightning's ``manual_backward`` is not used (fp16 with a loss scaler is refused in ``dp.optimizer``). An
+ordinary backward through a tapped graph (not ``GhostClipper.backward``) passes through the taps
+untouched. Supported: nn.Linear (any leading dims), nn.Conv2d (stride, padding incl. "same", dilation,
+groups; padding_mode "zeros"), nn.GroupNorm and nn.LayerNorm (affine). Anything else that owns trainable
+parameters directly is refused with ``UnsupportedLayer`` when the clipper is built
+(``configure_optimizers``), before any step.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -104,47 +143,95 @@ def _check_supported(path: str, module: nn.Module) -> None:
                                f"{module.padding_mode!r}; use padding_mode='zeros'")
 
 
-class _Layer:
-    """One hooked module: per call, its input and output (kept for ``backward``) and output gradient."""
+class _Call:
+    """One forward call of a hooked layer: its input until the backward has used it, a weak reference to
+    its (tapped) output and that output's version at the forward (the in-place check), the output's size,
+    and the output gradient where the layer keeps it for after the backward."""
 
-    def __init__(self, path: str, module: nn.Module):
-        self.path, self.module = path, module
-        self.inputs: list[torch.Tensor] = []
-        self.outputs: list[tuple[torch.Tensor, int]] = []  # (output, its version counter at the forward)
-        self.out_grads: dict[int, torch.Tensor] = {}
-        self.per_example: dict[str, torch.Tensor] = {}  # norm layers: name -> (B, *p.shape)
+    __slots__ = ("g", "out", "out_bytes", "out_shape", "version", "x")
+
+    def __init__(self, x: torch.Tensor):
+        self.x: torch.Tensor | None = x
+        self.out: weakref.ref | None = None
+        self.g: torch.Tensor | None = None
+
+    def watch(self, out: torch.Tensor) -> None:
+        self.out, self.version = weakref.ref(out), out._version
+        self.out_shape, self.out_bytes = out.shape, out.numel() * out.element_size()
+
+    def drop(self) -> None:
+        self.x = self.out = self.g = None
+
+
+class _Layer:
+    """One hooked module: its calls since the last backward and, during one, its path and per-example
+    gradients. ``plan``: "norm" and "now" compute per-example gradients in the tap; "ghost" and
+    "instantiate" keep (input, output grad) for after the backward."""
+
+    def __init__(self, path: str, module: nn.Module, clipper: GhostClipper):
+        self.path, self.module, self.clipper = path, module, clipper
+        self.calls: list[_Call] = []
+        self.per_example: dict[str, torch.Tensor] = {}  # name -> (B, *p.shape), summed over calls
+        self.plan: str | None = None
+        self.chosen: str | None = None  # what chosen_modes reports
+        self.got_grad = False
+        # a bound method, as before the taps: a deep copy of the model gets a copy of the clipper, not
+        # hooks that feed this one
         self.handle = module.register_forward_hook(self._forward)
 
-    def _forward(self, module, args, output) -> None:
+    def _forward(self, module, args, output):
+        """Forward hook: keep the input, return the output through a tap (unchanged where no grad flows)."""
         if not (torch.is_grad_enabled() and torch.is_tensor(output) and output.requires_grad):
-            return
-        x = args[0]
-        self.inputs.append(x.detach().contiguous() if isinstance(module, nn.Conv2d) else x.detach())
-        self.outputs.append((output, output._version))
+            return None
+        call = _Call(args[0].detach())
+        tapped = _Tap.apply(output, self.clipper._anchor, self.clipper, self, call)
+        call.watch(tapped)
+        self.calls.append(call)
+        return tapped
 
     def trainable(self, name: str) -> bool:
         p = getattr(self.module, name, None)
         return p is not None and p.requires_grad
 
-    def calls(self, n: int):
-        """(input, output grad) of every call that received a gradient; checks the row count."""
-        for i, x in enumerate(self.inputs):
-            if x.shape[0] != n:
-                raise ConfigError(f"{self.path} saw {x.shape[0]} rows but losses has {n}: call "
-                                  "clipper.backward once after each forward pass")
-            if i in self.out_grads:
-                yield x, self.out_grads[i]
+    def kept(self):
+        """(input, output grad) of every call that kept them for after the backward."""
+        conv = isinstance(self.module, nn.Conv2d)
+        for call in self.calls:
+            if call.g is not None:
+                yield (call.x.contiguous() if conv else call.x), call.g
 
     def free(self) -> None:
-        self.inputs.clear()
-        self.outputs.clear()
-        self.out_grads.clear()
+        for call in self.calls:
+            call.drop()  # a tap of a freed call that fires later (a stale graph) finds nothing
+        self.calls.clear()
         self.per_example.clear()
+        self.plan, self.got_grad = None, False
+
+
+class _Tap(torch.autograd.Function):
+    """The identity on a layer's output whose backward hands the output gradient to the clipper as the
+    backward reaches the layer. ``anchor`` (a 0-dim leaf) is what ``GhostClipper`` differentiates with
+    respect to, so autograd runs every tap; the tap returns no gradient for it. The forward returns
+    ``output.detach()``: the same storage and version counter, not an autograd view (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, clipper, layer, call):
+        ctx.clipper, ctx.layer, ctx.call = clipper, layer, call
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.clipper._on_grad(ctx.layer, ctx.call, g)
+        return g, None, None, None, None
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """float32 for a tensor stored in half precision (autocast): norms and sums are accumulated in fp32."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _conv_input(m: nn.Conv2d, x: torch.Tensor):
@@ -156,10 +243,10 @@ def _conv_input(m: nn.Conv2d, x: torch.Tensor):
 
 def _matmul_operands(layer: _Layer, b: int, k: int):
     """Inputs a (B, S, G, I) and output grads g (B, S, G, O), scaled by 1/K, with S = K * positions
-    summed over calls; a Linear is one group, a Conv2d after im2col has ``groups``. None if no call."""
+    summed over calls; a Linear is one group, a Conv2d after im2col has ``groups``."""
     m = layer.module
     a_parts, g_parts = [], []
-    for x, g in layer.calls(b * k):
+    for x, g in layer.kept():
         x, g = _wide(x), _wide(g)
         if isinstance(m, nn.Linear):
             t = math.prod(x.shape[1:-1])
@@ -172,19 +259,15 @@ def _matmul_operands(layer: _Layer, b: int, k: int):
             g = g.reshape(b * k, g.shape[1], t).transpose(1, 2)  # (N, L, O)
             g = g.reshape(b, k * t, groups, g.shape[-1] // groups)  # (B, S, G, O/G)
         a_parts.append(a)
-        g_parts.append(g / k)
-    if not a_parts:
-        return None
+        g_parts.append(g / k if k > 1 else g)
+    if len(a_parts) == 1:  # one call: no copy
+        return a_parts[0], g_parts[0]
     return torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1)
 
 
-def _positions(layer: _Layer) -> int:
-    """Output positions per row summed over calls (tokens of a Linear, pixels of a Conv2d output)."""
-    m = layer.module
-    total = 0
-    for i, g in layer.out_grads.items():
-        total += math.prod(g.shape[1:-1]) if isinstance(m, nn.Linear) else math.prod(g.shape[2:])
-    return total
+def _positions(m: nn.Module, out_shape: torch.Size) -> int:
+    """Output positions per row of one call (tokens of a Linear, pixels of a Conv2d output)."""
+    return math.prod(out_shape[1:-1]) if isinstance(m, nn.Linear) else math.prod(out_shape[2:])
 
 
 def _conv_row_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -202,15 +285,19 @@ def _conv_row_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Ten
 _SLICE_ELEMENTS = 1 << 24  # per-row gradients materialised at once by the conv instantiate path (64 MiB fp32)
 
 
-def _conv_instantiated_sq(layer: _Layer, b: int, k: int) -> torch.Tensor:
-    """Squared norms (B,) of the per-example conv weight gradients (each the mean of its K rows), a slice of
-    examples at a time so that at most ~``_SLICE_ELEMENTS`` per-row gradient entries exist at once."""
-    m = layer.module
-    calls = list(layer.calls(b * k))
+def _conv_slices(m: nn.Conv2d, b: int, k: int):
+    """Slices of examples [s, e) whose K rows' per-row conv weight gradients take ~``_SLICE_ELEMENTS``."""
     step = max(1, _SLICE_ELEMENTS // (k * m.weight.numel()))
+    return [(s, min(b, s + step)) for s in range(0, b, step)]
+
+
+def _conv_instantiated_sq(layer: _Layer, b: int, k: int) -> torch.Tensor:
+    """Squared norms (B,) of the per-example conv weight gradients (each the mean of its K rows) from the
+    kept (input, output grad), a slice of examples at a time."""
+    m = layer.module
+    calls = list(layer.kept())
     out = []
-    for s in range(0, b, step):
-        e = min(b, s + step)
+    for s, e in _conv_slices(m, b, k):
         acc = None
         for x, g in calls:
             rows = _conv_row_grads(m, _wide(x[s * k : e * k]), _wide(g[s * k : e * k]))
@@ -228,52 +315,45 @@ def _conv_kernel_applies(layer: _Layer) -> bool:
     on CUDA (or wherever CONV_GHOST_BACKEND forces it); otherwise im2col + Grams in PyTorch."""
     m = layer.module
     if not (isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str)
-            and len(layer.out_grads) == 1 and len(layer.inputs) == 1):
+            and len(layer.calls) == 1 and layer.calls[0].g is not None):
         return False
-    return CONV_GHOST_BACKEND != "auto" or layer.inputs[0].is_cuda
+    return CONV_GHOST_BACKEND != "auto" or layer.calls[0].x.is_cuda
 
 
-def _matmul_sq_norms(layer: _Layer, b: int, k: int, mode: str) -> tuple[torch.Tensor, str]:
-    """Squared per-example norm (B,) of this layer's trainable parameters, and the path taken."""
+def _kept_sq_norms(layer: _Layer, b: int, k: int) -> torch.Tensor:
+    """Squared per-example norm (B,) of a layer that kept (input, output grad): weight by its plan
+    ("ghost" or "instantiate"), bias instantiated."""
     m = layer.module
-    chosen = "bias only"
-    if layer.trainable("weight"):
-        s = k * _positions(layer)
-        w = m.weight  # (O, I) or (O, C / groups, kh, kw)
-        chosen = ("ghost" if use_ghost(s, w[0].numel(), w.shape[0] // (m.groups if isinstance(m, nn.Conv2d) else 1))
-                  else "instantiate") if mode == "auto" else mode
-    sq = None
-    if chosen == "ghost" and _conv_kernel_applies(layer):
+    if layer.plan == "ghost" and _conv_kernel_applies(layer):
         from veil.kernels.ghost_norm import conv2d_ghost_sq_norms
 
-        ((x, g),) = layer.calls(b * k)
+        ((x, g),) = layer.kept()
         sq = conv2d_ghost_sq_norms(x.contiguous(), g.contiguous(), kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
                                    dilation=m.dilation, rows_per_example=k, backend=CONV_GHOST_BACKEND)
         if layer.trainable("bias"):
             sq += _bias_sq(layer, b, k)
-        return sq, chosen
-    if chosen == "instantiate" and isinstance(m, nn.Conv2d):
+        return sq
+    if layer.plan == "instantiate" and isinstance(m, nn.Conv2d):
         sq = _conv_instantiated_sq(layer, b, k)
         if layer.trainable("bias"):
             sq += _bias_sq(layer, b, k)
-        return sq, chosen
+        return sq
     a, g = _matmul_operands(layer, b, k)
-    sq = torch.zeros(b, dtype=a.dtype, device=a.device)
-    if chosen == "ghost":
+    if layer.plan == "ghost":
         gram_a = torch.einsum("bsgi,btgi->bgst", a, a)  # (B, G, S, S)
         gram_g = torch.einsum("bsgo,btgo->bgst", g, g)
-        sq += torch.einsum("bgst,bgst->b", gram_a, gram_g)
-    elif chosen == "instantiate":
-        sq += torch.einsum("bsgi,bsgo->bgoi", a, g).pow(2).sum(dim=(1, 2, 3))  # G_i: (B, G, O/G, I)
+        sq = torch.einsum("bgst,bgst->b", gram_a, gram_g)
+    else:
+        sq = torch.einsum("bsgi,bsgo->bgoi", a, g).pow(2).sum(dim=(1, 2, 3))  # G_i: (B, G, O/G, I)
     if layer.trainable("bias"):
         sq += g.sum(dim=1).pow(2).sum(dim=(1, 2))
-    return sq, chosen
+    return sq
 
 
 def _bias_sq(layer: _Layer, b: int, k: int) -> torch.Tensor:
     """Squared norms (B,) of a Conv2d's per-example bias gradients (sum over positions, mean over K)."""
     total = None
-    for x, g in layer.calls(b * k):
+    for x, g in layer.kept():
         r = _wide(g).sum(dim=(2, 3)).view(b, k, -1).mean(dim=1)
         total = r if total is None else total + r
     return total.pow(2).sum(dim=1)
@@ -285,7 +365,7 @@ def _matmul_clipped(layer: _Layer, b: int, k: int, c: torch.Tensor) -> None:
     kernel (conv) or matmul (Linear) per call, the cost of the ordinary weight gradient."""
     m = layer.module
     weight, bias = None, None
-    for x, g in layer.calls(b * k):
+    for x, g in layer.kept():
         x, g = _wide(x), _wide(g)
         gc = g * (c / k).to(g.dtype).repeat_interleave(k).view(-1, *([1] * (g.dim() - 1)))
         if isinstance(m, nn.Linear):
@@ -307,24 +387,55 @@ def _matmul_clipped(layer: _Layer, b: int, k: int, c: torch.Tensor) -> None:
         m.bias.grad = bias.reshape(m.bias.shape).to(m.bias.dtype)
 
 
-def _norm_per_example(layer: _Layer, b: int, k: int) -> dict[str, torch.Tensor]:
-    """GroupNorm/LayerNorm per-example grads {name: (B, *p.shape)}, each the mean over the K rows."""
+def _norm_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor, b: int, k: int) -> dict[str, torch.Tensor]:
+    """One call's GroupNorm/LayerNorm per-example grads {name: (B, *p.shape)}, each the mean over K rows."""
     m = layer.module
-    out: dict[str, torch.Tensor] = {}
-    for x, g in layer.calls(b * k):
+    x, g = _wide(x), _wide(g)
+    if isinstance(m, nn.GroupNorm):
+        x_hat = F.group_norm(x, m.num_groups, eps=m.eps)  # (N, C, *)
+        dims = tuple(range(2, x.dim()))
+    else:
+        x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)  # (N, *, *normalized_shape)
+        dims = tuple(range(1, x.dim() - len(m.normalized_shape)))
+    out = {}
+    if layer.trainable("weight"):
+        out["weight"] = (g * x_hat).sum(dim=dims)  # (N, *p.shape)
+    del x_hat
+    if layer.trainable("bias"):
+        out["bias"] = g.sum(dim=dims)
+    return {name: r.reshape(b, k, *r.shape[1:]).mean(dim=1) for name, r in out.items()}
+
+
+def _matmul_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor, b: int, k: int) -> dict[str, torch.Tensor]:
+    """One call's per-example Linear/Conv2d grads {name: (B, *p.shape)}, each the mean over K rows: an
+    einsum (Linear) or grouped weight-gradient convolutions a slice of examples at a time (Conv2d)."""
+    m = layer.module
+    out = {}
+    if isinstance(m, nn.Linear):
         x, g = _wide(x), _wide(g)
-        if isinstance(m, nn.GroupNorm):
-            x_hat = F.group_norm(x, m.num_groups, eps=m.eps)  # (N, C, *)
-            dims = tuple(range(2, x.dim()))
-        else:
-            x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)  # (N, *, *normalized_shape)
-            dims = tuple(range(1, x.dim() - len(m.normalized_shape)))
-        rows = {"weight": (g * x_hat).sum(dim=dims), "bias": g.sum(dim=dims)}  # (N, *p.shape)
-        for name, r in rows.items():
-            if layer.trainable(name):
-                r = r.reshape(b, k, *r.shape[1:]).mean(dim=1)
-                out[name] = out[name] + r if name in out else r
+        g2 = g.reshape(b, -1, g.shape[-1])  # (B, K T, O)
+        if layer.trainable("weight"):
+            w = torch.einsum("bso,bsi->boi", g2, x.reshape(b, -1, x.shape[-1]))  # (B, O, I)
+            out["weight"] = w.div_(k) if k > 1 else w
+        if layer.trainable("bias"):
+            out["bias"] = g2.sum(dim=1).div_(k)
+        return out
+    if layer.trainable("weight"):
+        w = torch.empty(b, *m.weight.shape, dtype=_wide_dtype(x.dtype), device=x.device)
+        for s, e in _conv_slices(m, b, k):
+            rows = _conv_row_grads(m, _wide(x[s * k : e * k]).contiguous(), _wide(g[s * k : e * k]))
+            w[s:e] = rows.view(e - s, k, *m.weight.shape).mean(dim=1)
+            del rows
+        out["weight"] = w
+    if layer.trainable("bias"):
+        out["bias"] = _wide(g).sum(dim=(2, 3)).view(b, k, -1).mean(dim=1)
     return out
+
+
+def _sq(r: torch.Tensor) -> torch.Tensor:
+    """Squared norms (B,) of per-example gradients (B, ...) without a squared copy of them."""
+    r = r.flatten(1)
+    return torch.linalg.vector_norm(r, dim=1).square()
 
 
 class GhostClipper:
@@ -345,6 +456,8 @@ class GhostClipper:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         self.max_grad_norm, self.k, self.mode = float(max_grad_norm), noise_multiplicity, mode
         self.chosen_modes: dict[str, str] = {}
+        self._anchor = torch.zeros((), requires_grad=True)  # what the one backward differentiates for
+        self._active: tuple[int, int] | None = None  # (B, K) while this clipper's backward runs
         owners: dict[int, str] = {}
         to_hook = []
         for path, module in model.named_modules():
@@ -358,12 +471,23 @@ class GhostClipper:
                                            f"{owners[id(p)]}; ghost clipping needs each parameter in one module")
                 owners[id(p)] = path
             to_hook.append((path, module))
-        self._layers = [_Layer(path, module) for path, module in to_hook]
+        self._layers = [_Layer(path, module, self) for path, module in to_hook]
 
     @property
     def stored_tensors(self) -> int:
-        """How many inputs, outputs and output gradients the hooks hold now (0 after ``backward``)."""
-        return sum(len(l.inputs) + len(l.outputs) + len(l.out_grads) for l in self._layers)
+        """How many inputs, outputs (weak references), output gradients and per-example gradients the
+        clipper holds now (0 after ``backward``)."""
+        return sum(sum((c.x is not None) + (c.out is not None) + (c.g is not None) for c in l.calls)
+                   + len(l.per_example) for l in self._layers)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors the clipper holds now (inputs, kept output gradients, per-example gradients;
+        an input that autograd saves too is counted, though it shares autograd's storage)."""
+        def nbytes(t):
+            return 0 if t is None else t.numel() * t.element_size()
+        return sum(sum(nbytes(c.x) + nbytes(c.g) for c in l.calls) + sum(map(nbytes, l.per_example.values()))
+                   for l in self._layers)
 
     def backward(self, losses: torch.Tensor, *, noise_multiplicity: int | None = None) -> torch.Tensor:
         """Back-propagate ``losses.sum()`` (losses: (B*K,), example-major) once; set every trainable
@@ -392,65 +516,115 @@ class GhostClipper:
 
     def _run(self, total: torch.Tensor, b: int, k: int) -> torch.Tensor:
         try:
-            self._output_grads(total)
+            self._plan(b, k)
+            if total.requires_grad and any(layer.calls for layer in self._layers):
+                # The one backward. Autograd computes what flows to the taps (every layer's output
+                # gradient, each handed to _on_grad as the backward reaches the layer), not the
+                # (unclipped) parameter gradients: the clipped ones are computed once, below.
+                self._active = (b, k)
+                torch.autograd.grad(total, [self._anchor], allow_unused=True)
+                self._active = None
             # The norms and sums run outside any autocast of the caller's step: fp32 (or the
             # stored fp64), whatever precision the forward used.
             with torch.autocast(total.device.type, enabled=False):
                 return self._clip(b, k, total)
         finally:
+            self._active = None
             for layer in self._layers:
                 layer.free()
 
-    def _output_grads(self, total: torch.Tensor) -> None:
-        """The one backward: ``autograd.grad`` of ``total`` with respect to the hooked layers' outputs.
-        Autograd then computes only what flows to those outputs, not the (unclipped) parameter
-        gradients: the clipped ones are computed once, by book-keeping."""
-        calls = [(layer, i, out, version) for layer in self._layers for i, (out, version) in enumerate(layer.outputs)]
-        if not (total.requires_grad and calls):
+    def _plan(self, b: int, k: int) -> None:
+        """Before the backward: check every call (rows, outputs not modified in place), drop the weak
+        references, and give each layer its path (module doc, "The algorithm")."""
+        for layer in self._layers:
+            m = layer.module
+            for call in layer.calls:
+                if call.x.shape[0] != b * k:
+                    raise ConfigError(f"{layer.path} saw {call.x.shape[0]} rows but losses has {b * k}: call "
+                                      "clipper.backward once after each forward pass")
+                out = call.out() if call.out is not None else None
+                if out is not None and out._version != call.version:
+                    raise ConfigError(f"the output of {layer.path} ({type(m).__name__}) was modified in "
+                                      "place after the layer ran; ghost clipping needs each layer's output gradient "
+                                      "(make the operation out of place, or use dp.engine: opacus)")
+                call.out = None
+            if not layer.calls:
+                continue
+            if isinstance(m, _NORM):
+                layer.plan = "norm"
+                continue
+            if not layer.trainable("weight"):
+                layer.plan, layer.chosen = "now", "bias only"
+                continue
+            w = m.weight  # (O, I) or (O, C / groups, kh, kw)
+            if self.mode == "auto":
+                s = k * sum(_positions(m, call.out_shape) for call in layer.calls)
+                groups = m.groups if isinstance(m, nn.Conv2d) else 1
+                layer.chosen = "ghost" if use_ghost(s, w[0].numel(), w.shape[0] // groups) else "instantiate"
+            else:
+                layer.chosen = self.mode
+            layer.plan = layer.chosen
+            if layer.chosen == "instantiate":
+                # per-example gradients in the tap if they are no larger than what they are made from
+                per_example = b * w.numel() * _wide_dtype(layer.calls[0].x.dtype).itemsize
+                operands = sum(c.x.numel() * c.x.element_size() + c.out_bytes for c in layer.calls)
+                if per_example <= operands:
+                    layer.plan = "now"
+
+    def _on_grad(self, layer: _Layer, call: _Call, g: torch.Tensor) -> None:
+        """A tap's backward: the output gradient of one call of ``layer``, as the backward reaches it."""
+        if self._active is None or call.x is None:  # not this clipper's backward, or a freed call
             return
-        for layer, _, out, version in calls:
-            if out._version != version:
-                raise ConfigError(f"the output of {layer.path} ({type(layer.module).__name__}) was modified in "
-                                  "place after the layer ran; ghost clipping needs each layer's output gradient "
-                                  "(make the operation out of place, or use dp.engine: opacus)")
-        grads = torch.autograd.grad(total, [c[2] for c in calls], allow_unused=True)
-        for (layer, i, _, _), g in zip(calls, grads):
-            if g is not None:
-                layer.out_grads[i] = g
+        b, k = self._active
+        x, call.x = call.x, None
+        layer.got_grad = True
+        if not b:
+            return
+        if layer.plan in ("ghost", "instantiate"):
+            call.x, call.g = x, g  # for the ghost norm / slices and book-keeping after the backward
+            return
+        with torch.autocast(g.device.type, enabled=False):
+            rows = (_norm_rows if layer.plan == "norm" else _matmul_rows)(layer, x, g, b, k)
+            del x
+            for name, r in rows.items():
+                if name in layer.per_example:
+                    layer.per_example[name].add_(r)  # a layer used twice: its calls' gradients add up
+                else:
+                    layer.per_example[name] = r
 
     def _clip(self, b: int, k: int, losses: torch.Tensor) -> torch.Tensor:
-        # 1. squared norms, layer by layer; a matmul layer's operands are rebuilt later for step 3
-        #    rather than kept (im2col is kh*kw times the input)
+        # 1. squared norms, layer by layer: the kept per-example gradients, or from the kept (input,
+        #    output grad); a matmul layer's operands are rebuilt later for step 3 rather than kept
+        #    (im2col is kh*kw times the input)
         dtype = torch.promote_types(losses.dtype, torch.float32)
         sq = torch.zeros(b, dtype=dtype, device=losses.device)
         for layer in self._layers if b else []:  # an empty batch: no norms, zero gradients below
+            if not layer.got_grad:
+                continue
+            if layer.plan in ("ghost", "instantiate"):
+                sq += _kept_sq_norms(layer, b, k).to(dtype)
+            for r in layer.per_example.values():
+                sq += _sq(r).to(dtype)
             if isinstance(layer.module, _MATMUL):
-                if layer.out_grads:
-                    layer_sq, self.chosen_modes[layer.path] = _matmul_sq_norms(layer, b, k, self.mode)
-                    sq += layer_sq.to(dtype)
-            else:
-                layer.per_example = _norm_per_example(layer, b, k)
-                for r in layer.per_example.values():
-                    sq += r.flatten(1).pow(2).sum(dim=1).to(dtype)
+                self.chosen_modes[layer.path] = layer.chosen
         # 2. clip factors, as Opacus: c_i = min(1, C / (norm_i + 1e-6)); rounding may leave a tiny
         #    negative ghost sum for an all-zero gradient
         norms = sq.clamp_min(0).sqrt()
         c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        # 3. book-keeping: the clipped sum from the stored tensors; unused parameters get zeros
+        # 3. the clipped sums, freeing each layer once done; unused parameters get zeros
         for layer in self._layers:
-            for name in ("weight", "bias"):
-                if layer.trainable(name):
-                    p = getattr(layer.module, name)
-                    p.grad = torch.zeros_like(p)
-            if not b:
-                continue
-            if isinstance(layer.module, _MATMUL):
-                if layer.out_grads:
-                    _matmul_clipped(layer, b, k, c)
-            else:
+            if b and layer.got_grad:  # sets every trainable parameter's grad of the layer
+                if layer.plan in ("ghost", "instantiate"):
+                    _matmul_clipped(layer, b, k, c)  # book-keeping
                 for name, r in layer.per_example.items():
                     p = getattr(layer.module, name)
-                    p.grad = torch.einsum("b...,b->...", r, c.to(r.dtype)).to(p.dtype)
+                    p.grad = (c.to(r.dtype) @ r.flatten(1)).view(p.shape).to(p.dtype)
+            else:
+                for name in ("weight", "bias"):
+                    if layer.trainable(name):
+                        p = getattr(layer.module, name)
+                        p.grad = torch.zeros_like(p)
+            layer.free()
         return norms
 
     def remove(self) -> None:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dp_helpers import TINY_MODEL
 from torch import nn
 
@@ -299,14 +300,169 @@ def test_backward_frees_storage_and_remove_unhooks():
     model = _mlp()
     clipper = GhostClipper(model, max_grad_norm=1.0)
     losses = _mlp_loss(model, *_mlp_inputs(2))
-    assert clipper.stored_tensors == 6  # the inputs and outputs of Linear, LayerNorm, Linear
+    assert clipper.stored_tensors == 6  # the inputs and (weak references to) outputs of Linear, LayerNorm, Linear
     clipper.backward(losses)
     assert clipper.stored_tensors == 0
     with torch.no_grad():
         model(_mlp_inputs(2)[0])
     assert clipper.stored_tensors == 0  # nothing kept without grad
 
+    twin = copy.deepcopy(model)  # a deep copy's hooks feed a copy of the clipper, not this one
+    twin(_mlp_inputs(2)[0])
+    assert clipper.stored_tensors == 0
+
     clipper.remove()
     assert all(not m._forward_hooks for m in model.modules())
     _mlp_loss(model, *_mlp_inputs(2)).sum().backward()
     assert clipper.stored_tensors == 0
+
+
+# ---- the taps: layers used twice, memory during the backward, in-place outputs, errors -----------------
+
+class _Twice(nn.Module):
+    """Hooked layers used twice in one forward (their calls' per-example gradients add up): a GroupNorm, a
+    conv at 8x8 with few channels (per-example gradients computed in the tap), a conv at 2x2 with many
+    (its input and output gradient kept: ghost norm, or instantiated after the backward), a Linear on 4
+    tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.wide = nn.Conv2d(4, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 16, 4, stride=4)
+        self.deep = nn.Conv2d(16, 16, 3, padding=1)
+        self.lin = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.wide(F.silu(self.norm(h)))
+        h = self.wide(F.silu(self.norm(h)))
+        h = self.down(h)
+        h = self.deep(torch.tanh(self.deep(h)))
+        t = h.flatten(2).transpose(1, 2)  # (N, 4, 16)
+        t = self.lin(torch.tanh(self.lin(t)))
+        return self.head(t.mean(dim=1))
+
+
+def _spy_plans(monkeypatch):
+    """Records each layer's path through the backward ({path: plan}) of every GhostClipper.backward."""
+    from veil.lightning_modules.dp import ghost as G
+
+    plans = {}
+    real = G.GhostClipper._plan
+
+    def spy(self, b, k):
+        real(self, b, k)
+        plans.update({layer.path: layer.plan for layer in self._layers if layer.calls})
+
+    monkeypatch.setattr(G.GhostClipper, "_plan", spy)
+    return plans
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("mode", ["ghost", "instantiate", "auto"])
+def test_layers_used_twice_match_loop(mode, k, monkeypatch):
+    plans = _spy_plans(monkeypatch)
+    modes = _compare(_Twice(), _conv_loss, _conv_inputs(3 * k), k, mode)
+    assert len(modes) == 6 and plans["norm"] == "norm"
+    twice = {name: plans[name] for name in ("wide", "deep", "lin")}
+    if mode == "ghost":  # every call's (a, g) kept
+        assert twice == {"wide": "ghost", "deep": "ghost", "lin": "ghost"}
+    elif mode == "instantiate" or k == 4:  # per-example in the tap, or (2x2, 16 channels) after the backward
+        assert twice == {"wide": "now", "deep": "instantiate", "lin": "now"}
+    else:
+        assert twice == {"wide": "now", "deep": "ghost", "lin": "now"}
+
+
+def test_backward_holds_less_than_every_layers_input_and_output_grad(monkeypatch):
+    """Taking every output gradient from one autograd.grad at the end (the design before the taps) held
+    every layer's input and output gradient at once when the backward ended. The taps use each layer's
+    as the backward reaches it: what the clipper holds after any tap is less than that sum, and after the
+    last tap (per-example gradients, the ghost-norm layers' input and output gradients) far less."""
+    from veil.lightning_modules.dp import ghost as G
+
+    held, operands = [], [0]
+    real = G.GhostClipper._on_grad
+
+    def spy(self, layer, call, g):
+        operands[0] += call.x.numel() * call.x.element_size() + g.numel() * g.element_size()
+        real(self, layer, call, g)
+        held.append(self.stored_bytes)
+
+    monkeypatch.setattr(G.GhostClipper, "_on_grad", spy)
+    plans = _spy_plans(monkeypatch)
+    model, k = _unet(True), 2
+    clipper = GhostClipper(model, max_grad_norm=1.0, noise_multiplicity=k)
+    losses = _unet_loss(model, *_unet_inputs(4 * k))
+    calls = sum(len(layer.calls) for layer in clipper._layers)
+    clipper.backward(losses)
+    assert len(held) == calls  # every tap fired, once
+    assert {"now", "ghost", "norm"} <= set(plans.values())
+    assert max(held) < operands[0]
+    assert held[-1] < operands[0] / 2
+    assert clipper.stored_bytes == 0 and clipper.stored_tensors == 0
+
+
+class _InPlace(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.lin, self.norm, self.head = how, nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.how == "mul_":
+            h.mul_(2)
+        h = self.norm(h)
+        if self.how == "silu":
+            h = F.silu(h, inplace=True)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how,path", [("mul_", r"lin \(Linear\)"), ("silu", r"norm \(LayerNorm\)")])
+def test_output_modified_in_place_is_refused(how, path):
+    model = _InPlace(how)
+    clipper = GhostClipper(model, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match=rf"the output of {path} was modified in place"):
+        clipper.backward(_mlp_loss(model, *_mlp_inputs(2)))
+    assert clipper.stored_tensors == 0
+    model.how = None  # out of place: accepted
+    _compare(model, _mlp_loss, _mlp_inputs(4), 1)
+
+
+def test_taps_change_neither_the_forward_nor_an_ordinary_backward():
+    # not _ConvNet: torch 2.13's CPU bf16 conv2d gets its last conv (kernel (2, 3), stride (1, 2), padding
+    # (1, 0)) wrong, with or without the taps
+    model = _Twice()
+    plain = copy.deepcopy(model)
+    x, target = _conv_inputs(4)
+    clipper = GhostClipper(model, max_grad_norm=1.0)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, want = model(x), plain(x)
+        assert out.dtype == want.dtype and torch.equal(out, want)
+    _conv_loss(model, x, target).sum().backward()  # a backward the clipper does not run: taps pass through
+    _conv_loss(plain, x, target).sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    clipper.remove()
+
+
+def test_an_error_during_the_backward_frees_everything(monkeypatch):
+    from veil.lightning_modules.dp import ghost as G
+
+    model = _mlp()
+    clipper = GhostClipper(model, max_grad_norm=1.0)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(G, "_norm_rows", boom)  # the LayerNorm's tap fails mid-backward
+    with pytest.raises(RuntimeError, match="boom"):
+        clipper.backward(_mlp_loss(model, *_mlp_inputs(2)))
+    assert clipper.stored_tensors == 0 and clipper._active is None
+    monkeypatch.undo()
+    _compare(model, _mlp_loss, _mlp_inputs(4), 1)  # the next step is unaffected
