@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
+	$(PY) -m pip install -q --no-deps "curvlinops-for-pytorch==3.0.1"  # its deps are in pyproject.toml (why: there)
 	touch $@
 
 .PHONY: setup demo test bench finetune guided guided-eval guided-grid

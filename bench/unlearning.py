@@ -218,6 +218,10 @@ LARGE_METHODS = (  # (label, method, knobs); "all" = every parameter of the netw
                                                    "cg_max_iter": 10}),
     ("GGN/all (K-FAC PCR 10 it, line search)", "second", {"curvature": "ggn", "solver": "cr", "preconditioner": "kfac",
                                                           "hessian_samples": 256, "cg_max_iter": 10}),
+    ("GGN/all (curvlinops K-FAC PCR 10 it, line search)", "second", {
+        "curvature": "ggn", "solver": "cr", "preconditioner": "kfac-curvlinops", "hessian_samples": 256, "cg_max_iter": 10}),
+    ("GGN/all (curvlinops EK-FAC PCR 10 it, line search)", "second", {
+        "curvature": "ggn", "solver": "cr", "preconditioner": "ekfac", "hessian_samples": 256, "cg_max_iter": 10}),
 )
 
 
@@ -288,6 +292,8 @@ def run_large(args, log) -> list[dict]:
             rows.append({**common, "method": label, "kind": "baseline", "update_s": seconds,
                          **_row_metrics(_metrics(model, data, retrained), ref, seconds, common)})
         for label, method, knobs in LARGE_METHODS:
+            if args.only and not any(word in label for word in args.only):
+                continue
             clf, ckpt = CK.load_classifier(work / "clf", owner=True)
             unlearner = UJ.FeatureUnlearningModule(clf, method=method, l2=ckpt["veil"].get("l2", {}), **knobs)
             inputs = UJ.UnlearningInputs(train=data.train, changed=data.changed_positions,
@@ -392,6 +398,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/unlearning_large",
                    help="--large: where the models, edits and revisions are kept (a rerun resumes from them)")
     p.add_argument("--threads", type=int, default=2, help="--large: torch threads (the small setting uses 1)")
+    p.add_argument("--only", nargs="+", help="--large: run only the updates whose label contains one of these words "
+                   "(the baselines always; for a quick look, not the README's table)")
     p.add_argument("--plot", help="write the figure (PNG) here")
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args(argv)

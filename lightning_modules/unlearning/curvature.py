@@ -76,13 +76,13 @@ already has most eigenvalues clustered at ``damping``, which plain CG exploits a
 spreads. So the preconditioner is an option, not the default: check the iteration counts
 (``info.iterations``) on the real model before relying on it.
 
-Why not curvlinops (``curvlinops-for-pytorch``'s KFACLinearOperator does this): installing it into
-this environment would replace the installed torch (2.13 CPU) with a CUDA build (its dependency
-backpack-for-pytorch pulls torchvision, which pins a newer torch), it works on a module's current
-parameters rather than a flat vector theta of a subset (S), it has no GroupNorm fallback, and its
-factors cannot be summed over processes through ``reduce`` with the same bits on every rank, which
-the solvers need (``influence.py``). The hooks below are ~100 lines and are tested against the dense
-GGN.
+The same K-FAC from a library: ``curvlinops_kfac.py`` builds curvlinops' ``KFACLinearOperator``
+(and its eigenvalue-corrected ``EKFACLinearOperator``) on the layers ``_plan`` picks, and its test
+checks that curvlinops' K-FAC matrix equals this one (type-2, expand, weight and bias joint). This
+one stays for what curvlinops does not do: its factors are summed over processes through ``reduce``
+with the same bits on every rank (the solvers need that under DDP, ``influence.py``), it works on a
+flat vector theta of a subset (S) rather than a module's current parameters, and it uses
+pi-damping per layer with that layer's own L2.
 
 ``preconditioned_cg``: preconditioned conjugate gradients (M ~ A^-1) with the relative residual
 history. It refuses negative curvature: p.Ap <= 0 raises ``ConfigError`` (or, with

@@ -14,7 +14,9 @@ Z, ``revised`` their revision Z~ (same order). The math and its scaling are in `
   puts the Gauss-Newton matrix G in place of H (PSD, so CG cannot meet negative curvature; damping
   by ``curvature.default_damping``'s rule unless given), solved by the conjugate residual method
   (``solver="cr"``, the default with G: its residual falls at every iteration) or preconditioned CG
-  (``solver="cg"``), with ``preconditioner="kfac"`` or none, whose residual history is reported (``curvature.py``); then, by
+  (``solver="cg"``), with ``preconditioner="kfac"`` (veil's K-FAC, ``curvature.py``), ``"kfac-curvlinops"`` or
+  ``"ekfac"`` (curvlinops' K-FAC / EK-FAC with exact damping, ``curvlinops_kfac.py``; one process) or none, whose
+  residual history is reported; then, by
   default for second order without ``tau`` (``line_search``), tau is the step scale in 1, 1/2, ..., 1/32 or 0 that most lowers an
   estimate of the revised objective (``_search``: its full step left the quadratic model's range on the
   large benchmark's ResNet, and the head's direct solve wrecked it at 5-10% revised)
@@ -73,7 +75,7 @@ from veil.lightning_modules.unlearning import influence as U
 METHODS = ("first", "second", "exact")
 SOLVERS = ("cg", "cr", "lissa", "direct")
 CURVATURES = ("hessian", "ggn")
-PRECONDITIONERS = (None, "kfac")
+PRECONDITIONERS = (None, "kfac", "kfac-curvlinops", "ekfac")
 LINE_SEARCH_TAUS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)  # the step scales tried (and 0: no step)
 LINE_SEARCH_PAIRS = 512  # changed (original, revised) pairs that estimate the revision's term
 
@@ -156,13 +158,13 @@ class FeatureUnlearningModule(L.LightningModule):
         if curvature not in CURVATURES:
             raise ConfigError(f"--curvature {curvature!r}: choose one of {list(CURVATURES)}")
         if preconditioner not in PRECONDITIONERS:
-            raise ConfigError(f"--preconditioner {preconditioner!r}: choose kfac or none")
+            raise ConfigError(f"--preconditioner {preconditioner!r}: choose kfac, kfac-curvlinops, ekfac or none")
         if (curvature == "ggn" or preconditioner) and (method != "second" or solver not in (None, "cg", "cr")):
-            raise ConfigError("--curvature ggn and --preconditioner kfac go with --method second --solver cr (or cg)")
+            raise ConfigError("--curvature ggn and --preconditioner go with --method second --solver cr (or cg)")
         if solver == "cr" and curvature != "ggn":
             raise ConfigError("--solver cr (conjugate residual) needs a positive definite curvature: add --curvature ggn")
         if preconditioner and curvature != "ggn":
-            raise ConfigError("--preconditioner kfac approximates the Gauss-Newton matrix: add --curvature ggn")
+            raise ConfigError(f"--preconditioner {preconditioner} approximates the Gauss-Newton matrix: add --curvature ggn")
         self.curvature, self.preconditioner = curvature, preconditioner
         if line_search and (method != "second" or tau is not None):
             raise ConfigError("--line-search chooses tau for --method second; drop --tau (or the line search)")
@@ -371,6 +373,13 @@ class FeatureUnlearningModule(L.LightningModule):
             if self.preconditioner == "kfac":
                 obj = self.objective()
                 precondition = CV.kfac_preconditioner(obj, obj.flat(), self._h_batches, damping=self.damping,
+                                                      reduce=reduce)
+            elif self.preconditioner in ("kfac-curvlinops", "ekfac"):
+                from veil.lightning_modules.unlearning.curvlinops_kfac import library_preconditioner
+
+                obj = self.objective()
+                precondition = library_preconditioner(obj, obj.flat(), self._h_batches, damping=self.damping,
+                                                      kind="ekfac" if self.preconditioner == "ekfac" else "kfac",
                                                       reduce=reduce)
             solve_fn = CV.conjugate_residual if self.solver == "cr" else CV.preconditioned_cg
             x, solve = solve_fn(hvp, g_mean, precondition=precondition, max_iter=self.cg_max_iter, tol=self.cg_tol)

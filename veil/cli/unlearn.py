@@ -47,9 +47,10 @@ def add_subcommand(sub) -> None:
     p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian",
                    help="second order: the Hessian H, or the Gauss-Newton matrix G (PSD: CG cannot meet negative "
                         "curvature on the whole network; damping by a trace rule unless --damping; default hessian)")
-    p.add_argument("--preconditioner", choices=["none", "kfac"], default="none",
-                   help="with --curvature ggn: precondition CG with K-FAC (default none; measure, it does not "
-                        "always cut iterations)")
+    p.add_argument("--preconditioner", choices=["none", "kfac", "kfac-curvlinops", "ekfac"], default="none",
+                   help="with --curvature ggn: precondition the solver with veil's K-FAC (kfac), curvlinops' K-FAC "
+                        "(kfac-curvlinops) or EK-FAC (ekfac), both exactly damped, one process (default none; "
+                        "measure, they do not always cut iterations)")
     p.add_argument("--line-search", choices=["auto", "on", "off"], default="auto",
                    help="second order: scale the step by the tau in 1, 1/2, ..., 1/32 (or 0) that most lowers an "
                         "estimate of the revised objective (default auto: on for --method second unless --tau)")

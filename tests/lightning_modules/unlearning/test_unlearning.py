@@ -316,19 +316,20 @@ def test_ggn_update_through_the_network_is_the_dense_gauss_newton_solve(setup):
     torch.testing.assert_close(step, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
-def test_cli_unlearn_with_gauss_newton_and_kfac(setup, tmp_path):
+@pytest.mark.parametrize("preconditioner", ["kfac", "ekfac"])  # veil's K-FAC; curvlinops' EK-FAC
+def test_cli_unlearn_with_gauss_newton_and_kfac(setup, tmp_path, preconditioner):
     from veil.cli import main
 
     ckpt_path, revision, _, _ = setup
     out = tmp_path / "ggn"
     assert main(["unlearn", "--model", str(ckpt_path), "--revision", str(revision), "--method", "second",
-                 "--params", "all", "--curvature", "ggn", "--preconditioner", "kfac", "--hessian-samples", "64",
+                 "--params", "all", "--curvature", "ggn", "--preconditioner", preconditioner, "--hessian-samples", "64",
                  "--out", str(out)]) == 0
     update = json.loads((out / "unlearn_report.json").read_text())["update"]
     # What the CLI must show: the curvature, the preconditioner, the solver (conjugate residual, the default
     # with G), the rule's damping, the residual history and the line search's tau. (Whether the step helps
     # the whole network is the benchmark's question: bench/unlearning.py --large, docs/unlearning.md.)
-    assert update["curvature"] == "ggn" and update["preconditioner"] == "kfac" and update["damping"] > 0
+    assert update["curvature"] == "ggn" and update["preconditioner"] == preconditioner and update["damping"] > 0
     assert update["solver"] == "cr" and update["tau"] == update["line_search"]["tau"]
     assert update["residuals"][0] == 1 and update["residuals"][-1] < 0.1
     assert len(update["residuals"]) == update["iterations"] + 1
