@@ -292,7 +292,7 @@ def run_large(args, log) -> list[dict]:
             rows.append({**common, "method": label, "kind": "baseline", "update_s": seconds,
                          **_row_metrics(_metrics(model, data, retrained), ref, seconds, common)})
         for label, method, knobs in LARGE_METHODS:
-            if args.only and not any(word in label for word in args.only):
+            if getattr(args, "only", None) and not any(word in label for word in args.only):
                 continue
             clf, ckpt = CK.load_classifier(work / "clf", owner=True)
             unlearner = UJ.FeatureUnlearningModule(clf, method=method, l2=ckpt["veil"].get("l2", {}), **knobs)
