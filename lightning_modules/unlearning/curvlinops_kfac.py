@@ -121,9 +121,8 @@ def library_preconditioner(obj: Objective, vec: torch.Tensor, batches: Batches, 
         gen = torch.Generator().manual_seed(0)
         for x, a in batches:
             if len(x):
-                w = vec.detach()
                 with torch.no_grad():
-                    logits = torch.func.functional_call(obj.module, obj.unflatten(w), (x,), strict=False)
+                    logits = torch.func.functional_call(obj.module, obj.unflatten(vec.detach()), (x,), strict=False)
                 directions = CV._loss_directions(obj, logits, a, None, gen)
                 CV._accumulate_fallback_diagonal(obj, vec, x, torch.stack(directions), fallback, diag)
         parts = []
