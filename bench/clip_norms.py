@@ -62,9 +62,9 @@ def main() -> None:
 
     from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
     from veil.lightning_modules.data.datamodule import FaceDataModule
-    from veil.lightning_modules.training.config import load_config
-    from veil.lightning_modules.training.diffusion import build_datamodule, build_module
-    from veil.lightning_modules.training.init_from import load_start
+    from veil.jobs.config import load_config
+    from veil.jobs.train import build_datamodule, build_module
+    from veil.jobs.init_from import load_start
 
     cfg = load_config(args.config, args.set)
     if not cfg.model.init_from:

@@ -47,7 +47,7 @@ def build(mode: str, batch: int, k: int, config: str, overrides: list[str], devi
     import torch
 
     from veil.lightning_modules.diffusion_module import DPDiffusionModule
-    from veil.lightning_modules.training.config import load_config
+    from veil.jobs.config import load_config
 
     cfg = load_config(config, overrides)
     torch.manual_seed(0)

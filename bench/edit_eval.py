@@ -67,7 +67,7 @@ from torch import nn
 from veil.errors import VeilError
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
-from veil.lightning_modules.demo.attacker import AttributeCNN, adaptive_attacker, fit, predict, train_attacker  # noqa: F401
+from veil.demo.attacker import AttributeCNN, adaptive_attacker, fit, predict, train_attacker  # noqa: F401
 from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
 from veil.lightning_modules.diffusion.sample import combined_privacy, privacy_phrase
 from veil.lightning_modules.editing.editor import PrivateEditor
@@ -83,7 +83,7 @@ GRID = dict(strengths="0.4,0.55,0.7,0.95", epsilons="0,1,2,4,inf", encodings="in
 
 
 # ---------------------------------------------------------------------------------------- attackers
-# AttributeCNN, fit, train_attacker, adaptive_attacker, predict: veil.lightning_modules.demo.attacker (the demo uses them)
+# AttributeCNN, fit, train_attacker, adaptive_attacker, predict: veil.demo.attacker (the demo uses them)
 
 
 @torch.no_grad()

@@ -73,8 +73,8 @@ def run(args) -> list[dict]:
 
     from veil.lightning_modules import checkpoints as CK
     from veil.lightning_modules.data.datamodule import FaceDataModule
-    from veil.lightning_modules.training import classifier as TC
-    from veil.lightning_modules.unlearning import job as UJ
+    from veil.jobs import train_classifier as TC
+    from veil.jobs import unlearn as UJ
 
     torch.set_num_threads(1)
     recipe = TC.ClassifierRecipe(epochs=args.epochs, seed=0)
@@ -151,7 +151,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ real edits (large setting)
-EDIT_MODELS = Path(__file__).resolve().parents[1] / "lightning_modules" / "demo" / "models"
+EDIT_MODELS = Path(__file__).resolve().parents[1] / "veil" / "demo" / "models"
 
 
 def real_edit_revisions(work: Path, *, dm, fractions, level: str = "high", steps: int = 20, chunk: int = 250,
@@ -165,7 +165,7 @@ def real_edit_revisions(work: Path, *, dm, fractions, level: str = "high", steps
     import torch
 
     from veil.lightning_modules.data.grid import uint8_to_tensor
-    from veil.lightning_modules.editing.job import run_edit
+    from veil.jobs.edit import run_edit
     from veil.privacy.revision_manifest import RevisionChange, load_manifest, write_revision
 
     train = dm.split_indices("train")
@@ -237,7 +237,7 @@ def _trained(out: Path, make) -> tuple:
 
 
 def _metrics(model, data, retrained) -> dict:
-    from veil.lightning_modules.unlearning import job as UJ
+    from veil.jobs import unlearn as UJ
 
     report: dict = {}
     UJ.add_model_metrics(report, "m", model, data)
@@ -251,8 +251,8 @@ def run_large(args, log) -> list[dict]:
 
     from veil.lightning_modules import checkpoints as CK
     from veil.lightning_modules.data.datamodule import FaceDataModule
-    from veil.lightning_modules.training import classifier as TC
-    from veil.lightning_modules.unlearning import job as UJ
+    from veil.jobs import train_classifier as TC
+    from veil.jobs import unlearn as UJ
 
     torch.set_num_threads(args.threads)
     overrides = [f"data.num_images={args.num_images}"] + ([f"epochs={args.epochs}"] if args.epochs else [])

@@ -1,7 +1,7 @@
 """``OrtEditor``: the private edit on ONNX Runtime, the same interface as ``PrivateEditor``; no torch.
 
 It loads a ``veil export`` folder (``veil_export.json`` + ``denoise_step.onnx``, ``invert_step.onnx``,
-``classifier.onnx`` when there is a classifier) and walks the same DDIM grid (``veil.edit_plan``) on
+``classifier.onnx`` when there is a classifier) and walks the same DDIM grid (``veil.editing.plan``) on
 the host, one ONNX Runtime call per step:
 
     encode (inversion: invert_step per grid point; or fresh secret noise, the forward process)
@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from veil.edit_plan import (
+from veil.editing.plan import (
     DEFAULT_CHECK_THRESHOLD,
     DEFAULT_MAX_RETRIES,
     check_check_options,

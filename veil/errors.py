@@ -10,7 +10,31 @@ class VeilError(Exception):
 
 
 class ConfigError(VeilError, ValueError):
-    """A configuration value is missing, out of range or inconsistent; the message names the option."""
+    """A configuration value is missing, out of range or inconsistent.
+
+    ``option`` is the option it is about, as the command line spells it (``"--protect"``, ``"dp.epsilon"``);
+    ``detail`` says what is wrong with it, without naming it. Each boundary phrases the two its own way:
+    ``str(e)`` is the command line's (``"--protect eyeglasses: not an attribute ..."``), the server's is
+    ``e.phrase("protect")``. Without an option the detail is the whole message.
+
+        raise ConfigError(f"{value!r}: must be a whole number >= 1", option="--first")
+    """
+
+    def __init__(self, detail: str, *, option: str | None = None):
+        self.detail = detail
+        self.option = option
+        super().__init__(self.phrase(option) if option else detail)
+
+    def phrase(self, name: str) -> str:
+        """The message with the option called ``name`` (a detail that starts with ':' or ',' joins it directly)."""
+        return name + ("" if self.detail[:1] in (":", ",", "=") else " ") + self.detail
+
+    def __reduce__(self):  # keep the option across pickling (errors raised in a DDP worker process)
+        return _rebuild_config_error, (type(self), self.detail, self.option)
+
+
+def _rebuild_config_error(cls, detail, option):
+    return cls(detail, option=option)
 
 
 class DataError(VeilError, ValueError):

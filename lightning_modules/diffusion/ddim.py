@@ -6,7 +6,7 @@ the guidance scale, if wanted) as tensors, look the schedule up in an ``alphas_c
 and have no Python control flow on values. ``tests/lightning_modules/diffusion/test_ddim.py``
 checks the steps and the sampling loop against diffusers' ``DDIMScheduler``.
 
-Grid: ``veil.edit_plan`` (torch-free, shared with the ONNX Runtime editor): 0, r, ..., (n-1) r with
+Grid: ``veil.editing.plan`` (torch-free, shared with the ONNX Runtime editor): 0, r, ..., (n-1) r with
 r = T // n; the edit at strength s walks 0 .. t0, t0 the grid point nearest s T. Symbols: alpha_prod_t = cumulative alpha at t (alpha-bar_t of DDPM);
 alpha_prod = 1 for t = -1 (clean image, the end of the walk down); eps = the guided noise prediction.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from veil.edit_plan import edit_grid, sample_grid
+from veil.editing.plan import edit_grid, sample_grid
 from veil.lightning_modules.diffusion.guidance import GuidanceClassifier, guided_eps
 
 __all__ = ["edit_timesteps", "sample_timesteps", "alpha_prod", "ddim_invert_step", "ddim_denoise_step",

@@ -1,5 +1,4 @@
-"""Private attribute edits: the editor and the batch job of ``veil edit``.
+"""Private attribute edits, the torch side: the editor that ``veil edit`` (``veil.jobs.edit``) runs.
 
     editor  PrivateEditor: invert, privatize, regenerate (the sessions' EditFn)
-    job     run_edit (releases through the ledger, a dataset revision) and run_sweep (previews only)
 """

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from veil.edit_plan import (
+from veil.editing.plan import (
     DEFAULT_CHECK_THRESHOLD,
     DEFAULT_MAX_RETRIES,
     RETRY_GUIDANCE_FACTOR,

@@ -1,6 +1,9 @@
-"""Feature unlearning: a trained classifier updated to a dataset revision in closed form.
+"""Feature unlearning, the math: a trained classifier updated to a dataset revision.
 
-    influence  the math: gradient differences, Hessian-vector products, CG, LiSSA, Newton (plain functions)
-    module     FeatureUnlearningModule: the update, run by a Lightning Trainer (DDP across processes)
-    job        run_unlearn (``veil unlearn``): data, the update, the metrics, the retraining baseline
+    influence       gradient differences, Hessian-vector products, CG, LiSSA, Newton (plain functions)
+    curvature       the Gauss-Newton product, K-FAC, preconditioned CG / CR
+    curvlinops_kfac curvlinops' K-FAC and EK-FAC as preconditioners
+
+The LightningModule that runs an update is ``veil.lightning_modules.unlearning_module``; the job of
+``veil unlearn`` is ``veil.jobs.unlearn``.
 """

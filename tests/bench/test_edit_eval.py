@@ -12,7 +12,7 @@ import torch
 from dp_helpers import TINY, train_cli
 from unlearn_helpers import RECIPE, datamodule
 
-from veil.lightning_modules.training import classifier as TC
+from veil.jobs import train_classifier as TC
 from veil.privacy.mechanism import keep_probability
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny CNNs on a shared 2-core machine

@@ -14,7 +14,7 @@ from veil.cli import main
 from veil.errors import ConfigError, ExportError
 from veil.export import exporter
 from veil.export.runtime import META_FILE, OrtEditor
-from veil.lightning_modules.editing import job as J
+from veil.jobs import edit as J
 from veil.lightning_modules.editing.editor import PrivateEditor
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS

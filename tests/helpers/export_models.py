@@ -7,7 +7,7 @@ from dp_helpers import TINY, train_cli
 from unlearn_helpers import RECIPE, datamodule, one_thread
 
 from veil.cli import main
-from veil.lightning_modules.training import classifier as TC
+from veil.jobs import train_classifier as TC
 
 NOISY = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
 EXPORT_STEPS = 6

@@ -6,7 +6,7 @@ import torch
 from revisions import synthetic_flip_revision
 
 from veil.lightning_modules.data.datamodule import FaceDataModule
-from veil.lightning_modules.training.classifier import (
+from veil.jobs.train_classifier import (
     ClassifierRecipe,
     train_classifier,
 )

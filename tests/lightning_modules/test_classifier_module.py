@@ -10,7 +10,8 @@ from unlearn_helpers import RECIPE, datamodule, one_thread, train_tiny
 from veil.errors import CheckpointError, ConfigError
 from veil.lightning_modules import checkpoints as CK
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
-from veil.lightning_modules.training import classifier as TC
+from veil.jobs import train_classifier as TC
+from veil.lightning_modules.configs import CONFIG_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,7 @@ def test_release_holds_weights_and_record_but_nothing_private(trained):
 
 
 def test_shipped_config_parses():
-    path = Path(TC.__file__).parents[1] / "configs" / "classifier32.yaml"
+    path = CONFIG_DIR / "classifier32.yaml"
     recipe, data = TC.load_recipe(str(path), ["epochs=2"])
     assert recipe.epochs == 2 and recipe.model["channels"] == [16, 32, 64]
     assert data["source"] == "synthetic" and data["num_images"] == 3000

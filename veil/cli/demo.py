@@ -5,9 +5,9 @@
     veil demo --quick --out D      # ~3 min, tiny models: checks the plumbing (the test runs it)
     veil demo --serve              # then keep serving the page on the demo's faces (Ctrl-C stops)
 
-Stages: models -> edits -> unlearning -> export -> serve (``veil.lightning_modules.demo.pipeline``). An
+Stages: models -> edits -> unlearning -> export -> serve (``veil.demo.pipeline``). An
 interrupted demo resumes at the stage it was in. The default takes the models shipped in
-lightning_modules/demo/models/ (each with its command and privacy record); ``--fresh`` starts over in
+veil/demo/models/ (each with its command and privacy record); ``--fresh`` starts over in
 the same folder and retrains every model from the embedded data within the demo's budget (~15 min).
 """
 
@@ -35,7 +35,7 @@ def _demo(args) -> int:
     import subprocess
     from pathlib import Path
 
-    from veil.lightning_modules.demo.pipeline import run_demo
+    from veil.demo.pipeline import run_demo
 
     out = Path(args.out)
     run_demo(out=out, quick=args.quick, fresh=args.fresh,
@@ -44,8 +44,8 @@ def _demo(args) -> int:
     if not args.serve:
         print(f"open the interactive page on the demo's models: veil demo --out {out} --serve")
         return 0
-    from veil.lightning_modules.demo.serving import write_faces
-    from veil.lightning_modules.demo.stages import _published_data, serve_command
+    from veil.demo.serving import write_faces
+    from veil.demo.stages import _published_data, serve_command
 
     faces = write_faces(_published_data(out), out / "serve" / "faces")
     print(f"serving the page on {len(list(faces.glob('*.png')))} of the demo's private faces: "

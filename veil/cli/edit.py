@@ -14,7 +14,7 @@ Every release is recorded in the dataset's privacy database ($VEIL_HOME/datasets
 
 Every number is checked while parsing (NaN, infinities where they mean nothing, and out-of-range values
 exit 2 naming the flag), --out before anything loads; a release is all-or-nothing (its files are written,
-then charged in one transaction with their move into --out: ``lightning_modules/editing/job.py``).
+then charged in one transaction with their move into --out: ``veil/jobs/edit.py``).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def add_subcommand(sub) -> None:
 
 def _edit(args) -> int:
     from veil.errors import ConfigError
-    from veil.lightning_modules.editing.job import run_edit, run_sweep
+    from veil.jobs.edit import run_edit, run_sweep
 
     data = {"source": args.data, "num_images": args.num_images, "seed": args.data_seed, "root": args.root,
             "csv": args.csv, "resolution": args.resolution}

@@ -2,7 +2,7 @@
 
     veil train --config lightning_modules/configs/synthetic32.yaml --out DIR [--set key=value ...] [--resume]
 
-The job is ``veil.lightning_modules.training.diffusion.run_training``; torch loads in the handler.
+The job is ``veil.jobs.train.run_training``; torch loads in the handler.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def add_subcommand(sub) -> None:
 
 
 def _train(args) -> int:
-    from veil.lightning_modules.training.config import load_config
-    from veil.lightning_modules.training.diffusion import describe, run_training
+    from veil.jobs.config import load_config
+    from veil.jobs.train import describe, run_training
 
     cfg = load_config(args.config, args.overrides)
     record = run_training(cfg, args.out, resume=args.resume, progress=not args.no_progress, ledger=args.ledger)

@@ -2,7 +2,7 @@
 
     veil train-classifier --data source=synthetic,num_images=3000 --out runs/clf [--config classifier32.yaml]
 
-The job is ``veil.lightning_modules.training.classifier.train_classifier``; torch and Lightning are
+The job is ``veil.jobs.train_classifier.train_classifier``; torch and Lightning are
 imported inside the handler.
 """
 
@@ -25,7 +25,7 @@ def _parse_data(text: str | None) -> dict:
         return {**load_manifest(text)["base"], "revision": text}
     if text == "synthetic":
         return {"source": "synthetic"}
-    from veil.lightning_modules.training.classifier import check_data_options
+    from veil.jobs.train_classifier import check_data_options
 
     options = {}
     for item in text.split(","):
@@ -65,7 +65,7 @@ def _train_classifier(args) -> int:
     import math
 
     from veil.errors import ConfigError
-    from veil.lightning_modules.training.classifier import load_recipe, train_classifier
+    from veil.jobs.train_classifier import load_recipe, train_classifier
 
     overrides = list(args.overrides)
     if args.dp_epsilon is not None:

@@ -75,7 +75,7 @@ def add_subcommand(sub) -> None:
 def _unlearn(args) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from veil.lightning_modules.unlearning.job import (
+    from veil.jobs.unlearn import (
         run_unlearn,
         trainer_config,
         wait_for_other_ranks,

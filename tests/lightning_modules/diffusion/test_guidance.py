@@ -10,8 +10,8 @@ from veil.lightning_modules import checkpoints as CK
 from veil.lightning_modules.diffusion import guidance as G
 from veil.lightning_modules.diffusion import sample as S
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
-from veil.lightning_modules.training import classifier as TC
-from veil.lightning_modules.unlearning import job as UJ
+from veil.jobs import train_classifier as TC
+from veil.jobs import unlearn as UJ
 
 NOISY = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
 

@@ -14,9 +14,9 @@ from veil.cli import main
 from veil.errors import ConfigError, EditRefused
 from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.editing import editor as E
-from veil.lightning_modules.editing import job as J
+from veil.jobs import edit as J
 from veil.lightning_modules.editing.editor import RETRY_STRENGTH_STEP, PrivateEditor
-from veil.lightning_modules.training import classifier as TC
+from veil.jobs import train_classifier as TC
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.session import EditSession
 

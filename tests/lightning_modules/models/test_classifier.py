@@ -29,7 +29,7 @@ def test_residual_blocks_make_the_resnet_like_classifier_and_keep_the_plain_one_
     old parameters (checkpoints load); the noise-conditional path runs the blocks too; bad values refused."""
     from veil.errors import ConfigError
     from veil.lightning_modules.models.classifier import AttributeClassifier, BasicBlock
-    from veil.lightning_modules.training.classifier import check_model_options
+    from veil.jobs.train_classifier import check_model_options
 
     torch.manual_seed(0)
     plain = AttributeClassifier(num_attributes=3, channels=[8, 16], norm_num_groups=4)

@@ -13,10 +13,10 @@ from unlearn_helpers import datamodule, flip_revision, one_thread, train_tiny
 from veil.errors import CheckpointError, ConfigError, DataError
 from veil.lightning_modules import checkpoints as CK
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
-from veil.lightning_modules.training import classifier as TC
+from veil.jobs import train_classifier as TC
 from veil.lightning_modules.unlearning import influence as U
-from veil.lightning_modules.unlearning import job as UJ
-from veil.lightning_modules.unlearning.module import (
+from veil.jobs import unlearn as UJ
+from veil.lightning_modules.unlearning_module import (
     FeatureUnlearningModule,
     Processes,
     UnlearningInputs,
@@ -406,7 +406,7 @@ def test_line_search_takes_the_step_scale_that_lowers_the_revised_objective(setu
     """Second order without --tau scales its step by the tau in 1, 1/2, ..., 1/32 or 0 whose estimate of the
     revised objective is lowest (reported with every candidate's value); it is the tau applied; off with
     --tau, for first order, or when switched off; refused with --tau or outside second order."""
-    from veil.lightning_modules.unlearning.module import LINE_SEARCH_TAUS
+    from veil.lightning_modules.unlearning_module import LINE_SEARCH_TAUS
 
     ckpt_path, _, data, _ = setup
     knobs = dict(params=["trunk.6", "head"], curvature="ggn", hessian_samples=64, cg_max_iter=20)

@@ -16,7 +16,7 @@ after the group existed imported ``torch.distributed.nn``, whose ``group=group.W
 arguments then held the group, so ``destroy_process_group`` freed nothing and gloo's worker
 threads ran on into interpreter teardown, where one of them releasing the last reference to a
 collective's tensor needs the GIL and aborts. The whole story and the fix are in
-lightning_modules/unlearning/module.py; it needed no ``os._exit``.
+lightning_modules/unlearning_module.py; it needed no ``os._exit``.
 """
 
 import sys
@@ -34,7 +34,7 @@ def main(ckpt: str, revision: str, out: str, devices: int) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from veil.lightning_modules import checkpoints as CK
-    from veil.lightning_modules.unlearning import job as UJ
+    from veil.jobs import unlearn as UJ
 
     cfg = UJ.UnlearnTrainerConfig(devices=devices, strategy="ddp" if devices > 1 else "auto")
     before = gloo_threads()  # none in a fresh process; run in a test process, whatever it had

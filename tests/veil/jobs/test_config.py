@@ -3,7 +3,7 @@
 import pytest
 
 from veil.errors import ConfigError
-from veil.lightning_modules.training.config import (
+from veil.jobs.config import (
     config_from_dict,
     load_config,
     shipped_configs,

@@ -39,8 +39,8 @@ from typing import Any
 import lightning as L
 
 from veil.errors import ConfigError
-from veil.lightning_modules.training.config import TrainConfig
-from veil.lightning_modules.training.process_group import owned_process_group
+from veil.jobs.config import TrainConfig
+from veil.jobs.process_group import owned_process_group
 from veil.outputs import check_out_dir, write_json_atomic
 
 # Known-harmless warnings that would bury the progress bar; each is explained here once.
@@ -206,7 +206,7 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
 def _run(cfg: TrainConfig, out: Path, ckpt_path: Path, *, resume: bool, progress: bool,
          ledger: str | Path | None) -> dict[str, Any]:
     from veil.lightning_modules.checkpoints import seal_private
-    from veil.lightning_modules.training.dataset_account import DatasetAccount
+    from veil.jobs.dataset_account import DatasetAccount
 
     silence_known_warnings()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # initialisation, data, loss draws: NOT the DP noise
@@ -218,7 +218,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt_path: Path, *, resume: bool, progress
     if resume:
         check_resume(cfg, ckpt_path, module)
     if cfg.model.init_from and not resume:  # on resume the weights come from last.ckpt
-        from veil.lightning_modules.training.init_from import load_start
+        from veil.jobs.init_from import load_start
 
         module.hparams.initialized_from = load_start(module, cfg.model.init_from, data_spec=dm.spec())
     account = DatasetAccount(module=module, out=out, kind="diffusion", data_spec=dm.dataset_spec(),
@@ -270,7 +270,7 @@ def check_resume(cfg: TrainConfig, ckpt_path: Path, module) -> None:
                           f"({', '.join(f'{k}={old_dp.get(k)!r}' for k in changed)}); a resumed run keeps its "
                           "privacy plan. Resume with those values, or start a new run in another --out")
     if new_dp.get("enabled") and new_steps != old_steps and not explicit:
-        from veil.lightning_modules.training.dataset_account import planned_epsilon
+        from veil.jobs.dataset_account import planned_epsilon
 
         acc = module.accounting
         acc.noise_multiplier = sigma

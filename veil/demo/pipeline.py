@@ -38,8 +38,9 @@ from typing import Callable
 import torch
 
 from veil.errors import ConfigError
-from veil.lightning_modules.demo.plan import PLANS, PRIVATE_DATA, PUBLIC_DATA, DemoPlan, command
+from veil.demo.plan import PLANS, PRIVATE_DATA, PUBLIC_DATA, DemoPlan, command
 from veil.outputs import write_json_atomic
+from veil.lightning_modules.configs import CONFIG_DIR
 
 __all__ = ["run_demo", "STAGES"]
 
@@ -53,7 +54,7 @@ PROVES = {
     "export": "the edit sampler runs on ONNX Runtime without torch and matches PyTorch",
     "serve": "an edit session runs from upload to release over HTTP, with the same ledger",
 }
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 SHIPPED = Path(__file__).resolve().parent / "models"  # the demo's shipped models (each with COMMAND and its record)
 
 
@@ -106,7 +107,7 @@ def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callabl
     report.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   seconds=round(time.perf_counter() - started, 1), machine=_machine())
     write_json_atomic(out / "report.json", report)
-    from veil.lightning_modules.demo.report import summary_table, write_html
+    from veil.demo.report import summary_table, write_html
 
     for path in (out / "report.json", write_html(report, out)):
         os.chmod(path, 0o600)
@@ -132,9 +133,9 @@ def _params(state_path: Path) -> int | None:
 
 # -------------------------------------------------------------------------------------------- 1. models
 def stage_models(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
-    from veil.lightning_modules.training.classifier import load_recipe, train_classifier
-    from veil.lightning_modules.training.config import load_config
-    from veil.lightning_modules.training.diffusion import run_training
+    from veil.jobs.train_classifier import load_recipe, train_classifier
+    from veil.jobs.config import load_config
+    from veil.jobs.train import run_training
     from veil.privacy.ledger import PrivacyLedger
 
     folder = out / "models"
@@ -214,6 +215,6 @@ def _privacy_of(run: Path, data: dict) -> dict:
 
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"models": stage_models}
-from veil.lightning_modules.demo.stages import stage_edits, stage_export, stage_serve, stage_unlearning  # noqa: E402
+from veil.demo.stages import stage_edits, stage_export, stage_serve, stage_unlearning  # noqa: E402
 
 STAGE_FUNCTIONS.update(edits=stage_edits, unlearning=stage_unlearning, export=stage_export, serve=stage_serve)

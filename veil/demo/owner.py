@@ -9,7 +9,7 @@ and asks the adaptive attacker of that level how sure it is of the image's ORIGI
 from the candidate. Above ``threshold`` the owner asks for more privacy and previews again; at or
 below it (or at ``max``, where nothing is more private) the owner accepts.
 
-The attackers (veil.lightning_modules.demo.attacker): a naive CNN trained on original synthetic faces
+The attackers (veil.demo.attacker): a naive CNN trained on original synthetic faces
 of a seed of their own, then one adaptive copy per level fine-tuned on edits the same editor made at
 that level of other faces (fresh randomized-response draws), with their ORIGINAL attributes. Half of
 those edits train it, the other half measure it: its accuracy on the original protected value is what
@@ -26,7 +26,7 @@ import torch
 
 from veil.errors import EditRefused
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
-from veil.lightning_modules.demo.attacker import adaptive_attacker, predict, probability, train_attacker
+from veil.demo.attacker import adaptive_attacker, predict, probability, train_attacker
 from veil.privacy.levels import LEVEL_NAMES, LEVELS
 from veil.privacy.mechanism import keep_probability, privatize
 from veil.privacy.session import EditSession

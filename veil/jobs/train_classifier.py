@@ -37,7 +37,7 @@ from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.schedule import q_sample
 from veil.lightning_modules.dp.config import DPConfig
 from veil.lightning_modules.models.classifier import accuracy, attribute_bce, predict
-from veil.lightning_modules.training.config import (
+from veil.jobs.config import (
     apply_overrides,
     check_bool,
     check_float,
@@ -225,7 +225,7 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
     All or nothing: ``--out`` is checked (not a file, writable) before any work, and when anything
     fails (a diverged loss, Ctrl-C) what this run created in ``--out`` is removed; the dataset's
     privacy database keeps the run's row, marked failed (``training.dataset_account``)."""
-    from veil.lightning_modules.training.diffusion import removed_on_failure
+    from veil.jobs.train import removed_on_failure
 
     out = Path(out)
     if (out / "private" / "last.ckpt").exists() or (out / "model").exists():
@@ -256,8 +256,8 @@ def _train(recipe: ClassifierRecipe, data: dict[str, Any] | None, out: Path, *, 
     )
     from veil.lightning_modules.classifier_module import AttributeClassifierModule
     from veil.lightning_modules.data.datamodule import FaceDataModule
-    from veil.lightning_modules.training.dataset_account import DatasetAccount
-    from veil.lightning_modules.training.diffusion import fit
+    from veil.jobs.dataset_account import DatasetAccount
+    from veil.jobs.train import fit
 
     dm = datamodule or FaceDataModule(**{**check_data_options(data or {}, flag="--data"),
                                          "batch_size": recipe.batch_size, "poisson": bool(recipe.dp.get("enabled"))})

@@ -199,7 +199,7 @@ def test_a_non_finite_edit_is_refused_and_not_charged(checkpoint, tmp_path, veil
 
 
 def test_a_write_error_charges_nothing_and_leaves_no_file(checkpoint, tmp_path, veil_home, capsys, monkeypatch):
-    from veil.lightning_modules.editing import job
+    from veil.jobs import edit as job
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -214,7 +214,7 @@ def test_a_write_error_charges_nothing_and_leaves_no_file(checkpoint, tmp_path, 
 def test_a_failure_while_publishing_rolls_the_releases_back(checkpoint, tmp_path, veil_home, monkeypatch):
     # The files move into OUT inside the ledger transaction: if the last move fails, the ones moved are
     # taken back and the releases are rolled back.
-    from veil.lightning_modules.editing import job
+    from veil.jobs import edit as job
 
     real = job.os.replace
 

@@ -26,8 +26,8 @@ class DumpParameters(L.Callback):
 
 
 def main(out: str, devices: int) -> None:
-    from veil.lightning_modules.training import diffusion as train
-    from veil.lightning_modules.training.config import load_config
+    from veil.jobs import train
+    from veil.jobs.config import load_config
 
     overrides = TINY + [f"trainer.devices={devices}", f"trainer.strategy={'ddp' if devices > 1 else 'auto'}"]
     cfg = load_config(None, overrides)

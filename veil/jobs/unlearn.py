@@ -41,16 +41,16 @@ from torch.utils.data import DataLoader
 from veil.errors import CheckpointError, ConfigError, DataError
 from veil.lightning_modules.checkpoints import load_classifier
 from veil.lightning_modules.models.classifier import AttributeClassifier, predict
-from veil.lightning_modules.training.classifier import (
+from veil.jobs.train_classifier import (
     ClassifierRecipe,
     features_of,
     tensors,
     test_accuracy,
     train_classifier,
 )
-from veil.lightning_modules.training.config import apply_overrides
-from veil.lightning_modules.training.process_group import owned_process_group
-from veil.lightning_modules.unlearning.module import (
+from veil.jobs.config import apply_overrides
+from veil.jobs.process_group import owned_process_group
+from veil.lightning_modules.unlearning_module import (
     FeatureUnlearningModule,
     UnlearningInputs,
 )
@@ -162,7 +162,7 @@ def feature_probe_leakage(model, data: UnlearningData, *, l2: float = 1e-3) -> f
     higher. NaN when nothing was flipped."""
     from types import SimpleNamespace
 
-    from veil.lightning_modules.training.classifier import refit_head
+    from veil.jobs.train_classifier import refit_head
 
     cols = data.flipped.any(0)
     if not cols.any() or not len(data.test[0]):

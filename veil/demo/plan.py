@@ -3,7 +3,7 @@
 Every model is trained from the embedded synthetic faces by the same code as ``veil train`` and
 ``veil train-classifier``, with the shipped configs and the ``--set`` overrides below; the report
 prints each model's command, so any of them can be rerun by hand. By default the public UNet and
-the guide are the ones shipped in ``lightning_modules/demo/models/`` (trained longer than the demo's
+the guide are the ones shipped in ``veil/demo/models/`` (trained longer than the demo's
 budget: their COMMAND files say how; the demo takes ~5 minutes on a 2-core CPU). With ``--fresh``
 every model is trained here with the sizes below, within about 15 minutes (the public UNet gets a
 5-minute wall-clock cap, so it is a rough denoiser: the edits show the mechanism, not photo
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from veil.lightning_modules.demo.owner import AttackerSizes
+from veil.demo.owner import AttackerSizes
 
 __all__ = ["DemoPlan", "PLANS", "PRIVATE_DATA", "PUBLIC_DATA"]
 
@@ -42,7 +42,7 @@ class DemoPlan:
     protected: tuple[str, ...] = ("eyeglasses",)
     latency_repeats: int = 5
     classifier_scale: float = 10.0
-    use_shipped: bool = True  # take a model from lightning_modules/demo/models/ when it ships there (never for quick)
+    use_shipped: bool = True  # take a model from veil/demo/models/ when it ships there (never for quick)
 
 
 PLANS = {

@@ -16,8 +16,8 @@ from veil.lightning_modules.models.params import (
     resolve_trainable,
 )
 from veil.lightning_modules.models.unet import AttributeConditionalUNet
-from veil.lightning_modules.training.config import load_config
-from veil.lightning_modules.training.diffusion import run_training
+from veil.jobs.config import load_config
+from veil.jobs.train import run_training
 
 
 def _module(trainable, *, sigma=0.0, C=0.05, kernel="opacus", lr_scale=None):
@@ -119,8 +119,8 @@ def public(tmp_path_factory):
 
 def test_private_run_starts_from_the_public_weights_and_records_them(public, tmp_path):
     from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
-    from veil.lightning_modules.training.diffusion import build_datamodule, build_module
-    from veil.lightning_modules.training.init_from import load_start
+    from veil.jobs.train import build_datamodule, build_module
+    from veil.jobs.init_from import load_start
 
     cfg = load_config(None, TINY + [f"model.init_from={public}"])
     dm = build_datamodule(cfg)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from veil.lightning_modules.demo.owner import level_attackers, scripted_owner, utility
-from veil.lightning_modules.demo.plan import PRIVATE_DATA, DemoPlan
+from veil.demo.owner import level_attackers, scripted_owner, utility
+from veil.demo.plan import PRIVATE_DATA, DemoPlan
 
 __all__ = ["stage_edits", "stage_unlearning", "stage_export", "stage_serve"]
 
@@ -84,7 +84,7 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
 
 # -------------------------------------------------------------------------------------- 3. unlearning
 def stage_unlearning(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
-    from veil.lightning_modules.unlearning.job import run_unlearn
+    from veil.jobs.unlearn import run_unlearn
 
     revision = out / "edits" / "revision"
     if not (revision / "manifest.json").is_file():
@@ -161,7 +161,7 @@ def serve_command(out: Path, *extra: str) -> list[str]:
 def stage_serve(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     import httpx
 
-    from veil.lightning_modules.demo.serving import free_port, one_session, wait_ready
+    from veil.demo.serving import free_port, one_session, wait_ready
 
     port = free_port()
     log = out / "serve" / "serve.log"

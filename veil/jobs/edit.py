@@ -52,7 +52,7 @@ from veil.lightning_modules.data.grid import save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
 from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
 from veil.lightning_modules.diffusion.sample import combined_privacy, default_guidance
-from veil.edit_plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, RETRY_GUIDANCE_FACTOR, RETRY_STRENGTH_STEP
+from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, RETRY_GUIDANCE_FACTOR, RETRY_STRENGTH_STEP
 from veil.lightning_modules.editing.editor import PrivateEditor, model_costs
 from veil.outputs import check_out_dir, dumps_strict
 from veil.privacy.ledger import PrivacyLedger

@@ -1,6 +1,6 @@
 """Tests of the demo's report: the offline report.html, the summary rows and the terminal table.
 
-Run: OMP_NUM_THREADS=1 pytest tests/lightning_modules/demo/test_report.py
+Run: OMP_NUM_THREADS=1 pytest tests/veil/demo/test_report.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import zlib
 import pytest
 
 from veil.errors import DataError
-from veil.lightning_modules.demo.report import (
+from veil.demo.report import (
     STAGES,
     summary_rows,
     summary_table,

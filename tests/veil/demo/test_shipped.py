@@ -4,8 +4,8 @@ import dataclasses
 import json
 import shutil
 
-from veil.lightning_modules.demo import pipeline
-from veil.lightning_modules.demo.plan import PLANS, PRIVATE_DATA, PUBLIC_DATA
+from veil.demo import pipeline
+from veil.demo.plan import PLANS, PRIVATE_DATA, PUBLIC_DATA
 from veil.privacy.ledger import PrivacyLedger
 
 
@@ -65,7 +65,7 @@ def test_fresh_retrains_instead_of_taking_the_shipped_models_and_a_resume_keeps_
 
 
 def test_the_models_shipped_with_veil_load_and_say_what_they_cost():
-    """The two models in lightning_modules/demo/models/ (what `make demo` starts from) load as the demo
+    """The two models in veil/demo/models/ (what `make demo` starts from) load as the demo
     loads them, name the data they were trained on, and carry the privacy record their COMMAND claims."""
     from veil.lightning_modules import checkpoints as CK
 

@@ -21,6 +21,7 @@ import yaml
 
 from veil.errors import ConfigError
 from veil.lightning_modules.dp.config import DPConfig
+from veil.lightning_modules.configs import CONFIG_DIR
 
 
 # ------------------------------------------------------------------------- typed option checks
@@ -319,5 +320,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def shipped_configs() -> list[str]:
     """Paths of the shipped `veil train` (diffusion) configs; classifier*.yaml are `veil train-classifier`'s."""
-    folder = Path(__file__).parents[1] / "configs"
+    folder = CONFIG_DIR
     return sorted(str(p) for p in folder.glob("*.yaml") if not p.name.startswith("classifier"))

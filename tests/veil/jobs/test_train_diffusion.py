@@ -12,8 +12,8 @@ from dp_helpers import TINY, train_cli
 
 from veil.cli import main
 from veil.errors import ConfigError, DataError
-from veil.lightning_modules.training.config import load_config
-from veil.lightning_modules.training.diffusion import run_training
+from veil.jobs.config import load_config
+from veil.jobs.train import run_training
 
 HERE = Path(__file__).parent
 PRIVACY_KEYS = {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant"}

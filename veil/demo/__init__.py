@@ -1,0 +1,1 @@
+"""veil.demo: `veil demo`, the whole framework on the embedded synthetic faces."""
