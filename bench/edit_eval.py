@@ -65,11 +65,10 @@ import torch
 from torch import nn
 
 from veil.errors import VeilError
-from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.demo.attacker import AttributeCNN, adaptive_attacker, fit, predict, train_attacker  # noqa: F401
-from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
 from veil.lightning_modules.diffusion.sample import combined_privacy, privacy_phrase
+from veil.editing.load import load_editor
 from veil.lightning_modules.editing.editor import PrivateEditor
 from veil.outputs import write_json_atomic, write_text_atomic
 from veil.privacy.bounds import bayes_accuracy_bound
@@ -172,14 +171,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
 # --------------------------------------------------------------------------------------- evaluation
 def load_pipeline(args) -> tuple[PrivateEditor, dict, dict]:
     """(editor, the data spec of its images, {"label", "privacy", "backend"}) of --checkpoint [--classifier]."""
-    ckpt = load_diffusion_checkpoint(args.checkpoint)
-    editor = PrivateEditor.from_checkpoint(args.checkpoint, classifier=args.classifier,
-                                           classifier_scale=args.classifier_scale, num_steps=args.steps,
-                                           guidance_scale=args.guidance)
-    clf = editor.checker  # the --classifier
-    if args.checker:  # a classifier that did not steer the edit judges it (veil edit --checker)
-        editor.checker = load_guidance_classifier(args.checker, scheduler_config=ckpt.scheduler_config, scale=0.0,
-                                                  check_only=True)
+    # --checker: a classifier that did not steer the edit judges it (veil edit --checker)
+    editor = load_editor(args.checkpoint, runtime="torch", classifier=args.classifier, checker=args.checker,
+                         classifier_scale=args.classifier_scale, steps=args.steps, guidance=args.guidance)
+    ckpt, clf = editor.checkpoint, editor.classifier  # the release and the --classifier
     data_owner = clf if args.classifier else ckpt  # the private data the edits are about
     spec = {k: v for k, v in (data_owner.data_spec or {"source": "synthetic"}).items() if k in SPLIT_KEYS}
     trained = editor.guide if editor.backend == "guided" else ckpt  # the model that learned from that data

@@ -79,14 +79,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def measure(paths: dict, backend: str, batch: int, *, repeats: int, threads: int, compile_: bool) -> dict:
-    from veil.export.runtime import OrtEditor
-    from veil.lightning_modules.editing.editor import PrivateEditor
+    from veil.editing.load import load_editor
 
     if backend == "guided":
-        editor = PrivateEditor.from_checkpoint(paths["unet"], classifier=paths["guide"], num_steps=10)
+        editor = load_editor(paths["unet"], runtime="torch", classifier=paths["guide"], steps=10)
     else:
-        editor = PrivateEditor.from_checkpoint(paths["cond"], num_steps=10)
-    ort_editor = OrtEditor(paths[backend], num_steps=10, providers="auto", threads=threads)
+        editor = load_editor(paths["cond"], runtime="torch", steps=10)
+    ort_editor = load_editor(paths[backend], runtime="ort", steps=10, providers="auto", threads=threads)
     k, res = len(editor.attribute_names), ort_editor.resolution
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, res, res, generator=g) * 2 - 1

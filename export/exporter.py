@@ -36,7 +36,8 @@ import torch
 
 import veil
 from veil.errors import ConfigError, ExportError
-from veil.export.runtime import EXPORT_FORMAT, META_FILE, OrtEditor, file_sha256
+from veil.editing.load import load_editor
+from veil.export.runtime import EXPORT_FORMAT, META_FILE, file_sha256
 from veil.privacy.levels import LEVELS
 
 __all__ = ["export_model", "EDIT_TOLERANCE", "VERIFY_BATCH", "DATA_KEYS", "EXPORT_FILES"]
@@ -59,7 +60,7 @@ def _verify_images(resolution: int, batch: int) -> torch.Tensor:
 def verify(editor, folder: Path, *, protected: list[str], steps: int = VERIFY_STEPS) -> dict[str, Any]:
     """Max |ORT - torch| of whole edits at batch 1 and VERIFY_BATCH, inverted and noise-encoded; raises
     ExportError beyond EDIT_TOLERANCE."""
-    ort_editor = OrtEditor(folder, num_steps=steps, providers="cpu", cache_dir=None)
+    ort_editor = load_editor(folder, runtime="ort", steps=steps, providers="cpu", cache_dir=None)
     saved = editor.num_steps
     editor.num_steps = steps
     try:
@@ -95,19 +96,14 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
                  guidance: float | None = None, use_ema: bool = True) -> dict:
     """Export the editor of ``checkpoint`` (+ ``classifier``) to ``out``; returns the metadata written."""
     from veil.export import graphs
-    from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
-    from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
-    from veil.lightning_modules.diffusion.sample import combined_privacy, default_guidance
-    from veil.lightning_modules.editing.editor import PrivateEditor, model_costs
+    from veil.lightning_modules.diffusion.sample import combined_privacy
+    from veil.lightning_modules.editing.editor import model_costs
     from veil.outputs import check_out_dir
 
     out = Path(out)
-    ckpt = load_diffusion_checkpoint(checkpoint, use_ema=use_ema)
-    guide = None if classifier is None else load_guidance_classifier(
-        classifier, scheduler_config=ckpt.scheduler_config, scale=classifier_scale, check_only=classifier_scale == 0)
-    editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, num_steps=steps,
-                           guidance_scale=default_guidance(ckpt) if guidance is None else guidance, guide=guide,
-                           checker=guide, label_free=ckpt.cond_drop_prob == 1.0)
+    editor = load_editor(checkpoint, runtime="torch", classifier=classifier, classifier_scale=classifier_scale,
+                         steps=steps, guidance=guidance, use_ema=use_ema)
+    ckpt, guide = editor.checkpoint, editor.classifier
     created = not out.exists()
     check_out_dir(out, holds=EXPORT_FILES)  # before any work: writable, and never replacing an export
     stage = Path(tempfile.mkdtemp(prefix=".veil-export-", dir=out))

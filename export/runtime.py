@@ -1,15 +1,16 @@
-"""``OrtEditor``: the private edit on ONNX Runtime, the same interface as ``PrivateEditor``; no torch.
+"""``OrtEditor``: the edit pipeline (``veil.editing.pipeline``) on ONNX Runtime; numpy only, no torch.
 
 It loads a ``veil export`` folder (``veil_export.json`` + ``denoise_step.onnx``, ``invert_step.onnx``,
-``classifier.onnx`` when there is a classifier) and walks the same DDIM grid (``veil.editing.plan``) on
-the host, one ONNX Runtime call per step:
+``classifier.onnx`` when there is a classifier); ``OrtBackend`` walks the DDIM grid the pipeline gives it
+on the host, one ONNX Runtime call per step:
 
-    encode (inversion: invert_step per grid point; or fresh secret noise, the forward process)
-    -> regenerate (denoise_step per grid point, top down) -> check (classifier at t = 0) -> re-do
+    invert (invert_step per grid point) | add_noise (fresh secret noise, the forward process)
+    -> regenerate (denoise_step per grid point, top down) -> logits (classifier at t = 0, the check)
 
-Images are numpy float32 arrays (B,3,H,W) in [-1, 1], attributes (B,k) float32 in the export's
-attribute order; the ``EditFn`` call (``editor(images, originals=..., targets=...)``) takes lists of
-(3,H,W) arrays and attribute dicts, as ``veil.privacy.session`` passes them.
+The orchestration (what inversion sees, the grid, the check and its re-dos, refusal, guesses) is the
+pipeline's, shared with the torch backend (``PrivateEditor``). Images are numpy float32 arrays (B,3,H,W)
+in [-1, 1], attributes (B,k) float32 in the export's attribute order; the ``EditFn`` call
+(``editor(images, originals=..., targets=...)``) takes lists of (3,H,W) arrays and attribute dicts.
 
 Loading checks every file: a missing file, a hash that does not match ``veil_export.json``, or a
 metadata file of another format version raise ``ExportError`` naming the file. Sessions are made
@@ -28,23 +29,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from veil.editing.plan import (
-    DEFAULT_CHECK_THRESHOLD,
-    DEFAULT_MAX_RETRIES,
-    check_check_options,
-    CheckedEdits,
-    edit_grid,
-    retry_ladder,
-)
-from veil.errors import ConfigError, EditRefused, ExportError
-from veil.privacy.levels import check_encoding
+from veil.editing.backend import OnStep
+from veil.editing.pipeline import EditPipeline, check_guidance
+from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, check_check_options
+from veil.errors import ConfigError, ExportError
 from veil.privacy.randomness import secret_seed
 
-__all__ = ["OrtEditor", "EXPORT_FORMAT", "META_FILE", "read_export_meta", "file_sha256"]
+__all__ = ["OrtEditor", "OrtBackend", "EXPORT_FORMAT", "META_FILE", "read_export_meta", "file_sha256"]
 
 EXPORT_FORMAT = "veil-export/1"
 META_FILE = "veil_export.json"
@@ -113,40 +108,33 @@ def _host(value) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()
 
 
-class OrtEditor:
-    """The ``PrivateEditor`` interface over a ``veil export`` folder (see the module docstring).
+class OrtBackend:
+    """``veil.editing.backend.EditBackend`` over a ``veil export`` folder (see the module docstring).
 
     ``providers``: "auto" (CUDA if a session confirms it, else CPU), "cpu" or "cuda" (an error if CUDA
     cannot be used); ``threads``: ONNX Runtime intra-op threads (default: the machine's cores);
-    ``cache_dir``: where optimized models are kept (default ``<export>/ort_cache``; None: no cache).
+    ``cache_dir``: where optimized models are kept (default ``<export>/ort_cache``; None: no cache);
+    ``guidance_scale``: classifier-free guidance w instead of the export's.
     """
 
-    def __init__(self, folder, *, num_steps: int | None = None, providers: str = "auto", threads: int | None = None,
-                 cache_dir: str | Path | None | bool = True, batch_size: int = 64, keep_unprotected: bool | None = None,
-                 check_threshold: float = DEFAULT_CHECK_THRESHOLD, max_retries: int = DEFAULT_MAX_RETRIES):
+    def __init__(self, folder, *, providers: str = "auto", threads: int | None = None,
+                 cache_dir: str | Path | None | bool = True, batch_size: int = 64, guidance_scale: float | None = None):
         if providers not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--providers={providers!r}: choose auto, cpu or cuda")
-        check_check_options(check_threshold=check_threshold, max_retries=max_retries)
+            raise ConfigError(f"={providers!r}: choose auto, cpu or cuda", option="--providers")
         self.folder = Path(folder)
         self.meta = meta = read_export_meta(self.folder)
         self.attribute_names: list[str] = list(meta["attribute_names"])
-        self.backend: str = meta["backend"]
+        self.mode: str = meta["backend"]
         self.label_free = bool(meta["label_free"])
-        self.resolution = int(meta["resolution"])
         self.num_train_timesteps = int(meta["scheduler_config"]["num_train_timesteps"])
-        self.num_steps = int(meta["steps"]["default"] if num_steps is None else num_steps)
-        edit_grid(strength=1.0, num_steps=self.num_steps, num_train_timesteps=self.num_train_timesteps)  # validate
         self.alphas_cumprod = np.asarray(meta["alphas_cumprod"], dtype=np.float64)
         g = meta["guidance"]
-        self.guidance_scale, self.inversion_guidance = float(g["guidance_scale"]), float(g["inversion_guidance"])
+        self.guidance_scale = float(g["guidance_scale"]) if guidance_scale is None else \
+            check_guidance("--guidance", guidance_scale)
         self.classifier_scale = float(g.get("classifier_scale") or 0.0)
-        self.keep_unprotected = bool(g.get("keep_unprotected", True) if keep_unprotected is None else keep_unprotected)
-        self.check_threshold, self.max_retries = float(check_threshold), max_retries
         self.batch_size = batch_size
-        self.costs: list[dict] | None = meta.get("costs")
-        self.model_privacy: str | None = meta.get("model_privacy")
         clf = meta.get("classifier")
-        self.classifier_attribute_names: list[str] = list(clf["attribute_names"]) if clf else []
+        self.classifiers: dict[str, list[str]] = {"check": list(clf["attribute_names"])} if clf else {}
         self.threads = int(threads or os.cpu_count() or 1)
         if cache_dir is True:
             cache_dir = self.folder / "ort_cache"
@@ -174,8 +162,8 @@ class OrtEditor:
         got = session.get_providers()[0]
         if got != want[0] and want[0] == CUDA:
             if self._want == "cuda":
-                raise ConfigError(f"--providers cuda: ONNX Runtime could not run {name} on CUDA "
-                                  f"(it fell back to {got}); check the CUDA and cuDNN libraries")
+                raise ConfigError(f": ONNX Runtime could not run {name} on CUDA (it fell back to {got}); check the "
+                                  f"CUDA and cuDNN libraries", option="--providers cuda")
             session = self._session(name, [CPU])  # ONNX Runtime lists CUDA without a GPU: confirm, then settle
             got = session.get_providers()[0]
         self.provider = got
@@ -185,9 +173,7 @@ class OrtEditor:
         import onnxruntime as ort
 
         source = self.folder / name
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
-        so.log_severity_level = 3  # errors only: the CUDA probe on a machine without CUDA is expected to fail
+        so = self._options(ort)
         tag = "cuda" if providers[0] == CUDA else "cpu"
         cached = None
         if self.cache_dir is not None:
@@ -198,7 +184,7 @@ class OrtEditor:
                     return ort.InferenceSession(str(cached), so, providers=providers)
                 except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the checked source
                     cached.unlink(missing_ok=True)
-                so = self._fresh_options(ort)
+                so = self._options(ort)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         partial = None
         if cached is not None:
@@ -213,48 +199,27 @@ class OrtEditor:
             os.replace(partial, cached)  # whole files only: a crash never leaves a half-written cache
         return session
 
-    def _fresh_options(self, ort):
+    def _options(self, ort):
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
-        so.log_severity_level = 3
+        so.log_severity_level = 3  # errors only: the CUDA probe on a machine without CUDA is expected to fail
         return so
 
-    # -- the same helpers as PrivateEditor ------------------------------------------------------------
-    @property
-    def can_check(self) -> bool:
-        return self.classifier is not None
+    # -- arrays --------------------------------------------------------------------------------------
+    def asarray(self, values) -> np.ndarray:
+        if isinstance(values, (list, tuple)):
+            return np.stack([np.asarray(v, dtype=np.float32) for v in values])
+        return np.asarray(values, dtype=np.float32)
 
-    def timesteps(self, strength: float) -> list[int]:
-        return edit_grid(strength=strength, num_steps=self.num_steps, num_train_timesteps=self.num_train_timesteps)
+    def to_host(self, values) -> np.ndarray:
+        return np.asarray(values)
 
-    def attribute_vector(self, attributes: Mapping[str, int]) -> np.ndarray:
-        unknown = sorted(set(attributes) - set(self.attribute_names))
-        if unknown:
-            raise ConfigError(f"attributes {unknown} are not known to the model ({self.attribute_names})")
-        return np.array([float(attributes.get(n, 0)) for n in self.attribute_names], dtype=np.float32)
-
-    def protected_mask(self, protected: Sequence[str]) -> np.ndarray:
-        if isinstance(protected, str) or not protected:
-            raise ConfigError(f"--protect={protected!r}: name at least one attribute to protect, as a list of "
-                              f"names from {self.attribute_names}")
-        unknown = sorted(set(protected) - set(self.attribute_names))
-        if unknown:
-            raise ConfigError(f"--protect: {unknown} are not attributes of the model ({self.attribute_names})")
-        missing = sorted(set(protected) - set(self.classifier_attribute_names)) if self.can_check else []
-        if missing:
-            raise ConfigError(f"--protect: the classifier does not know {missing} "
-                              f"(it knows {self.classifier_attribute_names})")
-        return np.array([n in set(protected) for n in self.attribute_names])
-
-    def inversion_attributes(self, originals: np.ndarray, *, protected: Sequence[str]) -> np.ndarray:
-        if originals.ndim != 2 or originals.shape[1] != len(self.attribute_names):
-            raise ValueError(f"attributes {tuple(originals.shape)}: expected (B, {len(self.attribute_names)})")
-        masked = np.where(self.protected_mask(protected), 0.0, originals).astype(np.float32)
-        return np.zeros_like(masked) if self.label_free else masked
+    def from_host(self, values: np.ndarray) -> np.ndarray:
+        return values
 
     def _chunks(self, *arrays):
         for i in range(0, arrays[0].shape[0], self.batch_size):
-            yield [a[i : i + self.batch_size] for a in arrays]
+            yield [np.ascontiguousarray(a[i : i + self.batch_size]) for a in arrays]
 
     @staticmethod
     def _images(images) -> np.ndarray:
@@ -263,55 +228,36 @@ class OrtEditor:
             raise ValueError(f"images {x.shape}: expected (B,3,H,W) float32 in [-1,1]")
         return x
 
-    # -- steps 2 and 3 ---------------------------------------------------------------------------------
-    def invert(self, images, originals: np.ndarray, *, strength: float, protected: Sequence[str]) -> np.ndarray:
-        a = self.inversion_attributes(np.asarray(originals, dtype=np.float32), protected=protected)
-        grid, out = self.timesteps(strength), []
-        w = 1.0 if self.label_free else self.inversion_guidance
-        for x, a_b in self._chunks(self._images(images), a):
+    # -- the walks -------------------------------------------------------------------------------------
+    def invert(self, images, attributes, *, timesteps, guidance: float) -> np.ndarray:
+        out = []
+        for x, a_b in self._chunks(self._images(images), self.asarray(attributes)):
             b = x.shape[0]
             t = np.full(b, -1, dtype=np.int64)
-            for t_next in grid:
+            for t_next in timesteps:
                 t_next = np.full(b, t_next, dtype=np.int64)
                 (x,) = self.invert_graph.run({"sample": x, "timestep": t, "next_timestep": t_next, "attributes": a_b,
-                                              "guidance_scale": np.full(b, w, dtype=np.float32)})
+                                              "guidance_scale": np.full(b, guidance, dtype=np.float32)})
                 t = t_next
             out.append(_host(x))
         return np.concatenate(out)
 
-    def encode(self, images, originals: np.ndarray, *, strength: float, protected: Sequence[str],
-               encoding: str = "invert", noise: np.ndarray | None = None) -> np.ndarray:
-        """images -> x_t0 by ``encoding``; ``noise`` replaces the secret noise (tests and verification only)."""
-        check_encoding(encoding)
-        if encoding == "invert":
-            if noise is not None:
-                raise ConfigError("noise=: DDIM inversion takes no noise (only the 'noise' encoding does)")
-            return self.invert(images, originals, strength=strength, protected=protected)
-        self.protected_mask(protected)
+    def add_noise(self, images, *, t0: int, noise) -> np.ndarray:
         x = self._images(images)
         if noise is None:
             noise = np.random.default_rng(secret_seed()).standard_normal(x.shape, dtype=np.float32)
-        if noise.shape != x.shape:
-            raise ValueError(f"noise {noise.shape}: expected the images' shape {x.shape}")
-        a = self.alphas_cumprod[self.timesteps(strength)[-1]]
-        return (np.sqrt(a) * x + np.sqrt(1 - a) * noise).astype(np.float32)
+        a = self.alphas_cumprod[t0]
+        return (np.sqrt(a) * x + np.sqrt(1 - a) * np.asarray(noise)).astype(np.float32)
 
-    def guide_targets(self, targets: np.ndarray, *, protected: Sequence[str]) -> np.ndarray:
-        return targets if self.keep_unprotected else np.where(self.protected_mask(protected), targets, 0.0)
-
-    def regenerate(self, x_t0: np.ndarray, targets: np.ndarray, *, strength: float, protected: Sequence[str],
-                   guidance_factor=1.0, on_step: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
-        """x_t0 (B,3,H,W), targets (B,k) -> edits (B,3,H,W) in [-1,1]. ``on_step(i, n, pred_x0)`` is called after
-        each step with the predicted clean image (live previews; it costs a device-to-host copy on CUDA)."""
-        targets = np.asarray(targets, dtype=np.float32)
-        grid = self.timesteps(strength)
-        factor = np.broadcast_to(np.asarray(guidance_factor, dtype=np.float32), (x_t0.shape[0],))
-        if self.backend == "guided":
-            attrs, scale = self.guide_targets(targets, protected=protected).astype(np.float32), self.classifier_scale
+    def regenerate(self, x_t0, targets, *, timesteps, guidance_factor: np.ndarray, guide_targets,
+                   on_step: OnStep | None = None) -> np.ndarray:
+        grid = list(timesteps)
+        if self.mode == "guided":  # the graph steers by classifier guidance towards its "attributes" input
+            attrs, scale = self.asarray(guide_targets), self.classifier_scale
         else:
-            attrs, scale = targets, self.guidance_scale
+            attrs, scale = self.asarray(targets), self.guidance_scale
         out = []
-        for x, a_b, f in self._chunks(self._images(x_t0), attrs, factor):
+        for x, a_b, f in self._chunks(self._images(x_t0), attrs, guidance_factor):
             b = x.shape[0]
             w = (scale * f).astype(np.float32)
             for i in range(len(grid) - 1, -1, -1):
@@ -320,93 +266,69 @@ class OrtEditor:
                          "attributes": a_b, "guidance_scale": w}
                 x, x0 = self.denoise.run(feeds)
                 if on_step is not None:
-                    on_step(len(grid) - i, len(grid), _host(x0))
+                    on_step(len(grid) - i, len(grid), _host(x0))  # a device-to-host copy on CUDA
             out.append(np.clip(_host(x), -1.0, 1.0))
         return np.concatenate(out)
 
-    def edit(self, images, originals: np.ndarray, targets: np.ndarray, *, strength: float, protected: Sequence[str],
-             guidance_factor=1.0, encoding: str = "invert", noise: np.ndarray | None = None) -> np.ndarray:
-        images = self._images(images)
-        originals, targets = np.asarray(originals, dtype=np.float32), np.asarray(targets, dtype=np.float32)
-        if originals.shape != targets.shape or originals.shape[0] != images.shape[0]:
-            raise ValueError(f"edit: images {images.shape}, originals {originals.shape}, targets {targets.shape} "
-                             f"do not line up as (B,3,H,W), (B,k), (B,k)")
-        x_t0 = self.encode(images, originals, strength=strength, protected=protected, encoding=encoding, noise=noise)
-        return self.regenerate(x_t0, targets, strength=strength, protected=protected, guidance_factor=guidance_factor)
-
-    # -- step 4 ----------------------------------------------------------------------------------------
     def logits(self, images) -> np.ndarray:
-        if self.classifier is None:
-            raise ConfigError("checking an edit needs a classifier; this export has none (`veil export --classifier`)")
         return np.concatenate([_host(self.classifier.run({"images": x})[0]) for (x,) in self._chunks(self._images(images))])
 
-    def shown(self, edited, targets: np.ndarray, *, protected: Sequence[str]) -> np.ndarray:
-        """(B,p): P(the edit shows the released value) per protected attribute, as ``PrivateEditor.shown``."""
-        mask = self.protected_mask(protected)
-        z = self.logits(edited)
-        names = [n for n, m in zip(self.attribute_names, mask) if m]
-        cols = [self.attribute_names.index(n) for n in names]
-        clf = [self.classifier_attribute_names.index(n) for n in names]
-        return 1.0 / (1.0 + np.exp(-z[:, clf] * np.asarray(targets, dtype=np.float32)[:, cols]))
 
-    def edit_checked(self, images, originals: np.ndarray, targets: np.ndarray, *, strength: float,
-                     protected: Sequence[str], encoding: str = "invert") -> CheckedEdits:
-        images = self._images(images)
-        originals, targets = np.asarray(originals, dtype=np.float32), np.asarray(targets, dtype=np.float32)
-        mask = self.protected_mask(protected)
-        b = images.shape[0]
-        out, shown = np.empty_like(images), np.zeros((b, int(mask.sum())), dtype=np.float32)
-        attempts, used_s, used_g = np.zeros(b, dtype=np.int64), np.zeros(b), np.zeros(b)
-        pending = np.arange(b)
-        for k, (s, g) in enumerate(retry_ladder(strength, self.max_retries)):
-            edited = self.edit(images[pending], originals[pending], targets[pending], strength=s, protected=protected,
-                               guidance_factor=g, encoding=encoding)
-            p = self.shown(edited, targets[pending], protected=protected)
-            out[pending], shown[pending] = edited, p
-            attempts[pending], used_s[pending], used_g[pending] = k + 1, s, g
-            pending = pending[~(p >= self.check_threshold).all(axis=1)]
-            if not len(pending):
-                break
-        passed = (shown >= self.check_threshold).all(axis=1)
-        return CheckedEdits(out, shown, passed, attempts, used_s, used_g, self.check_threshold,
-                               tuple(n for n in self.attribute_names if n in set(protected)))
+class OrtEditor(EditPipeline):
+    """The edit pipeline over a ``veil export`` folder: the ``PrivateEditor`` interface on numpy arrays.
 
-    def propose(self, images) -> list[dict[str, dict]]:
-        """Attribute guesses of unlabelled images at t = 0 with their confidence, as ``PrivateEditor.propose``."""
-        z = self.logits(images)
-        rows = []
-        for zr in z:
-            row = {}
-            for n in self.attribute_names:
-                if n in self.classifier_attribute_names:
-                    v = float(zr[self.classifier_attribute_names.index(n)])
-                    row[n] = {"value": 1 if v >= 0 else -1, "confidence": round(float(1 / (1 + np.exp(-abs(v)))), 4)}
-                else:
-                    row[n] = {"value": 0, "confidence": 0.0}
-            rows.append(row)
-        return rows
+    ``num_steps``: DDIM steps (default: the export's); ``keep_unprotected``: default the export's;
+    ``guidance_scale``: classifier-free guidance instead of the export's; ``providers``, ``threads``,
+    ``cache_dir``, ``batch_size``: ``OrtBackend``'s.
+    """
 
-    def __call__(self, images: Sequence[np.ndarray], *, originals: Sequence[Mapping[str, int]],
-                 targets: Sequence[Mapping[str, int]], strength: float, protected: Sequence[str],
-                 check: bool = False, encoding: str = "invert") -> list[np.ndarray]:
-        """The EditFn of ``veil.privacy.session`` (see ``PrivateEditor.__call__``)."""
-        a = np.stack([self.attribute_vector(o) for o in originals])
-        a_new = np.stack([self.attribute_vector(t) for t in targets])
-        x = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-        if check:
-            result = self.edit_checked(x, a, a_new, strength=strength, protected=protected, encoding=encoding)
-            if not bool(result.passed.all()):
-                i = int(np.flatnonzero(~result.passed)[0])
-                raise EditRefused(f"the edit does not show its released values after {int(result.attempts[i])} "
-                                  f"attempts ({result.row(i)['shown']}, threshold {self.check_threshold:g}); "
-                                  f"not released", result)
-            return list(result.images)
-        a_inv = self.inversion_attributes(a, protected=protected)
-        if all(im is images[0] for im in images) and bool((a_inv == a_inv[0]).all()):
-            x_t0 = self.encode(x[:1], a_inv[:1], strength=strength, protected=protected, encoding=encoding)
-            return list(self.regenerate(np.repeat(x_t0, len(images), axis=0), a_new, strength=strength,
-                                        protected=protected))
-        return list(self.edit(x, a, a_new, strength=strength, protected=protected, encoding=encoding))
+    def __init__(self, folder, *, num_steps: int | None = None, providers: str = "auto", threads: int | None = None,
+                 cache_dir: str | Path | None | bool = True, batch_size: int = 64, keep_unprotected: bool | None = None,
+                 check_threshold: float = DEFAULT_CHECK_THRESHOLD, max_retries: int = DEFAULT_MAX_RETRIES,
+                 guidance_scale: float | None = None):
+        check_check_options(check_threshold=check_threshold, max_retries=max_retries)
+        engine = OrtBackend(folder, providers=providers, threads=threads, cache_dir=cache_dir, batch_size=batch_size,
+                            guidance_scale=guidance_scale)
+        meta, g = engine.meta, engine.meta["guidance"]
+        super().__init__(engine, num_steps=int(meta["steps"]["default"] if num_steps is None else num_steps),
+                         inversion_guidance=float(g["inversion_guidance"]),
+                         keep_unprotected=bool(g.get("keep_unprotected", True) if keep_unprotected is None
+                                               else keep_unprotected),
+                         check_threshold=check_threshold, max_retries=max_retries)
+        self.costs, self.model_privacy, self.data_spec = meta.get("costs"), meta.get("model_privacy"), meta.get("data_spec")
+
+    # -- the export's facts (the server reads these) ------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        return self.engine.folder
+
+    @property
+    def meta(self) -> dict:
+        return self.engine.meta
+
+    @property
+    def resolution(self) -> int:
+        return int(self.engine.meta["resolution"])
+
+    @property
+    def provider(self) -> str | None:
+        return self.engine.provider
+
+    @property
+    def threads(self) -> int:
+        return self.engine.threads
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.engine.cache_dir
+
+    @property
+    def classifier_scale(self) -> float:
+        return self.engine.classifier_scale
+
+    @property
+    def classifier_attribute_names(self) -> list[str]:
+        return list(self.engine.classifiers.get("check", []))
 
     def describe(self) -> dict[str, Any]:
         """What runs where: for logs, the CLI summary and the server's health check."""

@@ -143,7 +143,7 @@ def _check_protected(editor, protected, attributes: dict, *, field_name: str = "
     try:
         editor.protected_mask(protected)
     except ConfigError as e:
-        raise ApiError(422, str(e).replace("--protect", field_name), field_name) from None
+        raise ApiError(422, e.phrase(field_name) if e.option else str(e), field_name) from None
     unknown = [p for p in protected if attributes.get(p) not in (-1, 1)]
     if unknown:
         raise ApiError(422, f"{field_name}: {unknown} have no known value (-1 or 1) for this image; set them in "

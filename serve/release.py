@@ -1,11 +1,12 @@
 """What ``accept`` does on the server, and the publishable revision (``veil.serve.app``'s two longer handlers).
 
-``accept_release``: replay a stored answer for a seen idempotency key; refuse a closed session or a release
-the ledger would refuse, before any compute; draw the released attributes from the OS's randomness
-(``veil.privacy.session.draw_release``); run the checked edit on the batcher's worker; then record the
-release, its answer and the session's decision in one transaction (``StateStore.accept``), which replays
-instead if another request with the same key committed first. A refused edit (the checker did not read
-its released values) is recorded and charged, and answered with ``decision: "refused"``.
+``accept_release``: replay a stored answer for a seen idempotency key, refuse a closed session; then one
+``veil.privacy.release.release`` (the release function the edit job and edit sessions use too), on a worker
+thread: a release the ledger would refuse is refused before any compute, the released attributes are drawn
+from the OS's randomness, the checked edit runs on the batcher's worker, and the release, its answer and
+the session's decision are recorded in one transaction (``StateStore.accept_with``'s hook), which replays
+instead if another request with the same key committed first. A refused edit (the checker did not read its
+released values) is recorded and charged, and answered with ``decision: "refused"``.
 
 ``revision_zip``: the latest accepted release of each image as ``publish_revision`` writes it (edited images
 and released attributes only), zipped.
@@ -19,12 +20,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from anyio import from_thread
 from starlette.concurrency import run_in_threadpool
 
-from veil.errors import EditRefused, PrivacyError
+from veil.errors import PrivacyError
 from veil.privacy.levels import PrivacyLevel
+from veil.privacy.release import Edited, Released, release
 from veil.privacy.revision_manifest import RevisionChange, publish_revision, write_revision
-from veil.privacy.session import draw_release
 from veil.serve.errors import ApiError
 from veil.serve.images import data_url, from_png, png_bytes
 from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackResponse
@@ -53,49 +55,43 @@ async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> d
     if not row.protected:
         raise ApiError(422, "protected: choose the attributes to protect (preview first)", "protected")
     lv = level_of(row)
+    x = from_png(row.image_png)
+    check = {"check": True} if editor.can_check else {}
+    cost = {p: lv.epsilon for p in row.protected}
+
+    def edit(targets: list[dict]) -> list[Edited]:  # on release()'s worker thread; the model on the batcher's
+        image = from_thread.run(ctx.batcher.run_exclusive, lambda: editor(
+            [x], originals=[row.attributes], targets=targets, strength=lv.strength, protected=row.protected,
+            encoding=lv.encoding, **check)[0])
+        return [Edited(png_bytes(image))]
+
+    def respond(done: Released) -> dict:
+        record, png = done.record, done.image
+        refusal = None if done.refusal is None else (
+            f"the edit did not show its released values after its re-dos, so it is not released; the draw is "
+            f"charged all the same ({done.refusal[:200]})")
+        published = None if png is None else {
+            "release_id": record.release_id, "image_id": row.image_id, "image": data_url(png),
+            "released_attributes": record.released_attributes, "protected": row.protected, "epsilon": lv.epsilon,
+            "level": lv.to_json(), "cost": cost, "checked": bool(check), "released_at": record.released_at}
+        return FeedbackResponse(action="accept", decision="accepted" if png is not None else "refused",
+                                level=lv.to_json(), release_id=record.release_id, release=published, refusal=refusal,
+                                suggestion=None if png is not None else "start a new session to try again, at a "
+                                                                        "further cost").model_dump()
+
+    def run(hook):  # seed=None: the draw comes from the OS
+        return release(store.ledger, image_ids=[row.image_id], attributes=[row.attributes], protected=row.protected,
+                       level=lv, edit=edit, seed=None, models=editor.costs, hook=hook)
+
     try:
-        await run_in_threadpool(store.check_release, image_id=row.image_id, protected=row.protected,
-                                epsilon=lv.epsilon, published=list(row.attributes))
+        result = await run_in_threadpool(store.accept_with, token, key=key, respond=respond, run=run)
     except PrivacyError:
         replay = await run_in_threadpool(store.replay, token, key)  # the same key, committed by another replica
         if replay is not None:
             return {**replay, "replayed": True}
         raise
-    released, seed = draw_release(image_id=row.image_id, attributes=row.attributes, protected=row.protected,
-                                  epsilon=lv.epsilon, seed=None, release_index=0)  # seed=None: from the OS
-    x = from_png(row.image_png)
-    check = {"check": True} if editor.can_check else {}
-
-    def edit():
-        return editor([x], originals=[row.attributes], targets=[released], strength=lv.strength,
-                      protected=row.protected, encoding=lv.encoding, **check)[0]
-
-    image, refusal = None, None
-    try:
-        image = await ctx.batcher.run_exclusive(edit)
-    except EditRefused as e:
-        refusal = f"the edit did not show its released values after its re-dos, so it is not released; the draw " \
-                  f"is charged all the same ({str(e)[:200]})"
-    outcome = "released" if image is not None else "refused"
-    png = None if image is None else png_bytes(image)
-    cost = {p: lv.epsilon for p in row.protected}
-
-    def respond(record) -> dict:
-        release = None if png is None else {
-            "release_id": record.release_id, "image_id": row.image_id, "image": data_url(png),
-            "released_attributes": released, "protected": row.protected, "epsilon": lv.epsilon,
-            "level": lv.to_json(), "cost": cost, "checked": bool(check), "released_at": record.released_at}
-        return FeedbackResponse(action="accept", decision="accepted" if png is not None else "refused",
-                                level=lv.to_json(), release_id=record.release_id, release=release, refusal=refusal,
-                                suggestion=None if png is not None else "start a new session to try again, at a "
-                                                                        "further cost").model_dump()
-
-    result = await run_in_threadpool(
-        store.accept, token, key=key, image_png=png, respond=respond,
-        release=dict(image_id=row.image_id, protected=row.protected, epsilon=lv.epsilon, strength=lv.strength,
-                     seed=seed, level=lv.name, released_attributes=released, outcome=outcome, models=editor.costs))
     if not result.replayed:
-        ctx.metrics.releases.labels(outcome).inc()
+        ctx.metrics.releases.labels(result.record.outcome).inc()
     return {**result.response, "replayed": result.replayed}
 
 

@@ -1,14 +1,16 @@
 """``veil privacy``: what has been spent on a dataset, its budgets, and a publishable revision (no torch).
 
     veil privacy show --data source=synthetic,seed=0 [--ledger PATH] [--json]
+    veil privacy show --ledger postgresql://veil@db:5432/veil        # the database `veil serve` replicas share
     veil privacy set-budget 4 --reason "four medium releases per attribute" --data source=synthetic,seed=0
     veil privacy set-training-budget 10 --reason "DP training cap" --data source=celeba,root=/data/celeba
     veil privacy publish-revision --revision edits/revision --out edits/published
 
 Each dataset has one privacy database, ``$VEIL_HOME/datasets/<dataset>.sqlite`` (VEIL_HOME defaults
 to ``~/.veil``; ``--ledger PATH`` names another), holding every release and every DP training run on
-it and the budgets (``veil.privacy.ledger``). It is owner-only: it holds the randomized-response
-seeds. ``--data`` locates the dataset: ``source=synthetic,seed=N``, ``source=celeba,root=PATH``,
+it and the budgets (``veil.privacy.ledger``); ``--ledger postgresql://...`` names one on PostgreSQL
+(``veil serve --state``). It is owner-only: it holds the randomized-response seeds. ``--data`` locates
+the dataset: ``source=synthetic,seed=N``, ``source=celeba,root=PATH``,
 ``source=folder,root=PATH``, or a revision folder (its base dataset).
 """
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from veil.cli import epsilon_or_budget
 from veil.errors import ConfigError
-from veil.privacy.ledger import PrivacyLedger, ledger_path_for  # stdlib only; numpy/PIL load in the handlers
+from veil.privacy.db import is_url, redact
+from veil.privacy.ledger import PrivacyLedger, ledger_exists, ledger_path_for  # stdlib (psycopg for a URL) only
 
 _INT_KEYS = ("seed", "num_images", "resolution")
 
@@ -45,18 +48,26 @@ def parse_data(text: str | None) -> dict:
     return spec
 
 
-def _open(args, *, create: bool) -> PrivacyLedger | None:
-    """The database ``--data``/``--ledger`` name; None if it does not exist and ``create`` is False."""
+def _target(args) -> tuple[dict, Path | str]:
+    """(the --data spec, the database: a SQLite path or a postgresql:// URL)."""
     data = parse_data(args.data)
     if not data and not args.ledger:
         raise ConfigError("--data or --ledger: say which dataset's privacy database (e.g. --data source=synthetic,seed=0)")
-    path = Path(args.ledger).expanduser() if args.ledger else ledger_path_for(data)
-    if not create and not path.exists():
+    if args.ledger and is_url(args.ledger):
+        return data, args.ledger
+    return data, Path(args.ledger).expanduser() if args.ledger else ledger_path_for(data)
+
+
+def _open(args, *, create: bool) -> PrivacyLedger | None:
+    """The database ``--data``/``--ledger`` name; None if it does not exist and ``create`` is False."""
+    data, target = _target(args)
+    if not create and not ledger_exists(target):
         return None
-    if not create and path.is_file() and path.stat().st_size == 0:  # SQLite would make it a database: show writes nothing
-        raise ConfigError(f"--ledger {path}: an empty file, not a veil privacy database; give the database veil "
+    if not create and isinstance(target, Path) and target.is_file() and target.stat().st_size == 0:
+        # SQLite would make it a database: show writes nothing
+        raise ConfigError(f"--ledger {target}: an empty file, not a veil privacy database; give the database veil "
                           "made (default $VEIL_HOME/datasets/<dataset>.sqlite)")
-    return PrivacyLedger.for_dataset(data, path=path) if data else PrivacyLedger(path, create=create)
+    return PrivacyLedger.for_dataset(data, path=target) if data else PrivacyLedger(target, create=create)
 
 
 def _eps(x, infinite: str = "unbounded") -> str:
@@ -98,7 +109,8 @@ def _print_summary(s: dict) -> None:
 def _show(args) -> int:
     ledger = _open(args, create=False)
     if ledger is None:
-        path = args.ledger or ledger_path_for(parse_data(args.data))
+        target = _target(args)[1]
+        path = redact(target) if is_url(target) else target
         if args.json:
             print(json.dumps({"database": str(path), "exists": False}))
         else:
@@ -141,7 +153,8 @@ def _publish(args) -> int:
 def _locate(p) -> None:
     p.add_argument("--data", help="the dataset: source=synthetic,seed=N | source=celeba,root=PATH | "
                                   "source=folder,root=PATH, or a revision folder")
-    p.add_argument("--ledger", help="the privacy database itself (default $VEIL_HOME/datasets/<dataset>.sqlite)")
+    p.add_argument("--ledger", help="the privacy database itself (default $VEIL_HOME/datasets/<dataset>.sqlite), "
+                                    "or a postgresql:// URL (the database `veil serve --state` replicas share)")
 
 
 def add_subcommand(sub) -> None:

@@ -58,7 +58,8 @@ def _is_loopback(host: str) -> bool:
 def _serve(args) -> int:
     import uvicorn
 
-    from veil.export.runtime import OrtEditor, read_export_meta
+    from veil.editing.load import load_editor
+    from veil.export.runtime import read_export_meta
     from veil.privacy.ledger import ledger_path_for
     from veil.serve.app import ServeSettings, create_app
     from veil.serve.dataset import FolderDataset
@@ -82,7 +83,8 @@ def _serve(args) -> int:
     settings = ServeSettings(token=token, limits=ImageLimits(max_bytes=args.max_upload_bytes),
                              batching=not args.no_batching, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              preview_every=args.preview_every)
-    editor = OrtEditor(args.export, num_steps=args.steps, providers=args.providers, threads=args.threads)
+    editor = load_editor(args.export, runtime="ort", steps=args.steps, providers=args.providers,
+                         threads=args.threads)
     dataset = None
     if args.dataset is not None:
         dataset = FolderDataset(args.dataset, attribute_names=editor.attribute_names, resolution=editor.resolution,

@@ -21,11 +21,11 @@ __all__ = ["stage_edits", "stage_unlearning", "stage_export", "stage_serve"]
 
 
 def _editor(out: Path, plan: DemoPlan):
-    from veil.lightning_modules.editing.editor import PrivateEditor
+    from veil.editing.load import load_editor
 
     models = out / "models"
-    return PrivateEditor.from_checkpoint(models / "public_unet", classifier=models / "guide",
-                                         classifier_scale=plan.classifier_scale, num_steps=plan.steps)
+    return load_editor(models / "public_unet", classifier=models / "guide", classifier_scale=plan.classifier_scale,
+                       steps=plan.steps)
 
 
 def _published_data(out: Path):
@@ -122,7 +122,7 @@ def _p50_ms(fn, repeats: int) -> float:
 
 def stage_export(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     from veil.export.exporter import export_model
-    from veil.export.runtime import OrtEditor
+    from veil.editing.load import load_editor
     from veil.privacy.levels import LEVELS
 
     import logging
@@ -134,7 +134,7 @@ def stage_export(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     meta = export_model(checkpoint=models / "public_unet", classifier=models / "guide",
                         classifier_scale=plan.classifier_scale, steps=plan.steps, out=target)
     v = meta["verification"]
-    ort, torch_editor = OrtEditor(target), _editor(out, plan)
+    ort, torch_editor = load_editor(target), _editor(out, plan)
     lv, names = LEVELS["medium"], list(ort.attribute_names)
     x = np.zeros((1, 3, ort.resolution, ort.resolution), np.float32)
     a = np.ones((1, len(names)), np.float32)

@@ -9,8 +9,8 @@
         -> DIR/sweep.png (row 0 originals, then one row per level or epsilon; columns = images) and
            DIR/sweep.json, owner-only; previews only: nothing is released and no ledger is opened.
 
-The release logic is the one EditSession uses (privacy.session.draw_release, ledger budget checks),
-batched over images. A release is all-or-nothing, in this order:
+A release is ``veil.privacy.release.release`` (the one EditSession and the server use: budget check,
+draw, edit, record), batched over images. A release is all-or-nothing, in this order:
 
     1. check every option (numbers finite and in range, each naming its flag) and --out (a folder veil
        can write, holding no earlier edit), before anything is loaded;
@@ -30,8 +30,6 @@ So no release is charged without its files, and no file is published without its
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import math
 import os
@@ -43,17 +41,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from veil.errors import CheckpointError, ConfigError, DataError
-from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
 from veil.lightning_modules.data.grid import save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
-from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
-from veil.lightning_modules.diffusion.sample import combined_privacy, default_guidance
 from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, RETRY_GUIDANCE_FACTOR, RETRY_STRENGTH_STEP
-from veil.lightning_modules.editing.editor import PrivateEditor, model_costs
+from veil.editing.load import load_editor
+from veil.editing.pipeline import EditPipeline
 from veil.outputs import check_out_dir, dumps_strict
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
@@ -64,7 +61,7 @@ from veil.privacy.mechanism import (
     privatize,
     secure_seed,
 )
-from veil.privacy.session import draw_release
+from veil.privacy.release import Edited, ReleaseHook, release
 
 __all__ = ["run_edit", "run_sweep", "load_edit_inputs", "DEFAULT_CLASSIFIER_SCALE"]
 
@@ -89,33 +86,18 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     from the denoiser's; ``data`` overrides either. ``editor.costs`` says what the models cost.
 
     ``runtime="ort"``: ``checkpoint`` is a ``veil export`` folder and the editor runs on ONNX Runtime
-    (``veil.export.runtime.OrtEditor``); its classifier, backend, data and costs are the export's."""
+    (``veil.editing.load.load_editor``); its classifier, backend, data and costs are the export's. Either
+    way the editor is an ``EditPipeline``: the job hands it its own arrays (``editor.asarray``)."""
     if runtime not in ("torch", "ort"):
-        raise ConfigError(f"--runtime {runtime!r}: choose torch or ort")
-    if runtime == "ort":
-        if classifier is not None or checker is not None:
-            raise ConfigError("--classifier/--checker: with --runtime ort the export brings its own classifier "
-                              "(`veil export --classifier`); re-export to change it")
-        editor = OrtTensors.load(checkpoint, steps=steps, guidance=guidance, keep_unprotected=keep_unprotected,
-                                 check_threshold=check_threshold, max_retries=max_retries)
-        attribute_names, res, source = editor.attribute_names, editor.resolution, editor.meta.get("data_spec")
-    else:
-        ckpt = load_diffusion_checkpoint(checkpoint, use_ema=use_ema)
-        guide = None
-        if classifier is not None:
-            guide = load_guidance_classifier(classifier, scheduler_config=ckpt.scheduler_config,
-                                             scale=classifier_scale, check_only=classifier_scale == 0)
-        judge = None if checker is None else load_guidance_classifier(
-            checker, scheduler_config=ckpt.scheduler_config, scale=0.0, check_only=True)
-        if guidance is None:
-            guidance = default_guidance(ckpt)
-        editor = PrivateEditor(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, num_steps=steps,
-                               guidance_scale=guidance, guide=guide, checker=judge or guide,
-                               label_free=ckpt.cond_drop_prob == 1.0, keep_unprotected=keep_unprotected,
-                               check_threshold=check_threshold, max_retries=max_retries)
-        source = guide.data_spec if guide is not None and guide.data_spec else ckpt.data_spec
-        attribute_names, res = list(ckpt.attribute_names), ckpt.model.unet.config.sample_size
-    base = {k: v for k, v in (source or {}).items() if k in DATASET_KEYS}
+        raise ConfigError(f"{runtime!r}: choose torch or ort", option="--runtime")
+    if runtime == "ort" and (classifier is not None or checker is not None):
+        raise ConfigError(": with --runtime ort the export brings its own classifier (`veil export --classifier`); "
+                          "re-export to change it", option="--classifier/--checker")
+    editor = load_editor(checkpoint, runtime=runtime, classifier=classifier, checker=checker,
+                         classifier_scale=classifier_scale, steps=steps, guidance=guidance, use_ema=use_ema,
+                         keep_unprotected=keep_unprotected, check_threshold=check_threshold, max_retries=max_retries)
+    attribute_names, res = editor.attribute_names, editor.resolution
+    base = {k: v for k, v in (editor.data_spec or {}).items() if k in DATASET_KEYS}
     spec = {**base, **{k: v for k, v in (data or {}).items() if v is not None}}
     spec["attributes"] = list(attribute_names)
     if spec.setdefault("resolution", res) != res:
@@ -153,51 +135,10 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
             raise ConfigError(f"--ids: {', '.join(twice[:5])} listed twice; name each image once")
         indices = [position[i] for i in ids]
     # What the models themselves cost (their own records): reported with every edit, so a model trained
-    # without DP, or with the not-private reproducible noise, is never presented as a private one.
-    if runtime == "ort":  # the export's records, as `veil export` wrote them
-        return editor, dm, indices, list(protect)
-    editor.model_privacy = combined_privacy(ckpt, guide)
-    editor.costs = model_costs(ckpt, guide, edited=dm.dataset_spec(), checker=judge)
-    if judge is not None:  # its cost is its own; on the same data as another model, the epsilons add
-        check = editor.costs[-1]
-        editor.model_privacy += (f"; check classifier: {check['privacy']} on {check['data']} (on the same data "
-                                 f"as another model, their epsilons and deltas add)")
+    # without DP, or with the not-private reproducible noise, is never presented as a private one (an
+    # export's records are as `veil export` wrote them).
+    editor.costs = editor.models_cost(edited=dm.dataset_spec())
     return editor, dm, indices, list(protect)
-
-
-class OrtTensors:
-    """``OrtEditor`` (numpy, no torch) behind the torch tensors this job passes: converted at the edges."""
-
-    def __init__(self, ort_editor):
-        self.ort = ort_editor
-
-    @classmethod
-    def load(cls, folder, *, steps: int, guidance: float | None, **kwargs) -> "OrtTensors":
-        from veil.export.runtime import OrtEditor
-
-        ort_editor = OrtEditor(folder, num_steps=steps, **kwargs)
-        if guidance is not None:
-            ort_editor.guidance_scale = float(guidance)
-        return cls(ort_editor)
-
-    def __getattr__(self, name):
-        return getattr(self.ort, name)
-
-    def attribute_vector(self, attributes) -> torch.Tensor:
-        return torch.from_numpy(self.ort.attribute_vector(attributes))
-
-    def encode(self, x, a, **kw) -> torch.Tensor:
-        return torch.from_numpy(self.ort.encode(x.numpy(), a.numpy(), **kw))
-
-    def regenerate(self, x_t0, targets, **kw) -> torch.Tensor:
-        return torch.from_numpy(self.ort.regenerate(x_t0.numpy(), targets.numpy(), **kw))
-
-    def edit(self, x, a, targets, **kw) -> torch.Tensor:
-        return torch.from_numpy(self.ort.edit(x.numpy(), a.numpy(), targets.numpy(), **kw))
-
-    def edit_checked(self, x, a, targets, **kw):
-        r = self.ort.edit_checked(x.numpy(), a.numpy(), targets.numpy(), **kw)
-        return dataclasses.replace(r, images=torch.from_numpy(r.images), passed=torch.from_numpy(r.passed))
 
 
 NEEDS_CHECKER = ("--classifier: every released edit is checked to show its released values, and the check needs an "
@@ -206,24 +147,24 @@ NEEDS_CHECKER = ("--classifier: every released edit is checked to show its relea
                  "to release unchecked edits")
 
 
-def _classifier_scale(editor) -> float | None:
-    if isinstance(editor, OrtTensors):
-        return editor.classifier_scale if editor.backend == "guided" else None
-    return editor.guide.scale if editor.guide is not None else None
+def _classifier_scale(editor: EditPipeline) -> float | None:
+    return editor.classifier_scale if editor.backend == "guided" else None
 
 
-def _selected(dataset, indices, names):
-    """ids, images (B,3,H,W), attributes (B,k) and the attributes as dicts of the chosen items."""
+def _selected(editor: EditPipeline, dataset, indices):
+    """ids, images (B,3,H,W), attributes (B,k) (the editor's arrays: torch tensors, or numpy on ONNX Runtime)
+    and the attributes as dicts of the chosen items."""
     items = [dataset[i] for i in indices]
-    x, a = torch.stack([x for x, _ in items]), torch.stack([a for _, a in items])
-    return [dataset.ids[i] for i in indices], x, a, [_as_dict(names, row) for row in a]
+    dicts = [_as_dict(editor.attribute_names, a) for _, a in items]
+    x, a = editor.asarray([x for x, _ in items]), editor.attribute_matrix(dicts)
+    return [dataset.ids[i] for i in indices], x, a, dicts
 
 
 def _load_selected(**inputs):
     """(editor, datamodule, protected, (ids, images, attributes, attribute dicts)): ``load_edit_inputs``
     followed by ``_selected`` on the chosen items, the common start of an edit and a sweep."""
     editor, dm, indices, protected = load_edit_inputs(**inputs)
-    return editor, dm, protected, _selected(dm.dataset, indices, editor.attribute_names)
+    return editor, dm, protected, _selected(editor, dm.dataset, indices)
 
 
 def _as_dict(names, row) -> dict[str, int]:
@@ -231,13 +172,14 @@ def _as_dict(names, row) -> dict[str, int]:
 
 
 def _before_after(originals, edits, path: Path) -> None:
-    """Pairs of rows, 8 images wide: originals above their edits."""
+    """Pairs of rows, 8 images wide: originals above their edits (tensors or arrays)."""
+    originals, edits = np.asarray(originals), np.asarray(edits)
     rows = []
     for i in range(0, len(originals), 8):
         rows += [originals[i : i + 8], edits[i : i + 8]]
     width = min(8, len(originals))
-    pad = lambda r: torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r
-    save_grid(torch.cat([pad(r) for r in rows]), path, nrow=width, scale=max(1, 128 // originals.shape[-1]))
+    pad = lambda r: np.concatenate([r, np.ones((width - len(r), *r.shape[1:]), r.dtype)]) if len(r) < width else r
+    save_grid(np.concatenate([pad(r) for r in rows]), path, nrow=width, scale=max(1, 128 // originals.shape[-1]))
 
 
 def _owner_only(path: Path) -> Path:
@@ -333,9 +275,11 @@ def _unpublish(out: Path, names: Sequence[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _check_finite(images: torch.Tensor, image_ids: Sequence[str], *, guidance: float, what: str) -> None:
-    """CheckpointError if an edit holds NaN or infinite pixels (a broken model, or an extreme guidance)."""
-    bad = [i for i, ok in zip(image_ids, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
+def _check_finite(images, image_ids: Sequence[str], *, guidance: float, what: str) -> None:
+    """CheckpointError if an edit (a tensor or an array) holds NaN or infinite pixels (a broken model, or an
+    extreme guidance)."""
+    finite = np.isfinite(np.asarray(images)).reshape(len(image_ids), -1).all(1)
+    bad = [i for i, ok in zip(image_ids, finite.tolist()) if not ok]
     if bad:
         raise CheckpointError(f"--checkpoint: the model's {what} of {len(bad)} of {len(image_ids)} images (e.g. "
                               f"{bad[0]!r}) is not finite (NaN/inf pixels) at --guidance {guidance:g}; {what}s are "
@@ -408,7 +352,7 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
             raise DataError(f"--ledger {where}: unreadable privacy database ({e}); nothing was released") from None
 
 
-def check_policy(editor: PrivateEditor) -> dict:
+def check_policy(editor: EditPipeline) -> dict:
     """What the check of a release does (edit_report.json, the CLI summary)."""
     return {"enabled": True, "threshold": editor.check_threshold, "max_retries": editor.max_retries,
             "retry": f"strength +{RETRY_STRENGTH_STEP:g} (at most 1) and guidance x{RETRY_GUIDANCE_FACTOR:g} per re-do",
@@ -418,7 +362,7 @@ def check_policy(editor: PrivateEditor) -> dict:
                     ">= threshold"}
 
 
-def release_costs(editor: PrivateEditor, lv, protected: Sequence[str], book: PrivacyLedger) -> dict:
+def release_costs(editor: EditPipeline, lv, protected: Sequence[str], book: PrivacyLedger) -> dict:
     """What an edit costs, in one place: each model's training privacy and the release's own."""
     return {"models": editor.costs, "models_summary": editor.model_privacy,
             "release": {"mechanism": "randomized response", "epsilon_per_protected_attribute": json_epsilon(lv.epsilon),
@@ -429,52 +373,55 @@ def release_costs(editor: PrivateEditor, lv, protected: Sequence[str], book: Pri
 
 def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, protected, image_ids, x, a, originals,
              seed, check: bool, report_head: dict) -> dict:
-    """Steps 3-6 of the module docstring, on the open database ``book``."""
+    """Steps 3-6 of the module docstring, on the open database ``book``, through ``veil.privacy.release.release``
+    (it checks every (image, attribute) before the edit, draws, and records; refusals charged)."""
     names = editor.attribute_names
-    # 3. every (image, attribute) first, so nothing is edited when one would be refused
-    for image_id in image_ids:
-        book.check(image_id=image_id, protected=protected, epsilon=lv.epsilon, published=names)
-    # 4. randomized response per image (fresh stream per release), one batched edit, checked finite and
-    #    (unless --no-check) checked to show the released values, re-done or refused where it does not
-    draws = [draw_release(image_id=i, attributes=o, protected=protected, epsilon=lv.epsilon, seed=seed,
-                          release_index=book.count(i)) for i, o in zip(image_ids, originals)]
-    targets = torch.stack([editor.attribute_vector(r) for r, _ in draws])
-    if check:
-        checked = editor.edit_checked(x, a, targets, strength=lv.strength, protected=protected, encoding=lv.encoding)
-        edited, passed = checked.images, checked.passed.tolist()
-        checks = {i: checked.row(k) for k, i in enumerate(image_ids)}
-    else:
-        edited, passed, checks = editor.edit(x, a, targets, strength=lv.strength, protected=protected,
-                                             encoding=lv.encoding), \
-            [True] * len(image_ids), {}
-    _check_finite(edited, image_ids, guidance=editor.guidance_scale, what="edit")
-    keep = [k for k, ok in enumerate(passed) if ok]
-    # 5. the owner's revision of the edits that passed (it keeps the original attributes unlearning needs:
-    #    owner-only; publish with `veil privacy publish-revision`) and the before/after grid (it shows the
-    #    originals: owner-only), staged
-    changes = [RevisionChange(image_ids[k], originals[k], draws[k][0], protected,
-                              json_epsilon(lv.epsilon, infinite=None), checks.get(image_ids[k], {}).get("strength", lv.strength))
-               for k in keep]
-    try:
-        files = _write_edit(stage, dm=dm, names=names, changes=changes, image_ids=[image_ids[k] for k in keep],
-                            edited=edited[keep], grid=(x, edited))
-    except OSError as e:
-        raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
-                        f"charged") from None
+    checks, files = {}, {}
+
+    # 4. one batched edit towards the draws, checked finite and (unless --no-check) checked to show the released
+    #    values, re-done or refused where it does not; 5. the owner's revision of the edits that passed (it keeps
+    #    the original attributes unlearning needs: owner-only; publish with `veil privacy publish-revision`) and
+    #    the before/after grid (it shows the originals: owner-only), staged
+    def edit(draws: list[dict]) -> list[Edited]:
+        targets = editor.attribute_matrix(draws)  # (B,k), the editor's arrays (torch or numpy)
+        if check:
+            checked = editor.edit_checked(x, a, targets, strength=lv.strength, protected=protected,
+                                          encoding=lv.encoding)
+            edited, passed = checked.images, checked.passed.tolist()
+            checks.update({i: checked.row(k) for k, i in enumerate(image_ids)})
+        else:
+            edited = editor.edit(x, a, targets, strength=lv.strength, protected=protected, encoding=lv.encoding)
+            passed = [True] * len(image_ids)
+        _check_finite(edited, image_ids, guidance=editor.guidance_scale, what="edit")
+        keep = [k for k, ok in enumerate(passed) if ok]
+        changes = [RevisionChange(image_ids[k], originals[k], draws[k], protected,
+                                  json_epsilon(lv.epsilon, infinite=None),
+                                  checks.get(image_ids[k], {}).get("strength", lv.strength)) for k in keep]
+        try:
+            files.update(_write_edit(stage, dm=dm, names=names, changes=changes, image_ids=[image_ids[k] for k in keep],
+                                     edited=edited[keep], grid=(x, edited)))
+        except OSError as e:
+            raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
+                            f"charged") from None
+        return [Edited(edited[k], strength=checks.get(i, {}).get("strength"),
+                       refusal=None if ok else "the check did not read its released values")
+                for k, (i, ok) in enumerate(zip(image_ids, passed))]
+
     report = {}
     costs = release_costs(editor, lv, protected, book)
 
     # 6. the report (it needs the release ids) and the move into OUT, inside the ledger's transaction
-    def publish(records) -> None:
-        spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}
-        images = [{"id": i, "outcome": rec.outcome, "file": files.get(i), "released_attributes": r if ok else None,
+    def publish(tx, released) -> None:
+        spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}  # the new rows count
+        images = [{"id": r.record.image_id, "outcome": r.record.outcome, "file": files.get(r.record.image_id),
+                   "released_attributes": r.released_attributes if r.refusal is None else None,
                    "epsilon": json_epsilon(lv.epsilon), "strength": lv.strength, "encoding": lv.encoding,
-                   "release_id": rec.release_id,
-                   "spent": spent[i], **({"check": checks[i]} if check else {})}
-                  for i, (r, _), rec, ok in zip(image_ids, draws, records, passed)]
+                   "release_id": r.record.release_id, "spent": spent[r.record.image_id],
+                   **({"check": checks[r.record.image_id]} if check else {})} for r in released]
+        n = sum(r.refusal is None for r in released)
         report.update(report_head, ledger=str(book.path), budget=book.budget, cost=costs, revision="revision",
                       grid="before_after.png", owner_only=["revision", "before_after.png"],
-                      released=sum(passed), refused=len(passed) - sum(passed),
+                      released=n, refused=len(released) - n,
                       redone=sum(1 for c in checks.values() if c["attempts"] > 1), images=images)
         try:
             (stage / "edit_report.json").write_text(dumps_strict(report, indent=1) + "\n")
@@ -484,10 +431,8 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                             f"charged") from None
 
     try:
-        book.record_many([dict(image_id=i, protected=protected, epsilon=lv.epsilon,
-                               strength=checks.get(i, {}).get("strength", lv.strength), seed=s, level=lv.name,
-                               released_attributes=r, outcome="released" if ok else "refused", models=editor.costs)
-                          for i, (r, s), ok in zip(image_ids, draws, passed)], before_commit=publish)
+        release(book, image_ids=image_ids, attributes=originals, protected=protected, level=lv, edit=edit, seed=seed,
+                models=editor.costs, hook=ReleaseHook(recorded=publish))
     except BaseException:
         if report:  # published, then the commit failed: take the files back (the releases were rolled back)
             _unpublish(out, EDIT_FILES)
@@ -537,7 +482,7 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
             key = (lv.strength, lv.encoding)
             if key not in inverted:  # the encoding depends on strength only: share it across rows (one noise draw)
                 inverted[key] = editor.encode(x, a, strength=lv.strength, protected=protected, encoding=lv.encoding)
-            targets = torch.stack([editor.attribute_vector(d) for d in draws])
+            targets = editor.attribute_matrix(draws)
             grid.append(editor.regenerate(inverted[key], targets, strength=lv.strength, protected=protected))
             _check_finite(grid[-1], image_ids, guidance=editor.guidance_scale, what="preview")
             table.append({"level": lv.to_json(), "released_attributes": dict(zip(image_ids, draws))})
@@ -549,8 +494,8 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
                   "note": "previews for the data owner only (owner-only files): nothing was released and no ledger "
                           "entry was made; do not share them, together they give the protected values away"}
         try:
-            save_grid(torch.cat(grid), _owner_only_file(stage / "sweep.png"), nrow=len(image_ids),
-                      scale=max(1, 128 // x.shape[-1]))
+            save_grid(np.concatenate([np.asarray(g) for g in grid]), _owner_only_file(stage / "sweep.png"),
+                      nrow=len(image_ids), scale=max(1, 128 // x.shape[-1]))
             _owner_only_file(stage / "sweep.json").write_text(dumps_strict(report, indent=1) + "\n")
             _publish(stage, out, SWEEP_FILES)
         except OSError as e:

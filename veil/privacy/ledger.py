@@ -1,6 +1,7 @@
 """The privacy database of one dataset: every release and every DP training run on it, and its budgets.
 
     ledger = PrivacyLedger.for_dataset({"source": "synthetic", "seed": 0})  # ~/.veil/datasets/synthetic-seed0.sqlite
+    ledger = PrivacyLedger("postgresql://veil@db:5432/veil")          # the one `veil serve` replicas share
     ledger.check(image_id="synth-0-000001", protected=["smiling"], epsilon=2.0, published=names)
     rec = ledger.record(image_id="synth-0-000001", protected=["smiling"], epsilon=2.0, strength=0.55, seed=s,
                         released_attributes={"smiling": -1, "eyeglasses": 1, ...})   # every value it publishes
@@ -10,10 +11,15 @@
     ledger.finish_training_run(run, epsilon=9.98, delta=1e-6, steps=2000)
     ledger.training_spent()                                           # (sum of epsilons, sum of deltas)
 
+A release is made by ``veil.privacy.release.release`` (check, draw, edit, record); ``record_many`` here is
+the one place that writes release rows, for every caller (the edit job, edit sessions, the server).
+
 **One database per dataset.** ``ledger_path_for(spec)`` is ``$VEIL_HOME/datasets/<slug>.sqlite``
 (VEIL_HOME defaults to ``~/.veil``): ``synthetic-seed<N>`` for the synthetic faces (image i depends
 only on (seed, i)), ``<source>-<folder name>-<12 hex of sha256(resolved root)>`` for CelebA and
-folders. A moved folder gets a new database: pass the old one explicitly (``--ledger``).
+folders. A moved folder gets a new database: pass the old one explicitly (``--ledger``). The same
+database can live on PostgreSQL (a ``postgresql://`` URL: ``veil serve`` replicas share one); both go
+through ``veil.privacy.db``, so ``veil privacy show --ledger postgresql://...`` reads the server's releases.
 
 **Releases compose per (image, attribute)** (local DP). A release of an image publishes a value for
 each attribute in its ``released_attributes``: the protected ones through randomized response at
@@ -34,14 +40,14 @@ only by ``set_budget(value, reason=...)`` (likewise ``set_training_budget``), ea
 a writer cannot spend past the stored budget whatever it was started with.
 
 **Secrets.** The database holds each release's randomized-response seed and the released values:
-with the seed, anyone can undo the coin flips. It is created owner-only (file 0600, a new folder
-0700) and must never be shared; ``summary()`` holds no seed.
+with the seed, anyone can undo the coin flips. A SQLite file is created owner-only (file 0600, a new
+folder 0700); a PostgreSQL role should be the owner's and the server's only. ``summary()`` holds no seed.
 
-Durability: WAL journal with ``synchronous=FULL``; check and insert run in one ``BEGIN IMMEDIATE``
-transaction, so two writers (a server and a CLI run) cannot both spend the last of a budget, and a
-writer killed at any point leaves every committed row. Schema 3 (``PRAGMA user_version``); a schema-1
-ledger (releases only, composed per image) or a schema-2 one (no release outcome, no model privacy)
-is migrated in place when opened. Plain stdlib; no torch.
+Durability: check and insert run in one write transaction that locks before it reads (SQLite: ``BEGIN
+IMMEDIATE``; PostgreSQL: an advisory lock per image), so two writers (a server and a CLI run) cannot both
+spend the last of a budget, and a writer killed at any point leaves every committed row. Schema 3
+(``ledger_schema``); a schema-1 ledger (releases only, composed per image) or a schema-2 one (no release
+outcome, no model privacy) is migrated in place when opened. Plain stdlib (psycopg for PostgreSQL); no torch.
 """
 
 from __future__ import annotations
@@ -51,22 +57,25 @@ import json
 import math
 import os
 import socket
-import sqlite3
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from veil.errors import ConfigError, DataError, PrivacyError
-from veil.privacy.ledger_schema import SCHEMA, SCHEMA_VERSION, add_v3_columns, migrate_v1
+from veil.privacy.db import SCHEMA_LOCK, PostgresDatabase, SqliteDatabase, create_owner_only, is_url, open_database, \
+    sqlite_path, utc_now
+from veil.privacy.ledger_schema import SCHEMA_VERSION, log_budget_change, open_schema, read_version
 from veil.privacy.locations import dataset_slug, ledger_path_for, veil_home  # noqa: F401  (re-exported)
 from veil.privacy.mechanism import check_epsilon, json_epsilon
-from veil.privacy.training_runs import TrainingRunsMixin, _now, _TOL
+from veil.privacy.training_runs import TOLERANCE, TrainingRunsMixin
 
 __all__ = ["PrivacyLedger", "ReleaseLedger", "ReleaseRecord", "ledger_path_for", "dataset_slug", "veil_home",
-           "DEFAULT_BUDGET", "SCHEMA_VERSION", "refuse_release"]
+           "DEFAULT_BUDGET", "SCHEMA_VERSION", "refuse_release", "ledger_exists"]
 
 DEFAULT_BUDGET = 8.0  # per (image, attribute): two releases at "low", four at "medium", eight at "high"
+
+_RELEASE_COLUMNS = ("release_id, image_id, protected, epsilon, strength, seed, level, released_attributes, budget,"
+                    " released_at, outcome, models")
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ def _check_budget(value, *, option: str) -> float:
     if value is None:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ConfigError(f"{option}={value!r}: must be a number >= 0 (inf = unlimited)")
+        raise ConfigError(f"={value!r}: must be a number >= 0 (inf = unlimited)", option=option)
     return float(value)
 
 
@@ -112,16 +121,26 @@ def _jnum(x: float | None):
     return None if x is None else json_epsilon(x)
 
 
-def _create_owner_only(path: Path) -> None:
-    """An empty file readable by its owner only (0600), in folders created 0700."""
-    for folder in reversed([p for p in (path.parent, *path.parent.parents) if not p.exists()]):
-        folder.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
+def _release_row(r: Mapping) -> dict:
+    """One release as ``record_many`` takes it, its types checked: ConfigError saying what is wrong."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:  # another writer created it first: fine, it made it 0600 too
-        return
-    os.chmod(path, 0o600)
+        level = r.get("level")
+        released = {str(k): int(v) for k, v in dict(r["released_attributes"]).items()}
+        row = dict(image_id=str(r["image_id"]), protected=[str(p) for p in r["protected"]],
+                   strength=float(r["strength"]), seed=int(r["seed"]), released_attributes=released,
+                   level=level.get("name") if isinstance(level, dict) else level,  # the ledger keeps the level's name
+                   outcome=r.get("outcome", "released"), models=r.get("models"))
+        epsilon = r["epsilon"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"malformed release ({type(e).__name__}: {e}); it needs image_id, protected, epsilon, "
+                          f"strength, seed and released_attributes (level, outcome and models are optional)") from None
+    row["epsilon"] = check_epsilon(epsilon)
+    if not row["protected"] or not set(row["protected"]) <= set(row["released_attributes"]):
+        raise ConfigError(f"release of {row['image_id']!r}: released_attributes {sorted(row['released_attributes'])} "
+                          f"must hold every protected attribute {row['protected']} (and at least one)")
+    if row["outcome"] not in ("released", "refused"):
+        raise ConfigError(f"release of {row['image_id']!r}: outcome {row['outcome']!r} is not released or refused")
+    return row
 
 
 def refuse_release(image_id: str, protected: list[str], eps: float, published: list[str], pending: dict,
@@ -130,7 +149,7 @@ def refuse_release(image_id: str, protected: list[str], eps: float, published: l
 
     ``pair(image_id, name)`` reads [epsilon spent, protected releases, exact releases] of one (image,
     attribute) from the database; ``pending`` holds the pairs read so far, updated by the caller for the
-    rows it has inserted in the same transaction. Shared by ``PrivacyLedger`` and the server's state store.
+    rows it has inserted in the same transaction.
     """
     for name in dict.fromkeys(protected + published):
         if (image_id, name) not in pending:
@@ -145,7 +164,7 @@ def refuse_release(image_id: str, protected: list[str], eps: float, published: l
                 f"release of {image_id!r} refused: it would publish {name!r} exactly (unprotected), but earlier "
                 f"releases of this image protected it (epsilon {spent:g} spent): that would give its true value "
                 f"away; add {name!r} to --protect")
-        if name in protected and spent + eps > budget + _TOL:
+        if name in protected and spent + eps > budget + TOLERANCE:
             raise PrivacyError(
                 f"release of {image_id!r} refused: its attribute {name!r} has spent epsilon {spent:g} of its "
                 f"budget {budget:g}, and this release asks for {eps:g} more ({spent + eps:g} > {budget:g}); "
@@ -153,41 +172,70 @@ def refuse_release(image_id: str, protected: list[str], eps: float, published: l
                 f"`veil privacy set-budget` if that is really intended")
 
 
+def ledger_exists(target) -> bool:
+    """Whether ``target`` (a SQLite path or a PostgreSQL URL) holds a privacy database; creates nothing."""
+    if not is_url(target):
+        return sqlite_path(target).exists()
+    with open_database(target) as db, db.transaction(write=False) as tx:
+        return read_version(tx) > 0
+
+
 class PrivacyLedger(TrainingRunsMixin):
-    """The SQLite privacy database at ``path``: releases, training runs, budgets (see the module docstring).
+    """The privacy database at ``target`` (a SQLite path, or a ``postgresql://`` URL): releases, training runs,
+    budgets (see the module docstring).
 
     ``budget`` is the per-(image, attribute) release budget to store when the database is new (default
     DEFAULT_BUDGET; inf = unlimited); on an existing database it must equal the stored one (PrivacyError:
     change it with ``set_budget``); None keeps the stored one. ``create=False`` refuses a missing database.
+    ``option`` names ``target`` in messages (``--ledger``; the server's ``--state``).
     """
 
-    def __init__(self, path, *, budget: float | None = None, create: bool = True, timeout_s: float = 30.0):
-        self.path = Path(path).expanduser()
-        if self.path.is_dir():
-            raise ConfigError(f"--ledger {self.path}: is a folder; give a file path, e.g. {self.path / 'ledger.sqlite'}")
+    def __init__(self, target, *, budget: float | None = None, create: bool = True, timeout_s: float = 30.0,
+                 option: str = "--ledger"):
         requested = None if budget is None else _check_budget(budget, option="--budget")
-        if not self.path.exists():
-            if not create:
-                raise ConfigError(f"--ledger {self.path}: no privacy database there (nothing was recorded for this "
-                                  f"dataset yet); check --data or --ledger")
-            _create_owner_only(self.path)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so check + insert is one transaction.
-        self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        self.option = option
+        if is_url(target):
+            self._db = PostgresDatabase(str(target), option=option)
+            self.path = self._db.where  # the URL without its password
+        else:
+            self.path = sqlite_path(target)
+            if self.path.is_dir():
+                raise ConfigError(f"{self.path}: is a folder; give a file path, e.g. {self.path / 'ledger.sqlite'}",
+                                  option=option)
+            if not self.path.exists():
+                if not create:
+                    raise ConfigError(f"{self.path}: no privacy database there (nothing was recorded for this "
+                                      f"dataset yet); check --data or --ledger", option=option)
+                create_owner_only(self.path)
+            self._db = SqliteDatabase(self.path, timeout_s=timeout_s)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._open_schema(requested)
-        except sqlite3.DatabaseError as e:
+            self._open_schema(requested, create=create)
+        except self._db.Error as e:
             self._db.close()
-            raise DataError(f"--ledger {self.path}: not a veil privacy database ({e}); give the dataset's "
-                            f"database (a .sqlite file veil made) or leave out --ledger") from None
+            raise DataError(self._unreadable(e)) from None
         except BaseException:
             self._db.close()
             raise
         # it holds secrets (release seeds): owner-only, whoever made it (only once it is known to be a database:
         # a text file given by mistake keeps its mode)
-        if self.path.stat().st_mode & 0o077 and self.path.stat().st_uid == os.getuid():
+        if self._db.backend == "sqlite" and self.path.stat().st_mode & 0o077 and self.path.stat().st_uid == os.getuid():
             os.chmod(self.path, 0o600)
+
+    @property
+    def db(self):
+        """The ``veil.privacy.db.Database`` underneath (a server adds its own tables through it)."""
+        return self._db
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def _unreadable(self, e: Exception) -> str:
+        if self._db.backend == "sqlite":
+            return (f"{self.option} {self.path}: not a veil privacy database ({e}); give the dataset's database (a "
+                    f".sqlite file veil made) or leave out {self.option}")
+        return (f"{self.option} {self.path}: cannot create or read the privacy tables ({str(e).strip()}); check that "
+                f"the role may create tables in this database")
 
     @classmethod
     def for_dataset(cls, data_spec: dict, *, budget: float | None = None, path=None) -> "PrivacyLedger":
@@ -198,58 +246,34 @@ class PrivacyLedger(TrainingRunsMixin):
         if "root" in where:
             where["root"] = str(Path(str(where["root"])).expanduser().resolve())
         try:
-            with ledger._write():
-                ledger._db.execute("INSERT OR IGNORE INTO settings VALUES ('dataset', ?)",
-                                   (json.dumps({"slug": slug, **where}),))
-        except sqlite3.DatabaseError as e:  # damaged past the pages read when opening
+            with ledger._write() as tx:
+                tx.execute("INSERT INTO settings (key, value) VALUES ('dataset', ?) ON CONFLICT (key) DO NOTHING",
+                           (json.dumps({"slug": slug, **where}),))
+        except ledger._db.Error as e:  # damaged past the pages read when opening
             ledger.close()
-            raise DataError(f"--ledger {ledger.path}: damaged privacy database ({e}); restore it from a backup "
-                            f"(it holds every release of the dataset)") from None
+            raise DataError(f"{ledger.option} {ledger.path}: damaged privacy database ({e}); restore it from a "
+                            f"backup (it holds every release of the dataset)") from None
         except BaseException:
             ledger.close()
             raise
         return ledger
 
     # -- schema and settings ----------------------------------------------------------------------
-    @contextmanager
-    def _write(self):
-        self._db.execute("BEGIN IMMEDIATE")  # the write lock, before reading what has been spent
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _write(self, *locks: str):
+        """A write transaction (``veil.privacy.db``): SQLite's write lock, or PostgreSQL advisory locks on ``locks``."""
+        return self._db.transaction(locks=locks)
 
-    def _open_schema(self, requested: float | None) -> None:
-        with self._write():
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if version > SCHEMA_VERSION:
-                raise DataError(f"--ledger {self.path}: schema {version} was written by a newer veil "
-                                f"(this one reads up to {SCHEMA_VERSION}); upgrade veil")
-            if 2 <= version < SCHEMA_VERSION:
-                add_v3_columns(self._db)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version < SCHEMA_VERSION:
-                legacy = "releases" in tables
-                for statement in SCHEMA.split(";"):  # not executescript: it would commit mid-transaction
-                    self._db.execute(statement)
-                value = DEFAULT_BUDGET if requested is None else requested
-                why = "set when the database was created"
-                if legacy:
-                    add_v3_columns(self._db)
-                    why = migrate_v1(self._db)
-                self._db.execute("INSERT INTO settings VALUES ('release_budget', ?), ('training_budget', 'null'),"
-                                 " ('created_at', ?)", (json.dumps(None if math.isinf(value) else value), json.dumps(_now())))
-                self._log_change("release", None, value, why)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif requested is not None and not math.isclose(requested, self._budget(), rel_tol=0, abs_tol=_TOL):
-                raise PrivacyError(
-                    f"--budget {requested:g}: the privacy database {self.path} holds the release budget "
-                    f"{self._budget():g} per image and attribute; a dataset's budget is set once, and changing it "
-                    f"is an explicit, recorded act: `veil privacy set-budget {requested:g} --reason \"...\" "
-                    f"--ledger {self.path}`; or leave out --budget to use the stored one")
+    def _open_schema(self, requested: float | None, *, create: bool) -> None:
+        with self._write(SCHEMA_LOCK) as tx:
+            stored = open_schema(tx, requested=requested, default=DEFAULT_BUDGET, create=create, option=self.option,
+                                 where=self.path, who=_who())
+        if stored is not None and requested is not None and not math.isclose(requested, stored, rel_tol=0,
+                                                                               abs_tol=TOLERANCE):
+            raise PrivacyError(
+                f"--budget {requested:g}: the privacy database {self.path} holds the release budget "
+                f"{stored:g} per image and attribute; a dataset's budget is set once, and changing it "
+                f"is an explicit, recorded act: `veil privacy set-budget {requested:g} --reason \"...\" "
+                f"--ledger {self.path}`; or leave out --budget to use the stored one")
 
     def _setting(self, key: str):
         row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
@@ -259,21 +283,17 @@ class PrivacyLedger(TrainingRunsMixin):
         value = self._setting("release_budget")
         return math.inf if value is None else float(value)
 
-    def _log_change(self, which: str, old: float | None, new: float, reason: str) -> None:
-        self._db.execute("INSERT INTO budget_changes (budget, old_value, new_value, reason, changed_by, changed_at)"
-                         " VALUES (?, ?, ?, ?, ?, ?)", (which, old, new, reason, _who(), _now()))
-
     def _set(self, which: str, value, reason: str) -> None:
         new = _check_budget(value, option="set-budget" if which == "release" else "set-training-budget")
         if not isinstance(reason, str) or not reason.strip():
             raise ConfigError("--reason: say why the budget changes (it is recorded with the change)")
         key = f"{which}_budget"
-        with self._write():
+        with self._write(f"veil:{key}") as tx:
             old = self._setting(key)
             old = math.inf if old is None else float(old)
-            self._db.execute("UPDATE settings SET value = ? WHERE key = ?",
-                             (json.dumps(None if math.isinf(new) else new), key))
-            self._log_change(which, old, new, reason.strip())
+            tx.execute("UPDATE settings SET value = ? WHERE key = ?",
+                       (json.dumps(None if math.isinf(new) else new), key))
+            log_budget_change(tx, which, old, new, reason.strip(), who=_who())
 
     @property
     def budget(self) -> float | None:
@@ -303,8 +323,8 @@ class PrivacyLedger(TrainingRunsMixin):
     def _pair(self, image_id: str, attribute: str) -> list:
         """[epsilon spent, protected releases, exact releases] of one (image, attribute)."""
         spent, protected, n = self._db.execute(
-            "SELECT TOTAL(epsilon), COUNT(epsilon), COUNT(*) FROM attribute_spends WHERE image_id = ? AND attribute = ?",
-            (image_id, attribute)).fetchone()
+            "SELECT COALESCE(SUM(epsilon), 0), COUNT(epsilon), COUNT(*) FROM attribute_spends"
+            " WHERE image_id = ? AND attribute = ?", (image_id, attribute)).fetchone()
         return [float(spent), int(protected), int(n) - int(protected)]
 
     def spent(self, image_id: str, attribute: str) -> float:
@@ -313,8 +333,8 @@ class PrivacyLedger(TrainingRunsMixin):
 
     def spends(self, image_id: str) -> dict[str, float]:
         """{attribute: epsilon spent} over the attributes of ``image_id`` that some release protected."""
-        rows = self._db.execute("SELECT attribute, TOTAL(epsilon) FROM attribute_spends WHERE image_id = ? AND "
-                                "epsilon IS NOT NULL GROUP BY attribute ORDER BY attribute", (str(image_id),))
+        rows = self._db.execute("SELECT attribute, COALESCE(SUM(epsilon), 0) FROM attribute_spends WHERE image_id = ?"
+                                " AND epsilon IS NOT NULL GROUP BY attribute ORDER BY attribute", (str(image_id),))
         return {a: float(s) for a, s in rows}
 
     def remaining(self, image_id: str, attribute: str) -> float:
@@ -326,7 +346,7 @@ class PrivacyLedger(TrainingRunsMixin):
 
     def releases(self, image_id: str | None = None) -> list[ReleaseRecord]:
         """Every release (of ``image_id`` if given), oldest first."""
-        sql, args = "SELECT * FROM releases", ()
+        sql, args = f"SELECT {_RELEASE_COLUMNS} FROM releases", ()
         if image_id is not None:
             sql, args = sql + " WHERE image_id = ?", (image_id,)
         return [self._row_to_record(r) for r in self._db.execute(sql + " ORDER BY release_id", args)]
@@ -346,46 +366,45 @@ class PrivacyLedger(TrainingRunsMixin):
                                       seed=seed, level=level, released_attributes=released_attributes,
                                       outcome=outcome, models=models)])[0]
 
-    def record_many(self, releases: Iterable[Mapping], *,
-                    before_commit: Callable[[list[ReleaseRecord]], None] | None = None) -> list[ReleaseRecord]:
-        """Append several releases in one transaction: all are committed, or none (PrivacyError).
+    def record_many(self, releases: Iterable[Mapping], *, opened: Callable | None = None,
+                    before_commit: Callable | None = None) -> list[ReleaseRecord]:
+        """Append several releases in one transaction: all are committed, or none (PrivacyError). The one place
+        that writes release rows.
 
-        ``before_commit(records)`` runs inside the transaction once the rows are in (``spent`` already
-        counts them): a caller publishes the release's files there, so that if publishing raises, the
-        releases are rolled back and nothing is charged (``veil edit``'s all-or-nothing release).
+        The transaction locks each release's image first. ``opened(tx)`` runs next, before the budget is read
+        (a caller's own checks: raise to write nothing); ``before_commit(tx, records)`` runs last, once the rows
+        are in (``spent`` already counts them): a caller adds its own rows there, or publishes the release's
+        files, so that if it raises the releases are rolled back and nothing is charged.
         """
-        releases, ids, now = list(releases), [], _now()
-        with self._write():
+        rows, ids, now = [_release_row(r) for r in releases], [], utc_now()
+        with self._write(*sorted({r["image_id"] for r in rows})) as tx:
+            if opened is not None:
+                opened(tx)
             budget, pending = self._budget(), {}
-            for r in releases:
-                image_id, protected, eps = str(r["image_id"]), [str(p) for p in r["protected"]], check_epsilon(r["epsilon"])
-                released = {str(k): int(v) for k, v in dict(r["released_attributes"]).items()}
-                if not protected or not set(protected) <= set(released):
-                    raise ConfigError(f"release of {image_id!r}: released_attributes {sorted(released)} must hold "
-                                      f"every protected attribute {protected} (and at least one)")
-                if r.get("outcome", "released") not in ("released", "refused"):
-                    raise ConfigError(f"release of {image_id!r}: outcome {r['outcome']!r} is not released or refused")
+            for r in rows:
+                image_id, protected, eps = r["image_id"], r["protected"], r["epsilon"]
+                released = r["released_attributes"]
                 self._refuse(image_id, protected, eps, list(released), pending, budget)
-                cur = self._db.execute(
+                ids.append(tx.insert(
                     "INSERT INTO releases (image_id, protected, epsilon, strength, seed, level, released_attributes,"
                     " budget, released_at, outcome, models) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, json.dumps(protected), eps, float(r["strength"]), int(r["seed"]), r.get("level"),
-                     json.dumps(released), None if math.isinf(budget) else budget, now, r.get("outcome", "released"),
-                     None if r.get("models") is None else json.dumps(r["models"])))
-                ids.append(cur.lastrowid)
+                    (image_id, json.dumps(protected), eps, r["strength"], r["seed"], r["level"], json.dumps(released),
+                     None if math.isinf(budget) else budget, now, r["outcome"],
+                     None if r["models"] is None else json.dumps(r["models"])), returning="release_id"))
                 for name in released:
                     cost = eps if name in protected else None
-                    self._db.execute("INSERT INTO attribute_spends VALUES (?, ?, ?, ?)", (ids[-1], image_id, name, cost))
+                    tx.execute("INSERT INTO attribute_spends (release_id, image_id, attribute, epsilon)"
+                               " VALUES (?, ?, ?, ?)", (ids[-1], image_id, name, cost))
                     pair = pending[image_id, name]  # [spent, protected releases, exact releases], for the next row
                     if cost is None:
                         pair[2] += 1
                     else:
                         pair[0], pair[1] = pair[0] + cost, pair[1] + 1
             marks = ",".join("?" * len(ids))
-            rows = self._db.execute(f"SELECT * FROM releases WHERE release_id IN ({marks}) ORDER BY release_id", ids)
-            records = [self._row_to_record(r) for r in rows]
+            records = [self._row_to_record(r) for r in tx.execute(
+                f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE release_id IN ({marks}) ORDER BY release_id", ids)]
             if before_commit is not None:
-                before_commit(records)
+                before_commit(tx, records)
         return records
 
     def _refuse(self, image_id: str, protected: list[str], eps: float, published: list[str], pending: dict,
@@ -401,25 +420,27 @@ class PrivacyLedger(TrainingRunsMixin):
                 for r in self.training_runs()]
         per_attribute = {}
         for name, images, n, top, full, exact in self._db.execute(
-                "SELECT attribute, SUM(n > 0), SUM(n), MAX(spent), SUM(n > 0 AND spent >= ? - 1e-12), SUM(exact > 0)"
-                " FROM (SELECT image_id, attribute, TOTAL(epsilon) AS spent, COUNT(epsilon) AS n,"
-                " COUNT(*) - COUNT(epsilon) AS exact FROM attribute_spends GROUP BY image_id, attribute)"
-                " GROUP BY attribute ORDER BY attribute", (budget,)):
-            per_attribute[name] = {"images_protected": images, "protected_releases": n, "max_spent": _jnum(top),
-                                   "at_budget": full, "images_published_exactly": exact}
-        top = self._db.execute("SELECT MAX(spent) FROM (SELECT TOTAL(epsilon) AS spent FROM attribute_spends"
-                               " WHERE epsilon IS NOT NULL GROUP BY image_id, attribute)").fetchone()[0] or 0.0
+                "SELECT attribute, SUM(CASE WHEN n > 0 THEN 1 ELSE 0 END), SUM(n), MAX(spent),"
+                " SUM(CASE WHEN n > 0 AND spent >= ? THEN 1 ELSE 0 END), SUM(CASE WHEN exact > 0 THEN 1 ELSE 0 END)"
+                " FROM (SELECT image_id, attribute, COALESCE(SUM(epsilon), 0) AS spent, COUNT(epsilon) AS n,"
+                " COUNT(*) - COUNT(epsilon) AS exact FROM attribute_spends GROUP BY image_id, attribute) AS pairs"
+                " GROUP BY attribute ORDER BY attribute", (budget - 1e-12,)):
+            per_attribute[name] = {"images_protected": int(images), "protected_releases": int(n),
+                                   "max_spent": _jnum(float(top)), "at_budget": int(full),
+                                   "images_published_exactly": int(exact)}
+        top = self._db.execute("SELECT MAX(spent) FROM (SELECT COALESCE(SUM(epsilon), 0) AS spent FROM attribute_spends"
+                               " WHERE epsilon IS NOT NULL GROUP BY image_id, attribute) AS pairs").fetchone()[0] or 0.0
+        count = lambda sql: int(self._db.execute(sql).fetchone()[0])  # noqa: E731
         return {
             "database": str(self.path), "schema": SCHEMA_VERSION, "dataset": self._setting("dataset"),
             "budget_changes": self.budget_changes(),
             "training": {"composition": "basic: epsilons add, deltas add", "runs": runs, "epsilon": _jnum(eps),
                          "delta": delta, "budget": _jnum(cap), "left": None if cap is None else _jnum(cap - eps)},
             "releases": {"composition": "per (image, attribute): the epsilons of the releases that protected it add",
-                         "releases": self._db.execute("SELECT COUNT(*) FROM releases").fetchone()[0],
-                         "refused": self._db.execute("SELECT COUNT(*) FROM releases WHERE outcome = 'refused'")
-                         .fetchone()[0],
-                         "images": self._db.execute("SELECT COUNT(DISTINCT image_id) FROM releases").fetchone()[0],
-                         "budget": _jnum(budget), "max_spent": _jnum(top), "least_left": _jnum(budget - top),
+                         "releases": count("SELECT COUNT(*) FROM releases"),
+                         "refused": count("SELECT COUNT(*) FROM releases WHERE outcome = 'refused'"),
+                         "images": count("SELECT COUNT(DISTINCT image_id) FROM releases"),
+                         "budget": _jnum(budget), "max_spent": _jnum(float(top)), "least_left": _jnum(budget - top),
                          "attributes": per_attribute},
         }
 
@@ -427,13 +448,13 @@ class PrivacyLedger(TrainingRunsMixin):
     @staticmethod
     def _row_to_record(row) -> ReleaseRecord:
         rid, image_id, protected, eps, strength, seed, level, attrs, budget, at, outcome, models = row
-        return ReleaseRecord(rid, image_id, json.loads(protected), float(eps), float(strength), int(seed), level,
+        return ReleaseRecord(int(rid), image_id, json.loads(protected), float(eps), float(strength), int(seed), level,
                              None if attrs is None else json.loads(attrs), budget, at, outcome,
                              None if models is None else json.loads(models))
 
     def integrity_check(self) -> str:
-        """SQLite's own consistency check: 'ok' for a sound database."""
-        return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        """The database's own consistency check: 'ok' for a sound database (SQLite's integrity_check)."""
+        return self._db.integrity_check()
 
     def close(self) -> None:
         self._db.close()

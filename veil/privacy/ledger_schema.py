@@ -1,17 +1,23 @@
-"""The schema of a dataset's privacy database (``ledger.PrivacyLedger``), and the upgrade from schema 1.
+"""The schema of a dataset's privacy database (``ledger.PrivacyLedger``), its version, and the upgrades.
 
-Schema 3 (``PRAGMA user_version``): ``releases`` (one row per release, with its SECRET
-randomized-response seed, its ``outcome``, released or refused, and the training privacy of the
-``models`` that made the edit), ``attribute_spends`` (what each release spent per (image, attribute):
-epsilon, or NULL for a value published exactly), ``settings`` (the budgets, the dataset),
-``budget_changes`` (every change: old, new, reason, who, when) and ``training_runs``
-(``training_runs.TrainingRunsMixin``). Schema 1 held only ``releases``, composed per image; schema 2 lacked
-``outcome`` and ``models``; both are migrated in place when opened. Plain stdlib.
+Schema 3: ``releases`` (one row per release, with its SECRET randomized-response seed, its ``outcome``,
+released or refused, and the training privacy of the ``models`` that made the edit), ``attribute_spends``
+(what each release spent per (image, attribute): epsilon, or NULL for a value published exactly),
+``settings`` (the budgets, the dataset), ``budget_changes`` (every change: old, new, reason, who, when) and
+``training_runs`` (``training_runs.TrainingRunsMixin``). Written once, in SQLite's dialect; ``veil.privacy.db``
+derives PostgreSQL's types. The version is SQLite's ``PRAGMA user_version``, or the ``settings`` row
+``schema`` on PostgreSQL (``read_version``/``write_version``). Schema 1 held only ``releases``, composed per
+image; schema 2 lacked ``outcome`` and ``models``; both existed only as SQLite files and are migrated in
+place when opened. Plain stdlib.
 """
 
 from __future__ import annotations
 
 import json
+import math
+
+from veil.errors import ConfigError, DataError
+from veil.privacy.db import utc_now
 
 SCHEMA_VERSION = 3
 
@@ -66,28 +72,84 @@ CREATE TABLE IF NOT EXISTS training_runs (
 """
 
 
-def migrate_v1(db) -> str:
-    """Schema 1 (releases composed per image) -> 2: re-read every release per (image, attribute)."""
-    rows = db.execute("SELECT release_id, image_id, protected, epsilon, released_attributes FROM releases")
-    n = 0
-    for rid, image_id, protected, eps, released in rows.fetchall():
+def read_version(tx) -> int:
+    """The schema version of the database ``tx`` is open on (0: no schema yet)."""
+    if tx.backend == "sqlite":
+        return int(tx.execute("PRAGMA user_version").fetchone()[0])
+    if "settings" not in tx.tables():
+        return 0
+    row = tx.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def write_version(tx, version: int) -> None:
+    if tx.backend == "sqlite":
+        tx.execute(f"PRAGMA user_version = {int(version)}")
+    else:
+        tx.execute("INSERT INTO settings (key, value) VALUES ('schema', ?) ON CONFLICT (key) DO UPDATE"
+                   " SET value = excluded.value", (str(int(version)),))
+
+
+def migrate_v1(tx) -> str:
+    """Schema 1 (releases composed per image) -> 2: re-read every release per (image, attribute). SQLite only."""
+    rows = tx.execute("SELECT release_id, image_id, protected, epsilon, released_attributes FROM releases").fetchall()
+    for rid, image_id, protected, eps, released in rows:
         protected = json.loads(protected)
         exact = [a for a in json.loads(released or "{}") if a not in protected]
-        db.executemany("INSERT INTO attribute_spends VALUES (?, ?, ?, ?)",
-                   [(rid, image_id, a, eps) for a in protected] + [(rid, image_id, a, None) for a in exact])
-        n += 1
-    return f"migrated from a schema-1 ledger ({n} releases re-read per image and attribute)"
+        for a, spent in [(a, eps) for a in protected] + [(a, None) for a in exact]:
+            tx.execute("INSERT INTO attribute_spends VALUES (?, ?, ?, ?)", (rid, image_id, a, spent))
+    return f"migrated from a schema-1 ledger ({len(rows)} releases re-read per image and attribute)"
 
 
 V3_COLUMNS = {"outcome": "TEXT NOT NULL DEFAULT 'released' CHECK (outcome IN ('released', 'refused'))",
               "models": "TEXT"}
 
 
-def add_v3_columns(db) -> str | None:
+def add_v3_columns(tx) -> str | None:
     """Schema 1 or 2 -> 3: add ``releases.outcome`` (earlier rows: released) and ``releases.models``
-    (earlier rows: NULL, not recorded). Returns what was done, or None if nothing was missing."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(releases)")}
+    (earlier rows: NULL, not recorded). Returns what was done, or None if nothing was missing. SQLite only."""
+    have = {row[1] for row in tx.execute("PRAGMA table_info(releases)")}
     missing = [c for c in V3_COLUMNS if c not in have]
     for column in missing:
-        db.execute(f"ALTER TABLE releases ADD COLUMN {column} {V3_COLUMNS[column]}")
+        tx.execute(f"ALTER TABLE releases ADD COLUMN {column} {V3_COLUMNS[column]}")
     return f"added {', '.join(missing)} to releases (schema 3)" if missing else None
+
+
+def log_budget_change(tx, which: str, old: float | None, new: float, reason: str, *, who: str) -> None:
+    """A row of ``budget_changes``: the ``which`` ("release" | "training") budget went from ``old`` to ``new``."""
+    tx.execute("INSERT INTO budget_changes (budget, old_value, new_value, reason, changed_by, changed_at)"
+               " VALUES (?, ?, ?, ?, ?, ?)", (which, old, new, reason, who, utc_now()))
+
+
+def open_schema(tx, *, requested: float | None, default: float, create: bool, option: str, where, who: str):
+    """Create, upgrade or read the schema inside ``tx`` (the caller holds the schema lock). A new database
+    stores the release budget ``requested`` (None: ``default``; inf = unlimited) and returns None, as does an
+    upgraded one; an existing one returns its stored release budget (inf = unlimited), to compare.
+    ``create=False`` refuses a PostgreSQL database without the tables (ConfigError naming ``option``); a
+    newer schema is a DataError."""
+    version, tables = read_version(tx), tx.tables()
+    if version > SCHEMA_VERSION:
+        raise DataError(f"{option} {where}: schema {version} was written by a newer veil "
+                        f"(this one reads up to {SCHEMA_VERSION}); upgrade veil")
+    if version == 0 and not create and tx.backend == "postgresql":
+        raise ConfigError(f"{where}: no privacy database there (nothing was recorded in this database yet); "
+                          f"check --ledger", option=option)
+    if 2 <= version < SCHEMA_VERSION:
+        add_v3_columns(tx)
+        write_version(tx, SCHEMA_VERSION)
+        return None
+    if version == SCHEMA_VERSION:
+        row = tx.execute("SELECT value FROM settings WHERE key = 'release_budget'").fetchone()
+        return math.inf if row is None or json.loads(row[0]) is None else float(json.loads(row[0]))
+    legacy = tx.backend == "sqlite" and "releases" in tables  # schema 1 (SQLite only)
+    tx.run_ddl(SCHEMA)
+    value = default if requested is None else requested
+    why = "set when the database was created"
+    if legacy:
+        add_v3_columns(tx)
+        why = migrate_v1(tx)
+    tx.execute("INSERT INTO settings (key, value) VALUES ('release_budget', ?), ('training_budget', 'null'),"
+               " ('created_at', ?)", (json.dumps(None if math.isinf(value) else value), json.dumps(utc_now())))
+    log_budget_change(tx, "release", None, value, why, who=who)
+    write_version(tx, SCHEMA_VERSION)
+    return None

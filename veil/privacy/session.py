@@ -26,8 +26,9 @@ editor without a check releases unchecked, and the release says so (``Release.ch
 The session is plain Python (no torch): the edit is injected as an ``EditFn`` (PrivateEditor in
 veil.lightning_modules.editing.editor, or an ONNX Runtime editor in serving), and images are whatever
 that editor takes and returns. The editor is told which attributes are protected: its inversion must
-not see their true values. ``draw_release`` is the one place where a release's attributes
-are drawn; the batch CLI uses it too.
+not see their true values. ``accept`` releases through ``veil.privacy.release.release``, the one release
+function (the edit job and the server call it too); a second accept raises ``SessionClosed``, as the
+server does.
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ from typing import Any, Mapping, Protocol, Sequence
 from veil.errors import ConfigError, EditRefused, PrivacyError
 from veil.privacy.ledger import PrivacyLedger, ReleaseRecord
 from veil.privacy.levels import PrivacyLevel, less_private, more_private, resolve_level
-from veil.privacy.mechanism import (
-    derive_seed,
-    outcome_probability,
-    privatize,
-    secure_seed,
-)
+from veil.privacy.mechanism import derive_seed, outcome_probability, privatize, secure_seed
+from veil.privacy.release import Edited, draw_release, release
 
-__all__ = ["EditFn", "Candidate", "Release", "FeedbackOutcome", "EditSession", "draw_release", "ACTIONS"]
+__all__ = ["EditFn", "Candidate", "Release", "FeedbackOutcome", "EditSession", "SessionClosed", "draw_release",
+           "ACTIONS"]
 
 ACTIONS = ("more_private", "less_private", "accept", "reject")
+
+
+class SessionClosed(PrivacyError):
+    """The session was already decided (accepted, refused or rejected): a session releases at most once, so a
+    second accept is refused; start a new session to release again (at a further cost)."""
 
 
 class EditFn(Protocol):
@@ -92,18 +95,6 @@ class FeedbackOutcome:
     level: PrivacyLevel
     decision: str | None  # None while open, then "accepted", "refused" (the edit failed its check) or "rejected"
     release: Release | None = None
-
-
-def draw_release(*, image_id: str, attributes: Mapping[str, int], protected: Sequence[str], epsilon: float,
-                 seed: int | None, release_index: int) -> tuple[dict[str, int], int]:
-    """Released attributes for one release and the seed that drew them.
-
-    ``seed=None`` (the default everywhere) draws from the OS, so nobody can redo the coin flips.
-    A given seed is reproducible: the stream is derived from (seed, image_id, release_index), so each
-    release of an image draws afresh. Keep such a seed secret: whoever knows it can undo the mechanism.
-    """
-    used = secure_seed() if seed is None else derive_seed(seed, image_id, "release", release_index)
-    return privatize(attributes, protected=protected, epsilon=epsilon, rng=random.Random(used)), used
 
 
 class EditSession:
@@ -154,8 +145,8 @@ class EditSession:
             raise ConfigError(f"feedback {action!r}: choose one of {list(ACTIONS)}")
         if self.decision is not None:
             if action == "accept" and self.decision == "accepted":
-                raise PrivacyError(f"{self.image_id!r} was already released in this session; a session releases "
-                                   f"exactly one edit (start a new session to release again, at a further cost)")
+                raise SessionClosed(f"{self.image_id!r} was already released in this session; a session releases "
+                                    f"exactly one edit (start a new session to release again, at a further cost)")
             raise ConfigError(f"session for {self.image_id!r} is closed ({self.decision}); start a new one")
         release = None
         if action == "more_private":
@@ -177,25 +168,23 @@ class EditSession:
         return outcome.release
 
     def _accept(self) -> Release | None:
+        """One release (``veil.privacy.release.release``): budget checked before the edit, a fresh draw, the
+        edit checked where the editor can; a refused edit is recorded and charged, and closes the session."""
         lv = self.level
-        self.ledger.check(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon,
-                          published=list(self.attributes))  # refuse before spending compute
-        released, seed = draw_release(image_id=self.image_id, attributes=self.attributes, protected=self.protected,
-                                      epsilon=lv.epsilon, seed=self.seed, release_index=self.ledger.count(self.image_id))
         checked = bool(getattr(self.editor, "can_check", False))
-        row = dict(image_id=self.image_id, protected=self.protected, epsilon=lv.epsilon, strength=lv.strength,
-                   seed=seed, level=lv.name, released_attributes=released, models=getattr(self.editor, "costs", None))
-        try:
-            image = self.editor([self.image], originals=[self.attributes], targets=[released], strength=lv.strength,
-                                protected=list(self.protected), encoding=lv.encoding,
-                                **({"check": True} if checked else {}))[0]
-        except EditRefused as e:
-            self.ledger.record(**row, outcome="refused")  # charged: the draw happened and the refusal depends on it
-            self.decision, self.refusal = "refused", f"{self.image_id!r}: {e}"
+
+        def edit(targets):
+            return [Edited(self.editor([self.image], originals=[self.attributes], targets=targets, strength=lv.strength,
+                                       protected=list(self.protected), encoding=lv.encoding,
+                                       **({"check": True} if checked else {}))[0])]
+
+        [done] = release(self.ledger, image_ids=[self.image_id], attributes=[self.attributes], protected=self.protected,
+                         level=lv, edit=edit, seed=self.seed, models=getattr(self.editor, "costs", None))
+        if done.refusal is not None:  # charged: the draw happened and the refusal depends on it
+            self.decision, self.refusal = "refused", f"{self.image_id!r}: {done.refusal}"
             return None
-        record = self.ledger.record(**row)
         self.decision = "accepted"
-        self.release = Release(record, image, dict(self.attributes), released, checked)
+        self.release = Release(done.record, done.image, dict(self.attributes), done.released_attributes, checked)
         return self.release
 
     def state(self) -> dict:

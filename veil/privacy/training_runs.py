@@ -5,28 +5,26 @@ planned epsilon) before its first step, reopened by a resume, finished or failed
 Runs compose by basic composition, (sum of epsilons, sum of deltas); a non-private run, or one with
 no epsilon bound, makes the sum infinite; a running run counts its planned epsilon, a failed one the
 larger of planned and reported (its noisy checkpoints exist). The optional training budget caps the
-sum and is checked, inside the write transaction, before a run starts or resumes. Plain stdlib.
+sum and is checked, inside the write transaction, before a run starts or resumes (on PostgreSQL under the
+advisory lock ``TRAINING_LOCK``, so two runs starting together cannot both pass it). Plain stdlib.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
 
 from veil.errors import ConfigError, PrivacyError
+from veil.privacy.db import utc_now
 from veil.privacy.mechanism import check_epsilon
 
-_TOL = 1e-12
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+TOLERANCE = 1e-12  # epsilons this close count as equal (a spend exactly at the budget is allowed)
+TRAINING_LOCK = "veil:training-runs"
 
 
 class TrainingRunsMixin:
-    """Training-run bookkeeping over ``self._db`` (sqlite3), ``self._write()`` (a BEGIN IMMEDIATE
-    transaction) and ``self.training_budget``; see the module docstring."""
+    """Training-run bookkeeping over ``self._db`` (a ``veil.privacy.db.Database``), ``self._write(*locks)`` (a
+    write transaction) and ``self.training_budget``; see the module docstring."""
 
     def start_training_run(self, *, run: str, kind: str, private: bool, planned_epsilon: float | None,
                            delta: float | None, details: dict) -> int:
@@ -46,27 +44,27 @@ class TrainingRunsMixin:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"training run {run!r}: details must be a JSON-able dict ({e})") from None
         cost = planned if private and planned is not None else math.inf
-        with self._write():
+        with self._write(TRAINING_LOCK) as tx:
             spent, cap = self.training_spent()[0], self.training_budget
-            if cap is not None and spent + cost > cap + _TOL:
+            if cap is not None and spent + cost > cap + TOLERANCE:
                 what = f"plans epsilon {cost:g}" if private and planned is not None else "is not private (epsilon inf)"
                 raise PrivacyError(
                     f"training run {run!r} refused before it started: the dataset's training runs have spent "
                     f"epsilon {spent:g} (basic composition) of its training budget {cap:g}, and this run {what} "
                     f"({spent + cost:g} > {cap:g}); plan a smaller epsilon, or raise the budget with "
                     f"`veil privacy set-training-budget` if that is really intended")
-            cur = self._db.execute(
+            return tx.insert(
                 "INSERT INTO training_runs (run, kind, private, planned_epsilon, delta, status, details, started_at)"
-                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?)", (run, kind, int(private), planned, delta, details_json, _now()))
-        return int(cur.lastrowid)
+                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?)", (run, kind, int(private), planned, delta, details_json,
+                                                            utc_now()), returning="run_id")
 
     def resume_training_run(self, run_id: int, *, planned_epsilon: float | None) -> None:
         """Reopen run ``run_id`` for a ``--resume`` (status running again); its planned epsilon becomes the
         larger of the old and ``planned_epsilon`` (None: unbounded), budget-checked like a new run."""
         planned = None if planned_epsilon is None else check_epsilon(planned_epsilon, option="planned_epsilon")
-        with self._write():
-            row = self._db.execute("SELECT private, planned_epsilon, status, epsilon FROM training_runs"
-                                   " WHERE run_id = ?", (run_id,)).fetchone()
+        with self._write(TRAINING_LOCK) as tx:
+            row = tx.execute("SELECT private, planned_epsilon, status, epsilon FROM training_runs"
+                             " WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 raise ConfigError(f"training run {run_id}: no such run in {self.path}; was --ledger changed?")
             private, old, status, eps = row
@@ -75,13 +73,13 @@ class TrainingRunsMixin:
             spent = sum(r["counted_epsilon"] for r in runs)
             cost = self._counted(private, "running", new, None)
             cap = self.training_budget
-            if cap is not None and spent + cost > cap + _TOL:
+            if cap is not None and spent + cost > cap + TOLERANCE:
                 raise PrivacyError(
                     f"resuming training run {run_id} refused: with its plan of epsilon {cost:g} the dataset's "
                     f"training runs would spend {spent + cost:g} > its training budget {cap:g}; keep the run's "
                     f"plan, or raise the budget with `veil privacy set-training-budget`")
-            self._db.execute("UPDATE training_runs SET status = 'running', planned_epsilon = ?, finished_at = NULL"
-                             " WHERE run_id = ?", (new, run_id))
+            tx.execute("UPDATE training_runs SET status = 'running', planned_epsilon = ?, finished_at = NULL"
+                       " WHERE run_id = ?", (new, run_id))
 
     def finish_training_run(self, run_id: int, *, epsilon: float | None, delta: float | None, steps: int,
                             status: str = "finished") -> None:
@@ -92,13 +90,13 @@ class TrainingRunsMixin:
         delta = self._check_delta(delta)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"steps={steps!r}: must be an integer >= 0")
-        with self._write():
-            row = self._db.execute("SELECT status FROM training_runs WHERE run_id = ?", (run_id,)).fetchone()
+        with self._write(TRAINING_LOCK) as tx:
+            row = tx.execute("SELECT status FROM training_runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None or row[0] != "running":
                 raise ConfigError(f"training run {run_id}: {'no such run' if row is None else row[0]}; "
                                   f"only a running run can be finished")
-            self._db.execute("UPDATE training_runs SET epsilon = ?, delta = COALESCE(?, delta), steps = ?, status = ?,"
-                             " finished_at = ? WHERE run_id = ?", (eps, delta, steps, status, _now(), run_id))
+            tx.execute("UPDATE training_runs SET epsilon = ?, delta = COALESCE(?, delta), steps = ?, status = ?,"
+                       " finished_at = ? WHERE run_id = ?", (eps, delta, steps, status, utc_now(), run_id))
 
     @staticmethod
     def _check_delta(delta) -> float | None:
