@@ -107,13 +107,15 @@ class EditSession:
         self.attributes = {str(k): int(v) for k, v in attributes.items()}
         self.protected = [str(p) for p in protected]
         if not self.protected:
-            raise ConfigError("--protect: name at least one attribute to protect")
+            raise ConfigError(": name at least one attribute to protect", option="--protect")
         unknown = [p for p in self.protected if p not in self.attributes]
         if unknown:
-            raise ConfigError(f"--protect: {unknown} are not attributes of {self.image_id!r} ({list(self.attributes)})")
+            raise ConfigError(f": {unknown} are not attributes of {self.image_id!r} ({list(self.attributes)})",
+                              option="--protect")
         unset = [p for p in self.protected if self.attributes[p] not in (-1, 1)]
         if unset:
-            raise ConfigError(f"--protect: {unset} of {self.image_id!r} are unknown (0); only a known value can be privatized")
+            raise ConfigError(f": {unset} of {self.image_id!r} are unknown (0); only a known value can be privatized",
+                              option="--protect")
         if not isinstance(num_previews, int) or num_previews < 1:
             raise ConfigError(f"num_previews={num_previews!r}: must be a positive integer")
         self.level = level if isinstance(level, PrivacyLevel) else resolve_level(level)
