@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +95,7 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
     from veil.export import graphs
     from veil.lightning_modules.diffusion.sample import combined_privacy
     from veil.lightning_modules.editing.editor import model_costs
-    from veil.outputs import check_out_dir
+    from veil.outputs import check_out_dir, publish, staged_dir
 
     out = Path(out)
     editor = load_editor(checkpoint, runtime="torch", classifier=classifier, classifier_scale=classifier_scale,
@@ -106,8 +103,7 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
     ckpt, guide = editor.checkpoint, editor.classifier
     created = not out.exists()
     check_out_dir(out, holds=EXPORT_FILES)  # before any work: writable, and never replacing an export
-    stage = Path(tempfile.mkdtemp(prefix=".veil-export-", dir=out))
-    try:
+    with staged_dir(out, created=created, prefix=".veil-export-") as stage:  # on failure: removed, OUT too if made here
         info = {"denoise_step.onnx": graphs.export_denoise_step(editor, stage / "denoise_step.onnx"),
                 "invert_step.onnx": graphs.export_invert_step(editor, stage / "invert_step.onnx")}
         if editor.checker is not None:
@@ -143,14 +139,8 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
                      if editor.checker is None or n in editor.checker.attribute_names][:2]
         meta["verification"] = verify(editor, stage, protected=protected)
         _write_meta(stage, meta)
-        for name in sorted(meta["files"]) + [META_FILE]:  # the metadata last: a half-moved export does not load
-            os.replace(stage / name, out / name)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # the folder this command made, with the staging inside
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        # all or none, the metadata last: a crash half-way through the moves leaves no export that loads
+        publish(stage, out, sorted(meta["files"]) + [META_FILE])
     return meta
 
 
@@ -173,6 +163,6 @@ def _version(package: str) -> str | None:
 
 def check_export_options(*, steps, classifier_scale) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"--steps={steps!r}: must be a whole number >= 1")
+        raise ConfigError(f"={steps!r}: must be a whole number >= 1", option="--steps")
     if not classifier_scale >= 0:
-        raise ConfigError(f"--classifier-scale={classifier_scale!r}: must be >= 0")
+        raise ConfigError(f"={classifier_scale!r}: must be >= 0", option="--classifier-scale")

@@ -73,7 +73,7 @@ def _validate(*, noise_multiplier, max_grad_norm, backend, seed, generator, secu
     if seed is not None and generator is not None:
         raise ConfigError("pass a noise seed or a torch.Generator, not both (dp.seed)")
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
-        raise ConfigError(f"dp.seed must be an integer in [0, 2**63), got {seed!r}")
+        raise ConfigError(f"must be an integer in [0, 2**63), got {seed!r}", option="dp.seed")
     if not max_grad_norm > 0:
         raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     if not noise_multiplier >= 0:

@@ -83,17 +83,17 @@ LINE_SEARCH_PAIRS = 512  # changed (original, revised) pairs that estimate the r
 def _check_knobs(method: str, solver: str, damping: float, tau: float | None, batch_size: int,
                  hessian_samples: int | None) -> None:
     if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: choose one of {list(METHODS)}")
+        raise ConfigError(f"{method!r}: choose one of {list(METHODS)}", option="--method")
     if solver is not None and solver not in SOLVERS:
-        raise ConfigError(f"--solver {solver!r}: choose one of {list(SOLVERS)}")
+        raise ConfigError(f"{solver!r}: choose one of {list(SOLVERS)}", option="--solver")
     if damping is not None and not 0 <= damping < math.inf:
-        raise ConfigError(f"--damping {damping}: must be a finite number >= 0")
+        raise ConfigError(f"{damping}: must be a finite number >= 0", option="--damping")
     if tau is not None and not 0 < tau < math.inf:
-        raise ConfigError(f"--tau {tau}: must be a finite number > 0 (or omitted for the default)")
+        raise ConfigError(f"{tau}: must be a finite number > 0 (or omitted for the default)", option="--tau")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     if hessian_samples is not None and hessian_samples < 1:
-        raise ConfigError(f"--hessian-samples {hessian_samples}: must be >= 1 (or omitted for all)")
+        raise ConfigError(f"{hessian_samples}: must be >= 1 (or omitted for all)", option="--hessian-samples")
 
 
 @dataclass
@@ -156,18 +156,23 @@ class FeatureUnlearningModule(L.LightningModule):
         super().__init__()
         _check_knobs(method, solver, damping, tau, batch_size, hessian_samples)
         if curvature not in CURVATURES:
-            raise ConfigError(f"--curvature {curvature!r}: choose one of {list(CURVATURES)}")
+            raise ConfigError(f"{curvature!r}: choose one of {list(CURVATURES)}", option="--curvature")
         if preconditioner not in PRECONDITIONERS:
-            raise ConfigError(f"--preconditioner {preconditioner!r}: choose kfac, kfac-curvlinops, ekfac or none")
+            raise ConfigError(f"{preconditioner!r}: choose kfac, kfac-curvlinops, ekfac or none",
+                              option="--preconditioner")
         if (curvature == "ggn" or preconditioner) and (method != "second" or solver not in (None, "cg", "cr")):
-            raise ConfigError("--curvature ggn and --preconditioner go with --method second --solver cr (or cg)")
+            raise ConfigError("ggn and --preconditioner go with --method second --solver cr (or cg)",
+                              option="--curvature")
         if solver == "cr" and curvature != "ggn":
-            raise ConfigError("--solver cr (conjugate residual) needs a positive definite curvature: add --curvature ggn")
+            raise ConfigError("cr (conjugate residual) needs a positive definite curvature: add --curvature ggn",
+                              option="--solver")
         if preconditioner and curvature != "ggn":
-            raise ConfigError(f"--preconditioner {preconditioner} approximates the Gauss-Newton matrix: add --curvature ggn")
+            raise ConfigError(f"{preconditioner} approximates the Gauss-Newton matrix: add --curvature ggn",
+                              option="--preconditioner")
         self.curvature, self.preconditioner = curvature, preconditioner
         if line_search and (method != "second" or tau is not None):
-            raise ConfigError("--line-search chooses tau for --method second; drop --tau (or the line search)")
+            raise ConfigError("chooses tau for --method second; drop --tau (or the line search)",
+                              option="--line-search")
         # default: on for second order without --tau (measured on the large benchmark, docs/unlearning.md: the
         # full step of the head's direct solve took test accuracy to 50-65%, the GGN's over the ResNet to 90%)
         self.line_search = (method == "second" and tau is None) if line_search is None else bool(line_search)
@@ -175,8 +180,8 @@ class FeatureUnlearningModule(L.LightningModule):
             params = ["head"] if params is None else params
             outside = [n for n in U.select_parameter_names(model, params) if not n.startswith("head.")]
             if outside:
-                raise ConfigError(f"--method exact works on the convex head only; {outside[:3]} are outside it "
-                                  f"(use --params head, or --method second)")
+                raise ConfigError(f"exact works on the convex head only; {outside[:3]} are outside it "
+                                  f"(use --params head, or --method second)", option="--method")
         self.model, self.method, self.solver = model, method, solver
         self.names = U.select_parameter_names(model, params)
         self.l2 = dict(l2 or {})
@@ -193,7 +198,7 @@ class FeatureUnlearningModule(L.LightningModule):
         if solver is None:  # the head has a closed-form Hessian: one solve, no iterations (README's table)
             solver = self.solver = "direct" if self.frozen_features else "cg"
         if solver == "direct" and not self.frozen_features:
-            raise ConfigError("--solver direct needs --params head (a closed-form Hessian); use cg or lissa")
+            raise ConfigError("direct needs --params head (a closed-form Hessian); use cg or lissa", option="--solver")
         if hessian_samples is None and not self.frozen_features:
             hessian_samples = 512
         self.tau, self.seed, self.hvp_mode = tau, int(seed), hvp_mode
@@ -355,7 +360,8 @@ class FeatureUnlearningModule(L.LightningModule):
                 hg = hvp(g_mean)
                 tau = float(g_mean.dot(hg)) / max(float(hg.dot(hg)), 1e-30)
                 if tau <= 0:
-                    raise ConfigError("--method first: negative curvature along g; give --tau or raise --damping")
+                    raise ConfigError("first: negative curvature along g; give --tau or raise --damping",
+                                      option="--method")
             info.update(tau=tau)
             return tau * g_mean
         tau = 1.0 if self.tau is None else self.tau

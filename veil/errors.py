@@ -26,15 +26,10 @@ class ConfigError(VeilError, ValueError):
         super().__init__(self.phrase(option) if option else detail)
 
     def phrase(self, name: str) -> str:
-        """The message with the option called ``name`` (a detail that starts with ':' or ',' joins it directly)."""
-        return name + ("" if self.detail[:1] in (":", ",", "=") else " ") + self.detail
-
-    def __reduce__(self):  # keep the option across pickling (errors raised in a DDP worker process)
-        return _rebuild_config_error, (type(self), self.detail, self.option)
-
-
-def _rebuild_config_error(cls, detail, option):
-    return cls(detail, option=option)
+        """The message with the option called ``name``: a detail that starts with ": ", ", " or "=" joins it
+        directly (``--first=0``, ``dp.epsilon: must be ...``), any other after a space (``--out runs/x: ...``).
+        (No ``__reduce__``: an exception pickles its args and its ``__dict__``, so detail and option survive.)"""
+        return name + ("" if self.detail.startswith((": ", ", ", "=")) else " ") + self.detail
 
 
 class DataError(VeilError, ValueError):

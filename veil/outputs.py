@@ -1,12 +1,22 @@
 """Writing outputs safely: refuse a bad or used ``--out`` up front, write files atomically, and leave
 no half-written folder behind when a command fails.
 
-    out = check_out_dir(args.out, holds=("model", "privacy.json"), force=args.force)  # before any work
-    write_json_atomic(out / "report.json", report)                                    # strict JSON
-    with staged_dir(out / "revision") as tmp:                                         # all or nothing
-        ... write into tmp ...
-    # tmp is renamed to out/revision on success, removed on any exception
+    out = check_out_dir(args.out, holds=("model", "report.json"), force=args.force)  # before any work
+    with staged_dir(out, ["model", "report.json"], replace=args.force) as stage:     # all or nothing
+        ... write stage / "model", stage / "report.json" ...
+    # on success both are moved into OUT; on any exception (Ctrl-C included) nothing is
 
+Every command that writes a ``--out`` folder goes through ``staged_dir``, in one of two ways:
+
+* staged (edit, sweep, export, unlearn, the demo's stages): the files are written into a hidden
+  folder inside OUT and moved into OUT by name (renames in one file system), all or none, when the
+  block succeeds. A job that must move them at a moment of its own (the edit job: inside its ledger
+  transaction, so that no release is recorded without its files) calls ``publish`` inside the block
+  and ``unpublish`` if what follows fails.
+* in place (training: ``--resume`` finds its checkpoint in OUT): nothing is staged; when the block
+  fails, what the run created in OUT is removed, unless ``keep()`` says the run is worth keeping.
+
+Either way a failed command leaves OUT as it found it, and removes OUT if it created it.
 Plain stdlib (no torch): every command uses it, the torch-free ones included.
 """
 
@@ -18,11 +28,14 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from veil.errors import ConfigError
+from veil.errors import ConfigError, DataError
 
-__all__ = ["check_out_dir", "write_text_atomic", "write_json_atomic", "staged_dir", "dumps_strict"]
+__all__ = ["check_out_dir", "write_text_atomic", "write_json_atomic", "dumps_strict", "staged_dir", "publish",
+           "unpublish", "remove_if_empty"]
+
+REPLACED = ".replaced"  # inside a staging folder: the entries a --force run replaced, until it succeeds
 
 
 def check_out_dir(out, *, flag: str = "--out", holds: Iterable[str] = (), force: bool = False) -> Path:
@@ -31,17 +44,18 @@ def check_out_dir(out, *, flag: str = "--out", holds: Iterable[str] = (), force:
     ``flag`` otherwise. Creates the folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{flag} {out}: is a file, not a folder; choose a folder path")
+        raise ConfigError(f"{out}: is a file, not a folder; choose a folder path", option=flag)
     used = [name for name in holds if (out / name).exists()]
     if used and not force:
-        raise ConfigError(f"{flag} {out}: already holds {', '.join(used)}; choose another {flag} "
-                          "(or pass --force to replace them)")
+        raise ConfigError(f"{out}: already holds {', '.join(used)}; choose another {flag} "
+                          "(or pass --force to replace them)", option=flag)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".veil-write-check-"):
             pass
     except OSError as e:
-        raise ConfigError(f"{flag} {out}: cannot write there ({e.strerror or e}); choose a folder you can write") from None
+        raise ConfigError(f"{out}: cannot write there ({e.strerror or e}); choose a folder you can write",
+                          option=flag) from None
     return out
 
 
@@ -69,24 +83,106 @@ def write_json_atomic(path, obj: Any, *, indent: int = 2) -> Path:
     return write_text_atomic(path, dumps_strict(obj, indent=indent) + "\n")
 
 
+# ------------------------------------------------------------------------ the one staging helper
+def _never() -> bool:
+    return False
+
+
 @contextmanager
-def staged_dir(final, *, replace: bool = False) -> Iterator[Path]:
-    """A temporary folder beside ``final``, renamed to ``final`` when the block succeeds and removed
-    when it raises (KeyboardInterrupt included). ``replace``: an existing ``final`` is swapped out."""
-    final = Path(final)
-    if final.exists() and not replace:
-        raise ConfigError(f"{final} already exists; choose another --out (or --force)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+def staged_dir(out, names: Sequence[str] = (), *, in_place: bool = False, created: bool | None = None,
+               replace: bool = False, keep: Callable[[], bool] = _never, prefix: str = ".veil-stage-",
+               flag: str = "--out", unwritten: str = "nothing was written") -> Iterator[Path]:
+    """The folder a command writes its results into, all or nothing; it yields the folder to write into.
+
+    Staged (the default): a new hidden folder inside ``out`` (``prefix``...); when the block succeeds the
+    entries ``names`` (paths relative to it, in order: put the one that marks the result complete last)
+    are moved into ``out`` (``publish``; ``replace``: an existing entry is replaced, as ``--force`` asks)
+    and the staging folder is removed. ``names`` empty: the block calls ``publish`` itself.
+    ``in_place``: nothing is staged, the block writes into ``out`` itself (yielded).
+
+    When the block raises (KeyboardInterrupt included): the staging folder is removed with everything in
+    it (and, in place, every entry the block created in ``out``), then ``out`` itself if this command
+    created it (``created``: default, whether it did not exist on entry) and nothing else is left in it;
+    ``keep()`` true keeps what the block created in ``out`` (a training run with a checkpoint to resume;
+    a DDP rank other than 0, which leaves the folder to rank 0). DataError naming ``flag`` (and saying
+    ``unwritten``) when the staging folder cannot be made."""
+    out = Path(out)
+    created = not out.exists() if created is None else created
+    if in_place:
+        with _removed_on_failure(out, created=created, keep=keep):
+            yield out
+        return
     try:
-        yield tmp
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=prefix))
+    except OSError as e:
+        raise DataError(f"{flag} {out}: cannot write there ({e.strerror or e}); {unwritten}") from None
+    try:
+        yield stage
+        if names:
+            publish(stage, out, names, replace=replace, flag=flag)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not keep():
+            remove_if_empty(out)
         raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)  # with the entries a --force run replaced
+
+
+@contextmanager
+def _removed_on_failure(out: Path, *, created: bool, keep: Callable[[], bool]) -> Iterator[None]:
+    before = set(os.listdir(out)) if out.is_dir() and not created else set()
+    try:
+        yield
+    except BaseException:
+        if out.is_dir() and not keep():
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                unpublish(out, sorted(set(os.listdir(out)) - before))
+        raise
+
+
+def publish(stage, out, names: Sequence[str], *, replace: bool = False, flag: str = "--out",
+            unwritten: str = "nothing was written") -> None:
+    """Move the entries ``names`` (relative paths, in order) from the staging folder ``stage`` into ``out``:
+    renames inside one folder, all or none of them (a failure moves back the ones already moved). An entry
+    that exists in ``out`` is replaced when ``replace`` (kept in the staging folder until it is removed, put
+    back on failure), else refused: ConfigError naming ``flag`` (it appeared after the --out check)."""
+    stage, out = Path(stage), Path(out)
+    moved, aside = [], []
+    try:
+        for name in names:
+            target = out / name
+            if target.exists() or target.is_symlink():
+                if not replace:
+                    raise ConfigError(f"{out}: {name} appeared while veil was working; {unwritten}", option=flag)
+                (stage / REPLACED / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, stage / REPLACED / name)
+                aside.append(name)
+            os.replace(stage / name, target)
+            moved.append(name)
+    except BaseException:
+        for name in reversed(moved):
+            os.replace(out / name, stage / name)
+        for name in reversed(aside):
+            os.replace(stage / REPLACED / name, out / name)
+        raise
+
+
+def unpublish(out, names: Sequence[str]) -> None:
+    """Remove the entries ``names`` from ``out`` (what a publish moved there, when what followed failed)."""
+    for name in names:
+        path = Path(out) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_if_empty(folder) -> None:
+    """Remove ``folder`` if it is empty (a folder this command created and nothing else wrote into)."""
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass

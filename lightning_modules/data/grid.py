@@ -62,8 +62,8 @@ def grid_format(path, *, flag: str = "--out") -> str:
     fmt = Image.registered_extensions().get(ext)
     if ext not in GRID_EXTENSIONS or fmt not in Image.SAVE:
         got = f"the extension {ext!r} is not an image format veil writes" if ext else "has no extension"
-        raise ConfigError(f"{flag} {path}: {got}; give an image file name ending in one of "
-                          f"{', '.join(GRID_EXTENSIONS)} (e.g. grid.png)")
+        raise ConfigError(f"{path}: {got}; give an image file name ending in one of "
+                          f"{', '.join(GRID_EXTENSIONS)} (e.g. grid.png)", option=flag)
     return fmt
 
 

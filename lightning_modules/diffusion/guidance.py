@@ -60,8 +60,8 @@ class GuidanceClassifier:
         for i, name in enumerate(names):
             if (attrs[:, i] != 0).any():
                 if name not in self.attribute_names:
-                    raise ConfigError(f"--attributes: the guidance classifier does not know {name!r} "
-                                      f"(it knows {self.attribute_names})")
+                    raise ConfigError(f": the guidance classifier does not know {name!r} "
+                                      f"(it knows {self.attribute_names})", option="--attributes")
                 out[:, self.attribute_names.index(name)] = attrs[:, i]
         return out
 
@@ -127,19 +127,20 @@ def load_guidance_classifier(path: str | Path, *, scheduler_config: dict[str, An
     from veil.lightning_modules.checkpoints import load_classifier
 
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ConfigError(f"--classifier-scale must be a finite number >= 0, got {scale}")
+        raise ConfigError(f"must be a finite number >= 0, got {scale}", option="--classifier-scale")
     model, ckpt = load_classifier(path)
     meta = ckpt["veil"]
     if not model.noise_conditional:
         if check_only:
             return GuidanceClassifier(model.eval(), list(meta["attribute_names"]), meta.get("privacy") or {},
                                       meta.get("data_spec"), dict(scheduler_config), 0.0)
-        raise ConfigError(f"--classifier {path}: a classifier of clean images; guidance needs one trained on "
-                          "noised images (model.noise_conditional: true, e.g. configs/classifier32_guidance.yaml)")
+        raise ConfigError(f"{path}: a classifier of clean images; guidance needs one trained on "
+                          "noised images (model.noise_conditional: true, e.g. configs/classifier32_guidance.yaml)",
+                          option="--classifier")
     own, theirs = alphas_cumprod_table(meta["scheduler_config"]), alphas_cumprod_table(scheduler_config)
     if own.shape != theirs.shape or not torch.allclose(own, theirs):
-        raise ConfigError(f"--classifier {path}: trained on another noise schedule than the diffusion model "
-                          f"({meta['scheduler_config']} vs {scheduler_config})")
+        raise ConfigError(f"{path}: trained on another noise schedule than the diffusion model "
+                          f"({meta['scheduler_config']} vs {scheduler_config})", option="--classifier")
     return GuidanceClassifier(model.eval(), list(meta["attribute_names"]), meta.get("privacy") or {},
                               meta.get("data_spec"), dict(meta["scheduler_config"]), float(scale))
 

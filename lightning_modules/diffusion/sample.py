@@ -38,11 +38,11 @@ def parse_attribute_spec(spec: str, attribute_names: list[str]) -> torch.Tensor:
         name, sep, raw = item.partition("=")
         if not sep or name.strip() not in attribute_names:
             raise ConfigError(
-                f"--attributes: {item!r} is not NAME=VALUE with NAME one of {attribute_names}"
+                f": {item!r} is not NAME=VALUE with NAME one of {attribute_names}", option="--attributes"
             )
         raw = raw.strip().lower()
         if raw not in present | absent | unknown:
-            raise ConfigError(f"--attributes: value {raw!r} for {name} must be 1, 0, -1 or ?")
+            raise ConfigError(f": value {raw!r} for {name} must be 1, 0, -1 or ?", option="--attributes")
         values[attribute_names.index(name.strip())] = 1.0 if raw in present else (-1.0 if raw in absent else 0.0)
     return values
 
@@ -103,7 +103,7 @@ def ddim_sample(
     """attrs (B,k) -> images (B,3,H,W) in [-1,1]. With ``guide``, ``guide_targets`` (B, k_clf) are the
     attributes it steers to (default: ``attrs``, when the classifier's attributes are the model's)."""
     if num_steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {num_steps}")
+        raise ConfigError(f"must be >= 1, got {num_steps}", option="--steps")
     num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
     timesteps = sample_timesteps(num_steps=num_steps, num_train_timesteps=num_train_timesteps)
     device = next(model.parameters()).device

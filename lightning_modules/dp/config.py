@@ -43,18 +43,19 @@ class DPConfig:
     def __post_init__(self):
         seed = self.reproducible_noise_seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ConfigError(f"dp.reproducible_noise_seed must be null or an integer in [0, 2**63), got {seed!r}")
+            raise ConfigError(f"must be null or an integer in [0, 2**63), got {seed!r}",
+                              option="dp.reproducible_noise_seed")
         for name in ("enabled", "secure_mode"):  # a string "false" would be truthy: refuse, never guess
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"dp.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"must be true or false, got {getattr(self, name)!r}", option=f"dp.{name}")
         if not self.enabled:
             return
         if self.secure_mode:
             raise ConfigError(
-                "dp.secure_mode: Opacus's secure mode needs torchcsprng (unmaintained since 2021, not installed), "
+                ": Opacus's secure mode needs torchcsprng (unmaintained since 2021, not installed), "
                 "and veil will not report secure noise it does not draw; set dp.secure_mode: false. veil's "
                 "noise generators are already seeded from the OS CSPRNG in every process (see README, "
-                "'What is protected and what is not')")
+                "'What is protected and what is not')", option="dp.secure_mode")
         for name in ("target_epsilon", "noise_multiplier", "max_grad_norm", "delta"):
             value = getattr(self, name)
             if isinstance(value, str):  # YAML 1.1 reads 1e-6 as a string; "nan" and "inf" fail below
@@ -65,33 +66,33 @@ class DPConfig:
                     pass
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
-                raise ConfigError(f"dp.{name} must be a finite number, got {value!r}")
+                raise ConfigError(f"must be a finite number, got {value!r}", option=f"dp.{name}")
         for name in ("noise_multiplicity", "max_physical_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"dp.{name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"must be an integer >= 1, got {value!r}", option=f"dp.{name}")
         if self.target_epsilon is None and self.noise_multiplier is None:
             raise ConfigError("dp: set dp.target_epsilon or dp.noise_multiplier (or dp.enabled: false)")
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ConfigError("dp: dp.target_epsilon and dp.noise_multiplier are exclusive; set one to null")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ConfigError(f"dp.target_epsilon must be > 0, got {self.target_epsilon}")
+            raise ConfigError(f"must be > 0, got {self.target_epsilon}", option="dp.target_epsilon")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ConfigError(f"dp.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+            raise ConfigError(f"must be >= 0, got {self.noise_multiplier}", option="dp.noise_multiplier")
         if not self.max_grad_norm > 0:
-            raise ConfigError(f"dp.max_grad_norm must be > 0, got {self.max_grad_norm}")
+            raise ConfigError(f"must be > 0, got {self.max_grad_norm}", option="dp.max_grad_norm")
         if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"dp.delta must be in (0, 1), got {self.delta}")
+            raise ConfigError(f"must be in (0, 1), got {self.delta}", option="dp.delta")
         if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"dp.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+            raise ConfigError(f"must be one of {ACCOUNTANTS}, got {self.accountant!r}", option="dp.accountant")
         if self.noise_multiplicity < 1:
-            raise ConfigError(f"dp.noise_multiplicity must be >= 1, got {self.noise_multiplicity}")
+            raise ConfigError(f"must be >= 1, got {self.noise_multiplicity}", option="dp.noise_multiplicity")
         if self.max_physical_batch_size < 1:
-            raise ConfigError(f"dp.max_physical_batch_size must be >= 1, got {self.max_physical_batch_size}")
+            raise ConfigError(f"must be >= 1, got {self.max_physical_batch_size}", option="dp.max_physical_batch_size")
         if self.engine not in ENGINES:
-            raise ConfigError(f"dp.engine must be one of {ENGINES}, got {self.engine!r}")
+            raise ConfigError(f"must be one of {ENGINES}, got {self.engine!r}", option="dp.engine")
         if self.kernel not in KERNELS:
-            raise ConfigError(f"dp.kernel must be one of {KERNELS}, got {self.kernel!r}")
+            raise ConfigError(f"must be one of {KERNELS}, got {self.kernel!r}", option="dp.kernel")
 
     @property
     def reproducible(self) -> bool:
@@ -111,7 +112,8 @@ def check_delta(delta: float, *, train_size: int) -> float:
     """delta, refused (ConfigError) when >= 1/N."""
     if not delta < 1.0 / train_size:
         raise ConfigError(
-            f"dp.delta={delta:g} is >= 1/N = {1.0 / train_size:g} (N = {train_size} training images): at delta = 1/N "
+            f"={delta:g} is >= 1/N = {1.0 / train_size:g} (N = {train_size} training images): at delta = 1/N "
             "a mechanism that publishes one random record in full meets the guarantee. Use a much smaller delta, "
-            f"e.g. the default min(1e-5, 0.1/N) = {default_delta(train_size):g} (set dp.delta: null)")
+            f"e.g. the default min(1e-5, 0.1/N) = {default_delta(train_size):g} (set dp.delta: null)",
+            option="dp.delta")
     return delta

@@ -37,7 +37,7 @@ SECURE_MODE_REFUSED = (
 def resolve_kernel(kernel: str) -> str:
     """The implementation ``kernel`` names: "auto" -> "fused"."""
     if kernel not in KERNELS:
-        raise ConfigError(f"dp.kernel must be one of {KERNELS}, got {kernel!r}")
+        raise ConfigError(f"must be one of {KERNELS}, got {kernel!r}", option="dp.kernel")
     return "fused" if kernel == "auto" else kernel
 
 
@@ -62,7 +62,7 @@ def make_dp_optimizer(
     """
     kernel = resolve_kernel(kernel)
     if engine not in ENGINES:
-        raise ConfigError(f"dp.engine must be one of {ENGINES}, got {engine!r}")
+        raise ConfigError(f"must be one of {ENGINES}, got {engine!r}", option="dp.engine")
     if secure_mode:
         raise PrivacyError(SECURE_MODE_REFUSED)
     if seed is not None and generator is not None:
@@ -111,8 +111,8 @@ def dp_optimizer_for(module, base):
     if cfg.engine == "ghost":
         precision = str(module.trainer.precision) if module._trainer is not None else "32-true"
         if precision.startswith("16"):  # fp16 needs a loss scaler on manual_backward, which ghost bypasses
-            raise ConfigError(f"dp.engine: ghost does not support trainer.precision {precision} (fp16 with loss "
-                              "scaling); use bf16-mixed or 32-true, or dp.engine: opacus")
+            raise ConfigError(f": ghost does not support trainer.precision {precision} (fp16 with loss "
+                              "scaling); use bf16-mixed or 32-true, or dp.engine: opacus", option="dp.engine")
         if getattr(module, "_ghost_clipper", None) is None:
             from veil.lightning_modules.dp.ghost import GhostClipper
 

@@ -37,14 +37,15 @@ def resolve_trainable(model: nn.Module, trainable: Sequence[str] | None) -> list
     if trainable is None:
         return names
     if isinstance(trainable, str) or not trainable:
-        raise ConfigError(f"optim.trainable must be a non-empty list of patterns or groups {sorted(PARAMETER_GROUPS)}, "
-                          f"or null for all parameters; got {trainable!r}")
+        raise ConfigError(f"must be a non-empty list of patterns or groups {sorted(PARAMETER_GROUPS)}, "
+                          f"or null for all parameters; got {trainable!r}", option="optim.trainable")
     chosen: set[str] = set()
     for entry in trainable:
         hits = {n for n in names if matches(n, entry)}
         if not hits:
-            raise ConfigError(f"optim.trainable: {entry!r} matches no parameter; use a group "
-                              f"{sorted(PARAMETER_GROUPS)} or a glob over names such as {names[0]!r}")
+            raise ConfigError(f": {entry!r} matches no parameter; use a group "
+                              f"{sorted(PARAMETER_GROUPS)} or a glob over names such as {names[0]!r}",
+                              option="optim.trainable")
         chosen |= hits
     return [n for n in names if n in chosen]
 
@@ -56,7 +57,7 @@ def lr_groups(model: nn.Module, lr: float, lr_scale: dict[str, float] | None) ->
     scale = lr_scale or {}
     for entry in scale:
         if not any(matches(n, entry) for n, _ in named):
-            raise ConfigError(f"optim.lr_scale: {entry!r} matches no trainable parameter")
+            raise ConfigError(f": {entry!r} matches no trainable parameter", option="optim.lr_scale")
     factors: dict[float, list[nn.Parameter]] = {}
     for name, p in named:
         factor = next((float(f) for entry, f in scale.items() if matches(name, entry)), 1.0)

@@ -64,7 +64,7 @@ def select_parameter_names(module: nn.Module, prefixes: Sequence[str] | None = N
     prefixes = [p for p in prefixes if p]
     chosen = [n for n in names if any(n == p or n.startswith(p.rstrip(".") + ".") for p in prefixes)]
     if not chosen:
-        raise ConfigError(f"--params {list(prefixes)}: no parameter matches; names look like {names[:4]}")
+        raise ConfigError(f"{list(prefixes)}: no parameter matches; names look like {names[:4]}", option="--params")
     return chosen
 
 

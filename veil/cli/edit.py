@@ -123,7 +123,7 @@ def _edit(args) -> int:
     data = {"source": args.data, "num_images": args.num_images, "seed": args.data_seed, "root": args.root,
             "csv": args.csv, "resolution": args.resolution}
     if args.classifier is None and args.classifier_scale is not None:
-        raise ConfigError("--classifier-scale: only with --classifier")
+        raise ConfigError(": only with --classifier", option="--classifier-scale")
     scale = 10.0 if args.classifier_scale is None else args.classifier_scale
     common = dict(checkpoint=args.checkpoint, out=args.out, protect=args.protect, data=data, ids=args.ids,
                   first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema,
@@ -145,11 +145,11 @@ def _edit(args) -> int:
               f"models: {report['model_privacy']}")
         return 0
     if args.sweep_epsilons:
-        raise ConfigError("--sweep-epsilons: only with --sweep")
+        raise ConfigError(": only with --sweep", option="--sweep-epsilons")
     if not args.check_threshold < 1:
-        raise ConfigError(f"--check-threshold {args.check_threshold:g}: must be a probability below 1")
+        raise ConfigError(f"{args.check_threshold:g}: must be a probability below 1", option="--check-threshold")
     if args.checker is not None and args.no_check:
-        raise ConfigError("--checker: not with --no-check")
+        raise ConfigError(": not with --no-check", option="--checker")
     report = run_edit(level=args.level, epsilon=args.epsilon, strength=args.strength, encoding=args.encoding,
                       seed=args.seed,
                       ledger=args.ledger, budget=args.budget, check=not args.no_check, checker=args.checker,

@@ -53,17 +53,18 @@ def check_grid_out(out: str, *, force: bool) -> Path:
 
     path = Path(out)
     if path.is_dir():
-        raise ConfigError(f"--out {path}: is a folder; give an image file path, e.g. {path / 'grid.png'}")
+        raise ConfigError(f"{path}: is a folder; give an image file path, e.g. {path / 'grid.png'}", option="--out")
     grid_format(path)  # ConfigError on a missing or unknown extension
     if path.exists() and not force:
-        raise ConfigError(f"--out {path}: already exists; choose another file (or pass --force to replace it)")
+        raise ConfigError(f"{path}: already exists; choose another file (or pass --force to replace it)",
+                          option="--out")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"--out {path}: {parent} is a file, not a folder; choose a path in a folder")
+        raise ConfigError(f"{path}: {parent} is a file, not a folder; choose a path in a folder", option="--out")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: cannot write in {parent}; choose a folder you can write")
+        raise ConfigError(f"{path}: cannot write in {parent}; choose a folder you can write", option="--out")
     return path
 
 
@@ -97,9 +98,9 @@ def _sample(args) -> int:
                          generator=gen, guide=guide,
                          guide_targets=guide.targets_for(attrs, ckpt.attribute_names) if guide else None)
     if not torch.isfinite(images).all():
-        raise ConfigError(f"--checkpoint {args.checkpoint}: the samples are not finite (NaN/inf weights, or a "
+        raise ConfigError(f"{args.checkpoint}: the samples are not finite (NaN/inf weights, or a "
                           f"guidance scale too large: --guidance {guidance}, --classifier-scale "
-                          f"{args.classifier_scale}); nothing written")
+                          f"{args.classifier_scale}); nothing written", option="--checkpoint")
     save_grid(images, out)
     print(f"wrote {out} ({args.n} images; privacy: {combined_privacy(ckpt, guide)})")
     return 0

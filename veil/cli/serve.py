@@ -71,14 +71,14 @@ def _serve(args) -> int:
         raise ConfigError(f"--host {args.host}: binding off loopback needs a token (--token or $VEIL_SERVE_TOKEN), "
                           f"so that nobody else on the network can use the server")
     if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port {args.port}: must be in [0, 65535]")
+        raise ConfigError(f"{args.port}: must be in [0, 65535]", option="--port")
     meta = read_export_meta(args.export)
     data_spec = meta.get("data_spec") or {}
     state = args.state
     if state is None:
         if not data_spec:
-            raise ConfigError(f"--state: the export {args.export} names no dataset; give --state FILE.sqlite or a "
-                              f"postgresql:// URL")
+            raise ConfigError(f": the export {args.export} names no dataset; give --state FILE.sqlite or a "
+                              f"postgresql:// URL", option="--state")
         state = str(ledger_path_for(data_spec))
     settings = ServeSettings(token=token, limits=ImageLimits(max_bytes=args.max_upload_bytes),
                              batching=not args.no_batching, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,

@@ -31,12 +31,13 @@ def _parse_data(text: str | None) -> dict:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--data expects KEY=VALUE pairs (e.g. source=synthetic,num_images=3000) "
-                              f"or a revision folder, got {item!r}")
+            raise ConfigError(f"expects KEY=VALUE pairs (e.g. source=synthetic,num_images=3000) "
+                              f"or a revision folder, got {item!r}", option="--data")
         try:
             options[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ConfigError(f"--data {key.strip()}={value}: not a value (numbers, names, [lists])") from None
+            raise ConfigError(f"{key.strip()}={value}: not a value (numbers, names, [lists])",
+                              option="--data") from None
     return check_data_options(options, flag="--data")
 
 
@@ -70,7 +71,8 @@ def _train_classifier(args) -> int:
     overrides = list(args.overrides)
     if args.dp_epsilon is not None:
         if not (math.isfinite(args.dp_epsilon) and args.dp_epsilon > 0):
-            raise ConfigError(f"--dp-epsilon must be a finite number > 0 (e.g. --dp-epsilon 8), got {args.dp_epsilon}")
+            raise ConfigError(f"must be a finite number > 0 (e.g. --dp-epsilon 8), got {args.dp_epsilon}",
+                              option="--dp-epsilon")
         overrides += ["dp.enabled=true", f"dp.target_epsilon={args.dp_epsilon!r}", "refit_head=false"]
     recipe, data = load_recipe(args.config, overrides)
     data = {**data, **_parse_data(args.data)}

@@ -39,7 +39,7 @@ import torch
 
 from veil.errors import ConfigError
 from veil.demo.plan import PLANS, PRIVATE_DATA, PUBLIC_DATA, DemoPlan, command
-from veil.outputs import write_json_atomic
+from veil.outputs import staged_dir, write_json_atomic
 from veil.lightning_modules.configs import CONFIG_DIR
 
 __all__ = ["run_demo", "STAGES"]
@@ -62,15 +62,15 @@ def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callabl
     """Run (or resume) every stage into ``out``; returns the report (also OUT/report.json and .html)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; give a folder for the demo")
+        raise ConfigError(f"{out}: is a file; give a folder for the demo", option="--out")
     plan = PLANS["quick" if quick else "default"]
     meta = out / "demo.json"
     retrain = fresh  # --fresh retrains every model from the embedded data instead of taking the shipped ones
     if meta.is_file() and not fresh:
         earlier = json.loads(meta.read_text())
         if earlier.get("plan") != plan.name:
-            raise ConfigError(f"--out {out}: holds a {earlier.get('plan')} demo; resume it with the same --quick "
-                              f"setting, give another --out, or --fresh to start over")
+            raise ConfigError(f"{out}: holds a {earlier.get('plan')} demo; resume it with the same --quick "
+                              f"setting, give another --out, or --fresh to start over", option="--out")
         retrain = bool(earlier.get("retrain"))  # a resumed --fresh demo keeps retraining
     if retrain and plan.use_shipped:
         plan = dataclasses.replace(plan, use_shipped=False)
@@ -189,8 +189,9 @@ def _import_shipped(shipped: Path, target: Path, *, name: str, command: str, dat
     (``data`` if it names none), with its own privacy record: shipped or not, what it cost is counted."""
     from veil.privacy.ledger import PrivacyLedger
 
-    shutil.copytree(shipped, target)
-    (target / "SHIPPED").write_text(command + "\n")
+    with staged_dir(target.parent, [target.name]) as stage:  # all of it or nothing: a resumed demo copies it again
+        shutil.copytree(shipped, stage / target.name)
+        (stage / target.name / "SHIPPED").write_text(command + "\n")
     meta = json.loads((target / "model" / "veil_model.json").read_text())
     record = meta.get("privacy") or {}
     private = bool(record.get("private") and record.get("enabled", True))

@@ -40,6 +40,7 @@ def _published_data(out: Path):
 # ------------------------------------------------------------------------------------------- 2. edits
 def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     from veil.lightning_modules.data.grid import save_grid
+    from veil.outputs import staged_dir
     from veil.privacy.ledger import PrivacyLedger
     from veil.privacy.revision_manifest import RevisionChange, write_revision
 
@@ -63,14 +64,15 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
         in_ledger = sum(1 for r in ledger.releases() if r.image_id in ids)
     accepted = result["accepted"]
     if accepted:
-        write_revision(folder / "revision", base_spec=dm.dataset_spec(), attribute_names=names,
-                       changes=[RevisionChange(id=r["id"], original_attributes=r["original"],
-                                               released_attributes=r["released"], protected=protected,
-                                               epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
-                       images={r["id"]: r["edit"] for r in accepted})
-        shown = accepted[:8]
-        save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), folder / "grid.png",
-                  nrow=len(shown), scale=4)
+        with staged_dir(folder, ["revision", "grid.png"]) as stage:  # both or neither
+            write_revision(stage / "revision", base_spec=dm.dataset_spec(), attribute_names=names,
+                           changes=[RevisionChange(id=r["id"], original_attributes=r["original"],
+                                                   released_attributes=r["released"], protected=protected,
+                                                   epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
+                           images={r["id"]: r["edit"] for r in accepted})
+            shown = accepted[:8]
+            save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), stage / "grid.png",
+                      nrow=len(shown), scale=4)
     eps = result["epsilons"]
     return {"images": len(items), "protected": protected, "threshold": plan.threshold, "start_level": "low",
             "accepted_at": result["accepted_at"], "more_private_requests": result["more_private_requests"],

@@ -35,9 +35,9 @@ def check_int(value: Any, key: str, *, minimum: int | None = None, optional: boo
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer{' or null' if optional else ''}, got {_shown(value)}")
+        raise ConfigError(f"must be an integer{' or null' if optional else ''}, got {_shown(value)}", option=key)
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+        raise ConfigError(f"must be >= {minimum}, got {value}", option=key)
     return value
 
 
@@ -51,13 +51,13 @@ def check_float(value: Any, key: str, *, optional: bool = False) -> float | None
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number{' or null' if optional else ''}, got {_shown(value)}")
+        raise ConfigError(f"must be a finite number{' or null' if optional else ''}, got {_shown(value)}", option=key)
     return value
 
 
 def check_bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {_shown(value)}")
+        raise ConfigError(f"must be true or false, got {_shown(value)}", option=key)
     return value
 
 
@@ -65,7 +65,7 @@ def check_str(value: Any, key: str, *, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string{' or null' if optional else ''}, got {_shown(value)}")
+        raise ConfigError(f"must be a string{' or null' if optional else ''}, got {_shown(value)}", option=key)
     return value
 
 
@@ -74,7 +74,7 @@ def check_list(value: Any, key: str, item, *, optional: bool = False, example: s
     if value is None and optional:
         return None
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"{key} must be a non-empty list, e.g. {example}, got {_shown(value)}")
+        raise ConfigError(f"must be a non-empty list, e.g. {example}, got {_shown(value)}", option=key)
     return [item(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
@@ -112,15 +112,15 @@ class DataConfig:
             value = check_float(getattr(self, name), f"data.{name}")
             setattr(self, name, value)
             if not 0 <= value < 1:
-                raise ConfigError(f"data.{name} must be in [0, 1), got {value}")
+                raise ConfigError(f"must be in [0, 1), got {value}", option=f"data.{name}")
         if self.source not in ("synthetic", "celeba", "folder"):
-            raise ConfigError(f"data.source must be synthetic, celeba or folder, got {self.source!r}")
+            raise ConfigError(f"must be synthetic, celeba or folder, got {self.source!r}", option="data.source")
         if self.source in ("celeba", "folder") and not self.root:
-            raise ConfigError(f"data.root is required for data.source={self.source}")
+            raise ConfigError(f"is required for data.source={self.source}", option="data.root")
         if self.resolution < 16 or self.resolution % 16:
-            raise ConfigError(f"data.resolution must be a multiple of 16 (>= 16), got {self.resolution}")
+            raise ConfigError(f"must be a multiple of 16 (>= 16), got {self.resolution}", option="data.resolution")
         if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"must be >= 1, got {self.batch_size}", option="data.batch_size")
 
 
 @dataclass
@@ -146,21 +146,21 @@ class ModelConfig:
         head = check_int(self.attention_head_dim, "model.attention_head_dim", minimum=1)
         self.dropout = check_float(self.dropout, "model.dropout")
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"must be in [0, 1), got {self.dropout}", option="model.dropout")
         self.init_from = check_str(str(self.init_from) if isinstance(self.init_from, Path) else self.init_from,
                                    "model.init_from", optional=True)
         if len(self.attention_levels) != len(channels):
-            raise ConfigError("model.attention_levels needs one flag per entry of model.block_out_channels")
+            raise ConfigError("needs one flag per entry of model.block_out_channels", option="model.attention_levels")
         if any(c % groups for c in channels):
-            raise ConfigError(f"model.block_out_channels {channels} must all be divisible by "
-                              f"model.norm_num_groups ({groups})")
+            raise ConfigError(f"{channels} must all be divisible by "
+                              f"model.norm_num_groups ({groups})", option="model.block_out_channels")
         # Attention splits a level's channels into heads of attention_head_dim: the levels with
         # attention, and the middle block (always attended, at the last level's width).
         attended = sorted({c for c, a in zip(channels, self.attention_levels) if a} | {channels[-1]})
         if any(c % head for c in attended):
-            raise ConfigError(f"model.block_out_channels {attended} (the attended levels and the last) must be "
+            raise ConfigError(f"{attended} (the attended levels and the last) must be "
                               f"divisible by model.attention_head_dim ({head}); e.g. attention_head_dim: "
-                              f"{math.gcd(*attended)}")
+                              f"{math.gcd(*attended)}", option="model.block_out_channels")
 
 
 @dataclass
@@ -179,24 +179,25 @@ class OptimConfig:
         for name in ("lr", "weight_decay", "ema_decay", "cond_drop_prob", "attr_drop_prob"):
             setattr(self, name, check_float(getattr(self, name), f"optim.{name}"))
         if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"must be >= 0, got {self.weight_decay}", option="optim.weight_decay")
         if self.lr_scale is not None and isinstance(self.lr_scale, dict):
             self.lr_scale = {k: check_float(v, f"optim.lr_scale.{k}") for k, v in self.lr_scale.items()}
         for name in ("cond_drop_prob", "attr_drop_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"must be in [0, 1], got {getattr(self, name)}", option=f"optim.{name}")
         if self.lr_scale is not None and (not isinstance(self.lr_scale, dict)
                                           or not all(isinstance(v, (int, float)) and v > 0 for v in self.lr_scale.values())):
-            raise ConfigError(f"optim.lr_scale must map parameter globs or groups to factors > 0, got {self.lr_scale!r}")
+            raise ConfigError(f"must map parameter globs or groups to factors > 0, got {self.lr_scale!r}",
+                              option="optim.lr_scale")
         if self.trainable is not None and (isinstance(self.trainable, str) or not self.trainable):
-            raise ConfigError(f"optim.trainable must be a non-empty list (e.g. [conditioning, norms]) or null, "
-                              f"got {self.trainable!r}")
+            raise ConfigError(f"must be a non-empty list (e.g. [conditioning, norms]) or null, "
+                              f"got {self.trainable!r}", option="optim.trainable")
         if self.name not in ("adamw", "sgd"):
-            raise ConfigError(f"optim.name must be adamw or sgd, got {self.name!r}")
+            raise ConfigError(f"must be adamw or sgd, got {self.name!r}", option="optim.name")
         if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"must be > 0, got {self.lr}", option="optim.lr")
         if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"must be in [0, 1), got {self.ema_decay}", option="optim.ema_decay")
 
 
 @dataclass
@@ -221,17 +222,17 @@ class TrainerConfig:
         if self.devices != "auto":
             check_int(self.devices, "trainer.devices", minimum=1)
         if isinstance(self.precision, bool) or not isinstance(self.precision, (str, int)):
-            raise ConfigError(f"trainer.precision must be a string such as 32-true or bf16-mixed, "
-                              f"got {_shown(self.precision)}")
+            raise ConfigError(f"must be a string such as 32-true or bf16-mixed, "
+                              f"got {_shown(self.precision)}", option="trainer.precision")
         if self.max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(self.max_time)):
-            raise ConfigError(f"trainer.max_time must be a string DD:HH:MM:SS (e.g. '00:02:00:00', quoted), "
-                              f"got {_shown(self.max_time)}")
+            raise ConfigError(f"must be a string DD:HH:MM:SS (e.g. '00:02:00:00', quoted), "
+                              f"got {_shown(self.max_time)}", option="trainer.max_time")
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("trainer: set trainer.max_epochs or trainer.max_steps")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
+            raise ConfigError(f"must be >= 1, got {self.max_steps}", option="trainer.max_steps")
         if self.max_epochs is not None and self.max_epochs < 1:
-            raise ConfigError(f"trainer.max_epochs must be >= 1, got {self.max_epochs}")
+            raise ConfigError(f"must be >= 1, got {self.max_epochs}", option="trainer.max_epochs")
 
 
 @dataclass
@@ -246,7 +247,7 @@ class TrainConfig:
     def __post_init__(self):
         check_int(self.seed, "seed", minimum=0)
         if self.seed >= 2**32:
-            raise ConfigError(f"seed must be < 2**32, got {self.seed}")
+            raise ConfigError(f"must be < 2**32, got {self.seed}", option="seed")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -285,7 +286,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. dp.target_epsilon=10), got {item!r}")
+            raise ConfigError(f"expects KEY=VALUE (e.g. dp.target_epsilon=10), got {item!r}", option="--set")
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -293,12 +294,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
+                raise ConfigError(f"{key}: {part} is not a section", option="--set")
         try:
             node[parts[-1]] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ConfigError(f"--set {item}: {value!r} is not a YAML value (a number, a name, [a, list], "
-                              "null); quote it if it is text") from None
+            raise ConfigError(f"{item}: {value!r} is not a YAML value (a number, a name, [a, list], "
+                              "null); quote it if it is text", option="--set") from None
     return raw
 
 
@@ -307,14 +308,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--config {path} does not exist; shipped configs: {shipped_configs()}")
+            raise ConfigError(f"{path} does not exist; shipped configs: {shipped_configs()}", option="--config")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}", option="--config") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path}: a training config is a YAML mapping with sections data, model, dp, "
-                              f"optim, trainer; shipped configs: {shipped_configs()}")
+            raise ConfigError(f"{path}: a training config is a YAML mapping with sections data, model, dp, "
+                              f"optim, trainer; shipped configs: {shipped_configs()}", option="--config")
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

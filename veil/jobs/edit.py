@@ -34,10 +34,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sqlite3
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -51,7 +48,7 @@ from veil.lightning_modules.data.revision import RevisionChange, write_revision
 from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, RETRY_GUIDANCE_FACTOR, RETRY_STRENGTH_STEP
 from veil.editing.load import load_editor
 from veil.editing.pipeline import EditPipeline
-from veil.outputs import check_out_dir, dumps_strict
+from veil.outputs import check_out_dir, dumps_strict, publish, remove_if_empty, staged_dir, unpublish
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
 from veil.privacy.mechanism import (
@@ -205,13 +202,13 @@ def check_edit_options(*, guidance, steps, first=None, budget=None, seed=None) -
         return not isinstance(x, bool) and isinstance(x, (int, float))
 
     if guidance is not None and (not number(guidance) or not math.isfinite(guidance) or guidance < 0):
-        raise ConfigError(f"--guidance {guidance!r}: must be a finite number >= 0 (0 = unconditional, "
-                          f"1 = plain conditional, default 2)")
+        raise ConfigError(f"{guidance!r}: must be a finite number >= 0 (0 = unconditional, "
+                          f"1 = plain conditional, default 2)", option="--guidance")
     for flag, value, low in (("--steps", steps, 1), ("--first", first, 1), ("--seed", seed, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ConfigError(f"{flag} {value!r}: must be a whole number >= {low}")
+            raise ConfigError(f"{value!r}: must be a whole number >= {low}", option=flag)
     if budget is not None and (not number(budget) or math.isnan(budget) or budget < 0):
-        raise ConfigError(f"--budget {budget!r}: must be a number >= 0 (inf = unlimited)")
+        raise ConfigError(f"{budget!r}: must be a number >= 0 (inf = unlimited)", option="--budget")
 
 
 def _check_out(out: Path, holds: Sequence[str]) -> bool:
@@ -219,60 +216,36 @@ def _check_out(out: Path, holds: Sequence[str]) -> bool:
     anything is loaded or spent. Returns whether the folder was created (to remove it if the command fails)."""
     used = [name for name in holds if (out / name).exists() or (out / name).is_symlink()]
     if used:
-        raise ConfigError(f"--out {out}: already holds {', '.join(used)}; choose a new --out (veil edit never "
-                          f"replaces earlier results; the dataset's privacy database keeps counting across runs)")
+        raise ConfigError(f"{out}: already holds {', '.join(used)}; choose a new --out (veil edit never "
+                          f"replaces earlier results; the dataset's privacy database keeps counting across runs)",
+                          option="--out")
     created = not out.exists()
     check_out_dir(out)  # not a file, creatable, writable (ConfigError naming --out)
     return created
 
 
-@contextmanager
+# The files of one command go through veil.outputs' staging (the one every command uses): written into a
+# hidden folder inside OUT, moved into OUT by _publish (the edit: inside its ledger transaction), taken back
+# by _unpublish if the commit fails afterwards.
 def _staging(out: Path, created: bool):
-    """A hidden folder inside OUT for the files of one command; removed (with OUT, if this command created it
-    and it stayed empty) when the block raises, so a failed command leaves nothing behind."""
-    try:
-        stage = Path(tempfile.mkdtemp(dir=out, prefix=".veil-edit-"))
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot write there ({e.strerror or e}); nothing was released") from None
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            _remove_if_empty(out)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
+    """A hidden folder inside OUT (``.veil-edit-*``) for the files of one command; removed (with OUT, if this
+    command created it and it stayed empty) when the block raises, so a failed command leaves nothing behind."""
+    return staged_dir(out, created=created, prefix=".veil-edit-", unwritten="nothing was released")
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
+    remove_if_empty(folder)
 
 
 def _publish(stage: Path, out: Path, names: Sequence[str]) -> None:
-    """Move ``names`` from the staging folder into OUT (renames in one folder); all or none of them."""
-    moved = []
-    try:
-        for name in names:
-            if (out / name).exists():  # appeared since the --out check: never replace it
-                raise ConfigError(f"--out {out}: {name} appeared while veil was working; nothing was released")
-            os.replace(stage / name, out / name)
-            moved.append(name)
-    except BaseException:
-        for name in moved:
-            os.replace(out / name, stage / name)
-        raise
+    """Move ``names`` from the staging folder into OUT (renames in one folder); all or none of them, never
+    replacing one that appeared since the --out check (ConfigError)."""
+    publish(stage, out, names, unwritten="nothing was released")
 
 
 def _unpublish(out: Path, names: Sequence[str]) -> None:
-    for name in names:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    """Remove ``names`` from OUT: the files of a release whose commit failed after they were published."""
+    unpublish(out, names)
 
 
 def _check_finite(images, image_ids: Sequence[str], *, guidance: float, what: str) -> None:
@@ -407,7 +380,7 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                        refusal=None if ok else "the check did not read its released values")
                 for k, (i, ok) in enumerate(zip(image_ids, passed))]
 
-    report = {}
+    report, published = {}, []  # published: set once the files are in OUT, so only those are taken back
     costs = release_costs(editor, lv, protected, book)
 
     # 6. the report (it needs the release ids) and the move into OUT, inside the ledger's transaction
@@ -429,12 +402,13 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
         except OSError as e:
             raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
                             f"charged") from None
+        published.append(True)
 
     try:
         release(book, image_ids=image_ids, attributes=originals, protected=protected, level=lv, edit=edit, seed=seed,
                 models=editor.costs, hook=ReleaseHook(recorded=publish))
     except BaseException:
-        if report:  # published, then the commit failed: take the files back (the releases were rolled back)
+        if published:  # published, then the commit failed: take the files back (the releases were rolled back)
             _unpublish(out, EDIT_FILES)
         raise
     return report

@@ -72,8 +72,9 @@ def load_start(module, path: str | Path, *, data_spec: dict[str, Any]) -> dict[s
     have = {k: tuple(v) if isinstance(v, list) else v for k, v in start.model_kwargs.items()}
     if want != have:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        raise ConfigError(f"model.init_from {path}: its model differs in {diff} "
-                          f"({', '.join(f'{k}={have.get(k)!r}, config {want.get(k)!r}' for k in diff)})")
+        raise ConfigError(f"{path}: its model differs in {diff} "
+                          f"({', '.join(f'{k}={have.get(k)!r}, config {want.get(k)!r}' for k in diff)})",
+                          option="model.init_from")
     check_disjoint(init_data=start.data_spec, train_data=data_spec, path=path)
     state = start.model.state_dict()
     used_labels = start.cond_drop_prob is None or start.cond_drop_prob < 1.0

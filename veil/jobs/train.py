@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +37,7 @@ import lightning as L
 from veil.errors import ConfigError
 from veil.jobs.config import TrainConfig
 from veil.jobs.process_group import owned_process_group
-from veil.outputs import check_out_dir, write_json_atomic
+from veil.outputs import check_out_dir, staged_dir, write_json_atomic
 
 # Known-harmless warnings that would bury the progress bar; each is explained here once.
 KNOWN_WARNINGS = (
@@ -65,26 +61,12 @@ def silence_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}.*")
 
 
-@contextmanager
-def removed_on_failure(out: Path, *, keep: Callable[[], bool] = lambda: False) -> Iterator[None]:
-    """Run the block; when it raises (Ctrl-C included) and ``keep()`` is false, remove what the block
-    created in ``out``: the folder itself if it did not exist before, else only its new entries. Rank 0
-    only (under DDP every rank runs this; the others find the folder rank 0 made)."""
+def other_rank() -> bool:
+    """Whether this process is a DDP rank other than 0: those leave --out to rank 0, which made it (the
+    ``keep`` of ``veil.outputs.staged_dir``: a failed rank > 0 removes nothing)."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    existed = out.exists()
-    before = set(os.listdir(out)) if out.is_dir() else set()
-    try:
-        yield
-    except BaseException:
-        if getattr(rank_zero_only, "rank", 0) == 0 and out.is_dir() and not keep():
-            if not existed:
-                shutil.rmtree(out, ignore_errors=True)
-            else:
-                for name in set(os.listdir(out)) - before:
-                    path = out / name
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        raise
+    return getattr(rank_zero_only, "rank", 0) != 0
 
 
 def fit(trainer: L.Trainer, module, **kwargs) -> None:
@@ -190,15 +172,17 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
     out = Path(out)
     ckpt_path = out / PRIVATE_DIR / "last.ckpt"
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        raise ConfigError(f"model.init_from {cfg.model.init_from} does not exist; pass the run folder (or OUT/model) "
-                          "of a veil train run on public data (see lightning_modules/configs/synthetic32_public.yaml)")
+        raise ConfigError(f"{cfg.model.init_from} does not exist; pass the run folder (or OUT/model) "
+                          "of a veil train run on public data (see lightning_modules/configs/synthetic32_public.yaml)",
+                          option="model.init_from")
     if resume and not ckpt_path.is_file():
-        raise ConfigError(f"--resume: {ckpt_path} does not exist; start without --resume")
+        raise ConfigError(f": {ckpt_path} does not exist; start without --resume", option="--resume")
     if not resume and (ckpt_path.exists() or (out / "model").exists()):
-        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
+                          option="--out")
     # Until the first checkpoint there is nothing to resume: a failure removes what this run created.
     started = lambda: resume or ckpt_path.exists() or (out / "model").exists()
-    with removed_on_failure(out, keep=started):
+    with staged_dir(out, in_place=True, keep=lambda: started() or other_rank()):  # --resume finds it in OUT
         check_out_dir(out)  # writable, before any work (creates the folder)
         return _run(cfg, out, ckpt_path, resume=resume, progress=progress, ledger=ledger)
 
@@ -259,16 +243,17 @@ def check_resume(cfg: TrainConfig, ckpt_path: Path, module) -> None:
     sigma = float(((saved.get("veil") or {}).get("privacy") or {}).get("noise_multiplier") or 0.0)
     old_steps, new_steps = int(hp.get("planned_steps", 0)), int(module.hparams.planned_steps)
     if abs(float(hp.get("sample_rate", 0)) - module.hparams.sample_rate) > 1e-12:
-        raise ConfigError(f"--resume: the data give sample rate {module.hparams.sample_rate:g}, the run was planned at "
-                          f"{hp.get('sample_rate')}; resume with the run's data.* settings")
+        raise ConfigError(f": the data give sample rate {module.hparams.sample_rate:g}, the run was planned at "
+                          f"{hp.get('sample_rate')}; resume with the run's data.* settings", option="--resume")
     explicit = (new_dp.get("target_epsilon") is None and new_dp.get("noise_multiplier") is not None
                 and math.isclose(float(new_dp["noise_multiplier"]), sigma, rel_tol=1e-9))
     changed = [k for k in PLAN_KEYS if old_dp.get(k) != new_dp.get(k)
                and not (explicit and k in ("target_epsilon", "noise_multiplier"))]
     if changed:
-        raise ConfigError(f"--resume: dp.{', dp.'.join(changed)} differ from the run's plan "
+        raise ConfigError(f": dp.{', dp.'.join(changed)} differ from the run's plan "
                           f"({', '.join(f'{k}={old_dp.get(k)!r}' for k in changed)}); a resumed run keeps its "
-                          "privacy plan. Resume with those values, or start a new run in another --out")
+                          "privacy plan. Resume with those values, or start a new run in another --out",
+                          option="--resume")
     if new_dp.get("enabled") and new_steps != old_steps and not explicit:
         from veil.jobs.dataset_account import planned_epsilon
 
@@ -276,9 +261,10 @@ def check_resume(cfg: TrainConfig, ckpt_path: Path, module) -> None:
         acc.noise_multiplier = sigma
         end = planned_epsilon(acc, planned_steps=new_steps)
         raise ConfigError(
-            f"--resume: the run solved sigma = {sigma:.4f} for dp.target_epsilon over {old_steps} steps; continuing to "
+            f": the run solved sigma = {sigma:.4f} for dp.target_epsilon over {old_steps} steps; continuing to "
             f"{new_steps} steps at that sigma ends at epsilon {end:.3f}, not the target. To do that on purpose, "
-            f"pass --set dp.target_epsilon=null --set dp.noise_multiplier={sigma!r}; else keep the run's step count")
+            f"pass --set dp.target_epsilon=null --set dp.noise_multiplier={sigma!r}; else keep the run's step count",
+            option="--resume")
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from veil.jobs.config import (
     positive_ints,
 )
 from veil.lightning_modules.unlearning import influence as U
-from veil.outputs import check_out_dir, write_json_atomic
+from veil.outputs import check_out_dir, staged_dir, write_json_atomic
 
 
 @dataclass
@@ -68,14 +68,14 @@ class ClassifierRecipe:
         check_int(self.batch_size, "batch_size", minimum=1)
         self.lr, self.head_l2 = check_float(self.lr, "lr"), check_float(self.head_l2, "head_l2")
         if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"must be > 0, got {self.lr}", option="lr")
         if self.head_l2 < 0:
-            raise ConfigError(f"head_l2 must be >= 0, got {self.head_l2}")
+            raise ConfigError(f"must be >= 0, got {self.head_l2}", option="head_l2")
         check_bool(self.refit_head, "refit_head")
         self.model = check_model_options(self.model)
         if not isinstance(self.dp, dict):
-            raise ConfigError(f"dp must be a mapping of dp.* options (e.g. {{enabled: true, target_epsilon: 8}}), "
-                              f"got {self.dp!r}")
+            raise ConfigError(f"must be a mapping of dp.* options (e.g. {{enabled: true, target_epsilon: 8}}), "
+                              f"got {self.dp!r}", option="dp")
         unknown = sorted(set(self.dp) - {f.name for f in dataclasses.fields(DPConfig)})
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join('dp.' + str(u) for u in unknown)}; "
@@ -83,11 +83,12 @@ class ClassifierRecipe:
         dp = DPConfig(**self.dp)  # validates, naming the dp.* option
         self.dp = {k: v for k, v in dp.to_dict().items() if k in self.dp}  # "1e-6" read as a string -> 1e-06
         if dp.enabled and self.refit_head:
-            raise ConfigError("refit_head: refitting the head on the data is not private; "
-                              "set refit_head: false when dp.enabled is true")
+            raise ConfigError(": refitting the head on the data is not private; "
+                              "set refit_head: false when dp.enabled is true", option="refit_head")
         if self.model.get("noise_conditional") and self.refit_head:
-            raise ConfigError("refit_head: a noise-conditional (guidance) classifier's head is not a logistic "
-                              "regression on fixed features; set refit_head: false with model.noise_conditional")
+            raise ConfigError(": a noise-conditional (guidance) classifier's head is not a logistic "
+                              "regression on fixed features; set refit_head: false with model.noise_conditional",
+                              option="refit_head")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,7 +101,8 @@ MODEL_OPTIONS = ("channels", "feature_dim", "norm_num_groups", "noise_conditiona
 
 def check_model_options(model: Any) -> dict[str, Any]:
     if not isinstance(model, dict):
-        raise ConfigError(f"model must be a mapping (e.g. {{channels: [16, 32, 64], feature_dim: 64}}), got {model!r}")
+        raise ConfigError(f"must be a mapping (e.g. {{channels: [16, 32, 64], feature_dim: 64}}), got {model!r}",
+                          option="model")
     unknown = sorted(set(model) - set(MODEL_OPTIONS), key=str)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join('model.' + str(u) for u in unknown)}; "
@@ -117,7 +119,8 @@ def check_model_options(model: Any) -> dict[str, Any]:
         check_bool(model["noise_conditional"], "model.noise_conditional")
     channels, groups = model.get("channels", [16, 32, 64]), model.get("norm_num_groups", 8)
     if any(c % groups for c in channels):
-        raise ConfigError(f"model.channels {channels} must all be divisible by model.norm_num_groups ({groups})")
+        raise ConfigError(f"{channels} must all be divisible by model.norm_num_groups ({groups})",
+                          option="model.channels")
     return model
 
 
@@ -126,14 +129,14 @@ def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> tuple[Classi
     raw: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
-            raise ConfigError(f"--config {path} does not exist")
+            raise ConfigError(f"{path} does not exist", option="--config")
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}", option="--config") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path}: a classifier recipe is a YAML mapping (see "
-                              "lightning_modules/configs/classifier32.yaml)")
+            raise ConfigError(f"{path}: a classifier recipe is a YAML mapping (see "
+                              "lightning_modules/configs/classifier32.yaml)", option="--config")
     raw = apply_overrides(raw, list(overrides))
     data = raw.pop("data", None) or {}
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierRecipe)}, key=str)
@@ -154,15 +157,15 @@ def check_data_options(data: Any, *, flag: str) -> dict[str, Any]:
     import difflib
 
     if not isinstance(data, dict):
-        raise ConfigError(f"{flag} must be a mapping of data options, got {data!r}")
+        raise ConfigError(f"must be a mapping of data options, got {data!r}", option=flag)
     for key in data:
         if key in ("batch_size", "poisson"):
-            raise ConfigError(f"{flag}: {key} is set by the recipe, not the data; use --set batch_size=N "
-                              "(poisson follows dp.enabled)")
+            raise ConfigError(f": {key} is set by the recipe, not the data; use --set batch_size=N "
+                              "(poisson follows dp.enabled)", option=flag)
         if key not in DATA_OPTIONS:
             guess = difflib.get_close_matches(str(key), DATA_OPTIONS, n=1)
             hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-            raise ConfigError(f"{flag}: unknown option {key!r}{hint}; valid: {', '.join(DATA_OPTIONS)}")
+            raise ConfigError(f": unknown option {key!r}{hint}; valid: {', '.join(DATA_OPTIONS)}", option=flag)
     return dict(data)
 
 
@@ -225,12 +228,12 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
     All or nothing: ``--out`` is checked (not a file, writable) before any work, and when anything
     fails (a diverged loss, Ctrl-C) what this run created in ``--out`` is removed; the dataset's
     privacy database keeps the run's row, marked failed (``training.dataset_account``)."""
-    from veil.jobs.train import removed_on_failure
+    from veil.jobs.train import other_rank
 
     out = Path(out)
     if (out / "private" / "last.ckpt").exists() or (out / "model").exists():
-        raise ConfigError(f"--out {out} already holds a classifier; choose another --out")
-    with removed_on_failure(out):
+        raise ConfigError(f"{out} already holds a classifier; choose another --out", option="--out")
+    with staged_dir(out, in_place=True, keep=other_rank):
         check_out_dir(out)
         return _train(recipe, data, out, datamodule=datamodule, progress=progress, ledger=ledger, init=init)
 
@@ -289,8 +292,8 @@ def _train(recipe: ClassifierRecipe, data: dict[str, Any] | None, out: Path, *, 
         newton = refit_head(module.model, feats, attrs, l2=recipe.head_l2)
         module.train_features = feats  # non-private runs only (refit_head is refused under DP)
         if not all(bool(p.isfinite().all()) for p in module.model.head.parameters()):
-            raise ConfigError(f"refit_head: the head's refit did not converge (NaN or infinite weights); raise "
-                              f"head_l2 (now {recipe.head_l2}) or set refit_head: false")
+            raise ConfigError(f": the head's refit did not converge (NaN or infinite weights); raise "
+                              f"head_l2 (now {recipe.head_l2}) or set refit_head: false", option="refit_head")
     seconds = time.perf_counter() - start
     trainer.save_checkpoint(private / "last.ckpt")
     ckpt = {}

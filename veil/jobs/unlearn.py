@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from veil.errors import CheckpointError, ConfigError, DataError
-from veil.lightning_modules.checkpoints import load_classifier
+from veil.lightning_modules.checkpoints import load_classifier, private_dir, seal_private
 from veil.lightning_modules.models.classifier import AttributeClassifier, predict
 from veil.jobs.train_classifier import (
     ClassifierRecipe,
@@ -50,11 +49,12 @@ from veil.jobs.train_classifier import (
 )
 from veil.jobs.config import apply_overrides
 from veil.jobs.process_group import owned_process_group
+from veil.jobs.train import other_rank
 from veil.lightning_modules.unlearning_module import (
     FeatureUnlearningModule,
     UnlearningInputs,
 )
-from veil.outputs import check_out_dir, write_json_atomic
+from veil.outputs import check_out_dir, staged_dir, write_json_atomic
 
 
 @dataclass
@@ -200,7 +200,7 @@ def save_unlearned(ckpt: dict[str, Any], model, out: Path, *, revision: str, rec
     """The original checkpoint with the new weights, the revision in its data spec, and the unlearning
     record: the release to share in OUT/model, the owner's checkpoint (with the training features)
     in OUT/private/unlearned.ckpt."""
-    from veil.lightning_modules.checkpoints import private_dir, seal_private, write_classifier_release
+    from veil.lightning_modules.checkpoints import write_classifier_release
 
     new = copy.copy(ckpt)
     new["state_dict"] = {**ckpt["state_dict"], **{f"model.{n}": t.detach().clone() for n, t in model.state_dict().items()}}
@@ -245,13 +245,15 @@ class UnlearnTrainerConfig:
 
     def __post_init__(self):
         if self.accelerator != "cpu":
-            raise ConfigError(f"trainer.accelerator={self.accelerator}: the unlearning update runs on CPU processes; "
-                              "use trainer.accelerator=cpu and trainer.devices=N for N processes")
+            raise ConfigError(f"={self.accelerator}: the unlearning update runs on CPU processes; "
+                              "use trainer.accelerator=cpu and trainer.devices=N for N processes",
+                              option="trainer.accelerator")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
-            raise ConfigError(f"trainer.devices must be a whole number of processes >= 1, got {self.devices!r}")
+            raise ConfigError(f"must be a whole number of processes >= 1, got {self.devices!r}",
+                              option="trainer.devices")
         if self.strategy not in ("auto", "ddp"):
-            raise ConfigError(f"trainer.strategy={self.strategy}: choose auto or ddp (each rank its own process, "
-                              "which keeps its updated weights)")
+            raise ConfigError(f"={self.strategy}: choose auto or ddp (each rank its own process, "
+                              "which keeps its updated weights)", option="trainer.strategy")
 
 
 def trainer_config(overrides: Sequence[str] = ()) -> UnlearnTrainerConfig:
@@ -259,7 +261,8 @@ def trainer_config(overrides: Sequence[str] = ()) -> UnlearnTrainerConfig:
     raw = apply_overrides({}, list(overrides))
     names = sorted(f.name for f in dataclasses.fields(UnlearnTrainerConfig))
     if set(raw) - {"trainer"} or not isinstance(raw.get("trainer", {}), dict):
-        raise ConfigError(f"--set: veil unlearn takes trainer.* options only ({', '.join('trainer.' + n for n in names)})")
+        raise ConfigError(f": veil unlearn takes trainer.* options only ({', '.join('trainer.' + n for n in names)})",
+                          option="--set")
     unknown = sorted(set(raw.get("trainer", {})) - set(names))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join('trainer.' + u for u in unknown)}; valid: {names}")
@@ -338,6 +341,7 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
 
 
 OUT_ENTRIES = ("model", "private", "unlearn_report.json", "retrained")  # what a run writes in OUT
+UNLEARN_FILES = ("private/unlearned.ckpt", "model", "unlearn_report.json")  # moved in in this order: the report last
 
 
 def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path, force: bool = False,
@@ -354,16 +358,12 @@ def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: st
     """
     out = Path(out)
     if _run_folder(model) == out.resolve():
-        raise ConfigError(f"--out {out}: is the --model run folder; write the unlearned model to a new folder")
-    created = not out.exists()
-    check_out_dir(out, holds=OUT_ENTRIES, force=force)
-    try:
+        raise ConfigError(f"{out}: is the --model run folder; write the unlearned model to a new folder",
+                          option="--out")
+    with staged_dir(out, in_place=True, keep=other_rank):  # a failure removes what this run created in OUT
+        check_out_dir(out, holds=OUT_ENTRIES, force=force)
         return _unlearn_into(out, model=model, revision=revision, method=method, compare_retrain=compare_retrain,
                              params=params, trainer=trainer, **knobs)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
 
 
 def _run_folder(model: str | Path) -> Path:
@@ -377,8 +377,8 @@ def _run_folder(model: str | Path) -> Path:
 def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params, trainer, **knobs) -> dict[str, Any]:
     clf, ckpt = load_classifier(model, owner=True)  # the owner's checkpoint (cached features) when there
     if clf.noise_conditional:
-        raise ConfigError(f"--model {model}: a noise-conditional (guidance) classifier; unlearning updates "
-                          "classifiers of clean images")
+        raise ConfigError(f"{model}: a noise-conditional (guidance) classifier; unlearning updates "
+                          "classifiers of clean images", option="--model")
     data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
     retrained_dir, aside = out / "retrained", out / f".retrained.old-{os.getpid()}"
     made_retrained = False
@@ -397,11 +397,11 @@ def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params
         if not report.pop("_global_zero"):
             return report  # another rank: the same update and report; rank 0 writes them
         report = finite_or_none(report)  # NaN (no flipped attribute to measure) is not JSON
-        with tempfile.TemporaryDirectory(dir=out, prefix=".unlearn.tmp-") as tmp:
-            tmp = Path(tmp)
+        with staged_dir(out, UNLEARN_FILES, replace=True, prefix=".unlearn.tmp-") as tmp:  # --force replaces
             save_unlearned(ckpt, clf, tmp, revision=str(revision), record=report)
             write_json_atomic(tmp / "unlearn_report.json", report)
-            _move_in(tmp, out)
+            private_dir(out)  # owner-only; it may hold other owner files: only unlearned.ckpt moves into it
+        seal_private(out)
     except BaseException:
         if made_retrained:
             shutil.rmtree(retrained_dir, ignore_errors=True)
@@ -410,19 +410,6 @@ def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return report
-
-
-def _move_in(tmp: Path, out: Path) -> None:
-    """Move the written results from ``tmp`` into ``out``, replacing an earlier run's (--force). Only
-    OUT/private/unlearned.ckpt is replaced in OUT/private, which may hold other owner files."""
-    from veil.lightning_modules.checkpoints import private_dir, seal_private
-
-    os.replace(tmp / "private" / "unlearned.ckpt", private_dir(out) / "unlearned.ckpt")
-    if (out / "model").exists():
-        os.replace(out / "model", tmp / "model.old")  # removed with tmp
-    os.replace(tmp / "model", out / "model")
-    os.replace(tmp / "unlearn_report.json", out / "unlearn_report.json")  # the report last: the run is complete
-    seal_private(out)
 
 
 def finite_or_none(obj: Any) -> Any:
