@@ -114,7 +114,7 @@ class DPDiffusionModule(AccountedModule, L.LightningModule):
                                 params=self.trainable_parameters())
         self._after_step()
         # Un-noised functions of the private batch: logged to the owner-only OUT/private/logs only
-        # (training/diffusion.py), never shown on the progress bar, never in the release.
+        # (veil/jobs/train.py), never shown on the progress bar, never in the release.
         self.log("train/loss", loss, on_step=True, batch_size=max(len(x0), 1))
         self.log("train/batch_size", float(len(x0)), on_step=True)
         return torch.tensor(loss)

@@ -5,7 +5,7 @@ it, so gloo's worker threads run on into interpreter teardown; one of them relea
 reference to a collective's tensor then needs the GIL, CPython ends the thread with
 ``pthread_exit``, and the forced unwind through a ``noexcept`` destructor aborts the process
 (SIGABRT, "terminate called without an active exception"), after all work was done. That is what
-the unlearning job's two-process test hit now and then (``unlearning/module.py`` tells the whole
+the unlearning job's two-process test hit now and then (``lightning_modules/unlearning_module.py`` tells the whole
 story). ``owned_process_group`` destroys, when the job ends, a group that was made inside it, and
 warns if something still holds the group (then its threads live on anyway): import
 ``torch.distributed.nn`` before a group exists, since its functions bind ``group.WORLD`` as default

@@ -13,7 +13,7 @@ many steps):
   of the private batches).
 
 The run is recorded in the dataset's privacy database before its first step
-(``training.dataset_account``). Everything that can be checked is checked before the first step,
+(``veil.jobs.dataset_account``). Everything that can be checked is checked before the first step,
 including ``--out`` (not a file, writable) and, on ``--resume``, that the privacy plan is the one
 the run started with.
 

@@ -15,7 +15,7 @@ the frozen features. It writes
   training images) and ``train_report.json`` with the accuracy on held-out private images, an
   un-noised statistic of private data.
 
-The run is recorded in the dataset's privacy database first (``training.dataset_account``). The
+The run is recorded in the dataset's privacy database first (``veil.jobs.dataset_account``). The
 unlearning job's retraining baseline calls it with the recipe stored in the checkpoint.
 """
 
@@ -227,7 +227,7 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
 
     All or nothing: ``--out`` is checked (not a file, writable) before any work, and when anything
     fails (a diverged loss, Ctrl-C) what this run created in ``--out`` is removed; the dataset's
-    privacy database keeps the run's row, marked failed (``training.dataset_account``)."""
+    privacy database keeps the run's row, marked failed (``veil.jobs.dataset_account``)."""
     from veil.jobs.train import other_rank
 
     out = Path(out)
