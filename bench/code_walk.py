@@ -43,8 +43,13 @@ as a real release's does, so a second run may differ by a few switches.
 
 Prints a markdown table (walk | checkout | files | switches | steps); ``--json`` writes the numbers and the
 collapsed sequences, ``--sequence`` prints the sequences. Measured 2026-12-06 on commit cabaced (before issue 29):
-``veil edit`` 25 files, 46 switches (165 steps); HTTP accept 15 files, 32 switches (137 steps); the same in three
-runs.
+``veil edit`` 25 files, 46 switches (165 steps); HTTP accept 15 files, 32-40 switches (137-149 steps). After issue 29
+(commit da9505c, same run as the second before figure): ``veil edit`` 28 files, 66 switches (268 steps); HTTP accept
+16 files, 51 switches (185 steps). More, not fewer: the job now lives in ``veil/`` and calls the torch library in
+``lightning_modules/``, and the torch-free pipeline (``veil/editing/``) and its torch backend
+(``lightning_modules/editing/``) call each other several times per edit (attribute arrays to and from the host); each
+such call is a switch by this count. What the issue asked for is in the structure: one release function, one
+pipeline, one database layer.
 """
 
 from __future__ import annotations
