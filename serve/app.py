@@ -94,10 +94,10 @@ class ServeSettings:
 
     def __post_init__(self):
         if self.default_level not in LEVELS:
-            raise ConfigError(f"--level {self.default_level!r}: choose one of {list(LEVELS)}")
+            raise ConfigError(f"{self.default_level!r}: choose one of {list(LEVELS)}", option="--level")
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 16):
-            raise ConfigError("--token: use at least 16 characters (e.g. `python -c 'import secrets; "
-                              "print(secrets.token_urlsafe(32))'`)")
+            raise ConfigError(": use at least 16 characters (e.g. `python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'`)", option="--token")
 
 
 @dataclass

@@ -100,11 +100,12 @@ class MicroBatcher:
                  batching: bool = True, preview_every: int = 2,
                  observe: Callable[[int, int, float], None] | None = None):
         if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= 1000):
-            raise ConfigError(f"--max-wait-ms={max_wait_ms!r}: must be a number of milliseconds in [0, 1000]")
+            raise ConfigError(f"={max_wait_ms!r}: must be a number of milliseconds in [0, 1000]",
+                              option="--max-wait-ms")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ConfigError(f"--max-queue={max_queue!r}: must be a whole number >= 1")
+            raise ConfigError(f"={max_queue!r}: must be a whole number >= 1", option="--max-queue")
         if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 1:
-            raise ConfigError(f"--preview-every={preview_every!r}: must be a whole number >= 1")
+            raise ConfigError(f"={preview_every!r}: must be a whole number >= 1", option="--preview-every")
         self.editor = editor
         self.max_rows = int(min(max_rows or editor.batch_size, editor.batch_size))
         self.max_wait_s, self.max_queue, self.batching = max_wait_ms / 1000.0, max_queue, bool(batching)

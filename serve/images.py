@@ -40,8 +40,8 @@ FORMATS = ("PNG", "JPEG")
 class ImageRejected(ConfigError):
     """An upload the server will not decode; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
+    def __init__(self, message: str, status: int = 422, *, option: str | None = None):
+        super().__init__(message, option=option)
         self.status = status
 
 
@@ -58,9 +58,9 @@ class ImageLimits:
         for name in ("max_bytes", "max_pixels", "max_side", "min_side"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}={v!r}: must be a whole number >= 1")
+                raise ConfigError(f"={v!r}: must be a whole number >= 1", option=f"--{name.replace('_', '-')}")
         if self.min_side > self.max_side:
-            raise ConfigError(f"--min-side {self.min_side} > --max-side {self.max_side}")
+            raise ConfigError(f"{self.min_side} > --max-side {self.max_side}", option="--min-side")
 
 
 def decode_upload(data: bytes, *, limits: ImageLimits, field: str = "image") -> np.ndarray:

@@ -59,3 +59,32 @@ def test_library_errors_name_their_option_and_keep_their_message():
     with pytest.raises(ConfigError) as info:
         DPConfig(enabled=True, target_epsilon=8.0, delta=2.0)
     assert str(info.value) == "dp.delta must be in (0, 1), got 2.0" and info.value.option == "dp.delta"
+
+
+@pytest.mark.parametrize("module, function, args, kwargs, message, option", [
+    ("veil.privacy.levels", "resolve_level", ("extreme",), {}, "--level 'extreme': choose one of", "--level"),
+    ("veil.privacy.mechanism", "check_epsilon", (-1,), {"option": "--epsilon"}, "--epsilon=-1: must be a number >= 0",
+     "--epsilon"),
+    ("veil.editing.plan", "sample_grid", (), {"num_steps": 0, "num_train_timesteps": 50},
+     "--steps=0: must be an integer in [1, 50]", "--steps"),
+    ("veil.privacy.locations", "dataset_slug", ({"source": "celeba"},), {},
+     "--data: a celeba dataset is located by its folder", "--data"),
+    ("veil.serve.images", "ImageLimits", (), {"min_side": 100, "max_side": 50}, "--min-side 100 > --max-side 50",
+     "--min-side"),
+])
+def test_more_library_errors_carry_their_option(module, function, args, kwargs, message, option):
+    import importlib
+
+    with pytest.raises(ConfigError) as info:
+        getattr(importlib.import_module(module), function)(*args, **kwargs)
+    assert str(info.value).startswith(message) and info.value.option == option
+
+
+def test_an_image_rejected_takes_an_option_and_survives_pickling():
+    from veil.serve.images import ImageRejected
+
+    for e in (ImageRejected("image: the upload is empty"), ImageRejected(": too large", 413, option="image")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is ImageRejected and str(back) == str(e)
+        assert (back.status, back.option, back.detail) == (e.status, e.option, e.detail)
+    assert str(e) == "image: too large" and e.phrase("upload") == "upload: too large"

@@ -39,12 +39,12 @@ def parse_data(text: str | None) -> dict:
     for item in text.split(","):
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key:
-            raise ConfigError(f"--data expects KEY=VALUE pairs (e.g. source=synthetic,seed=0) or a revision folder, "
-                              f"got {item!r}")
+            raise ConfigError(f"expects KEY=VALUE pairs (e.g. source=synthetic,seed=0) or a revision folder, "
+                              f"got {item!r}", option="--data")
         try:
             spec[key] = int(value) if key in _INT_KEYS else value
         except ValueError:
-            raise ConfigError(f"--data {key}={value!r}: must be an integer") from None
+            raise ConfigError(f"{key}={value!r}: must be an integer", option="--data") from None
     return spec
 
 
@@ -65,8 +65,8 @@ def _open(args, *, create: bool) -> PrivacyLedger | None:
         return None
     if not create and isinstance(target, Path) and target.is_file() and target.stat().st_size == 0:
         # SQLite would make it a database: show writes nothing
-        raise ConfigError(f"--ledger {target}: an empty file, not a veil privacy database; give the database veil "
-                          "made (default $VEIL_HOME/datasets/<dataset>.sqlite)")
+        raise ConfigError(f"{target}: an empty file, not a veil privacy database; give the database veil "
+                          "made (default $VEIL_HOME/datasets/<dataset>.sqlite)", option="--ledger")
     return PrivacyLedger.for_dataset(data, path=target) if data else PrivacyLedger(target, create=create)
 
 

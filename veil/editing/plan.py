@@ -29,7 +29,7 @@ DEFAULT_CHECK_THRESHOLD = 0.5
 def sample_grid(*, num_steps: int, num_train_timesteps: int) -> list[int]:
     """Ascending DDIM grid 0, r, ..., (n-1) r, r = T // n: the full walk of sampling."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
-        raise ConfigError(f"--steps={num_steps!r}: must be an integer in [1, {num_train_timesteps}]")
+        raise ConfigError(f"={num_steps!r}: must be an integer in [1, {num_train_timesteps}]", option="--steps")
     r = num_train_timesteps // num_steps
     return [k * r for k in range(num_steps)]
 
@@ -53,9 +53,9 @@ def check_check_options(*, check_threshold, max_retries) -> None:
     """ConfigError naming --check-threshold or --max-retries when out of range."""
     if isinstance(check_threshold, bool) or not isinstance(check_threshold, (int, float)) or \
             not 0 < check_threshold < 1:
-        raise ConfigError(f"--check-threshold={check_threshold!r}: must be a probability in (0, 1)")
+        raise ConfigError(f"={check_threshold!r}: must be a probability in (0, 1)", option="--check-threshold")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 5:
-        raise ConfigError(f"--max-retries={max_retries!r}: must be a whole number in [0, 5]")
+        raise ConfigError(f"={max_retries!r}: must be a whole number in [0, 5]", option="--max-retries")
 
 
 

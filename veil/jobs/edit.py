@@ -98,38 +98,42 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     spec = {**base, **{k: v for k, v in (data or {}).items() if v is not None}}
     spec["attributes"] = list(attribute_names)
     if spec.setdefault("resolution", res) != res:
-        raise ConfigError(f"--resolution {spec['resolution']}: the model was trained at {res}x{res}; use {res}")
+        raise ConfigError(f"{spec['resolution']}: the model was trained at {res}x{res}; use {res}",
+                          option="--resolution")
     dm = FaceDataModule(**spec)
     dataset = dm.dataset
     if list(dataset.attribute_names) != list(attribute_names):
-        raise ConfigError(f"--data: the dataset's attributes {dataset.attribute_names} differ from the model's "
-                          f"{attribute_names}")
+        raise ConfigError(f": the dataset's attributes {dataset.attribute_names} differ from the model's "
+                          f"{attribute_names}", option="--data")
     names = ", ".join(attribute_names)
     if not protect:
-        raise ConfigError(f"--protect: empty; name the attributes to privatize, comma-separated, from: {names}")
+        raise ConfigError(f": empty; name the attributes to privatize, comma-separated, from: {names}",
+                          option="--protect")
     unknown = [p for p in protect if p not in attribute_names]
     if unknown:
-        raise ConfigError(f"--protect {','.join(protect)}: {', '.join(unknown)}: not "
-                          f"{'an attribute' if len(unknown) == 1 else 'attributes'} of the model; choose from: {names}")
+        raise ConfigError(f"{','.join(protect)}: {', '.join(unknown)}: not "
+                          f"{'an attribute' if len(unknown) == 1 else 'attributes'} of the model; choose from: {names}",
+                          option="--protect")
     twice = sorted({p for p in protect if list(protect).count(p) > 1})
     if twice:
-        raise ConfigError(f"--protect {','.join(protect)}: {', '.join(twice)} listed twice; name each attribute once")
+        raise ConfigError(f"{','.join(protect)}: {', '.join(twice)} listed twice; name each attribute once",
+                          option="--protect")
     editor.protected_mask(protect)  # the classifier must know every protected attribute too
     if (ids is None) == (first is None):
-        raise ConfigError("--ids/--first: give exactly one (a comma-separated list of ids, or a count)")
+        raise ConfigError(": give exactly one (a comma-separated list of ids, or a count)", option="--ids/--first")
     if first is not None:
         if not isinstance(first, int) or not 1 <= first <= len(dataset):
-            raise ConfigError(f"--first {first}: must be between 1 and the dataset size {len(dataset)}")
+            raise ConfigError(f"{first}: must be between 1 and the dataset size {len(dataset)}", option="--first")
         indices = list(range(first))
     else:
         position = {item_id: i for i, item_id in enumerate(dataset.ids)}
         missing = [i for i in ids if i not in position]
         if missing or not ids:
-            raise ConfigError(f"--ids: {missing[:5] or 'none given'} not in the dataset "
-                              f"({len(dataset)} images, ids like {dataset.ids[0]!r})")
+            raise ConfigError(f": {missing[:5] or 'none given'} not in the dataset "
+                              f"({len(dataset)} images, ids like {dataset.ids[0]!r})", option="--ids")
         twice = sorted({i for i in ids if list(ids).count(i) > 1})
         if twice:
-            raise ConfigError(f"--ids: {', '.join(twice[:5])} listed twice; name each image once")
+            raise ConfigError(f": {', '.join(twice[:5])} listed twice; name each image once", option="--ids")
         indices = [position[i] for i in ids]
     # What the models themselves cost (their own records): reported with every edit, so a model trained
     # without DP, or with the not-private reproducible noise, is never presented as a private one (an
@@ -138,7 +142,7 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     return editor, dm, indices, list(protect)
 
 
-NEEDS_CHECKER = ("--classifier: every released edit is checked to show its released values, and the check needs an "
+NEEDS_CHECKER = (": every released edit is checked to show its released values, and the check needs an "
                  "attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only checks, the "
                  "conditional model still edits; with --runtime ort, `veil export --classifier`); or pass --no-check "
                  "to release unchecked edits")
@@ -294,7 +298,7 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
     check_edit_options(guidance=guidance, steps=steps, first=first, budget=budget, seed=seed)
     lv = resolve_level(level, epsilon=epsilon, strength=strength, encoding=encoding)
     if check and classifier is None and checker is None and runtime == "torch":
-        raise ConfigError(NEEDS_CHECKER)
+        raise ConfigError(NEEDS_CHECKER, option="--classifier")
     created = _check_out(out, EDIT_FILES)
     with _staging(out, created) as stage:
         # 2. models and data
@@ -303,7 +307,7 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
             use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale, check_threshold=check_threshold,
             max_retries=max_retries, keep_unprotected=keep_unprotected, checker=checker, runtime=runtime)
         if check and not editor.can_check:  # an export without a classifier
-            raise ConfigError(NEEDS_CHECKER)
+            raise ConfigError(NEEDS_CHECKER, option="--classifier")
         head = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
                 "checker": None if checker is None else str(checker), "runtime": runtime,
                 "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),

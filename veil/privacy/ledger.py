@@ -286,7 +286,7 @@ class PrivacyLedger(TrainingRunsMixin):
     def _set(self, which: str, value, reason: str) -> None:
         new = _check_budget(value, option="set-budget" if which == "release" else "set-training-budget")
         if not isinstance(reason, str) or not reason.strip():
-            raise ConfigError("--reason: say why the budget changes (it is recorded with the change)")
+            raise ConfigError(": say why the budget changes (it is recorded with the change)", option="--reason")
         key = f"{which}_budget"
         with self._write(f"veil:{key}") as tx:
             old = self._setting(key)

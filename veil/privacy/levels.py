@@ -49,15 +49,16 @@ ENCODINGS = ("invert", "noise")  # how the image is taken to t0: DDIM inversion,
 def check_strength(strength, *, option: str = "strength") -> float:
     """strength as a float in (0, 1]; ConfigError naming ``option`` otherwise."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ConfigError(f"{option}={strength!r}: must be in (0, 1] (how far into the noise schedule the image is taken)")
+        raise ConfigError(f"={strength!r}: must be in (0, 1] (how far into the noise schedule the image is taken)",
+                          option=option)
     return float(strength)
 
 
 def check_encoding(encoding, *, option: str = "--encoding") -> str:
     """"invert" or "noise"; ConfigError naming ``option`` otherwise."""
     if encoding not in ENCODINGS:
-        raise ConfigError(f"{option}={encoding!r}: choose one of {list(ENCODINGS)} (invert: DDIM inversion keeps the "
-                          f"face; noise: fresh secret noise keeps only what survives the noise level)")
+        raise ConfigError(f"={encoding!r}: choose one of {list(ENCODINGS)} (invert: DDIM inversion keeps the "
+                          f"face; noise: fresh secret noise keeps only what survives the noise level)", option=option)
     return encoding
 
 
@@ -107,7 +108,8 @@ def resolve_level(level: str | None = "medium", *, epsilon: float | None = None,
     if level is None:
         level = "medium"
     if level not in LEVELS:
-        raise ConfigError(f"--level {level!r}: choose one of {list(LEVEL_NAMES)} (or give --epsilon and --strength)")
+        raise ConfigError(f"{level!r}: choose one of {list(LEVEL_NAMES)} (or give --epsilon and --strength)",
+                          option="--level")
     base = LEVELS[level]
     if epsilon is None and strength is None and encoding is None:
         return base

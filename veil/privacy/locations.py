@@ -30,17 +30,17 @@ def dataset_slug(data_spec: Mapping) -> str:
     if source == "synthetic":
         seed = data_spec.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"--data: synthetic faces are located by their generator seed, got seed={seed!r}; "
-                              f"give it, e.g. source=synthetic,seed=0")
+            raise ConfigError(f": synthetic faces are located by their generator seed, got seed={seed!r}; "
+                              f"give it, e.g. source=synthetic,seed=0", option="--data")
         return f"synthetic-seed{seed}"
     if source in ("celeba", "folder"):
         if not data_spec.get("root"):
-            raise ConfigError(f"--data: a {source} dataset is located by its folder; give root=PATH")
+            raise ConfigError(f": a {source} dataset is located by its folder; give root=PATH", option="--data")
         root = Path(str(data_spec["root"])).expanduser().resolve()
         name = re.sub(r"[^A-Za-z0-9._-]", "_", root.name).strip("._") or "root"
         return f"{source}-{name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
-    raise ConfigError(f"--data: source={source!r}: a privacy database belongs to a located dataset "
-                      f"(source=synthetic,seed=N | source=celeba,root=PATH | source=folder,root=PATH)")
+    raise ConfigError(f": source={source!r}: a privacy database belongs to a located dataset "
+                      f"(source=synthetic,seed=N | source=celeba,root=PATH | source=folder,root=PATH)", option="--data")
 
 
 def ledger_path_for(data_spec: dict) -> Path:

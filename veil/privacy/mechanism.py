@@ -34,7 +34,7 @@ __all__ = ["keep_probability", "flip_probability", "randomized_response", "priva
 def check_epsilon(epsilon, *, option: str = "epsilon") -> float:
     """epsilon as a float in [0, inf]; ConfigError naming ``option`` otherwise."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or math.isnan(epsilon) or epsilon < 0:
-        raise ConfigError(f"{option}={epsilon!r}: must be a number >= 0 (0 = fair coin, inf = no privacy)")
+        raise ConfigError(f"={epsilon!r}: must be a number >= 0 (0 = fair coin, inf = no privacy)", option=option)
     return float(epsilon)
 
 

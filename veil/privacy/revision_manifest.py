@@ -226,9 +226,10 @@ def publish_revision(src_dir, out_dir) -> Path:
     manifest = load_manifest(src)  # validates the owner revision, every image present
     src = src.parent if src.suffix == ".json" else src
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out}: exists and is not empty; give a new folder for the published revision")
+        raise ConfigError(f"{out}: exists and is not empty; give a new folder for the published revision",
+                          option="--out")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ConfigError(f"--out {out}: must not be inside the owner's revision {src}")
+        raise ConfigError(f"{out}: must not be inside the owner's revision {src}", option="--out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     files = _image_file_names([c["id"] for c in manifest["changes"]])
     changes = []
