@@ -37,6 +37,7 @@ from veil.editing.backend import OnStep
 from veil.editing.pipeline import EditPipeline, check_guidance
 from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, check_check_options
 from veil.errors import ConfigError, ExportError
+from veil.privacy.model_privacy import check_model_privacy
 from veil.privacy.randomness import secret_seed
 
 __all__ = ["OrtEditor", "OrtBackend", "EXPORT_FORMAT", "META_FILE", "read_export_meta", "file_sha256"]
@@ -296,6 +297,8 @@ class OrtEditor(EditPipeline):
                                                else keep_unprotected),
                          check_threshold=check_threshold, max_retries=max_retries)
         self.costs, self.model_privacy, self.data_spec = meta.get("costs"), meta.get("model_privacy"), meta.get("data_spec")
+        for i, cost in enumerate(self.costs or []):  # a claimed negative or NaN epsilon is refused, never printed
+            check_model_privacy(cost, where=str(self.folder / META_FILE), field=f"costs[{i}]")
 
     # -- the export's facts (the server reads these) ------------------------------------------------------
     @property

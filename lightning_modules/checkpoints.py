@@ -16,7 +16,9 @@ A run folder ``OUT`` (``veil train``, ``veil train-classifier``, ``veil unlearn`
 No file anywhere holds a noise key or a generator state (``dp/optimizer.py``). ``veil sample``,
 ``edit`` and ``export`` read only releases: ``load_diffusion_checkpoint`` and ``load_classifier``
 take ``OUT``, ``OUT/model`` or ``OUT/model/veil_model.json`` and refuse a Lightning ``.ckpt`` (owner
-state) unless the caller is an owner-side job that asks for it (``owner=True``: unlearning).
+state) unless the caller is an owner-side job that asks for it (``owner=True``: unlearning). Every
+reader checks the privacy record it finds (``veil.privacy.model_privacy``): a negative, NaN or
+malformed epsilon is refused (DataError), never passed on as the model's cost.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from veil.errors import CheckpointError
 from veil.lightning_modules.models.classifier import AttributeClassifier
 from veil.lightning_modules.models.unet import AttributeConditionalUNet
+from veil.privacy.model_privacy import check_model_privacy
 
 DIFFUSION_KIND = "veil/dp-diffusion"
 CLASSIFIER_KIND = "veil/attribute-classifier"
@@ -127,6 +130,7 @@ def read_release(path: str | Path, *, kind: str, what: str = "--checkpoint") -> 
         if not isinstance(meta.get(key), typ):
             raise CheckpointError(f"{what} {folder / META_FILE}: {key!r} is missing or not a {typ.__name__}; "
                                   "the release is damaged: copy it again or rerun the command that wrote it")
+    check_model_privacy(meta.get("privacy"), where=f"{what} {folder / META_FILE}")  # DataError: a cost it did not pay
     try:
         weights = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: any unreadable file is the user's to fix
@@ -163,7 +167,7 @@ def load_diffusion_checkpoint(path: str | Path, *, use_ema: bool = True, map_loc
         raise CheckpointError(f"--checkpoint {folder}: weights do not fit the recorded model_kwargs ({e})") from None
     model.to(map_location).eval()
     return DiffusionCheckpoint(
-        model, meta["scheduler_config"], meta["attribute_names"], meta["privacy"], meta.get("data_spec"),
+        model, meta["scheduler_config"], meta["attribute_names"], meta.get("privacy") or {}, meta.get("data_spec"),
         model_kwargs=dict(meta["model_kwargs"]), cond_drop_prob=meta.get("cond_drop_prob"),
         initialized_from=meta.get("initialized_from"), path=folder,
     )
@@ -214,6 +218,7 @@ def _load_classifier_ckpt(path: Path, *, what: str = "--model") -> tuple[Attribu
                               "train one with `veil train-classifier`")
     if not isinstance(record.get("model_kwargs"), dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{what} {path}: lacks its model_kwargs or state_dict; the checkpoint is damaged")
+    check_model_privacy(record.get("privacy"), where=f"{what} {path}")
     model = _build_classifier(record["model_kwargs"], _strip(ckpt["state_dict"], "model."), where=f"{what} {path}")
     return model, ckpt
 

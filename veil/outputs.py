@@ -17,6 +17,8 @@ Every command that writes a ``--out`` folder goes through ``staged_dir``, in one
   fails, what the run created in OUT is removed, unless ``keep()`` says the run is worth keeping.
 
 Either way a failed command leaves OUT as it found it, and removes OUT if it created it.
+The commands that run long and record a spend (train, train-classifier, unlearn) also hold ``out_lock``
+for the whole run: a second run into the same OUT is refused at once rather than trained twice.
 Plain stdlib (no torch): every command uses it, the torch-free ones included.
 """
 
@@ -27,13 +29,14 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from veil.errors import ConfigError, DataError
 
 __all__ = ["check_out_dir", "write_text_atomic", "write_json_atomic", "dumps_strict", "staged_dir", "publish",
-           "unpublish", "remove_if_empty"]
+           "unpublish", "remove_if_empty", "out_lock", "OutLock", "LOCK_FILE"]
 
 REPLACED = ".replaced"  # inside a staging folder: the entries a --force run replaced, until it succeeds
 
@@ -186,3 +189,113 @@ def remove_if_empty(folder) -> None:
         Path(folder).rmdir()
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------------ one run at a time per --out
+LOCK_FILE = ".veil-lock"  # inside OUT while a run holds it; never an output (no "already holds" check names it)
+
+
+@dataclass(frozen=True)
+class OutLock:
+    """What ``out_lock`` yields: the locked folder and whether ``out_lock`` created it (None: not locked here,
+    ``skip``), to pass to ``staged_dir(created=...)`` so that a failed run still removes a folder it made."""
+
+    folder: Path
+    created: bool | None
+
+
+@contextmanager
+def out_lock(out, *, flag: str = "--out", skip: bool = False) -> Iterator[OutLock]:
+    """Hold an exclusive lock on the folder ``out`` for the whole block: one veil run at a time writes into it.
+
+    The lock is ``fcntl.flock`` on ``OUT/.veil-lock`` (created, 0600, holding the holder's pid), taken without
+    waiting: when another process holds it, ConfigError naming ``flag`` at once, before any work, and nothing
+    of ``out`` is touched. The kernel drops the lock when the holder exits or crashes; the file is removed
+    when the block ends (on success and on failure), so it is never mistaken for a result. Take it *before*
+    checking whether ``out`` holds an earlier run's results (else two runs could both pass the check) and
+    outside ``staged_dir`` (so a refused run's cleanup cannot remove what the running one wrote):
+
+        with out_lock(out, skip=other_rank()) as lock, staged_dir(out, in_place=True, created=lock.created):
+            check_out_dir(out, holds=..., force=...)
+            ...
+
+    Creates ``out`` (and removes it again if the block fails and leaves it empty). ``skip``: take no lock
+    (a DDP rank other than 0, started by the rank that holds it); also where ``fcntl`` does not exist."""
+    out = Path(out)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no flock, no lock
+        fcntl = None
+    if skip or fcntl is None:
+        yield OutLock(out, None)
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file, not a folder; choose a folder path", option=flag)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # under a file, unwritable
+        raise ConfigError(f"{out}: cannot write there ({e.strerror or e}); choose a folder you can write",
+                          option=flag) from None
+    try:
+        fd = _lock(out / LOCK_FILE, fcntl, flag=flag)
+    except BaseException:
+        if created:
+            remove_if_empty(out)
+        raise
+    try:
+        yield OutLock(out, created)
+    except BaseException:
+        _unlock(fd, out / LOCK_FILE)
+        if created:
+            remove_if_empty(out)
+        raise
+    _unlock(fd, out / LOCK_FILE)
+
+
+def _lock(path: Path, fcntl, *, flag: str) -> int:
+    """An open descriptor of ``path`` holding its exclusive flock; ConfigError if another process holds it."""
+    for _ in range(8):  # a holder that ends removes the file: lock the one that is there now
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{path.parent}: cannot write there ({e.strerror or e}); choose a folder you can write",
+                              option=flag) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(f"{path.parent}: another veil run is writing into this folder (process "
+                              f"{holder or 'unknown'} holds {path}); wait for it to end, or choose another {flag}",
+                              option=flag) from None
+        except OSError as e:
+            os.close(fd)
+            raise ConfigError(f"{path.parent}: cannot lock {path} ({e.strerror or e}); choose a folder on a local "
+                              "file system", option=flag) from None
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the file we locked was removed by the run that held it
+    raise ConfigError(f"{path.parent}: could not lock {path} (other runs keep taking it); try again, or choose "
+                      f"another {flag}", option=flag)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _unlock(fd: int, path: Path) -> None:
+    """Remove the lock file (only if it is still ours: a failed run may have removed its folder meanwhile),
+    then close it, which releases the lock."""
+    try:
+        if _same_file(fd, path):
+            path.unlink()
+    finally:
+        os.close(fd)

@@ -190,6 +190,9 @@ def test_export_refuses_to_overwrite_and_a_failed_verification_leaves_nothing(mo
 def test_veil_edit_runs_on_the_export(models, exports, tmp_path, veil_home, capsys):
     common = ["--first", "2", "--protect", "smiling", "--level", "high", "--encoding", "invert", "--seed", "3",
               "--check-threshold", "0.01", "--steps", str(STEPS)]
+    for name in ("ort", "torch"):  # issue 30: inversion is released only where the pixels are said unprotected
+        with PrivacyLedger(tmp_path / f"{name}.sqlite") as book:
+            book.set_pixel_policy("not-protected", reason="this test compares inversions on both runtimes")
     assert main(["edit", "--runtime", "ort", "--checkpoint", str(exports / "guided"), *common,
                  "--ledger", str(tmp_path / "ort.sqlite"), "--out", str(tmp_path / "ort")]) == 0
     assert main(["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
@@ -218,3 +221,22 @@ def test_a_sweep_previews_on_the_export(exports, tmp_path, veil_home):
     assert report["runtime"] == "ort" and report["backend"] == "conditional" and len(report["rows"]) == 4
     assert [r["level"]["encoding"] for r in report["rows"]] == [lv.encoding for lv in LEVELS.values()]
     assert not (veil_home / "datasets").exists()  # previews open no ledger
+
+
+@pytest.mark.parametrize("epsilon", [-1.0, float("nan")])
+def test_an_export_claiming_a_negative_or_nan_epsilon_is_refused_when_read(exports, tmp_path, epsilon):
+    """Issue 30: a model's privacy record that claims a negative or NaN epsilon is refused, never printed as its cost."""
+    import shutil
+
+    from veil.errors import DataError
+
+    folder = tmp_path / "bad"
+    shutil.copytree(exports / "guided", folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    private = [i for i, c in enumerate(meta["costs"]) if c.get("private")]
+    assert private, "the guided export's classifier is DP-trained: its cost has an epsilon"
+    meta["costs"][private[0]]["epsilon"] = epsilon
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"costs\[{private[0]}\]"):
+        OrtEditor(folder, providers="cpu")
+    OrtEditor(exports / "guided", providers="cpu")  # the untouched export still loads

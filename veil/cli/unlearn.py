@@ -10,6 +10,8 @@ second order on the head (``--params head``) with its closed-form Hessian (``--s
 113-168x, and it removes most of what the model remembers, where first order on the head (also
 fast) removes nothing measurable (docs/unlearning.md). --out is checked (not a file, writable, not
 holding a previous result unless --force) and the numbers are checked while parsing, before any work.
+The run is recorded in the dataset's privacy database as not private (the update reads the private
+data without noise: epsilon infinite); a finite training budget refuses it before any work.
 
 argparse only at import time; torch and Lightning are imported inside the handlers. Under DDP,
 Lightning re-runs this command once per extra rank; rank 0 writes the files, prints the summary,
@@ -69,6 +71,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: model/ (the updated release), private/unlearned.ckpt "
                                                 "(owner-only), unlearn_report.json (and retrained/ with --compare-retrain)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
+    p.add_argument("--ledger", help="the dataset's privacy database (default: the one the model's training run was "
+                                    "recorded in, else found from the data); the run is recorded there as not private")
     p.set_defaults(func=_unlearn)
 
 
@@ -90,7 +94,7 @@ def _unlearn(args) -> int:
         lissa_iterations=args.lissa_iterations, lissa_scale=args.lissa_scale,
         hessian_samples=args.hessian_samples, seed=args.seed, curvature=args.curvature,
         preconditioner=None if args.preconditioner == "none" else args.preconditioner,
-        line_search={"auto": None, "on": True, "off": False}[args.line_search],
+        line_search={"auto": None, "on": True, "off": False}[args.line_search], ledger=args.ledger,
     )
     wait_for_other_ranks()
     if rank_zero_only.rank == 0:
@@ -99,5 +103,6 @@ def _unlearn(args) -> int:
                 "gradient_residual", "distance_to_retrained")
         print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
         print(f"wrote {args.out}/model, {args.out}/private/unlearned.ckpt and {args.out}/unlearn_report.json")
+        print(f"privacy: {report['privacy']['note']} (recorded in {report['privacy']['ledger']})")
     return 0
 

@@ -13,6 +13,10 @@ training runs. ``DatasetAccount`` is the Lightning callback both training jobs u
 
 Non-private runs (``dp.enabled: false``) and reproducible-noise runs count too, as unbounded
 (epsilon infinite): their outputs carry no guarantee about the data they saw.
+
+``RecordedRun`` does the same for a run that is not a Lightning fit: ``veil unlearn``, whose update
+reads the private training set and the changed samples without noise (kind "unlearn", not private,
+epsilon infinite).
 """
 
 from __future__ import annotations
@@ -117,3 +121,66 @@ class DatasetAccount(L.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         if trainer.is_global_zero:
             self._finish("failed")
+
+
+class RecordedRun:
+    """A run on the dataset that is not a Lightning fit (``veil unlearn``), recorded like ``DatasetAccount``'s.
+
+        run = RecordedRun(out=out, kind="unlearn", data_spec=spec, details={...})
+        run.check()          # PrivacyError now, before any work, if the training budget would be passed
+        with run:            # "running" (budget checked again inside the write), then finished | failed
+            ... compute, write OUT ...
+
+    ``private`` False (the default) or ``planned_epsilon`` None: the run is unbounded (epsilon infinite), so
+    the dataset's composed training spend becomes infinite and any finite training budget refuses it.
+    Used on rank 0 only (the ranks it starts record nothing). ``where``: the database, once entered."""
+
+    def __init__(self, *, out: str | Path, kind: str, data_spec: dict[str, Any], ledger: str | Path | None = None,
+                 private: bool = False, planned_epsilon: float | None = None, delta: float | None = None,
+                 details: dict[str, Any] | None = None):
+        self.out, self.kind, self.data_spec, self.ledger_path = Path(out), kind, data_spec, ledger
+        self.private, self.planned, self.delta = private, planned_epsilon, delta
+        self.details = details or {}
+        self.run_id: int | None = None
+        self.where: str | None = None
+
+    @property
+    def cost(self) -> float:
+        return self.planned if self.private and self.planned is not None else math.inf
+
+    def _ledger(self) -> PrivacyLedger:
+        return PrivacyLedger.for_dataset(self.data_spec, path=self.ledger_path)
+
+    def check(self) -> None:
+        """PrivacyError if this run would take the dataset's training runs past their training budget."""
+        with self._ledger() as ledger:
+            budget = ledger.training_budget
+            if budget is None:
+                return
+            spent, _ = ledger.training_spent()
+            if spent + self.cost > budget + 1e-12:
+                from veil.errors import PrivacyError
+
+                what = f"plans epsilon {self.cost:g}" if math.isfinite(self.cost) else \
+                    "is not private (epsilon infinite: it reads the private data without noise)"
+                raise PrivacyError(
+                    f"{self.kind} refused: the dataset's training runs have spent epsilon {spent:g} of its training "
+                    f"budget {budget:g} and this run {what}; nothing was computed. Raise or remove the budget "
+                    "explicitly with `veil privacy set-training-budget` if that is really intended")
+
+    def __enter__(self) -> "RecordedRun":
+        with self._ledger() as ledger:
+            self.run_id = ledger.start_training_run(
+                run=str(self.out.resolve()), kind=self.kind, private=self.private, planned_epsilon=self.planned,
+                delta=self.delta, details=self.details)
+            self.where = str(ledger.path)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """finished, or failed when the block raised (its cost counts either way: the computation ran)."""
+        if self.run_id is None:
+            return
+        epsilon = self.planned if self.private else None
+        with self._ledger() as ledger:
+            ledger.finish_training_run(self.run_id, epsilon=epsilon, delta=self.delta, steps=0,
+                                       status="finished" if exc_type is None else "failed")

@@ -14,8 +14,8 @@ many steps):
 
 The run is recorded in the dataset's privacy database before its first step
 (``veil.jobs.dataset_account``). Everything that can be checked is checked before the first step,
-including ``--out`` (not a file, writable) and, on ``--resume``, that the privacy plan is the one
-the run started with.
+including ``--out`` (not a file, writable, not being written by another run: ``veil.outputs.out_lock``
+holds it for the whole run) and, on ``--resume``, that the privacy plan is the one the run started with.
 
 A run that fails (a bad value found late, a diverged loss, Ctrl-C) before its first checkpoint
 leaves nothing behind: what it created in ``--out`` is removed (a folder that existed before stays,
@@ -37,7 +37,7 @@ import lightning as L
 from veil.errors import ConfigError
 from veil.jobs.config import TrainConfig
 from veil.jobs.process_group import owned_process_group
-from veil.outputs import check_out_dir, staged_dir, write_json_atomic
+from veil.outputs import check_out_dir, out_lock, staged_dir, write_json_atomic
 
 # Known-harmless warnings that would bury the progress bar; each is explained here once.
 KNOWN_WARNINGS = (
@@ -175,16 +175,19 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
         raise ConfigError(f"{cfg.model.init_from} does not exist; pass the run folder (or OUT/model) "
                           "of a veil train run on public data (see lightning_modules/configs/synthetic32_public.yaml)",
                           option="model.init_from")
-    if resume and not ckpt_path.is_file():
-        raise ConfigError(f": {ckpt_path} does not exist; start without --resume", option="--resume")
-    if not resume and (ckpt_path.exists() or (out / "model").exists()):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
-                          option="--out")
-    # Until the first checkpoint there is nothing to resume: a failure removes what this run created.
-    started = lambda: resume or ckpt_path.exists() or (out / "model").exists()
-    with staged_dir(out, in_place=True, keep=lambda: started() or other_rank()):  # --resume finds it in OUT
-        check_out_dir(out)  # writable, before any work (creates the folder)
-        return _run(cfg, out, ckpt_path, resume=resume, progress=progress, ledger=ledger)
+    # One run at a time into OUT (rank 0 holds it; the ranks it starts do not ask): a second run started
+    # meanwhile is refused here, before any work, and records nothing. The checks below hold until it ends.
+    with out_lock(out, skip=other_rank()) as lock:
+        if resume and not ckpt_path.is_file():
+            raise ConfigError(f": {ckpt_path} does not exist; start without --resume", option="--resume")
+        if not resume and (ckpt_path.exists() or (out / "model").exists()):
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out",
+                              option="--out")
+        # Until the first checkpoint there is nothing to resume: a failure removes what this run created.
+        started = lambda: resume or ckpt_path.exists() or (out / "model").exists()
+        with staged_dir(out, in_place=True, created=lock.created, keep=lambda: started() or other_rank()):
+            check_out_dir(out)  # writable, before any work (creates the folder)
+            return _run(cfg, out, ckpt_path, resume=resume, progress=progress, ledger=ledger)
 
 
 def _run(cfg: TrainConfig, out: Path, ckpt_path: Path, *, resume: bool, progress: bool,

@@ -45,7 +45,7 @@ from veil.jobs.config import (
     positive_ints,
 )
 from veil.lightning_modules.unlearning import influence as U
-from veil.outputs import check_out_dir, staged_dir, write_json_atomic
+from veil.outputs import check_out_dir, out_lock, staged_dir, write_json_atomic
 
 
 @dataclass
@@ -225,17 +225,19 @@ def train_classifier(*, recipe: ClassifierRecipe, data: dict[str, Any] | None = 
     OUT/private/last.ckpt; return a record (with the owner-only test accuracy). ``init``: a state dict
     of the same architecture to start from instead of a fresh initialisation (``fine_tune_classifier``).
 
-    All or nothing: ``--out`` is checked (not a file, writable) before any work, and when anything
+    All or nothing: ``--out`` is checked (not a file, writable, not being written by another run:
+    ``veil.outputs.out_lock`` holds it for the whole run) before any work, and when anything
     fails (a diverged loss, Ctrl-C) what this run created in ``--out`` is removed; the dataset's
     privacy database keeps the run's row, marked failed (``veil.jobs.dataset_account``)."""
     from veil.jobs.train import other_rank
 
     out = Path(out)
-    if (out / "private" / "last.ckpt").exists() or (out / "model").exists():
-        raise ConfigError(f"{out} already holds a classifier; choose another --out", option="--out")
-    with staged_dir(out, in_place=True, keep=other_rank):
-        check_out_dir(out)
-        return _train(recipe, data, out, datamodule=datamodule, progress=progress, ledger=ledger, init=init)
+    with out_lock(out, skip=other_rank()) as lock:  # one run at a time into OUT: a second is refused before any work
+        if (out / "private" / "last.ckpt").exists() or (out / "model").exists():
+            raise ConfigError(f"{out} already holds a classifier; choose another --out", option="--out")
+        with staged_dir(out, in_place=True, created=lock.created, keep=other_rank):
+            check_out_dir(out)
+            return _train(recipe, data, out, datamodule=datamodule, progress=progress, ledger=ledger, init=init)
 
 
 def fine_tune_classifier(*, model, recipe: ClassifierRecipe, datamodule, epochs: int, out: str | Path,

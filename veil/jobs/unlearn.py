@@ -18,12 +18,21 @@ lacks the comparison with it. ``wait_for_other_ranks`` lets rank 0 end when they
 What the model "still remembers" is measured on the changed training samples: on their *revised*
 images, how often it predicts the *original* value of each edited (flipped) protected attribute.
 The retrained model never saw the originals, so its rate is the floor to compare against.
+
+Privacy: the update (first or second order) uses un-noised gradients of the private training set
+and the changed samples, so OUT/model is **not** differentially private (epsilon infinite), even when
+the model it updates was trained with DP. Rank 0 records the run in the dataset's privacy database
+before the update (``veil.jobs.dataset_account.RecordedRun``: kind "unlearn", not private), which
+makes the dataset's composed training spend infinite: a finite training budget refuses the run
+before any computation (PrivacyError, exit 2). One run at a time writes OUT (``veil.outputs.out_lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -48,13 +57,14 @@ from veil.jobs.train_classifier import (
     train_classifier,
 )
 from veil.jobs.config import apply_overrides
+from veil.jobs.dataset_account import RUN_FILE, RecordedRun
 from veil.jobs.process_group import owned_process_group
 from veil.jobs.train import other_rank
 from veil.lightning_modules.unlearning_module import (
     FeatureUnlearningModule,
     UnlearningInputs,
 )
-from veil.outputs import check_out_dir, staged_dir, write_json_atomic
+from veil.outputs import check_out_dir, out_lock, staged_dir, write_json_atomic
 
 
 @dataclass
@@ -210,21 +220,22 @@ def save_unlearned(ckpt: dict[str, Any], model, out: Path, *, revision: str, rec
     if (veil.get("privacy") or {}).get("enabled"):
         # The update reads the changed samples and the training set without noise: the DP
         # guarantee of the trained model does not extend to the unlearned one.
-        veil["privacy"] = {"enabled": False, "epsilon": None, "trained_with": veil["privacy"],
-                           "note": "non-private unlearning update applied after DP training"}
+        veil["privacy"] = {"enabled": False, "private": False, "epsilon": None, "trained_with": veil["privacy"],
+                           "note": "non-private unlearning update applied after DP training",
+                           "not_private_reason": NOT_PRIVATE_NOTE}
     new["veil"] = veil
     torch.save(new, private_dir(out) / "unlearned.ckpt")
     write_classifier_release(out, model, veil)
     seal_private(out)
 
 
-def _retrain(ckpt: dict, dm_rev, out: Path) -> tuple[Any, float]:
+def _retrain(ckpt: dict, dm_rev, out: Path, *, ledger: str | Path | None = None) -> tuple[Any, float]:
     from veil.lightning_modules.data.datamodule import FaceDataModule
 
     recipe = ClassifierRecipe(**ckpt["veil"]["recipe"])
     dm = FaceDataModule.from_spec(dm_rev.spec())
     dm._dataset = dm_rev.dataset  # the same (already loaded) images: time the training, not the loading
-    record = train_classifier(recipe=recipe, datamodule=dm, out=out)
+    record = train_classifier(recipe=recipe, datamodule=dm, out=out, ledger=ledger)  # recorded like any training
     model, _ = load_classifier(record["checkpoint"])  # the retrained run's release
     return model, record["seconds"]
 
@@ -346,24 +357,34 @@ UNLEARN_FILES = ("private/unlearned.ckpt", "model", "unlearn_report.json")  # mo
 
 def run_unlearn(*, model: str | Path, revision: str | Path, method: str, out: str | Path, force: bool = False,
                 compare_retrain: bool = False, params: Sequence[str] | None = None,
-                trainer: UnlearnTrainerConfig | None = None, **knobs: Any) -> dict[str, Any]:
+                trainer: UnlearnTrainerConfig | None = None, ledger: str | Path | None = None,
+                **knobs: Any) -> dict[str, Any]:
     """Unlearn ``revision`` from the classifier run ``model`` (its folder, or an owner ``.ckpt``); rank 0 writes
     OUT/model (the release), OUT/private/unlearned.ckpt and the report.
 
-    ``out`` is checked before any work (ConfigError: a file, unwritable, or holding an earlier run's
-    results unless ``force``). The results are written into a temporary folder inside OUT and moved in
-    place only when all are written; a run that fails leaves OUT as it found it (and removes OUT if
-    it created it). ``knobs`` go to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter,
-    lissa_scale, hessian_samples, ...); ``trainer`` says how many processes run the update.
+    ``out`` is checked before any work (ConfigError: a file, unwritable, being written by another run
+    (``out_lock``, held for the whole run), or holding an earlier run's results unless ``force``). The
+    results are written into a temporary folder inside OUT and moved in place only when all are
+    written; a run that fails leaves OUT as it found it (and removes OUT if it created it). ``knobs`` go
+    to ``FeatureUnlearningModule`` (tau, damping, solver, cg_max_iter, lissa_scale, hessian_samples, ...);
+    ``trainer`` says how many processes run the update.
+
+    The run is recorded in the dataset's privacy database (``ledger``; default: the SQLite database the
+    model's own training run was recorded in, else the dataset's) as a training run of kind "unlearn",
+    not private: the update reads the training set and the changed samples without noise, so its
+    release carries no DP guarantee (epsilon infinite) and the dataset's composed training spend becomes
+    infinite. A finite training budget therefore refuses it (PrivacyError) before any computation; a run
+    that fails is marked failed (it still counts). The report's ``privacy`` says so.
     """
     out = Path(out)
     if _run_folder(model) == out.resolve():
         raise ConfigError(f"{out}: is the --model run folder; write the unlearned model to a new folder",
                           option="--out")
-    with staged_dir(out, in_place=True, keep=other_rank):  # a failure removes what this run created in OUT
+    with out_lock(out, skip=other_rank()) as lock, \
+            staged_dir(out, in_place=True, created=lock.created, keep=other_rank):  # a failure removes what it made
         check_out_dir(out, holds=OUT_ENTRIES, force=force)
         return _unlearn_into(out, model=model, revision=revision, method=method, compare_retrain=compare_retrain,
-                             params=params, trainer=trainer, **knobs)
+                             params=params, trainer=trainer, ledger=ledger, **knobs)
 
 
 def _run_folder(model: str | Path) -> Path:
@@ -374,11 +395,43 @@ def _run_folder(model: str | Path) -> Path:
     return path.parent if path.name == "model" else path
 
 
-def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params, trainer, **knobs) -> dict[str, Any]:
+NOT_PRIVATE_NOTE = ("not private: the update reads the private training set and the changed samples without noise, "
+                    "so the released model carries no DP guarantee (epsilon infinite), whatever the model it updated "
+                    "was trained with; the dataset's composed training spend is now infinite")
+
+
+def unlearn_account(out: Path, ckpt: dict[str, Any], *, model, revision, method, params,
+                    ledger: str | Path | None) -> RecordedRun:
+    """The dataset account's record of this unlearning run (see ``run_unlearn``), not yet started."""
+    from veil.lightning_modules.data.datamodule import DATASET_KEYS
+
+    spec = ckpt["veil"].get("data_spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError("checkpoint has no data_spec; it was not written by `veil train-classifier`")
+    if ledger is None:  # where the model's training was recorded (a SQLite file that is still there)
+        run_file = _run_folder(model) / "private" / RUN_FILE
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            recorded = json.loads(run_file.read_text()).get("ledger")
+            ledger = recorded if isinstance(recorded, str) and Path(recorded).is_file() else None
+    trained_with = ckpt["veil"].get("privacy") or {}
+    details = {"model": str(Path(model).resolve()), "revision": str(Path(revision).resolve()), "method": method,
+               "params": list(params) if params else None, "model_private": bool(trained_with.get("private")),
+               "note": NOT_PRIVATE_NOTE}
+    return RecordedRun(out=out, kind="unlearn", data_spec={k: v for k, v in spec.items() if k in DATASET_KEYS},
+                       ledger=ledger, private=False, details=details)
+
+
+def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params, trainer, ledger,
+                  **knobs) -> dict[str, Any]:
     clf, ckpt = load_classifier(model, owner=True)  # the owner's checkpoint (cached features) when there
     if clf.noise_conditional:
         raise ConfigError(f"{model}: a noise-conditional (guidance) classifier; unlearning updates "
                           "classifiers of clean images", option="--model")
+    account = None  # rank 0 records the run; the ranks it starts (which run this job too) do not
+    if not other_rank():
+        account = unlearn_account(out, ckpt, model=model, revision=revision, method=method, params=params,
+                                  ledger=ledger)
+        account.check()  # PrivacyError here, before any work, when a training budget is set
     data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
     retrained_dir, aside = out / "retrained", out / f".retrained.old-{os.getpid()}"
     made_retrained = False
@@ -388,20 +441,23 @@ def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params
         if retrained_dir.exists():  # --force: the earlier run's, put back if this run fails
             os.replace(retrained_dir, aside)
         made_retrained = True
-        return _retrain(ckpt, data.dm_rev, retrained_dir)
+        return _retrain(ckpt, data.dm_rev, retrained_dir, ledger=account.ledger_path if account else ledger)
 
     try:
-        report = unlearn_and_measure(clf, ckpt, data, method=method, params=params,
-                                     retrained=retrain if compare_retrain else None, trainer=trainer, **knobs)
-        ckpt["veil"]["train_features"] = report.pop("_train_features")
-        if not report.pop("_global_zero"):
-            return report  # another rank: the same update and report; rank 0 writes them
-        report = finite_or_none(report)  # NaN (no flipped attribute to measure) is not JSON
-        with staged_dir(out, UNLEARN_FILES, replace=True, prefix=".unlearn.tmp-") as tmp:  # --force replaces
-            save_unlearned(ckpt, clf, tmp, revision=str(revision), record=report)
-            write_json_atomic(tmp / "unlearn_report.json", report)
-            private_dir(out)  # owner-only; it may hold other owner files: only unlearned.ckpt moves into it
-        seal_private(out)
+        with account or contextlib.nullcontext():  # "running" from here (budget checked again), then finished | failed
+            report = unlearn_and_measure(clf, ckpt, data, method=method, params=params,
+                                         retrained=retrain if compare_retrain else None, trainer=trainer, **knobs)
+            ckpt["veil"]["train_features"] = report.pop("_train_features")
+            if not report.pop("_global_zero"):
+                return report  # another rank: the same update and report; rank 0 writes them
+            report = finite_or_none(report)  # NaN (no flipped attribute to measure) is not JSON
+            report["privacy"] = {"private": False, "epsilon": None, "ledger": account.where, "run_id": account.run_id,
+                                 "note": NOT_PRIVATE_NOTE}
+            with staged_dir(out, UNLEARN_FILES, replace=True, prefix=".unlearn.tmp-") as tmp:  # --force replaces
+                save_unlearned(ckpt, clf, tmp, revision=str(revision), record=report)
+                write_json_atomic(tmp / "unlearn_report.json", report)
+                private_dir(out)  # owner-only; it may hold other owner files: only unlearned.ckpt moves into it
+            seal_private(out)
     except BaseException:
         if made_retrained:
             shutil.rmtree(retrained_dir, ignore_errors=True)
