@@ -9,7 +9,9 @@ The layout is the one ``veil train --data source=folder`` reads: the folder hold
 or ``file``, else the first) names files inside the folder, the other columns are -1/1 or 0/1
 attributes (0 reads as -1). Only the model's attributes are kept; one it has and the CSV lacks is
 unknown (0). A picked image's id in the ledger is its CSV id, as ``veil edit`` records it, so
-releases from the server and from the batch CLI compose. Torch-free (PIL, csv).
+releases from the server and from the batch CLI compose; ``fingerprint(id)`` (``veil.privacy.identity``, of
+the image at the model's resolution, as an upload is fingerprinted) lets the server give an upload of the
+same face that id too. Torch-free (PIL, csv).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from veil.errors import DataError
-from veil.serve.images import png_bytes, to_model_input
+from veil.privacy.identity import Fingerprint, fingerprint
+from veil.serve.images import from_png, png_bytes, to_model_input
 
 __all__ = ["FolderDataset"]
 
@@ -82,3 +85,7 @@ class FolderDataset:
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"--dataset: {image_id} is not a readable image ({e})") from None
         return png_bytes(to_model_input(pixels, resolution=self.resolution))
+
+    def fingerprint(self, image_id: str) -> Fingerprint:
+        """The perceptual fingerprint of the item as the model sees it (KeyError for an unknown id)."""
+        return fingerprint(from_png(self.image_png(image_id)))

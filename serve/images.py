@@ -13,9 +13,10 @@ decompression-bomb guard, which is turned into an error here for anything over `
 Every failure is an ``ImageRejected`` with the HTTP status it deserves (413 too large, 415 not a
 PNG or JPEG, 422 unreadable or out of bounds) and a message that names the field.
 
-The model sees a centre square crop resized to its resolution (Lanczos). ``image_id_for`` names an
-upload by the SHA-256 of its decoded pixels, so the same picture uploaded again composes with its
-earlier releases in the ledger (a re-encoded or resized copy gets a new id: see the README).
+The model sees a centre square crop resized to its resolution (Lanczos). ``image_id_for`` names a NEW
+record by the SHA-256 of its decoded pixels; which record an upload is, is decided by its perceptual
+fingerprint (``veil.serve.state``, ``veil.privacy.identity``): a re-encoded, resized or retouched copy of a
+face already seen, or of a ``--dataset`` image, takes that record's id and composes with its releases.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _check_size(w: int, h: int, *, limits: ImageLimits, field: str) -> None:
 
 
 def image_id_for(pixels: np.ndarray) -> str:
-    """A stable id for an upload: ``img-`` + 24 hex of SHA-256 over its shape and decoded pixels."""
+    """The id of an upload that starts a new record: ``img-`` + 24 hex of SHA-256 over its shape and pixels."""
     h = hashlib.sha256(repr(pixels.shape).encode())
     h.update(np.ascontiguousarray(pixels).tobytes())
     return "img-" + h.hexdigest()[:24]

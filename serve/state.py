@@ -25,12 +25,20 @@ elsewhere.
 **Sessions are capabilities**: ``create_session`` returns ``secrets.token_urlsafe(32)``; only its sha256
 is stored, so the database alone does not let anyone act on a session.
 
+**Budgets follow the record, not the bytes.** ``register_dataset`` stores the perceptual fingerprint
+(``veil.privacy.identity``) of each ``--dataset`` image under its id; ``create_session(fingerprint=...)``
+gives an upload the id of the record it near-duplicates (a dataset image first, else the oldest earlier
+upload), or registers it as a new record under the ``image_id`` given. Matching and registering happen in
+the session's own write transaction, under one lock (SQLite's write lock; PostgreSQL: an advisory lock),
+so two replicas given the same new face at once still make one record.
+
 **Secrets.** The database holds every release's randomized-response SEED (with it, anyone can undo the
 coin flips), the owners' ORIGINAL images and their true attribute values: restrict access to it (the
 SQLite file is 0600; give the PostgreSQL role to the server only). No method returns a seed, except the
 ``ReleaseRecord`` that ``accept`` hands to ``respond`` (and returns in ``AcceptResult.record``).
 
-Plain stdlib (sqlite3); psycopg 3 and psycopg_pool are imported only for a ``postgresql://`` URL. No torch.
+sqlite3 and ``veil.privacy.identity`` (numpy, scipy, Pillow); psycopg 3 and psycopg_pool are imported only for a
+``postgresql://`` URL. No torch.
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 from veil.errors import ConfigError, DataError, VeilError
 from veil.privacy.db import utc_now
+from veil.privacy.identity import Fingerprint, FingerprintIndex
 from veil.privacy.ledger import PrivacyLedger, ReleaseRecord
 from veil.privacy.mechanism import json_epsilon
 from veil.privacy.release import Released, ReleaseHook, record_releases
@@ -105,6 +115,31 @@ def _update_open(tx, token_hash: str, sets: dict) -> SessionRow:
     if cur.rowcount != 1:
         raise SessionClosed(f"session already {row.decision}: start a new session to edit this image again")
     return row
+
+
+FINGERPRINT_LOCK = "veil-serve-fingerprints"  # held by every write to serve_fingerprints: ids follow commits
+
+
+class _Records:
+    """This database's fingerprints, read incrementally (rows are only added, under FINGERPRINT_LOCK, so every
+    new row has a larger id than those already read)."""
+
+    def __init__(self):
+        self.index, self.ids, self.dataset, self.last = FingerprintIndex(), [], [], 0
+
+    def refresh(self, tx) -> None:
+        for fid, image_id, kind, text in tx.execute(
+                "SELECT fingerprint_id, image_id, kind, hash FROM serve_fingerprints WHERE fingerprint_id > ?"
+                " ORDER BY fingerprint_id", (self.last,)).fetchall():
+            self.index.add(Fingerprint.from_text(text))
+            self.ids.append(image_id)
+            self.dataset.append(kind == "dataset")
+            self.last = int(fid)
+
+    def match(self, fp: Fingerprint) -> str | None:
+        """The record ``fp`` near-duplicates: a dataset image first, then the oldest; None if none does."""
+        hits = self.index.within(fp)
+        return self.ids[min(hits, key=lambda i: (not self.dataset[i], i))] if hits else None
 
 
 class _Replayed(Exception):
@@ -175,21 +210,58 @@ class StateStore:
     def __init__(self, ledger: PrivacyLedger):
         self.ledger, self._db = ledger, ledger.db
         self.backend, self.where = self._db.backend, self._db.where
+        self._records, self._records_lock = _Records(), threading.Lock()
+        self._registered: list | None = None
 
     # -- sessions ---------------------------------------------------------------------------------
     def create_session(self, *, image_id: str, image_png: bytes, attributes: dict, guesses: dict | None,
-                       protected: list, level: dict) -> str:
-        """A new open session; returns its token (the only copy: the database keeps its sha256)."""
+                       protected: list, level: dict, fingerprint: Fingerprint | None = None) -> str:
+        """A new open session; returns its token (the only copy: the database keeps its sha256).
+
+        ``fingerprint`` (an upload's): the session's image is the record it near-duplicates, if any, else a new
+        record registered as ``image_id`` (see the module docstring); read the id chosen from ``session``."""
         if not isinstance(image_png, (bytes, bytearray)) or not isinstance(attributes, dict):
             raise ConfigError("create_session: image_png must be bytes and attributes a dict {name: -1|1|0}")
+        if fingerprint is not None and not isinstance(fingerprint, Fingerprint):
+            raise ConfigError("create_session: fingerprint must be a veil.privacy.identity.Fingerprint")
         token, now = secrets.token_urlsafe(32), utc_now()
-        with self._db.transaction() as tx:
+        with self._db.transaction(locks=[FINGERPRINT_LOCK] if fingerprint is not None else []) as tx:
+            if fingerprint is not None:
+                image_id = self._record_for(tx, fingerprint, new_id=str(image_id), now=now)
             tx.execute(f"INSERT INTO serve_sessions (token_hash, {_SESSION_COLUMNS}, updated_at)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
                        (_hash(token), str(image_id), bytes(image_png), json.dumps(attributes),
                         None if guesses is None else json.dumps(guesses), json.dumps(list(protected)),
                         json.dumps(level), now, now))
         return token
+
+    def _record_for(self, tx, fp: Fingerprint, *, new_id: str, now: str) -> str:
+        with self._records_lock:
+            self._records.refresh(tx)
+            found = self._records.match(fp)
+        if found is None:
+            tx.execute("INSERT INTO serve_fingerprints (image_id, kind, hash, at) VALUES (?, 'upload', ?, ?)"
+                       " ON CONFLICT (image_id) DO NOTHING", (new_id, fp.to_text(), now))
+        return new_id if found is None else found
+
+    def register_dataset(self, ids: list, fingerprint_of: Callable[[str], Fingerprint]) -> int:
+        """Store the fingerprint of each dataset image ``ids`` not stored yet (``fingerprint_of(id)``, computed
+        outside any transaction); once per store and ``ids`` list. Returns how many were added."""
+        with self._records_lock:
+            if self._registered is ids:
+                return 0
+        with self._db.transaction(write=False) as tx:
+            have = {row[0] for row in tx.execute("SELECT image_id FROM serve_fingerprints").fetchall()}
+        rows = [(str(i), fingerprint_of(i).to_text()) for i in ids if str(i) not in have]
+        if rows:
+            now = utc_now()
+            with self._db.transaction(locks=[FINGERPRINT_LOCK]) as tx:
+                for image_id, text in rows:
+                    tx.execute("INSERT INTO serve_fingerprints (image_id, kind, hash, at) VALUES (?, 'dataset', ?, ?)"
+                               " ON CONFLICT (image_id) DO NOTHING", (image_id, text, now))
+        with self._records_lock:
+            self._registered = ids
+        return len(rows)
 
     def session(self, token: str) -> SessionRow:
         with self._db.transaction(write=False) as tx:
@@ -222,9 +294,10 @@ class StateStore:
     def budget(self) -> float | None:
         return self.ledger.budget
 
-    def check_release(self, *, image_id: str, protected, epsilon: float, published=()) -> None:
-        """PrivacyError if this release would be refused now (``PrivacyLedger.check``)."""
-        self.ledger.check(image_id=image_id, protected=protected, epsilon=epsilon, published=published)
+    def check_release(self, *, image_id: str, protected, epsilon: float, price, published=()) -> None:
+        """PrivacyError if this release (costing ``price``, an accounting.ReleasePrice) would be refused now
+        (``PrivacyLedger.check``)."""
+        self.ledger.check(image_id=image_id, protected=protected, epsilon=epsilon, price=price, published=published)
 
     def replay(self, token: str, key: str) -> dict | None:
         """The answer ``accept`` stored for (session, ``key``), or None if that key was not accepted (yet)."""

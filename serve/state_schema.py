@@ -1,5 +1,5 @@
 """The tables ``veil serve`` adds to a dataset's privacy database: sessions, owner feedback, idempotent
-accepts, released images.
+accepts, released images, and the fingerprints that say which record an upload is (``veil.serve.state``).
 
 Written once, in SQLite's dialect, like the ledger's own schema (``veil.privacy.ledger_schema``); the
 server creates them through ``veil.privacy.db`` (``Database.create_tables``), which derives PostgreSQL's
@@ -39,5 +39,12 @@ CREATE TABLE IF NOT EXISTS serve_accepts (
 CREATE TABLE IF NOT EXISTS serve_release_images (
     release_id  INTEGER PRIMARY KEY,     -- the edited image that was published
     png         BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS serve_fingerprints (
+    fingerprint_id INTEGER PRIMARY KEY AUTOINCREMENT,  -- registration order: the oldest match wins
+    image_id    TEXT NOT NULL UNIQUE,    -- the record: a --dataset image's id, or the first upload's img-...
+    kind        TEXT NOT NULL CHECK (kind IN ('dataset', 'upload')),
+    hash        TEXT NOT NULL,           -- veil.privacy.identity fingerprint: a blurred grey thumbnail, private
+    at          TEXT NOT NULL
 )
 """

@@ -9,7 +9,8 @@ trains only the parameters it must. Two options of ``veil train`` do that:
   run, or synthetic faces of another seed). The privacy record of the new run covers the new
   run's data only and says where its start came from (``initialized_from``). Pretraining on the
   private data itself would spend budget no accountant counted, so ``check_disjoint`` refuses a
-  start whose training data is the same dataset (same synthetic seed, same CelebA or folder root).
+  start whose training data is the same dataset (same synthetic seed; CelebA or folders: any image
+  file in common, by content, so a copy of the private folder is refused).
   Train the public model with ``optim.cond_drop_prob: 1.0`` to keep its labels out of it
   (attributes then always enter as 0): everything the fine-tuned model knows about attributes
   was then learned under DP. From such a start the attribute MLP's output layer is zeroed (its

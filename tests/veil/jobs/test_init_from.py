@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -103,6 +104,37 @@ def test_same_dataset_compares_synthetic_seeds_and_roots(tmp_path):
     assert not same_dataset({"source": "synthetic", "seed": 1}, {"source": "synthetic", "seed": 0})
     assert same_dataset({"source": "celeba", "root": str(tmp_path)}, {"source": "celeba", "root": str(tmp_path / ".")})
     assert not same_dataset({"source": "celeba", "root": str(tmp_path)}, {"source": "folder", "root": str(tmp_path)})
+
+
+def _faces(folder, *contents):
+    folder.mkdir(parents=True)
+    for i, content in enumerate(contents):
+        (folder / f"{i:06d}.png").write_bytes(content)
+    return {"source": "folder", "root": str(folder), "csv": str(folder / "labels.csv")}
+
+
+def test_same_dataset_compares_content_so_a_copied_private_folder_is_refused(tmp_path):
+    # Issue 30: same_dataset compared folder paths, so a copy of the private folder passed as "public".
+    from veil.jobs.init_from import check_disjoint
+    from veil.privacy.locations import ledger_path_for
+
+    private = _faces(tmp_path / "private", b"face-a", b"face-b", b"face-c")
+    copied = _faces(tmp_path / "elsewhere" / "public", b"face-a", b"face-b", b"face-c")
+    assert same_dataset(copied, private) and same_dataset(private, copied)
+    with pytest.raises(PrivacyError, match="same folder data"):
+        check_disjoint(init_data=copied, train_data=private, path=tmp_path / "public.ckpt")
+    assert same_dataset(_faces(tmp_path / "one_shared", b"face-c", b"someone else"), private)  # any image shared
+    (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
+    (tmp_path / "celeba" / "img_align_celeba" / "000001.jpg").write_bytes(b"face-b")
+    assert same_dataset({"source": "celeba", "root": str(tmp_path / "celeba")}, private)  # whatever the source
+    other = _faces(tmp_path / "other", b"face-x", b"face-y")
+    assert not same_dataset(other, private)
+    check_disjoint(init_data=other, train_data=private, path=tmp_path / "public.ckpt")  # disjoint: accepted
+    assert not same_dataset({"source": "synthetic", "seed": 0}, private)
+    gone = _faces(tmp_path / "gone", b"face-a", b"face-z")
+    ledger_path_for(gone)  # the index of the privacy databases now knows its images
+    shutil.rmtree(tmp_path / "gone")
+    assert same_dataset(gone, private) and not same_dataset(gone, other)  # from the index
 
 
 def _train(out, *extra, resume=False):
