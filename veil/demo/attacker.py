@@ -3,22 +3,32 @@
     naive = train_attacker(names, resolution=32, num_images=2048, epochs=4, seed=1)  # original faces of seed 1
     adaptive = adaptive_attacker(naive, edits, originals, epochs=4, seed=2)          # knows the pipeline
     predict(adaptive, edits)                                                       # (B,k) in {-1,+1}
+    train, test = stratified_halves(originals[:, col])                             # equal priors in both
+    attack_row(guess, truth, epsilon=1.0)       # accuracy, its Wilson 95% interval, the test set's prior, bound
 
 The naive attacker is trained on original synthetic faces of a seed of its own; the adaptive one is
 a copy fine-tuned on (edit, ORIGINAL attributes) pairs made by the same pipeline and level: it learns
 what of the original the edits keep. ``bench/edit_eval.py`` and ``veil demo`` use them.
+
+How an attack is scored (``attack_row``): its accuracy on the ORIGINAL value, with a Wilson score 95%
+interval, against ``veil.privacy.bounds.bayes_accuracy_bound`` at the release's epsilon for the prior of
+the *same* set the accuracy is measured on (what an attacker who saw only the released value could reach
+on that set); ``within_bound`` is True when the interval's lower end is at most that bound, i.e. the
+attacker is not significantly better than the labels' guarantee allows.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
 
-__all__ = ["AttributeCNN", "fit", "train_attacker", "adaptive_attacker", "predict", "probability"]
+__all__ = ["AttributeCNN", "fit", "train_attacker", "adaptive_attacker", "predict", "probability",
+           "wilson_interval", "stratified_halves", "attack_row"]
 
 class AttributeCNN(nn.Module):
     """Small multi-label classifier: (B,3,32k,32k) -> (B,k) logits, one per attribute."""
@@ -83,3 +93,42 @@ def predict(model, images: torch.Tensor) -> torch.Tensor:
 def probability(model, images: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) -> (B,k): P(attribute = +1) per attribute."""
     return torch.cat([torch.sigmoid(model(b)) for b in images.split(256)])
+
+
+def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes`` / ``n`` (95% for the default z); (0, 1) for n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: {successes} successes out of {n}")
+    p, z2 = successes / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def stratified_halves(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, test) of ``labels`` (N,) in {-1,+1}: the indices grouped by value, then every other one to
+    each half, so the halves differ in size by at most one and in each value's count by at most one (the attack
+    and its bound see the same prior)."""
+    order = torch.cat([torch.nonzero(labels.flatten() == value).flatten() for value in (-1, 1)])
+    return order[0::2].sort().values, order[1::2].sort().values
+
+
+def attack_row(guess: torch.Tensor, truth: torch.Tensor, *, epsilon: float, train_prior: float | None = None) -> dict:
+    """Score guesses (N,) of an original binary value ``truth`` (N,) in {-1,+1}: accuracy, Wilson 95% interval,
+    the prior P(+1) of ``truth`` and ``bayes_accuracy_bound`` at ``epsilon`` for that prior (see the module
+    docstring); ``train_prior``: the attacker's training set's, reported beside it."""
+    from veil.privacy.bounds import bayes_accuracy_bound
+
+    n = int(truth.numel())
+    correct = int((guess.flatten() == truth.flatten()).sum())
+    prior = float((truth > 0).float().mean()) if n else 0.5
+    lo, hi = wilson_interval(correct, n)
+    bound = bayes_accuracy_bound(epsilon=epsilon, prior=prior)
+    row = {"accuracy": round(correct / n, 4) if n else None, "correct": correct, "n": n,
+           "ci95": [round(lo, 4), round(hi, 4)], "prior_test": round(prior, 4), "bound": round(bound, 4),
+           "within_bound": bool(n) and lo <= bound}
+    if train_prior is not None:
+        row["prior_train"] = round(float(train_prior), 4)
+    return row

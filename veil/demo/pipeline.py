@@ -13,9 +13,12 @@ databases in ``~/.veil``.
 1. models: a label-free UNet on public faces (seed 1), a DP noise-conditional classifier on the private
    faces (seed 0; it guides and checks the edits), and the classifier the owner already published
    (trained without DP on the original private images: its epsilon is infinite, and the account says so).
-2. edits (``owner.py``): the scripted owner edits some of the published classifier's training images,
-   asking for more privacy until the level's adaptive attacker is at most ``threshold`` sure of the
-   original protected value; releases go through the ledger; accepted edits form a revision.
+2. edits (``owner.py``): the scripted owner chooses ONE level for the dataset and protected attribute before
+   any release, on public faces only (the least private level the ledger's pixel policy and budget allow whose
+   adaptive attacker, measured on edits of public faces, is not significantly above the Bayes bound), then
+   releases some of the published classifier's training images at it through the ledger; accepted edits form
+   a revision. The report gives each record's composed (epsilon, delta) from the ledger and the attacker on
+   the accepted releases, with 95% intervals.
 3. unlearning: the published classifier updated to the revision (``veil unlearn``'s default update),
    against retraining from scratch.
 4. export: the guided editor to ONNX (verified against PyTorch), and the preview latency of ONNX Runtime
@@ -47,8 +50,10 @@ __all__ = ["run_demo", "STAGES"]
 STAGES = ("models", "edits", "unlearning", "export", "serve")
 PROVES = {
     "models": "DP training on the private faces is accounted for, model by model and in total for the dataset",
-    "edits": "protected attributes are released through randomized response, charged to the dataset's ledger, "
-             "and the owner can raise protection until an adaptive attacker is unsure",
+    "edits": "every release is priced in both channels (labels: randomized response; pixels: what the encoding "
+             "reads of the image) and composed per record in the dataset's ledger, at one level chosen on public "
+             "faces; an adaptive attacker on the accepted releases is compared with the Bayes bound, with 95% "
+             "intervals",
     "unlearning": "a model trained on the originals is updated to the revision in closed form, far faster than "
                   "retraining",
     "export": "the edit sampler runs on ONNX Runtime without torch and matches PyTorch",

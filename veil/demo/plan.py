@@ -38,7 +38,6 @@ class DemoPlan:
     edit_images: int  # private images the scripted owner edits
     steps: int  # DDIM steps of a full-strength edit
     attackers: AttackerSizes = field(default_factory=AttackerSizes)
-    threshold: float = 0.75  # the owner accepts once the attacker is at most this sure of the original value
     protected: tuple[str, ...] = ("eyeglasses",)
     latency_repeats: int = 5
     classifier_scale: float = 10.0

@@ -133,14 +133,9 @@ def _stage_rows(name: str, s: dict) -> list[tuple[str, str]]:
         account = s.get("dataset_account") or {}
         return rows + [("private data, all runs: epsilon", _fmt(account.get("epsilon")))]
     if name == "edits":
-        eps = s.get("release_epsilon") or {}
-        rows = [
-            ("releases / refused", f"{_int(s.get('releases'))} / {_int(s.get('refused'))}"),
-            ("release epsilon mean / max", f"{_fmt(eps.get('mean'))} / {_fmt(eps.get('max'))}"),
-        ]
-        for a in s.get("attacker") or []:
-            rows.append((f"attacker at {a.get('level', '?')} (bound)", f"{_pct(a.get('accuracy'))} ({_pct(a.get('bound'))})"))
-        return rows + [("edits follow the released values", _pct((s.get("utility") or {}).get("follows")))]
+        from veil.demo.report_edits import edits_rows
+
+        return edits_rows(s)
     if name == "unlearning":
         acc, mem = s.get("test_accuracy") or {}, s.get("remembered") or {}
         return [
@@ -221,8 +216,10 @@ def _image(out_dir: Path, name: Any, caption: str) -> str:
 
 
 def _bars(title: str, groups: list[str], series: dict[str, list[Any]], *, ylabel: str,
-          label: Callable[[Any], str], ylim: tuple[float, float] | None = None) -> str | None:
-    """Grouped bars (one colour per series) as a PNG data URL; None values draw as "n/a" at 0."""
+          label: Callable[[Any], str], ylim: tuple[float, float] | None = None,
+          errors: dict[str, list[Any]] | None = None) -> str | None:
+    """Grouped bars (one colour per series) as a PNG data URL; None values draw as "n/a" at 0. ``errors``:
+    per series, an interval [low, high] per bar (drawn as an error bar; None or malformed: none)."""
     if not groups or all(_num(v) is None for values in series.values() for v in values):
         return None
     # A bare Figure, not pyplot: no global state, no display; savefig renders PNG with Agg.
@@ -234,7 +231,8 @@ def _bars(title: str, groups: list[str], series: dict[str, list[Any]], *, ylabel
     for i, (name, values) in enumerate(series.items()):
         heights = [_num(v) if _num(v) is not None and math.isfinite(_num(v)) else 0.0 for v in values]
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, heights, width, label=name)
+        yerr = _yerr(heights, (errors or {}).get(name))
+        bars = ax.bar(xs, heights, width, label=name, yerr=yerr, capsize=3 if yerr is not None else 0)
         ax.bar_label(bars, labels=[label(v) for v in values], fontsize=8, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
@@ -248,6 +246,19 @@ def _bars(title: str, groups: list[str], series: dict[str, list[Any]], *, ylabel
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _yerr(heights: list[float], intervals: list[Any] | None) -> list[list[float]] | None:
+    """[[below...], [above...]] of each bar's interval around its height (0 where it has none)."""
+    if not intervals:
+        return None
+    below, above = [], []
+    for h, iv in zip(heights, list(intervals) + [None] * len(heights)):
+        lo, hi = (_num(iv[0]), _num(iv[1])) if isinstance(iv, (list, tuple)) and len(iv) == 2 else (None, None)
+        ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi) and lo <= h <= hi
+        below.append(h - lo if ok else 0.0)
+        above.append(hi - h if ok else 0.0)
+    return [below, above]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,36 +282,9 @@ def _models_html(s: dict, out_dir: Path) -> str:
 
 
 def _edits_html(s: dict, out_dir: Path) -> str:
-    eps = s.get("release_epsilon") or {}
-    facts = _kv([
-        ("images", _int(s.get("images"))), ("protected", ", ".join(map(str, s.get("protected") or [])) or "n/a"),
-        ("check threshold", _fmt(s.get("threshold"))), ("start level", _fmt(s.get("start_level"))),
-        ("'more private' requests", _int(s.get("more_private_requests"))),
-        ("releases", _int(s.get("releases"))), ("refused", _int(s.get("refused"))),
-        ("release epsilon mean / max", f"{_fmt(eps.get('mean'))} / {_fmt(eps.get('max'))}"),
-        ("releases in the ledger", _int(s.get("ledger_releases"))),
-    ])
-    attacker = s.get("attacker") or []
-    levels = [str(a.get("level", "?")) for a in attacker]
-    att_table = _table(["level", "attacker accuracy", "randomized-response bound", "n"],
-                       [[a.get("level"), _pct(a.get("accuracy")), _pct(a.get("bound")), _int(a.get("n"))] for a in attacker])
-    att_plot = _bars("Adaptive attacker vs the randomized-response bound", levels,
-                     {"attacker accuracy": [a.get("accuracy") for a in attacker],
-                      "randomized-response bound": [a.get("bound") for a in attacker]}, ylabel="accuracy on the original value",
-                     label=_pct, ylim=(0.0, 1.1))
-    accepted = s.get("accepted_at") or {}
-    acc_plot = _bars("Where the scripted owner accepted", list(map(str, accepted)),
-                     {"images": list(accepted.values())}, ylabel="images", label=_int)
-    u = s.get("utility") or {}
-    utility = _kv([("edits show the released values", _pct(u.get("follows"))),
-                   ("unprotected attributes kept", _pct(u.get("unprotected_kept"))), ("SSIM to the original", _fmt(u.get("ssim")))])
-    return (facts + "<h3>What an attacker learns</h3>"
-            + _figure(att_plot, "Accuracy of an adaptive attacker at guessing the original protected value, "
-                      "per level, against the bound randomized response allows.", "(no attacker numbers)")
-            + att_table + "<h3>The owner's choices</h3>"
-            + _figure(acc_plot, "Images accepted at each level.", "(no acceptances recorded)")
-            + "<h3>Utility</h3>" + utility
-            + _image(out_dir, s.get("grid"), "Originals and their released edits."))
+    from veil.demo.report_edits import edits_html  # (it imports this module's helpers)
+
+    return edits_html(s, out_dir)
 
 
 def _unlearning_html(s: dict, out_dir: Path) -> str:
@@ -364,10 +348,14 @@ def write_html(report: dict, out_dir: str | Path) -> Path:
     command = (f"<p>To open the interactive page yourself:</p><pre><code>{_e(serve['command'])}</code></pre>"
                if serve.get("command") else "")
     closing = ("<h2>What is protected and what is not</h2><p>In short: the models' weights are DP with "
-               "respect to one training image; a release is epsilon-local DP for the released values of the "
-               "protected attributes only; what the pixels keep of the original is measured (the attacker "
-               "above), not bounded; unlearning is not a privacy guarantee. The full list, and where each "
-               "guarantee stops, is in README.md, section \"What is protected and what is not\".</p>" + command)
+               "respect to one training image; every release is priced in both channels a recipient gets, the "
+               "labels (randomized response: epsilon-local DP for the protected values) and the pixels (0 when "
+               "the image is not read, a Gaussian mechanism for a noise encoding, no bound for DDIM inversion, "
+               "which a dataset whose pixels are protected refuses), and every record's releases are composed "
+               "into one (epsilon, delta) that the dataset's budget limits (the table per record above). The "
+               "attacker numbers are measurements, with their 95% intervals, not proofs; unlearning is not a "
+               "privacy guarantee. The full list, and where each guarantee stops, is in README.md, section "
+               "\"What is protected and what is not\".</p>" + command)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>veil demo report</title><style>{_CSS}</style></head><body>"

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from veil.demo.owner import level_attackers, scripted_owner, utility
+from veil.demo.owner import (attack_releases, choose_level, level_attackers, level_prices, record_guarantees,
+                             scripted_owner, utility)
 from veil.demo.plan import PRIVATE_DATA, DemoPlan
+from veil.privacy.levels import LEVELS
 
 __all__ = ["stage_edits", "stage_unlearning", "stage_export", "stage_serve"]
 
@@ -39,10 +41,7 @@ def _published_data(out: Path):
 
 # ------------------------------------------------------------------------------------------- 2. edits
 def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
-    from veil.lightning_modules.data.grid import save_grid
-    from veil.outputs import staged_dir
     from veil.privacy.ledger import PrivacyLedger
-    from veil.privacy.revision_manifest import RevisionChange, write_revision
 
     folder = out / "edits"
     shutil.rmtree(folder, ignore_errors=True)
@@ -53,35 +52,59 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     ds = dm.dataset
     train = [int(i) for i in dm.split_indices("train")[: plan.edit_images]]
     items = [(ds.ids[i], *ds[i]) for i in train]  # (id, (3,H,W), (k,))
-    progress(f"  attackers: one per level, trained on {plan.attackers.edits_per_level // 2} edits of other faces")
+    progress(f"  attackers: one per level, trained on {plan.attackers.edits_per_level // 2} edits of public faces, "
+             f"measured on the other half")
     naive, attackers, attack_rows = level_attackers(editor, names=names, protected=protected, sizes=plan.attackers,
                                                     resolution=ds[0][0].shape[-1], progress=progress)
-    progress(f"  the owner edits {len(items)} images, starting at low, threshold {plan.threshold:.0%}")
     with PrivacyLedger.for_dataset(PRIVATE_DATA) as ledger:
-        result = scripted_owner(editor, ledger, items, names=names, protected=protected, attackers=attackers,
-                                threshold=plan.threshold, progress=progress)
+        allowed = level_prices(editor, ledger, protected=protected)  # before any release, on public facts only
+        for row in attack_rows:
+            row.update(allowed.get(row["level"], {}))
+        choice = choose_level(attack_rows, allowed=allowed)
+        progress(f"  the owner releases all {len(items)} images at {choice['level']}: {choice['why']}")
+        result = scripted_owner(editor, ledger, items, names=names, protected=protected, level=choice["level"],
+                                progress=progress)
+        account = record_guarantees(ledger, [i for i, _, _ in items], result["outcomes"])
         ids = {i for i, _, _ in items}
         in_ledger = sum(1 for r in ledger.releases() if r.image_id in ids)
     accepted = result["accepted"]
-    if accepted:
-        with staged_dir(folder, ["revision", "grid.png"]) as stage:  # both or neither
-            write_revision(stage / "revision", base_spec=dm.dataset_spec(), attribute_names=names,
-                           changes=[RevisionChange(id=r["id"], original_attributes=r["original"],
-                                                   released_attributes=r["released"], protected=protected,
-                                                   epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
-                           images={r["id"]: r["edit"] for r in accepted})
-            shown = accepted[:8]
-            save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), stage / "grid.png",
-                      nrow=len(shown), scale=4)
-    eps = result["epsilons"]
-    return {"images": len(items), "protected": protected, "threshold": plan.threshold, "start_level": "low",
-            "accepted_at": result["accepted_at"], "more_private_requests": result["more_private_requests"],
-            "releases": result["releases"], "refused": result["refused"],
-            "release_epsilon": {"mean": round(statistics.fmean(eps), 4) if eps else None,
-                                "max": max(eps) if eps else None},
-            "attacker": attack_rows, "utility": utility(naive, accepted, names=names, protected=protected),
+    lv = LEVELS[choice["level"]]
+    on_releases = attack_releases(attackers[choice["level"]], accepted, names=names, protected=protected,
+                                  epsilon=lv.epsilon)
+    if on_releases["n"]:
+        progress(f"  attacker on the {on_releases['n']} accepted releases: {on_releases['accuracy']:.0%} "
+                 f"[95% {on_releases['ci95'][0]:.0%}-{on_releases['ci95'][1]:.0%}], bound {on_releases['bound']:.0%}")
+    top = account["max"]
+    g = lambda v: v if isinstance(v, str) else f"{v:.4g}"  # noqa: E731  ("inf" is a string in JSON)
+    progress(f"  per record, composed over its releases: epsilon at most {g(top['epsilon'])} (labels "
+             f"{g(top['labels_epsilon'])}, pixels {g(top['pixels_epsilon'])}) at delta {account['delta']:g}")
+    _write_edits(folder, dm, names, protected, accepted)
+    return {"images": len(items), "protected": protected, "level": choice["level"], "level_choice": choice,
+            "releases": result["releases"], "refused": result["refused"], "withheld": result["withheld"],
+            "accepted_levels": sorted({r["level"] for r in accepted}),
+            "guarantee": account, "attacker": attack_rows, "attacker_on_releases": on_releases,
+            "utility": utility(naive, accepted, names=names, protected=protected),
             "ledger_releases": in_ledger, "grid": "edits/grid.png" if accepted else None,
             "grid_note": "top: originals, bottom: accepted edits"}
+
+
+def _write_edits(folder: Path, dm, names: list[str], protected: list[str], accepted: list[dict]) -> None:
+    """The revision of the accepted edits and the grid of originals over edits (both or neither)."""
+    from veil.lightning_modules.data.grid import save_grid
+    from veil.outputs import staged_dir
+    from veil.privacy.revision_manifest import RevisionChange, write_revision
+
+    if not accepted:
+        return
+    with staged_dir(folder, ["revision", "grid.png"]) as stage:
+        write_revision(stage / "revision", base_spec=dm.dataset_spec(), attribute_names=names,
+                       changes=[RevisionChange(id=r["id"], original_attributes=r["original"],
+                                               released_attributes=r["released"], protected=protected,
+                                               epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
+                       images={r["id"]: r["edit"] for r in accepted})
+        shown = accepted[:8]
+        save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), stage / "grid.png",
+                  nrow=len(shown), scale=4)
 
 
 # -------------------------------------------------------------------------------------- 3. unlearning
@@ -142,12 +165,12 @@ def stage_export(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     a = np.ones((1, len(names)), np.float32)
     noise = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)  # timing only: never a release
     protected = list(plan.protected)
-    ort_ms = _p50_ms(lambda: ort.edit(x, a, -a, strength=lv.strength, protected=protected, encoding="noise",
+    ort_ms = _p50_ms(lambda: ort.edit(x, a, -a, strength=lv.strength, protected=protected, encoding=lv.encoding,
                                       noise=noise), plan.latency_repeats)
     xt, at, nt = torch.from_numpy(x), torch.from_numpy(a), torch.from_numpy(noise)
     with torch.no_grad():
         torch_ms = _p50_ms(lambda: torch_editor.edit(xt, at, -at, strength=lv.strength, protected=protected,
-                                                     encoding="noise", noise=nt), plan.latency_repeats)
+                                                     encoding=lv.encoding, noise=nt), plan.latency_repeats)
     progress(f"  parity {max(v['max_abs_error'].values()):.2g} (tolerance {v['tolerance']:g}); a preview at medium: "
              f"ONNX Runtime {ort_ms:.0f} ms, PyTorch {torch_ms:.0f} ms")
     return {"parity_max_abs_error": max(v["max_abs_error"].values()), "tolerance": v["tolerance"],

@@ -47,16 +47,34 @@ def _report() -> dict:
                            {"name": "published", "role": "classifier the owner published", "data": "synthetic faces, seed 0",
                             "private": False, "epsilon": "inf", "delta": None, "params": 150000, "source": "trained", "command": cmd}],
                        "dataset_account": {"epsilon": "inf", "delta": 1e-6, "runs": 3, "note": "One run was not private."}},
-            "edits": {"seconds": 200.0, "proves": "Edits proves: the attacker stays near the bound.", "images": 32,
-                      "protected": ["eyeglasses"], "threshold": 0.75, "start_level": "low",
-                      "accepted_at": {"low": 3, "medium": 10, "high": 12, "max": 7}, "more_private_requests": 40,
-                      "releases": 30, "refused": 2, "release_epsilon": {"mean": 1.2, "max": 4.0},
-                      "attacker": [{"level": "low", "accuracy": 0.98, "bound": 0.98, "n": 64},
-                                   {"level": "medium", "accuracy": 0.81, "bound": 0.88, "n": 64},
-                                   {"level": "high", "accuracy": 0.7, "bound": 0.73, "n": 64},
-                                   {"level": "max", "accuracy": 0.52, "bound": 0.5, "n": 64}],
+            "edits": {"seconds": 200.0, "proves": "Edits proves: the attacker stays near the bound.", "images": 3,
+                      "protected": ["eyeglasses"], "level": "high",
+                      "level_choice": {"level": "high", "passed": True, "why": "high is the least private level"},
+                      "releases": 2, "refused": 1, "withheld": 0, "accepted_levels": ["high"],
+                      "guarantee": {"delta": 1e-6, "pixel_policy": "protected",
+                                    "max": {"epsilon": 1.0, "labels_epsilon": 1.0, "pixels_epsilon": 0.0,
+                                            "pixels_protected": True, "releases": 1},
+                                    "records": [{"id": f"synth-0-00000{i}", "outcome": o, "epsilon": 1.0,
+                                                 "delta": 1e-6, "labels_epsilon": 1.0, "pixels_epsilon": 0.0,
+                                                 "pixel_mu": 0.0, "pixels_protected": True, "releases": 1}
+                                                for i, o in enumerate(["released", "released", "refused (the check)"])]},
+                      "attacker": [{"level": "low", "epsilon": 4.0, "encoding": "invert", "accuracy": 0.98,
+                                    "ci95": [0.89, 1.0], "bound": 0.98, "prior_test": 0.5, "prior_train": 0.5,
+                                    "n": 48, "within_bound": True, "refused": "its pixels have no bound",
+                                    "guarantee": {"epsilon": "inf", "delta": 1e-6, "pixels_epsilon": "inf"}},
+                                   {"level": "medium", "epsilon": 2.0, "encoding": "fresh", "accuracy": 0.81,
+                                    "ci95": [0.68, 0.9], "bound": 0.88, "prior_test": 0.5, "prior_train": 0.52,
+                                    "n": 48, "within_bound": True, "refused": None,
+                                    "guarantee": {"epsilon": 2.0, "delta": 1e-6, "pixels_epsilon": 0.0}},
+                                   {"level": "high", "epsilon": 1.0, "encoding": "fresh", "accuracy": 0.7,
+                                    "ci95": [0.56, 0.81], "bound": 0.73, "prior_test": 0.5, "n": 48},
+                                   {"level": "max", "epsilon": 0.0, "encoding": "fresh", "accuracy": 0.52,
+                                    "ci95": [0.38, 0.65], "bound": 0.5, "prior_test": 0.5, "n": 48}],
+                      "attacker_on_releases": {"level": "high", "data": "accepted releases of the private images",
+                                               "accuracy": 0.5, "ci95": [0.09, 0.91], "bound": 0.73, "n": 2,
+                                               "prior_test": 0.5, "within_bound": True},
                       "utility": {"follows": 0.85, "unprotected_kept": 0.97, "ssim": 0.6},
-                      "ledger_releases": 32, "grid": "edits/grid.png"},
+                      "ledger_releases": 3, "grid": "edits/grid.png"},
             "unlearning": {"seconds": 60.0, "proves": "Unlearning proves: the update matches retraining.", "changed": 30,
                            "method": "second order, head", "update_seconds": 0.02, "retrain_seconds": 3.5, "speedup": 175.0,
                            "test_accuracy": {"original": 0.95, "updated": 0.95, "retrained": 0.95},
@@ -85,10 +103,10 @@ def test_full_report_is_self_contained_and_complete(demo_dir):
     page = path.read_text(encoding="utf-8")
     for name in STAGES:
         assert report["stages"][name]["proves"] in page
-    # the grid itself, byte for byte, and the four plots (attacker, acceptances, unlearning, latency)
+    # the grid itself, byte for byte, and the three plots (attacker, unlearning, latency)
     assert "data:image/png;base64," + base64.b64encode(_tiny_png()).decode("ascii") in page
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) >= 4
+    assert len(images) >= 4  # the grid + three plots
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page and "<link" not in page
@@ -105,8 +123,11 @@ def test_summary_rows_give_each_stage_its_key_numbers():
     assert by_stage["models"]["guide epsilon"] == "9.99"
     assert by_stage["models"]["published epsilon"] == "∞"
     assert by_stage["models"]["public_unet epsilon"] == "n/a"
-    assert by_stage["edits"]["releases / refused"] == "30 / 2"
-    assert by_stage["edits"]["attacker at medium (bound)"] == "81.0% (88.0%)"
+    assert by_stage["edits"]["releases / refused"] == "2 / 1"
+    assert by_stage["edits"]["level (one for all images, chosen on public faces)"] == "high"
+    assert by_stage["edits"]["attacker at medium, public edits [95%] (bound)"] == "81.0% [68.0%, 90.0%] (88.0%)"
+    assert by_stage["edits"]["attacker on the accepted releases [95%] (bound)"] == "50.0% [9.0%, 91.0%] (73.0%)"
+    assert by_stage["edits"]["record epsilon, max (labels / pixels)"] == "1 (1 / 0) at delta 1e-06"
     assert by_stage["unlearning"]["update speed-up over retraining"] == "175×"
     assert by_stage["export"]["ORT speed-up"] == "1.67×"
     assert by_stage["export"]["p50 latency ORT / PyTorch"] == "120.0 ms / 200.0 ms"
@@ -142,12 +163,14 @@ def test_none_values_render_as_na_and_missing_image_is_noted(demo_dir):
     report = copy.deepcopy(_report())
     export = report["stages"]["export"]
     export.update(parity_max_abs_error=None, speedup=None, latency_ms={"ort_p50": None, "torch_p50": None})
-    report["stages"]["edits"]["release_epsilon"] = {"mean": None, "max": "inf"}
+    report["stages"]["edits"]["guarantee"]["max"].update(epsilon="inf", pixels_epsilon=None)
+    report["stages"]["edits"]["attacker_on_releases"] = {"n": 0, "accuracy": None, "ci95": [0.0, 1.0], "bound": None}
     report["stages"]["edits"]["grid"] = "edits/nowhere.png"
     rows = {(s, w): v for s, w, v in summary_rows(report)}
     assert rows[("export", "ORT speed-up")] == "n/a"
     assert rows[("export", "p50 latency ORT / PyTorch")] == "n/a / n/a"
-    assert rows[("edits", "release epsilon mean / max")] == "n/a / ∞"
+    assert rows[("edits", "record epsilon, max (labels / pixels)")] == "∞ (1 / n/a) at delta 1e-06"
+    assert rows[("edits", "attacker on the accepted releases [95%] (bound)")] == "n/a [0.0%, 100.0%] (n/a)"
     page = write_html(report, demo_dir).read_text(encoding="utf-8")
     assert "<td>ORT vs PyTorch max abs error (tol)</td><td>n/a (0.002)</td>" in page
     assert "(no latencies)" in page  # an all-None plot is replaced by a note
@@ -183,3 +206,23 @@ def test_not_a_report_is_refused(tmp_path):
     with pytest.raises(DataError):
         summary_rows({"stages": "models"})
 
+
+
+def test_edits_section_shows_each_records_guarantee_the_claims_per_channel_and_the_attack_on_releases(demo_dir):
+    page = write_html(_report(), demo_dir).read_text(encoding="utf-8")
+    # per record, the ledger's composed (epsilon, delta), labels and pixels, and the maximum over records
+    for i in range(3):
+        assert f"<td>synth-0-00000{i}</td>" in page
+    assert "<td>epsilon, max over records (labels and pixels composed)</td><td class=\"num\">1</td>" in page
+    assert "<td>pixels protected in every record</td><td>yes</td>" in page
+    # what is proven per channel, and what is only measured
+    assert "proven: 2-LDP, posterior odds of the original value &lt;= e^2" in page
+    assert "proven: 0 (the image is not read" in page
+    assert "no bound (DDIM inversion keeps the face)" in page
+    assert "proven: epsilon 0, the released value is a fair coin" in page
+    assert "refused: its pixels have no bound" in page
+    assert "measured: attacker [95%] (bound)" in page
+    # the owner's one level and why; the attack on the accepted releases with its interval
+    assert "<strong>high</strong>" in page and "high is the least private level" in page
+    assert "What an attacker reads off the accepted releases (measured)" in page
+    assert "50.0% [9.0%, 91.0%] (73.0%)" in page
