@@ -51,6 +51,7 @@ from starlette.concurrency import run_in_threadpool
 
 from veil import __version__
 from veil.errors import ConfigError, VeilError
+from veil.privacy.identity import fingerprint
 from veil.privacy.levels import LEVELS, less_private, more_private, resolve_level
 from veil.privacy.mechanism import outcome_probability, privatize
 from veil.serve.batcher import MicroBatcher, PreviewJob
@@ -72,11 +73,13 @@ STATIC = Path(__file__).parent / "static"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
-LEVEL_HELP = {
-    "low": "light touch: the face stays; the attribute is released as it is 98% of the time",
-    "medium": "about one protected attribute in eight is flipped; the face is redrawn from a noised copy",
-    "high": "one in four flipped; redrawn from deeper noise",
-    "max": "a fair coin: the released value says nothing about the original; the face is drawn afresh",
+LEVEL_HELP = {  # what is proven, per channel (veil.privacy.accounting); the page shows it beside each level
+    "low": "labels: epsilon 4, the attribute is released as it is 98% of the time; pixels: NOT protected (the face "
+           "is kept by DDIM inversion), offered only where the owner said so for the whole dataset",
+    "medium": "labels: epsilon 2, about one protected attribute in eight is flipped; pixels: proven 0, the face is "
+              "drawn afresh (your image is not read)",
+    "high": "labels: epsilon 1, one in four flipped; pixels: proven 0, the face is drawn afresh",
+    "max": "labels: a fair coin (epsilon 0); pixels: proven 0, the face is drawn afresh (your image is not read)",
 }
 
 
@@ -286,6 +289,10 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
             png, image_id = await run_in_threadpool(dataset.image_png, dataset_image), dataset_image
             known = {k: v for k, v in dataset.attributes(dataset_image).items() if v in (-1, 1)}  # the owner's labels
         x = from_png(png)  # what every replica will edit: the stored, quantized image
+        if dataset is not None:  # once per server: the dataset's fingerprints, so that uploads find its records
+            await run_in_threadpool(store.register_dataset, dataset.ids, dataset.fingerprint)
+        # an upload is the record it near-duplicates (a dataset image, an earlier upload), its budget with it
+        face = fingerprint(x) if image is not None else None
         guesses = (await batcher.run_exclusive(lambda: editor.propose(x[None])))[0] if editor.can_check else None
         given = _parse_json_field(attributes, "attributes", dict)
         if given is None and guesses is None and not known:
@@ -298,8 +305,8 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
             raise ApiError(422, "protected: expected a JSON list of attribute names", "protected")
         chosen = _check_protected(editor, chosen, attrs) if chosen else []
         lv = LEVELS[level or settings.default_level]
-        token = await run_in_threadpool(store.create_session, image_id=image_id, image_png=png,
-                                        attributes=attrs, guesses=guesses, protected=chosen, level=lv.to_json())
+        token = await run_in_threadpool(store.create_session, image_id=image_id, image_png=png, attributes=attrs,
+                                        guesses=guesses, protected=chosen, level=lv.to_json(), fingerprint=face)
         row = await run_in_threadpool(store.session, token)
         return await run_in_threadpool(_state, ctx, row, token=token, image=True)
 

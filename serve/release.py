@@ -24,6 +24,7 @@ from anyio import from_thread
 from starlette.concurrency import run_in_threadpool
 
 from veil.errors import PrivacyError
+from veil.privacy.accounting import price_release
 from veil.privacy.levels import PrivacyLevel
 from veil.privacy.release import Edited, Released, release
 from veil.privacy.revision_manifest import RevisionChange, publish_revision, write_revision
@@ -57,7 +58,10 @@ async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> d
     lv = level_of(row)
     x = from_png(row.image_png)
     check = {"check": True} if editor.can_check else {}
-    cost = {p: lv.epsilon for p in row.protected}
+    mus = editor.pixel_mus(strength=lv.strength, encoding=lv.encoding, check=bool(check))
+    price = price_release(epsilon=lv.epsilon, protected=row.protected, encoding=lv.encoding, pixel_mus=mus)
+    cost = {**{p: lv.epsilon for p in row.protected}, "price": price.to_json(),
+            "pixels_protected": store.ledger.pixel_policy == "protected"}
 
     def edit(targets: list[dict]) -> list[Edited]:  # on release()'s worker thread; the model on the batcher's
         image = from_thread.run(ctx.batcher.run_exclusive, lambda: editor(
@@ -81,7 +85,8 @@ async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> d
 
     def run(hook):  # seed=None: the draw comes from the OS
         return release(store.ledger, image_ids=[row.image_id], attributes=[row.attributes], protected=row.protected,
-                       level=lv, edit=edit, seed=None, models=editor.costs, hook=hook)
+                       level=lv, edit=edit, seed=None, models=editor.costs, hook=hook,
+                       pixel_mus=mus)
 
     try:
         result = await run_in_threadpool(store.accept_with, token, key=key, respond=respond, run=run)

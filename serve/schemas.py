@@ -70,7 +70,7 @@ class SessionState(BaseModel):
     level: Level
     decision: str | None
     release_id: int | None
-    budget: float | None = Field(..., description="per (image, attribute); null = unlimited")
+    budget: float | None = Field(..., description="per record (composed epsilon, labels and pixels); null = unlimited")
     spent: dict[str, float]
     left: dict[str, float | None] = Field(..., description="budget left per protected attribute (null = unlimited)")
     history: list[dict] = Field(default_factory=list, description="releases of this image, oldest first")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from veil.cli import build_parser, main
 from veil.errors import DataError
+from veil.privacy.accounting import price_release
 from veil.privacy.ledger import PrivacyLedger, ledger_path_for
 from veil.privacy.revision_manifest import RevisionChange, load_manifest, publish_revision, write_revision
 
@@ -32,7 +33,8 @@ def _spend():
         ledger.start_training_run(run="runs/clf", kind="classifier", private=False, planned_epsilon=None, delta=None,
                                   details={})
         ledger.record(image_id="synth-0-000001", protected=["smiling"], epsilon=2.0, strength=0.55, seed=123456789,
-                      released_attributes={"smiling": 1, "hat": -1})
+                      released_attributes={"smiling": 1, "hat": -1},
+                      price=price_release(epsilon=2.0, protected=["smiling"], encoding="fresh", pixel_mus=[0.0]))
 
 
 def test_show_prints_training_runs_release_spends_and_budgets(capsys):

@@ -6,22 +6,35 @@ import math
 import pytest
 
 from veil.errors import ConfigError, PrivacyError
+from veil.privacy.accounting import gaussian_mu, image_sensitivity
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.mechanism import flip_probability
 from veil.privacy.session import EditSession, draw_release
-from veil.privacy.levels import LEVELS
+from veil.privacy.levels import LEVELS, PrivacyLevel
 
 ATTRS = {"smiling": 1, "eyeglasses": -1, "hat": 1}
 
 
 class RecordingEditor:
-    """A stand-in EditFn: the 'edit' is the target attributes and strength, so tests can see what was asked."""
+    """A stand-in EditFn: the 'edit' is the target attributes and strength, so tests can see what was asked.
 
-    def __init__(self):
-        self.calls, self.encodings = [], []
+    Its price is honest: ``pixel_mus`` is [0] for "fresh" (not read), [inf] for "invert", and for "noise" the
+    Gaussian mu of 32x32 faces under its fake schedule ``signal(strength)`` (alpha_prod at t0); the default
+    keeps nothing of the image (signal 0), so the tests of the label rules see labels only."""
+
+    def __init__(self, signal=lambda strength: 0.0):
+        self.calls, self.encodings, self.signal = [], [], signal
+
+    def pixel_mus(self, *, strength, encoding, check):
+        assert check is False  # no can_check: nothing is re-done
+        if encoding == "invert":
+            return [math.inf]
+        if encoding == "fresh":
+            return [0.0]
+        return [gaussian_mu(signal=self.signal(strength), sensitivity=image_sensitivity((3, 32, 32)))]
 
     def __call__(self, images, *, originals, targets, strength, protected, encoding):
-        assert encoding in ("invert", "noise")
+        assert encoding in ("invert", "noise", "fresh")
         self.encodings.append(encoding)
         self.calls.append((list(images), list(originals), list(targets), strength, list(protected)))
         return [(im, dict(t), strength) for im, t in zip(images, targets)]
@@ -86,6 +99,7 @@ def test_accept_releases_exactly_once_and_spends_its_epsilon(ledger):
         session.feedback("more_private")
     assert ledger.count("img-7") == 1 and session.state()["release_id"] == release.record.release_id
     assert session.state()["spent"] == {"eyeglasses": 1.0, "smiling": 1.0} and session.state()["budget"] == 3.0
+    assert session.state()["guarantee"]["epsilon"] == pytest.approx(2.0, abs=1e-4)  # two labels at 1: the record
 
 
 def test_reject_records_nothing(ledger):
@@ -97,22 +111,29 @@ def test_reject_records_nothing(ledger):
 
 
 def test_a_level_above_the_whole_budget_is_refused(ledger):
-    session = _session(ledger, level="low")  # 4.0 > 3.0
-    with pytest.raises(PrivacyError, match="asks for 4"):
+    session = _session(ledger, level="medium")  # two protected labels at 2: the record would spend 4 > 3
+    with pytest.raises(PrivacyError, match="record has spent epsilon 0 of its budget 3.*would take it to 4"):
         session.accept()
     assert session.decision is None and ledger.releases() == []  # still open: the owner can go more private
-    assert session.feedback("more_private").level.name == "medium" and session.accept().record.epsilon == 2.0
+    assert session.feedback("more_private").level.name == "high" and session.accept().record.epsilon == 1.0
+    # DDIM inversion ("low"'s encoding) at labels the budget allows: the pixels have no bound
+    inverted = _session(ledger, image_id="img-8", level=PrivacyLevel("custom", 0.5, 0.4, "invert"))
+    with pytest.raises(PrivacyError, match="pixels have no bound"):
+        inverted.accept()
+    assert inverted.decision is None and ledger.count("img-8") == 0
 
 
 def test_over_budget_release_is_refused(ledger):
-    _session(ledger, level="medium").accept()  # spent 2.0 of 3.0
+    one = ["eyeglasses"]  # one protected label: a level's epsilon is what the record spends
+    _session(ledger, level="medium", protected=one).accept()  # spent 2.0 of 3.0
     editor = RecordingEditor()
     with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 3"):
-        _session(ledger, editor, level="medium").accept()
-    assert editor.calls == [] and ledger.spent("img-7", "smiling") == 2.0  # refused before any compute
-    _session(ledger, level="high").accept()  # 3.0: exactly the budget
-    _session(ledger, level="max").accept()   # eps 0 is free
+        _session(ledger, editor, level="medium", protected=one).accept()
+    assert editor.calls == [] and ledger.spent("img-7", "eyeglasses") == 2.0  # refused before any compute
+    _session(ledger, level="high", protected=one).accept()  # 3.0: exactly the budget
+    _session(ledger, level="max", protected=one).accept()   # eps 0, the image not read: free
     assert ledger.spent("img-7", "eyeglasses") == 3.0 and ledger.count("img-7") == 3
+    assert ledger.guarantee("img-7").epsilon == pytest.approx(3.0, abs=1e-4)
 
 
 def test_the_editor_is_told_which_attributes_are_protected(ledger):
@@ -158,3 +179,32 @@ def test_successive_releases_draw_fresh_attributes():
 def test_bad_session_arguments(ledger, kw, match):
     with pytest.raises(ConfigError, match=match):
         _session(ledger, **kw)
+
+
+def test_max_is_released_again_and_again_at_no_price_only_because_the_image_is_not_read(ledger):
+    # Issue 30: max costs what its pixels cost. Its encoding is "fresh" (x_t0 is pure noise): the editor is
+    # told so, the release is priced mu 0, and the record's guarantee stays 0 however often it is released.
+    editor = RecordingEditor(signal=lambda s: 1.0 - s)  # any image it did read would be charged
+    for k in range(12):
+        rel = _session(ledger, editor, level="max", seed=k).accept()
+        price = rel.record.price
+        assert (price.label_epsilon, price.pixel_mu, price.encoding) == (0.0, 0.0, "fresh")
+    assert editor.encodings == ["fresh"] * 12 and ledger.count("img-7") == 12
+    assert ledger.guarantee("img-7").epsilon == 0.0 and ledger.remaining("img-7") == 3.0
+
+
+def test_a_noise_level_at_epsilon_0_is_charged_its_pixels(ledger):
+    # The same label epsilon 0, but an encoding that reads the image: each release is charged its Gaussian
+    # (signal 1e-5 at strength 1: mu = sqrt(1e-5 / (1 - 1e-5)) * 111 = 0.35) and the budget stops them.
+    deep = PrivacyLevel("custom", 0.0, 1.0, "noise")
+    editor = RecordingEditor(signal=lambda s: 1e-5)
+    mu = editor.pixel_mus(strength=1.0, encoding="noise", check=False)[0]
+    assert mu == pytest.approx(0.3505, abs=1e-3)
+    released = 0
+    with pytest.raises(PrivacyError, match="record has spent epsilon"):
+        for k in range(100):
+            _session(ledger, editor, level=deep, seed=k).accept()
+            released += 1
+    assert 0 < released == ledger.count("img-7") < 100 and editor.encodings == ["noise"] * released
+    assert ledger.guarantee("img-7").pixel_mu == pytest.approx(mu * math.sqrt(released))
+    assert 3.0 - 1.0 < ledger.guarantee("img-7").epsilon <= 3.0

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from veil.errors import ConfigError, DataError, PrivacyError
+from veil.privacy.accounting import price_release
 from veil.privacy.ledger import PrivacyLedger
 from veil.serve.state import SessionClosed, UnknownSession, open_state
 
@@ -59,9 +60,15 @@ def new_session(store, image_id="img-1", protected=("smiling",)):
                                 level=dict(LEVEL))
 
 
+def _price(epsilon):
+    """Protecting smiling at ``epsilon``, the image not read: the budget tests here are about the labels."""
+    return price_release(epsilon=epsilon, protected=["smiling"], encoding="fresh", pixel_mus=[0.0])
+
+
 def release(image_id="img-1", epsilon=1.0, outcome="released", seed=123456789):
     return dict(image_id=image_id, protected=["smiling"], epsilon=epsilon, strength=0.5, seed=seed, level="low",
-                released_attributes={"smiling": -1, "eyeglasses": -1}, outcome=outcome, models=None)
+                released_attributes={"smiling": -1, "eyeglasses": -1}, outcome=outcome, models=None,
+                price=_price(epsilon))
 
 
 def respond(record):
@@ -179,14 +186,15 @@ def test_the_budget_refuses_the_third_release_and_writes_nothing(stores, target)
     for i, token in enumerate(tokens[:2]):
         store.accept(token, key=f"k{i}", release=release(), image_png=b"edited", respond=respond)
     with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 2"):
-        store.check_release(image_id="img-1", protected=["smiling"], epsilon=1.0, published=["eyeglasses"])
+        store.check_release(image_id="img-1", protected=["smiling"], epsilon=1.0, published=["eyeglasses"],
+                            price=_price(1.0))
     with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 2"):
         store.accept(tokens[2], key="k2", release=release(), image_png=b"edited", respond=respond)
     assert len(store.releases()) == 2 and store.spends("img-1") == {"smiling": 2.0}
     assert store.session(tokens[2]).decision is None
     assert raw(target, "SELECT COUNT(*) FROM serve_accepts")[0][0] == 2
     assert raw(target, "SELECT COUNT(*) FROM serve_release_images")[0][0] == 2
-    store.check_release(image_id="img-2", protected=["smiling"], epsilon=2.0)  # another image: its own budget
+    store.check_release(image_id="img-2", protected=["smiling"], epsilon=2.0, price=_price(2.0))  # its own budget
 
 
 def test_a_stored_budget_is_kept_and_a_different_one_refused(stores):

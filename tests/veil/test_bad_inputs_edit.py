@@ -18,6 +18,7 @@ from dp_helpers import write_tiny_release
 
 from veil.cli import main
 from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
+from veil.privacy.accounting import price_release
 from veil.privacy.ledger import PrivacyLedger
 
 DATA = dict(source="synthetic", root=None, csv=None, attributes=None, resolution=32, num_images=8, seed=0,
@@ -101,7 +102,8 @@ def _damaged_ledger(tmp):
     """A veil database with one release, everything after its first page overwritten."""
     with PrivacyLedger.for_dataset(DATA, path=tmp / "ledger.sqlite") as book:
         book.record(image_id="synth-0-000005", protected=["smiling"], epsilon=1.0, strength=0.5, seed=1,
-                    released_attributes={"smiling": 1})
+                    released_attributes={"smiling": 1},
+                    price=price_release(epsilon=1.0, protected=["smiling"], encoding="fresh", pixel_mus=[0.0]))
     data = bytearray((tmp / "ledger.sqlite").read_bytes())
     data[4096:] = b"Z" * (len(data) - 4096)
     (tmp / "ledger.sqlite").write_bytes(bytes(data))

@@ -63,7 +63,8 @@ def add_subcommand(sub) -> None:
     pick.add_argument("--ids", type=_csv, help="comma-separated image ids, e.g. synth-0-000003,synth-0-000010")
     pick.add_argument("--first", type=positive_int, help="edit the first N images of the dataset")
     p.add_argument("--protect", type=_csv, required=True, help="comma-separated attributes to privatize, e.g. eyeglasses,smiling")
-    p.add_argument("--level", default="medium", help="privacy level: low | medium | high | max (default medium)")
+    p.add_argument("--level", default="medium", help="privacy level: low | medium | high | max (default medium; "
+                                                    "see `python bench/release_price.py` for what each costs)")
     p.add_argument("--epsilon", type=epsilon_or_budget, help="expert: randomized-response epsilon per protected attribute "
                                                  "(overrides the level's; 0 = fair coin, inf = keep)")
     p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
@@ -71,8 +72,10 @@ def add_subcommand(sub) -> None:
                    help="torch (default), or ort: --checkpoint is a `veil export` folder and the edit runs on ONNX "
                         "Runtime (its classifier, backend and data are the export's)")
     p.add_argument("--encoding", choices=ENCODINGS, help="expert: how the image is taken to t0 (overrides the level's): "
-                                                         "invert = DDIM inversion (keeps the face, and what its pixels "
-                                                         "show), noise = fresh secret noise (keeps only what survives it)")
+                                                         "invert = DDIM inversion (keeps the face; pixels not "
+                                                         "protected), noise = fresh secret noise (keeps what survives "
+                                                         "it; priced as a Gaussian mechanism), fresh = the image is not "
+                                                         "read (pixels cost 0)")
     p.add_argument("--classifier", help="a `veil train-classifier` release (e.g. trained with DP on this dataset). With "
                                         "--classifier-scale > 0: the guided backend, its gradient steers the denoiser; "
                                         "in every case it checks that each edit shows its released values")
@@ -102,7 +105,7 @@ def add_subcommand(sub) -> None:
                                     "$VEIL_HOME/datasets/<dataset>.sqlite (VEIL_HOME defaults to ~/.veil), one per "
                                     "dataset, so the budget counts every release of an image across runs")
     p.add_argument("--budget", type=epsilon_or_budget, default=None,
-                   help=f"epsilon budget per image and attribute, stored when the dataset's database is created "
+                   help=f"epsilon budget per record (labels and pixels composed), stored when the dataset's database is created "
                         f"(default {DEFAULT_BUDGET:g}; inf = unlimited); on an existing database it must match the "
                         f"stored one: change that with `veil privacy set-budget`")
     p.add_argument("--sweep", action="store_true", help="preview grid over the four levels (rows) for the chosen "
@@ -174,8 +177,15 @@ def summary(report: dict, out) -> str:
         lines.append(check["warning"])
     cost = report["cost"]
     models = "; ".join(f"{m['role']}: {m['privacy']} on {m['data']}" for m in cost["models"])
-    lines.append(f"cost: release: randomized response at epsilon {cost['release']['epsilon_per_protected_attribute']} "
-                 f"per protected attribute, composed in the dataset's ledger {report['ledger']}; models: {models}")
+    rel = cost["release"]
+    pixels = rel["pixels"]
+    shown = "not protected" if not pixels["protected"] else f"Gaussian mu {pixels['mu']}" if pixels["mu"] else "0"
+    worst = max((im["spent"]["epsilon"] for im in report["images"]), key=lambda e: float(e), default=0)
+    lines.append(f"cost: each release: labels by randomized response at epsilon {rel['epsilon_per_protected_attribute']} "
+                 f"per protected attribute, pixels {shown} ({pixels['encoding']}); one release alone: epsilon "
+                 f"{rel['alone']['epsilon']:.4g} at delta {rel['alone']['delta']:g}; composed per record in the "
+                 f"dataset's ledger {report['ledger']} (the most spent on one record now: {float(worst):.4g}); "
+                 f"models: {models}")
     lines.append(f"models together: {report['model_privacy']}")
     lines.append(f"wrote {out}/edit_report.json; owner-only: {out}/revision (it holds the original attributes; "
                  f"share `veil privacy publish-revision --revision {out}/revision --out PUB` instead) and "

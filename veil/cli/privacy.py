@@ -2,7 +2,8 @@
 
     veil privacy show --data source=synthetic,seed=0 [--ledger PATH] [--json]
     veil privacy show --ledger postgresql://veil@db:5432/veil        # the database `veil serve` replicas share
-    veil privacy set-budget 4 --reason "four medium releases per attribute" --data source=synthetic,seed=0
+    veil privacy set-budget 4 --reason "epsilon 4 per person, labels and pixels" --data source=synthetic,seed=0
+    veil privacy set-pixels not-protected --reason "labels only: we publish inversions" --data source=synthetic,seed=0
     veil privacy set-training-budget 10 --reason "DP training cap" --data source=celeba,root=/data/celeba
     veil privacy publish-revision --revision edits/revision --out edits/published
 
@@ -89,8 +90,18 @@ def _print_summary(s: dict) -> None:
         print("  none recorded")
     left = "no training budget" if t["budget"] is None else f"training budget {_eps(t['budget'])}, {_eps(t['left'])} left"
     print(f"  composed: epsilon {_eps(t['epsilon']) if t['runs'] else 0}, delta {t['delta']:g}; {left}")
+    g = s["records"]
+    pixels = "pixels protected" if g["pixels"] == "protected" else "PIXELS NOT PROTECTED (labels only)"
+    print(f"records ({g['composition']}; budget epsilon {_eps(g['budget'], 'unlimited')} per record at delta "
+          f"{g['delta']:g}; {pixels}):")
+    print(f"  {g['records']} records released; the most spent {_eps(g['max_epsilon'])} (labels "
+          f"{_eps(g['max_labels_epsilon'])}, pixels {_eps(g['max_pixels_epsilon'])}), least left "
+          f"{_eps(g['least_left'])}, {g['at_budget']} at the budget")
+    for c in g["policy_changes"]:
+        print(f"  {c['changed_at']} {c['setting']} {c['old_value']} -> {c['new_value']} by {c['changed_by']}: "
+              f"{c['reason']}")
     r = s["releases"]
-    print(f"releases ({r['composition']}; budget {_eps(r['budget'], 'unlimited')} per image and attribute):")
+    print(f"releases ({r['composition']}):")
     refused = f" ({r['refused']} refused by the edit check, charged all the same)" if r["refused"] else ""
     print(f"  {r['releases']} releases of {r['images']} images{refused}; most spent on one (image, attribute) "
           f"{_eps(r['max_spent'])}, least left {_eps(r['least_left'])}")
@@ -134,9 +145,18 @@ def _set_budget(args) -> int:
         else:
             ledger.set_training_budget(args.value, reason=args.reason)
             now = ledger.training_budget
-        which = "release budget (per image and attribute)" if args.action == "set-budget" else "training budget"
+        which = "release budget (per record)" if args.action == "set-budget" else "training budget"
         print(f"{ledger.path}: {which} is now {_eps(now, 'unlimited')} "
               f"(recorded: {args.reason})")
+    return 0
+
+
+def _set_pixels(args) -> int:
+    with _open(args, create=True) as ledger:
+        ledger.set_pixel_policy(args.policy, reason=args.reason)
+        what = ("priced and limited by the budget" if args.policy == "protected" else
+                "NOT protected: the budget limits the labels alone, and every release says so")
+        print(f"{ledger.path}: the pixels are now {what} (recorded: {args.reason})")
     return 0
 
 
@@ -158,7 +178,7 @@ def _locate(p) -> None:
 
 
 def add_subcommand(sub) -> None:
-    """Register `veil privacy` (show | set-budget | set-training-budget | publish-revision)."""
+    """Register `veil privacy` (show | set-budget | set-training-budget | set-pixels | publish-revision)."""
     p = sub.add_parser("privacy", help="what has been spent on a dataset (training runs, releases), its budgets",
                        description="The privacy account of a dataset: every DP training run and every release of "
                                    "an edited image recorded in its database, the budgets, and publishing a revision "
@@ -168,13 +188,21 @@ def add_subcommand(sub) -> None:
     _locate(show)
     show.add_argument("--json", action="store_true", help="print the account as JSON")
     show.set_defaults(func=_show)
-    for name, what in (("set-budget", "the per-(image, attribute) release budget"),
+    for name, what in (("set-budget", "the per-record release budget (composed epsilon, labels and pixels)"),
                        ("set-training-budget", "the cap on the composed epsilon of all training runs")):
         q = actions.add_parser(name, help=f"change {what} (recorded with who, when, old, new and why)")
         q.add_argument("value", type=epsilon_or_budget, help="the new budget, >= 0 (inf = unlimited)")
         q.add_argument("--reason", required=True, help="why it changes (recorded with the change)")
         _locate(q)
         q.set_defaults(func=_set_budget)
+    px = actions.add_parser("set-pixels", help="say whether the pixels of releases are protected (recorded with "
+                                               "who, when, old, new and why)")
+    px.add_argument("policy", choices=("protected", "not-protected"),
+                    help="protected (default): pixels priced and limited; not-protected: labels only (the only "
+                         "way to release DDIM inversions, which have no pixel bound)")
+    px.add_argument("--reason", required=True, help="why it changes (recorded with the change)")
+    _locate(px)
+    px.set_defaults(func=_set_pixels)
     pub = actions.add_parser("publish-revision", help="a shareable copy of a revision: edited images and released "
                                                       "attributes only")
     pub.add_argument("--revision", required=True, help="the owner's revision folder (veil edit's OUT/revision)")

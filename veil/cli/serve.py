@@ -29,7 +29,7 @@ def add_subcommand(sub) -> None:
                    help="where sessions and releases live: a SQLite file (default: the export's dataset ledger, "
                         "~/.veil/datasets/<dataset>.sqlite) or postgresql://user@host/db (replicas sharing one ledger)")
     p.add_argument("--budget", type=epsilon_or_budget, default=None,
-                   help="per-(image, attribute) release budget when the database is new (default 8; inf = unlimited)")
+                   help="per-record release budget (composed epsilon of labels and pixels) when the database is new (default 8; inf = unlimited)")
     p.add_argument("--token", default=None, help="server token (default $VEIL_SERVE_TOKEN); required off loopback")
     p.add_argument("--dataset", default=None, help="a folder of the owner's images with labels.csv (the layout of "
                                                     "--data source=folder): the page offers them to pick")

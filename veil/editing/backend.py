@@ -35,6 +35,7 @@ class EditBackend(Protocol):
     guidance_scale: float  # classifier-free guidance w of regeneration (conditional mode)
     classifiers: Mapping[str, list[str]]  # role ("guidance", "check") -> that classifier's attribute names
     batch_size: int  # rows per call of the network
+    alphas_cumprod: Any  # (T,) alpha_prod_t of the schedule (the pixel price of a "noise" encoding reads it)
 
     # -- arrays -----------------------------------------------------------------------------------------
     def asarray(self, values) -> Array:

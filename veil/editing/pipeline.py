@@ -8,8 +8,10 @@ Editing images x0 (B,3,H,W) in [-1,1] with their attributes a and released (priv
                    entries set to 0 (unknown), all zeros for a label-free denoiser; guidance
                    ``inversion_guidance`` (1 for a label-free one). Nearly invertible: it keeps the face,
                    and so what the pixels say about the protected values;
-         "noise":  the forward process q(x_t0 | x0) with fresh secret noise (SDEdit): only
-                   sqrt(alpha_prod_t0) of the image survives;
+         "noise":  the forward process q(x_t0 | x0) with fresh secret noise (SDEdit) of x0 clipped to
+                   [-1, 1]: only sqrt(alpha_prod_t0) of the image survives, a Gaussian mechanism priced by
+                   ``pixel_mus`` (veil.privacy.accounting);
+         "fresh":  the forward process of a blank image: pure noise, the image is not read (priced 0);
     3. regenerate from x_t0 down to a clean image towards a~ (classifier-free guidance, or classifier
        guidance towards ``guide_targets(a~)``: the released protected values and, with
        ``keep_unprotected``, the current unprotected ones);
@@ -36,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from veil.editing.backend import Array, EditBackend, OnStep
+from veil.privacy.accounting import gaussian_mu, image_sensitivity
 from veil.editing.plan import (
     DEFAULT_CHECK_THRESHOLD,
     DEFAULT_MAX_RETRIES,
@@ -203,7 +206,27 @@ class EditPipeline:
         x = self.engine.asarray(images)
         if noise is not None and tuple(noise.shape) != tuple(x.shape):
             raise ValueError(f"noise {tuple(noise.shape)}: expected the images' shape {tuple(x.shape)}")
+        if encoding == "fresh":  # the image is not read: x_t0 is the forward process of a blank, pure noise
+            x = self.engine.from_host(np.zeros(tuple(x.shape), dtype=np.float32))
+        else:  # the Gaussian mechanism's sensitivity holds only for images in the domain: enforce it
+            x = self.engine.from_host(np.clip(self.engine.to_host(x), -1.0, 1.0).astype(np.float32))
         return self.engine.add_noise(x, t0=self._grid(strength)[-1], noise=noise)
+
+    def signal_fraction(self, strength: float) -> float:
+        """alpha_prod at the t0 of ``strength``: the share sqrt(.) of the image that survives a "noise" encoding."""
+        return float(np.asarray(self.engine.to_host(self.engine.alphas_cumprod), dtype=np.float64)[self._grid(strength)[-1]])
+
+    def pixel_mus(self, *, strength: float, encoding: str, check: bool) -> list[float]:
+        """The Gaussian mu of each encoding an edit at ``strength`` may draw (``veil.privacy.accounting``): the
+        first try and, with ``check``, every re-do of ``retry_ladder``; [inf] for inversion, 0 for "fresh"."""
+        check_encoding(encoding)
+        ladder = self.retry_ladder(strength) if check and self.can_check else [(strength, 1.0)]
+        if encoding == "invert":
+            return [math.inf]
+        if encoding == "fresh":
+            return [0.0] * len(ladder)
+        sens = image_sensitivity((3, self.resolution, self.resolution))
+        return [gaussian_mu(signal=self.signal_fraction(s), sensitivity=sens) for s, _ in ladder]
 
     def regenerate(self, x_t0: Array, targets: Array, *, strength: float, protected: Sequence[str],
                    guidance_factor=1.0, on_step: OnStep | None = None) -> Array:

@@ -49,6 +49,7 @@ from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, RETR
 from veil.editing.load import load_editor
 from veil.editing.pipeline import EditPipeline
 from veil.outputs import check_out_dir, dumps_strict, publish, remove_if_empty, staged_dir, unpublish
+from veil.privacy.accounting import ENCODING_PIXELS, compose, price_release
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
 from veil.privacy.mechanism import (
@@ -339,13 +340,22 @@ def check_policy(editor: EditPipeline) -> dict:
                     ">= threshold"}
 
 
-def release_costs(editor: EditPipeline, lv, protected: Sequence[str], book: PrivacyLedger) -> dict:
-    """What an edit costs, in one place: each model's training privacy and the release's own."""
+def release_costs(editor: EditPipeline, lv, protected: Sequence[str], book: PrivacyLedger, *, check: bool) -> dict:
+    """What an edit costs, in one place: each model's training privacy and the release's own, both channels."""
+    price = price_release(epsilon=lv.epsilon, protected=protected, encoding=lv.encoding,
+                          pixel_mus=editor.pixel_mus(strength=lv.strength, encoding=lv.encoding, check=check))
+    alone = compose([price], delta=book.release_delta, pixels_protected=book.pixel_policy == "protected")
     return {"models": editor.costs, "models_summary": editor.model_privacy,
-            "release": {"mechanism": "randomized response", "epsilon_per_protected_attribute": json_epsilon(lv.epsilon),
+            "release": {"mechanism": "randomized response on the labels; the pixels per their encoding",
+                        "epsilon_per_protected_attribute": json_epsilon(lv.epsilon),
+                        "pixels": {"encoding": lv.encoding, "mechanism": ENCODING_PIXELS[lv.encoding],
+                                   "mu": json_epsilon(price.pixel_mu),
+                                   "protected": book.pixel_policy == "protected"},
+                        "price": price.to_json(), "alone": alone.to_json(),
                         "protected": list(protected), "composed_in": str(book.path),
-                        "composition": "basic: each (image, protected attribute)'s epsilons add up across releases, "
-                                       "refused ones included"}}
+                        "composition": "per record: labels and pixels of all its releases (refused ones included), "
+                                       "composed by dp-accounting's PLD accountant at delta "
+                                       f"{book.release_delta:g}"}}
 
 
 def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, protected, image_ids, x, a, originals,
@@ -385,11 +395,11 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                 for k, (i, ok) in enumerate(zip(image_ids, passed))]
 
     report, published = {}, []  # published: set once the files are in OUT, so only those are taken back
-    costs = release_costs(editor, lv, protected, book)
+    costs = release_costs(editor, lv, protected, book, check=check)
 
     # 6. the report (it needs the release ids) and the move into OUT, inside the ledger's transaction
     def publish(tx, released) -> None:
-        spent = {i: {p: json_epsilon(book.spent(i, p)) for p in protected} for i in image_ids}  # the new rows count
+        spent = {i: book.guarantee(i).to_json() for i in image_ids}  # the record's composed guarantee, new rows in
         images = [{"id": r.record.image_id, "outcome": r.record.outcome, "file": files.get(r.record.image_id),
                    "released_attributes": r.released_attributes if r.refusal is None else None,
                    "epsilon": json_epsilon(lv.epsilon), "strength": lv.strength, "encoding": lv.encoding,
@@ -410,7 +420,8 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
 
     try:
         release(book, image_ids=image_ids, attributes=originals, protected=protected, level=lv, edit=edit, seed=seed,
-                models=editor.costs, hook=ReleaseHook(recorded=publish))
+                models=editor.costs, hook=ReleaseHook(recorded=publish),
+                pixel_mus=editor.pixel_mus(strength=lv.strength, encoding=lv.encoding, check=check))
     except BaseException:
         if published:  # published, then the commit failed: take the files back (the releases were rolled back)
             _unpublish(out, EDIT_FILES)

@@ -3,8 +3,9 @@
     mechanism  randomized response on binary attributes (keep probability e^eps / (1 + e^eps))
     levels     the named privacy levels low | medium | high | max, each an (epsilon, strength) pair
     db         the one database layer: SQLite or PostgreSQL, one transaction() API, locks, the DDL translation
+    accounting the price of a release (labels and pixels) and its composition per record (dp-accounting PLD)
     ledger     the dataset's privacy database (one per dataset, owner-only; SQLite or PostgreSQL): releases
-               composed per (image, attribute), budgets; training_runs: every DP training run on the dataset;
+               composed per record, budgets; training_runs: every DP training run on the dataset;
                locations: which database is the dataset's; ledger_schema: its tables and upgrade
     release    the one release function: check the budget, draw, edit (injected), record (refusals charged)
     randomness where DP-SGD's seeds come from: the OS CSPRNG, or the not-private reproducible mode

@@ -1,13 +1,16 @@
 """The schema of a dataset's privacy database (``ledger.PrivacyLedger``), its version, and the upgrades.
 
-Schema 3: ``releases`` (one row per release, with its SECRET randomized-response seed, its ``outcome``,
-released or refused, and the training privacy of the ``models`` that made the edit), ``attribute_spends``
+Schema 4: ``releases`` (one row per release, with its SECRET randomized-response seed, its ``outcome``,
+released or refused, the training privacy of the ``models`` that made the edit, and its ``price`` in both
+channels, ``accounting.ReleasePrice``), ``policy_changes`` (the pixel policy and delta, each change with
+who, when and why), ``attribute_spends``
 (what each release spent per (image, attribute): epsilon, or NULL for a value published exactly),
 ``settings`` (the budgets, the dataset), ``budget_changes`` (every change: old, new, reason, who, when) and
 ``training_runs`` (``training_runs.TrainingRunsMixin``). Written once, in SQLite's dialect; ``veil.privacy.db``
 derives PostgreSQL's types. The version is SQLite's ``PRAGMA user_version``, or the ``settings`` row
 ``schema`` on PostgreSQL (``read_version``/``write_version``). Schema 1 held only ``releases``, composed per
-image; schema 2 lacked ``outcome`` and ``models``; both existed only as SQLite files and are migrated in
+image; schema 2 lacked ``outcome`` and ``models``, schema 3 ``price`` (its releases are priced with
+unbounded pixels: their edits were never limited); schemas 1 and 2 existed only as SQLite files and are migrated in
 place when opened. Plain stdlib.
 """
 
@@ -19,7 +22,7 @@ import math
 from veil.errors import ConfigError, DataError
 from veil.privacy.db import utc_now
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -35,7 +38,9 @@ CREATE TABLE IF NOT EXISTS releases (
     released_at         TEXT NOT NULL,   -- ISO 8601, UTC
     outcome             TEXT NOT NULL DEFAULT 'released' CHECK (outcome IN ('released', 'refused')),
                                          -- refused: drawn and charged, but the edit did not show it: not published
-    models              TEXT             -- JSON list: training privacy of each model that made the edit
+    models              TEXT,            -- JSON list: training privacy of each model that made the edit
+    price               TEXT             -- JSON accounting.ReleasePrice: labels and pixels (NULL: schema <= 3,
+                                         -- priced as labels only, pixels unbounded)
 );
 CREATE INDEX IF NOT EXISTS releases_by_image ON releases (image_id);
 CREATE TABLE IF NOT EXISTS attribute_spends (
@@ -51,6 +56,15 @@ CREATE TABLE IF NOT EXISTS budget_changes (
     budget     TEXT NOT NULL CHECK (budget IN ('release', 'training')),
     old_value  REAL,                     -- NULL = none before (creation), +inf = unlimited
     new_value  REAL,                     -- +inf = unlimited
+    reason     TEXT NOT NULL,
+    changed_by TEXT NOT NULL,
+    changed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy_changes (
+    change_id  INTEGER PRIMARY KEY AUTOINCREMENT,
+    setting    TEXT NOT NULL,            -- pixels | release_delta
+    old_value  TEXT,                     -- JSON, NULL = none before (creation)
+    new_value  TEXT NOT NULL,            -- JSON
     reason     TEXT NOT NULL,
     changed_by TEXT NOT NULL,
     changed_at TEXT NOT NULL
@@ -102,17 +116,21 @@ def migrate_v1(tx) -> str:
 
 
 V3_COLUMNS = {"outcome": "TEXT NOT NULL DEFAULT 'released' CHECK (outcome IN ('released', 'refused'))",
-              "models": "TEXT"}
+              "models": "TEXT", "price": "TEXT"}  # price: schema 4
 
 
 def add_v3_columns(tx) -> str | None:
-    """Schema 1 or 2 -> 3: add ``releases.outcome`` (earlier rows: released) and ``releases.models``
-    (earlier rows: NULL, not recorded). Returns what was done, or None if nothing was missing. SQLite only."""
+    """Schema 1, 2 or 3 -> 4: add ``releases.outcome`` (earlier rows: released), ``releases.models`` (earlier
+    rows: NULL, not recorded) and ``releases.price`` (earlier rows: NULL, pixels unpriced, so unbounded).
+    Returns what was done, or None if nothing was missing."""
+    if tx.backend == "postgresql":  # PostgreSQL databases start at schema 3: only the price is missing
+        tx.execute("ALTER TABLE releases ADD COLUMN IF NOT EXISTS price TEXT")
+        return "added price to releases (schema 4)"
     have = {row[1] for row in tx.execute("PRAGMA table_info(releases)")}
     missing = [c for c in V3_COLUMNS if c not in have]
     for column in missing:
         tx.execute(f"ALTER TABLE releases ADD COLUMN {column} {V3_COLUMNS[column]}")
-    return f"added {', '.join(missing)} to releases (schema 3)" if missing else None
+    return f"added {', '.join(missing)} to releases (schema 4)" if missing else None
 
 
 def log_budget_change(tx, which: str, old: float | None, new: float, reason: str, *, who: str) -> None:
@@ -136,6 +154,8 @@ def open_schema(tx, *, requested: float | None, default: float, create: bool, op
                           f"check --ledger", option=option)
     if 2 <= version < SCHEMA_VERSION:
         add_v3_columns(tx)
+        tx.run_ddl(SCHEMA)  # the tables schema 4 added (IF NOT EXISTS)
+        _default_policy(tx)
         write_version(tx, SCHEMA_VERSION)
         return None
     if version == SCHEMA_VERSION:
@@ -151,5 +171,18 @@ def open_schema(tx, *, requested: float | None, default: float, create: bool, op
     tx.execute("INSERT INTO settings (key, value) VALUES ('release_budget', ?), ('training_budget', 'null'),"
                " ('created_at', ?)", (json.dumps(None if math.isinf(value) else value), json.dumps(utc_now())))
     log_budget_change(tx, "release", None, value, why, who=who)
+    _default_policy(tx)
     write_version(tx, SCHEMA_VERSION)
     return None
+
+
+def _default_policy(tx) -> None:
+    """Schema 4's settings where missing: the pixels are protected (priced and limited), delta 1e-6 per record."""
+    tx.execute("INSERT INTO settings (key, value) VALUES ('pixels', ?), ('release_delta', ?) ON CONFLICT (key)"
+               " DO NOTHING", (json.dumps("protected"), json.dumps(1e-6)))
+
+
+def log_policy_change(tx, setting: str, old, new, reason: str, *, who: str) -> None:
+    """A row of ``policy_changes``: the dataset's ``setting`` ("pixels" | "release_delta") changed."""
+    tx.execute("INSERT INTO policy_changes (setting, old_value, new_value, reason, changed_by, changed_at)"
+               " VALUES (?, ?, ?, ?, ?, ?)", (setting, json.dumps(old), json.dumps(new), reason, who, utc_now()))

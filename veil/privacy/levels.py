@@ -1,36 +1,38 @@
 """Privacy levels a person can pick: low | medium | high | max, each an (epsilon, strength, encoding).
 
-    level    epsilon  strength  encoding  attribute kept with  what it means
-    low        4.0      0.40     invert       98.2 %          light touch: identity and pose stay, the attribute
-                                                              is almost always released as it is
-    medium     2.0      0.55     noise        88.1 %          about one protected attribute in eight is flipped;
-                                                              the face is redrawn from a noised copy
-    high       1.0      0.70     noise        73.1 %          one in four flipped; redrawn from deeper noise
-    max        0.0      1.00     noise        50.0 %          a fair coin: the released value says nothing about
-                                                              the original; the image is drawn afresh, keeping
-                                                              its unprotected attributes only
+    level    epsilon  strength  encoding  labels kept   pixels (accounting.py)
+    low        4.0      0.40     invert     98.2 %      DDIM inversion: no bound; only under a dataset policy that
+                                                        says the pixels are not protected (labels only)
+    medium     2.0      1.00     fresh      88.1 %      the image is not read: a face drawn afresh towards the
+    high       1.0      1.00     fresh      73.1 %      released attributes and the unprotected ones; the pixels
+    max        0.0      1.00     fresh      50.0 %      cost 0 (proven: nothing of the image is used)
 
-epsilon is the randomized-response level of each protected attribute (see mechanism.py): an
-attacker who sees only the released value guesses the original right with probability at most
-e^eps / (1 + e^eps). strength (t0 / T in (0, 1]) is how far the image is pushed into noise before
-it is redrawn under the released attributes, and encoding is how: "invert" is DDIM inversion,
-which is nearly invertible, so the latent keeps what the pixels show, protected attributes
-included; "noise" is the forward process with fresh secret noise (SDEdit), which keeps only
-sqrt(alpha_prod_t0) of the image (0.45 at strength 0.7; at 1.0, 0.08 with 20 steps and 0.03 with 50).
-The guarantee covers the released *values* only; the pixels are measured (docs/editing.md,
-``bench/edit_eval.py``): with inversion, an adaptive attacker read the original eyeglasses off the
-edits far above the bound at epsilon 2, 1 and 0 (0.945, 0.938, 0.883 vs 0.881, 0.731, 0.502), with
-fresh noise it stayed within noise of the bound at each level (epsilon-10 DP guided pipeline,
-32x32). So only ``low``, where the released value is almost always the original anyway, inverts.
+The levels were re-chosen on the price (issue 30): a "noise" edit, which keeps the face, costs its pixels as
+a Gaussian mechanism, and at 32x32 with 50 steps that is mu ~ 90 at strength 0.55, ~ 56 at 0.7, ~ 3.3 at 1.0
+(epsilon ~ 6700, ~ 1800, ~ 22 at delta 1e-6): no strength keeps a resemblance at a small pixel epsilon, so the
+named levels that fit the default budget (8 per record) do not read the image. Faces that keep their
+original's pose and look are a custom level (``--encoding noise --strength S``), priced by the same rule
+(``bench/release_price.py`` prints the grid).
 
-Why 0.0 for max: it is the only epsilon at which the released value is independent of the
-original, the strongest promise randomized response can make. It costs no budget, so the ledger
-does not limit how often an image is released at max; each release still leaks through the pixels
-(measured, not bounded: at max only what survives the noise), which is why the ledger records
-every release regardless of epsilon.
+epsilon is the randomized-response level of each protected attribute (see mechanism.py): an attacker who sees
+only the released value guesses the original right with probability at most e^eps / (1 + e^eps). strength
+(t0 / T in (0, 1]) is how far the image is pushed into noise before it is redrawn under the released
+attributes, and encoding is how: "invert" is DDIM inversion, nearly invertible, so the latent keeps what the
+pixels show (no bound); "noise" is the forward process with fresh secret noise (SDEdit) of the image clipped
+to [-1, 1], a Gaussian mechanism whose price ``veil.privacy.accounting`` computes from alpha_prod_t0 (mu =
+sqrt(a / (1 - a)) * 2 sqrt(3 H W)); "fresh" does not read the image at all.
+
+What is proven and what is measured: every release is priced in both channels and composed per record by a
+PLD accountant (``veil.privacy.ledger``); the budget limits that. The pixel price of the "noise" levels is
+honest and large: at 32x32 only alpha_prod below ~1e-4 (nearly pure noise) keeps the pixels' mu under 1,
+so a face that still resembles its original costs an epsilon in the hundreds on the pixels (README, "What is
+protected and what is not"; ``bench/release_price.py`` prices the grid). ``max`` costs nothing because it
+uses nothing of the record but its unprotected attributes, which the owner publishes exactly. The
+measured side (``bench/edit_eval.py``): with inversion an adaptive attacker read the original eyeglasses off
+the edits far above the labels' bound.
 
 Experts may give epsilon, strength and encoding directly (``resolve_level(epsilon=..., strength=...,
-encoding=...)``); the result is a level named "custom".
+encoding=...)``); the result is a level named "custom", priced by the same rule.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from veil.privacy.mechanism import check_epsilon, json_epsilon, keep_probability
 __all__ = ["PrivacyLevel", "LEVELS", "LEVEL_NAMES", "ENCODINGS", "resolve_level", "more_private", "less_private",
            "check_strength", "check_encoding"]
 
-ENCODINGS = ("invert", "noise")  # how the image is taken to t0: DDIM inversion, or fresh secret noise (SDEdit)
+ENCODINGS = ("invert", "noise", "fresh")  # how the image is taken to t0: DDIM inversion, fresh secret noise
+                                          # (SDEdit), or not at all (pure noise)
 
 
 def check_strength(strength, *, option: str = "strength") -> float:
@@ -58,7 +61,8 @@ def check_encoding(encoding, *, option: str = "--encoding") -> str:
     """"invert" or "noise"; ConfigError naming ``option`` otherwise."""
     if encoding not in ENCODINGS:
         raise ConfigError(f"={encoding!r}: choose one of {list(ENCODINGS)} (invert: DDIM inversion keeps the "
-                          f"face; noise: fresh secret noise keeps only what survives the noise level)", option=option)
+                          f"face, pixels not protected; noise: fresh secret noise keeps only what survives the noise "
+                          f"level, priced as a Gaussian mechanism; fresh: the image is not read)", option=option)
     return encoding
 
 
@@ -78,7 +82,8 @@ class PrivacyLevel:
 
     @property
     def order(self) -> tuple:
-        """Least to most private: smaller epsilon, then a deeper edit, then fresh noise over inversion."""
+        """Least to most private: smaller epsilon, then a deeper edit, then fresh noise over inversion, then
+        not reading the image at all."""
         return (-self.epsilon, self.strength, ENCODINGS.index(self.encoding))
 
     @property
@@ -92,9 +97,9 @@ class PrivacyLevel:
 
 LEVELS: dict[str, PrivacyLevel] = {
     "low": PrivacyLevel("low", 4.0, 0.40, "invert"),
-    "medium": PrivacyLevel("medium", 2.0, 0.55, "noise"),
-    "high": PrivacyLevel("high", 1.0, 0.70, "noise"),
-    "max": PrivacyLevel("max", 0.0, 1.00, "noise"),
+    "medium": PrivacyLevel("medium", 2.0, 1.00, "fresh"),
+    "high": PrivacyLevel("high", 1.0, 1.00, "fresh"),
+    "max": PrivacyLevel("max", 0.0, 1.00, "fresh"),
 }
 LEVEL_NAMES = tuple(LEVELS)  # least to most private
 

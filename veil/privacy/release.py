@@ -1,7 +1,9 @@
 """One release, the only way veil publishes an edit: check the budget, draw, edit, record (refusals charged).
 
+    level = resolve_level("high")
     done = release(ledger, image_ids=["img-7"], attributes=[{"smiling": 1, "hat": -1}], protected=["smiling"],
-                   level=resolve_level("medium"), edit=edit, seed=None, models=editor.costs)
+                   level=level, edit=edit, seed=None, models=editor.costs,
+                   pixel_mus=editor.pixel_mus(strength=level.strength, encoding=level.encoding, check=True))
     done[0].record.release_id, done[0].image, done[0].refusal    # the ledger row, the edit, why it was refused
 
 ``edit(targets)`` is the caller's edit of the images towards ``targets`` (one dict of released attributes
@@ -9,6 +11,10 @@ per image, in order) and returns one ``Edited`` per image; ``EditRefused`` from 
 call. ``release`` knows nothing of tensors, so it stays torch-free; the edit job, ``EditSession`` and the
 server (``veil serve``'s accept) all call it, with their own ``edit``:
 
+0. The price (``veil.privacy.accounting.price_release``): the labels at the level's epsilon, and the pixels, one
+   Gaussian mu per encoding the edit may draw (``pixel_mus``: the editor's ``pixel_mus``, every re-do its check
+   may make included, so a re-do is in the price; inf for inversion, 0 when the image is not read). Every
+   caller prices the same way, a client-chosen setting included.
 1. ``PrivacyLedger.check`` for every image: a release the ledger would refuse is refused before any compute.
 2. ``draw_release`` for every image: randomized response on the protected attributes (the others published
    exactly), from the OS's randomness unless a ``seed`` is given (tests, experiments: a seed is reproducible
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from veil.errors import ConfigError, EditRefused
+from veil.privacy.accounting import price_release
 from veil.privacy.db import Transaction
 from veil.privacy.ledger import PrivacyLedger, ReleaseRecord
 from veil.privacy.levels import PrivacyLevel
@@ -84,19 +91,23 @@ def draw_release(*, image_id: str, attributes: Mapping[str, int], protected: Seq
 
 def release(ledger: PrivacyLedger, *, image_ids: Sequence[str], attributes: Sequence[Mapping[str, int]],
             protected: Sequence[str], level: PrivacyLevel, edit: Callable[[list[dict[str, int]]], Sequence[Edited]],
-            seed: int | None = None, models: list[dict] | None = None,
+            pixel_mus: Sequence[float], seed: int | None = None, models: list[dict] | None = None,
             hook: ReleaseHook | None = None) -> list[Released]:
     """Release an edit of each image (``attributes[k]``: the true values of ``image_ids[k]``) with ``protected``
-    at ``level``, all recorded or none; see the module docstring. ``models``: the training privacy of the
-    models that made the edit, recorded with each row. PrivacyError if the ledger refuses one."""
+    at ``level``, all recorded or none; see the module docstring. ``pixel_mus``: the Gaussian mu of each encoding
+    the edit may draw (step 0). ``models``: the training privacy of the models that made the edit, recorded with
+    each row. PrivacyError if the ledger refuses one."""
     image_ids = [str(i) for i in image_ids]
     originals = [{str(k): int(v) for k, v in a.items()} for a in attributes]
     protected = [str(p) for p in protected]
     if len(originals) != len(image_ids) or not image_ids:
         raise ConfigError(f"release: {len(image_ids)} image ids and {len(originals)} attribute sets; give one of "
                           f"each per image (at least one)")
+    price = price_release(epsilon=level.epsilon, protected=protected, encoding=level.encoding,
+                          pixel_mus=pixel_mus)  # 0.
     for image_id, original in zip(image_ids, originals):  # 1. refused before any compute
-        ledger.check(image_id=image_id, protected=protected, epsilon=level.epsilon, published=list(original))
+        ledger.check(image_id=image_id, protected=protected, epsilon=level.epsilon, price=price,
+                     published=list(original))
     draws = [draw_release(image_id=i, attributes=o, protected=protected, epsilon=level.epsilon, seed=seed,
                           release_index=ledger.count(i)) for i, o in zip(image_ids, originals)]  # 2.
     try:  # 3.
@@ -107,7 +118,8 @@ def release(ledger: PrivacyLedger, *, image_ids: Sequence[str], attributes: Sequ
         raise ValueError(f"release: edit returned {len(edits)} results for {len(image_ids)} images")
     rows = [dict(image_id=i, protected=protected, epsilon=level.epsilon,
                  strength=level.strength if e.strength is None else e.strength, seed=s, level=level.name,
-                 released_attributes=r, outcome="released" if e.refusal is None else "refused", models=models)
+                 released_attributes=r, outcome="released" if e.refusal is None else "refused", models=models,
+                 price=price)
             for i, (r, s), e in zip(image_ids, draws, edits)]
     return record_releases(ledger, rows, images=[None if e.refusal else e.image for e in edits],
                            refusals=[e.refusal for e in edits], hook=hook)  # 4.

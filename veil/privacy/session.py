@@ -181,7 +181,8 @@ class EditSession:
                                        **({"check": True} if checked else {}))[0])]
 
         [done] = release(self.ledger, image_ids=[self.image_id], attributes=[self.attributes], protected=self.protected,
-                         level=lv, edit=edit, seed=self.seed, models=getattr(self.editor, "costs", None))
+                         level=lv, edit=edit, seed=self.seed, models=getattr(self.editor, "costs", None),
+                         pixel_mus=self.editor.pixel_mus(strength=lv.strength, encoding=lv.encoding, check=checked))
         if done.refusal is not None:  # charged: the draw happened and the refusal depends on it
             self.decision, self.refusal = "refused", f"{self.image_id!r}: {done.refusal}"
             return None
@@ -191,9 +192,10 @@ class EditSession:
 
     def state(self) -> dict:
         """JSON-able summary for a UI or a server's session table (``spent``: {attribute: epsilon} over the
-        image's protected attributes, ``budget``: the dataset's per-(image, attribute) budget, None = unlimited)."""
+        image's protected attributes, ``budget``: the dataset's per-record budget, None = unlimited)."""
         return {"image_id": self.image_id, "level": self.level.to_json(), "protected": list(self.protected),
                 "decision": self.decision, "spent": self.ledger.spends(self.image_id), "budget": self.ledger.budget,
+                "guarantee": self.ledger.guarantee(self.image_id).to_json(),
                 "history": list(self.history),
                 "release_id": None if self.release is None else self.release.record.release_id,
                 "checked": None if self.release is None else self.release.checked, "refusal": self.refusal}

@@ -2,6 +2,7 @@
 revision and its published copy, sweep, refusals, errors."""
 
 import json
+import math
 import stat
 
 import numpy as np
@@ -44,8 +45,10 @@ def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path
     assert [r["id"] for r in report["images"]] == ["synth-0-000003", "synth-0-000010"]
     base = FaceDataModule(**DATA).dataset
     for r, index in zip(report["images"], (3, 10)):
-        assert (r["epsilon"], r["strength"], r["spent"]) == (LEVELS["high"].epsilon, LEVELS["high"].strength,
-                                                             {"eyeglasses": 1.0, "smiling": 1.0})
+        assert (r["epsilon"], r["strength"], r["encoding"]) == (LEVELS["high"].epsilon, LEVELS["high"].strength, "fresh")
+        # issue 30: the record's composed guarantee, both channels: two labels at epsilon 1, pixels not read
+        assert r["spent"]["epsilon"] == pytest.approx(2.0, abs=1e-4) and r["spent"]["pixels_epsilon"] == 0
+        assert r["spent"]["delta"] == 1e-6 and r["spent"]["pixels_protected"] is True
         original = dict(zip(SYNTHETIC_ATTRIBUTES, base[index][1].int().tolist()))
         assert {k for k in original if original[k] != r["released_attributes"][k]} <= {"eyeglasses", "smiling"}
         assert np.array(Image.open(tmp_path / r["file"])).shape == (32, 32, 3)
@@ -76,6 +79,11 @@ def test_edit_writes_images_grid_report_ledger_and_revision(checkpoint, tmp_path
 def test_a_seed_makes_draws_reproducible_and_pixels_only_when_inverted(checkpoint, tmp_path, encoding):
     """--seed repeats the randomized response; the secret encoding noise of a noise edit never repeats."""
     for run in ("a", "b"):  # each its own database: the draw depends on how often the image was released before
+        # issue 30: inversion needs the dataset to say its pixels are not protected; a noise edit at strength 1 is
+        # priced (epsilon ~ 100 on the pixels here) beyond the default budget
+        with PrivacyLedger(tmp_path / f"{run}.sqlite", budget=math.inf) as book:
+            if encoding == "invert":
+                book.set_pixel_policy("not-protected", reason="this test releases inversions")
         assert _edit(checkpoint, tmp_path / run, "--first", "3", "--level", "max", "--seed", "4",
                      "--encoding", encoding, "--ledger", str(tmp_path / f"{run}.sqlite")) == 0
     a, b = (json.loads((tmp_path / r / "edit_report.json").read_text())["images"] for r in ("a", "b"))
@@ -87,21 +95,23 @@ def test_a_seed_makes_draws_reproducible_and_pixels_only_when_inverted(checkpoin
 
 
 def test_the_budget_counts_every_run_on_the_dataset(checkpoint, tmp_path, capsys):
-    # Item 8: three runs at budget 4 (medium: epsilon 2) used to spend 12, each with a fresh OUT/ledger.sqlite.
+    # Item 8: three runs at budget 8 (medium: epsilon 2 on each of two labels, 4 per release and record) used to
+    # spend 12 each, each with a fresh OUT/ledger.sqlite.
     common = ("--first", "2", "--level", "medium")
-    assert _edit(checkpoint, tmp_path / "one", *common, "--budget", "4") == 0  # creates the database at budget 4
-    assert _edit(checkpoint, tmp_path / "two", *common) == 0  # 4.0 per (image, attribute): at the budget
+    assert _edit(checkpoint, tmp_path / "one", *common, "--budget", "8") == 0  # creates the database at budget 8
+    assert _edit(checkpoint, tmp_path / "two", *common) == 0  # 8 per record: at the budget
     assert _edit(checkpoint, tmp_path / "three", *common) == 2
     err = capsys.readouterr().err
-    assert "refused" in err and "spent epsilon 4 of its budget 4" in err and "asks for 2" in err
+    assert "refused" in err and "spent epsilon 8 of its budget 8" in err and "would take it to 12" in err
     assert not (tmp_path / "three" / "revision").exists()
     # a larger --budget on the command line does not raise the stored one ...
     assert _edit(checkpoint, tmp_path / "four", *common, "--budget", "100") == 2
     assert "veil privacy set-budget 100" in capsys.readouterr().err
     with PrivacyLedger.for_dataset(DATA) as book:
-        assert book.spent("synth-0-000000", "smiling") == 4.0 and len(book.releases()) == 4 and book.budget == 4.0
+        assert book.spent("synth-0-000000", "smiling") == 4.0 and len(book.releases()) == 4 and book.budget == 8.0
+        assert book.guarantee("synth-0-000000").epsilon == pytest.approx(8.0, abs=1e-4)
     # ... the explicit, recorded command does
-    assert main(["privacy", "set-budget", "6", "--reason", "one more release", "--data", "source=synthetic,seed=0"]) == 0
+    assert main(["privacy", "set-budget", "12", "--reason", "one more release", "--data", "source=synthetic,seed=0"]) == 0
     assert _edit(checkpoint, tmp_path / "five", *common) == 0
 
 
@@ -233,8 +243,8 @@ def test_a_failure_while_publishing_rolls_the_releases_back(checkpoint, tmp_path
 
 
 def test_a_budget_refusal_leaves_no_file(checkpoint, tmp_path, veil_home):
-    assert _edit(checkpoint, tmp_path / "a", "--first", "2", "--level", "low", "--budget", "4") == 0
-    assert _edit(checkpoint, tmp_path / "b", "--first", "2", "--level", "low") == 2
+    assert _edit(checkpoint, tmp_path / "a", "--first", "2", "--level", "medium", "--budget", "4") == 0
+    assert _edit(checkpoint, tmp_path / "b", "--first", "2", "--level", "medium") == 2
     assert not (tmp_path / "b").exists()
     with PrivacyLedger.for_dataset(DATA) as book:
         assert len(book.releases()) == 2
