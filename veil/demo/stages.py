@@ -67,6 +67,8 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
         account = record_guarantees(ledger, [i for i, _, _ in items], result["outcomes"])
         ids = {i for i, _, _ in items}
         in_ledger = sum(1 for r in ledger.releases() if r.image_id in ids)
+        refused_ids = sorted({r.image_id for r in ledger.releases() if r.image_id in ids and r.outcome == "refused"}
+                             - {r["id"] for r in result["accepted"]})
     accepted = result["accepted"]
     lv = LEVELS[choice["level"]]
     on_releases = attack_releases(attackers[choice["level"]], accepted, names=names, protected=protected,
@@ -78,7 +80,7 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     g = lambda v: v if isinstance(v, str) else f"{v:.4g}"  # noqa: E731  ("inf" is a string in JSON)
     progress(f"  per record, composed over its releases: epsilon at most {g(top['epsilon'])} (labels "
              f"{g(top['labels_epsilon'])}, pixels {g(top['pixels_epsilon'])}) at delta {account['delta']:g}")
-    _write_edits(folder, dm, names, protected, accepted)
+    _write_edits(folder, dm, names, protected, accepted, withheld=refused_ids)
     return {"images": len(items), "protected": protected, "level": choice["level"], "level_choice": choice,
             "releases": result["releases"], "refused": result["refused"], "withheld": result["withheld"],
             "accepted_levels": sorted({r["level"] for r in accepted}),
@@ -88,8 +90,10 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
             "grid_note": "top: originals, bottom: accepted edits"}
 
 
-def _write_edits(folder: Path, dm, names: list[str], protected: list[str], accepted: list[dict]) -> None:
-    """The revision of the accepted edits and the grid of originals over edits (both or neither)."""
+def _write_edits(folder: Path, dm, names: list[str], protected: list[str], accepted: list[dict],
+                 withheld: list[str] = ()) -> None:
+    """The revision of the accepted edits (``withheld``: the ids the check refused, listed as withheld) and the
+    grid of originals over edits (both or neither)."""
     from veil.lightning_modules.data.grid import save_grid
     from veil.outputs import staged_dir
     from veil.privacy.revision_manifest import RevisionChange, write_revision
@@ -101,7 +105,7 @@ def _write_edits(folder: Path, dm, names: list[str], protected: list[str], accep
                        changes=[RevisionChange(id=r["id"], original_attributes=r["original"],
                                                released_attributes=r["released"], protected=protected,
                                                epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
-                       images={r["id"]: r["edit"] for r in accepted})
+                       images={r["id"]: r["edit"] for r in accepted}, withheld=withheld)
         shown = accepted[:8]
         save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), stage / "grid.png",
                   nrow=len(shown), scale=4)

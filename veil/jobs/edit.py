@@ -265,13 +265,15 @@ def _check_finite(images, image_ids: Sequence[str], *, guidance: float, what: st
                               f"(does `veil sample` give images?) or lower --guidance")
 
 
-def _write_edit(stage: Path, *, dm, names, changes, image_ids, edited, grid: tuple) -> dict[str, str]:
-    """The owner-only revision (``changes``, ``image_ids``, ``edited``: the edits that passed the check) and
+def _write_edit(stage: Path, *, dm, names, changes, image_ids, edited, grid: tuple,
+                withheld: Sequence[str] = ()) -> dict[str, str]:
+    """The owner-only revision (``changes``, ``image_ids``, ``edited``: the edits that passed the check; ``withheld``:
+    the ids the check refused, listed as withheld) and
     before/after grid (``grid``: (originals, edits) of every image, refused ones too), in the staging folder;
     {id: file in OUT}."""
     (stage / "revision").mkdir(mode=0o700)
     write_revision(_owner_only(stage / "revision"), base_spec=dm.dataset_spec(), attribute_names=names,
-                   changes=changes, images=dict(zip(image_ids, edited)))
+                   changes=changes, images=dict(zip(image_ids, edited)), withheld=withheld)
     manifest = json.loads(_owner_only(stage / "revision/manifest.json").read_text())
     _before_after(*grid, _owner_only_file(stage / "before_after.png"))
     return {c["id"]: f"revision/{c['file']}" for c in manifest["changes"]}
@@ -386,7 +388,8 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                                   checks.get(image_ids[k], {}).get("strength", lv.strength)) for k in keep]
         try:
             files.update(_write_edit(stage, dm=dm, names=names, changes=changes, image_ids=[image_ids[k] for k in keep],
-                                     edited=edited[keep], grid=(x, edited)))
+                                     edited=edited[keep], grid=(x, edited),
+                                     withheld=[i for i, ok in zip(image_ids, passed) if not ok]))
         except OSError as e:
             raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
                             f"charged") from None

@@ -10,7 +10,8 @@ A revision is a folder:
                           "created": "2025-01-01T12:00:00+00:00",
                           "changes": [{"id", "file": "images/<id>.png", "original_attributes": {name: +-1},
                                        "released_attributes": {name: +-1}, "protected": [names],
-                                       "epsilon": float | null, "strength": float | null}, ...]}
+                                       "epsilon": float | null, "strength": float | null}, ...],
+                          "withheld": [id, ...]}      # refused by the check: charged, not published
     images/<id>.png      uint8 RGB at the base resolution
 
 ``write_revision`` writes one (the manifest last, atomically, so a reader never sees a manifest
@@ -126,11 +127,18 @@ def write_revision(
     attribute_names: Sequence[str],
     changes: Sequence[RevisionChange],
     images: Mapping[str, object],  # numpy arrays or torch tensors, (3, H, W) in [-1, 1]
+    withheld: Sequence[str] = (),
 ) -> Path:
     """Write the edited ``images`` (id -> (3,H,W) in [-1,1]) and the manifest into ``out_dir``.
 
+    ``withheld``: ids whose release was drawn, recorded and charged but refused by the check (no image, no
+    values): listed, so that a record missing from the revision is said to be withheld rather than silently
+    absent (its refusal is in its price: every attempt the check could make was charged).
     Returns ``out_dir``. The manifest is written last and atomically (temp file + os.replace).
     """
+    withheld = [str(i) for i in withheld]
+    if len(set(withheld)) != len(withheld) or set(withheld) & {c.id for c in changes}:
+        raise ConfigError(f"withheld={withheld[:3]}...: ids must be distinct and not among the changes")
     names = [str(n) for n in attribute_names]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"attribute_names={names!r}: give distinct names")
@@ -155,6 +163,7 @@ def write_revision(
         "attribute_names": names,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changes": [c.to_json(files[c.id]) for c in changes],
+        "withheld": withheld,
     }
     text = json.dumps(manifest, indent=1) + "\n"
     _atomic_write_bytes(out_dir / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
@@ -205,6 +214,9 @@ def load_manifest(path) -> dict:
     ids = [c["id"] for c in manifest["changes"]]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: an id is listed twice in 'changes'")
+    withheld = manifest.setdefault("withheld", [])  # revisions written before issue 30 list none
+    if not isinstance(withheld, list) or not all(isinstance(i, str) for i in withheld) or set(withheld) & set(ids):
+        raise DataError(f"{path}: 'withheld' must be a list of ids not among the changes")
     return manifest
 
 
@@ -249,6 +261,9 @@ def publish_revision(src_dir, out_dir) -> Path:
         "created": manifest.get("created"),
         "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changes": changes,
+        "withheld": list(manifest["withheld"]),
+        "withheld_note": "drawn, recorded and charged, but the edit did not show its released values: not published "
+                         "(the refusal depends on the draw; its price covers every attempt)",
     }
     text = json.dumps(published, indent=1) + "\n"
     _atomic_write_bytes(out / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))

@@ -180,6 +180,12 @@ def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp
     assert cost["release"]["epsilon_per_protected_attribute"] == 1.0
     manifest = json.loads((tmp_path / "e/revision/manifest.json").read_text())
     assert [c["id"] for c in manifest["changes"]] == [report["images"][0]["id"], report["images"][2]["id"]]
+    # issue 30: the refused record is listed as withheld, in the owner's revision and the published one
+    assert manifest["withheld"] == [report["images"][1]["id"]]
+    assert main(["privacy", "publish-revision", "--revision", str(tmp_path / "e/revision"), "--out",
+                 str(tmp_path / "pub")]) == 0
+    published = json.loads((tmp_path / "pub/manifest.json").read_text())
+    assert published["withheld"] == [report["images"][1]["id"]] and "charged" in published["withheld_note"]
     with PrivacyLedger(report["ledger"]) as book:
         rows = book.releases()
         assert [r.outcome for r in rows] == ["released", "refused", "released"]
