@@ -79,7 +79,7 @@ def test_a_budget_refusal_edits_nothing_and_writes_nothing(ledger):
     _release(ledger, ["img-1"], Editor(), level=LEVELS["medium"])  # epsilon 2: the whole budget
     editor = Editor()
     with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 2"):
-        _release(ledger, ["img-2", "img-1"], editor)  # one image of the batch over: none of it
+        _release(ledger, ["img-2", "img-1"], editor, level=LEVELS["medium"])  # one image of the batch over: none
     assert editor.calls == [] and len(ledger.releases()) == 1 and ledger.spends("img-2") == {}
 
 

@@ -8,6 +8,7 @@ import pytest
 from veil.errors import ConfigError, PrivacyError
 from veil.privacy.accounting import gaussian_mu, image_sensitivity
 from veil.privacy.ledger import PrivacyLedger
+from veil.privacy.level_policy import set_level
 from veil.privacy.mechanism import flip_probability
 from veil.privacy.session import EditSession, draw_release
 from veil.privacy.levels import LEVELS, PrivacyLevel
@@ -115,12 +116,12 @@ def test_a_level_above_the_whole_budget_is_refused(ledger):
     with pytest.raises(PrivacyError, match="record has spent epsilon 0 of its budget 3.*would take it to 4"):
         session.accept()
     assert session.decision is None and ledger.releases() == []  # still open: the owner can go more private
-    assert session.feedback("more_private").level.name == "high" and session.accept().record.epsilon == 1.0
     # DDIM inversion ("low"'s encoding) at labels the budget allows: the pixels have no bound
     inverted = _session(ledger, image_id="img-8", level=PrivacyLevel("custom", 0.5, 0.4, "invert"))
     with pytest.raises(PrivacyError, match="pixels have no bound"):
         inverted.accept()
     assert inverted.decision is None and ledger.count("img-8") == 0
+    assert session.feedback("more_private").level.name == "high" and session.accept().record.epsilon == 1.0
 
 
 def test_over_budget_release_is_refused(ledger):
@@ -130,7 +131,10 @@ def test_over_budget_release_is_refused(ledger):
     with pytest.raises(PrivacyError, match="spent epsilon 2 of its budget 3"):
         _session(ledger, editor, level="medium", protected=one).accept()
     assert editor.calls == [] and ledger.spent("img-7", "eyeglasses") == 2.0  # refused before any compute
+    # the level is one per dataset and attribute (issue 30): the owner changes it for the whole dataset
+    set_level(ledger, "eyeglasses", LEVELS["high"], reason="one step more private")
     _session(ledger, level="high", protected=one).accept()  # 3.0: exactly the budget
+    set_level(ledger, "eyeglasses", LEVELS["max"], reason="the most private")
     _session(ledger, level="max", protected=one).accept()   # eps 0, the image not read: free
     assert ledger.spent("img-7", "eyeglasses") == 3.0 and ledger.count("img-7") == 3
     assert ledger.guarantee("img-7").epsilon == pytest.approx(3.0, abs=1e-4)

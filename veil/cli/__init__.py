@@ -6,7 +6,7 @@
     veil export             --checkpoint DIR [--classifier CLF] --out X                       (cli/export.py)
     veil train-classifier   --data source=synthetic --out CLF                                 (cli/train_classifier.py)
     veil unlearn            --model CLF --revision REV --out U                                (cli/unlearn.py)
-    veil privacy            show --data source=synthetic,seed=0 | set-budget | set-pixels | publish-revision (cli/privacy.py)
+    veil privacy            show --data source=synthetic,seed=0 | set-budget | set-pixels | set-level | publish-revision (cli/privacy.py)
     veil demo               [--out DIR] [--quick] [--fresh] [--serve]                        (cli/demo.py)
     veil serve              --export X [--host 127.0.0.1] [--port 8000] [--state URL]        (cli/serve.py)
 

@@ -4,6 +4,7 @@
     veil privacy show --ledger postgresql://veil@db:5432/veil        # the database `veil serve` replicas share
     veil privacy set-budget 4 --reason "epsilon 4 per person, labels and pixels" --data source=synthetic,seed=0
     veil privacy set-pixels not-protected --reason "labels only: we publish inversions" --data source=synthetic,seed=0
+    veil privacy set-level eyeglasses high --reason "chosen on public faces" --data source=synthetic,seed=0
     veil privacy set-training-budget 10 --reason "DP training cap" --data source=celeba,root=/data/celeba
     veil privacy publish-revision --revision edits/revision --out edits/published
 
@@ -97,6 +98,9 @@ def _print_summary(s: dict) -> None:
     print(f"  {g['records']} records released; the most spent {_eps(g['max_epsilon'])} (labels "
           f"{_eps(g['max_labels_epsilon'])}, pixels {_eps(g['max_pixels_epsilon'])}), least left "
           f"{_eps(g['least_left'])}, {g['at_budget']} at the budget")
+    for name, lv in sorted(g["levels"].items()):
+        print(f"  {name} is released at {lv['name']} (epsilon {lv['epsilon']}, strength {lv['strength']}, "
+              f"{lv['encoding']}): one level per attribute and dataset")
     for c in g["policy_changes"]:
         print(f"  {c['changed_at']} {c['setting']} {c['old_value']} -> {c['new_value']} by {c['changed_by']}: "
               f"{c['reason']}")
@@ -160,6 +164,18 @@ def _set_pixels(args) -> int:
     return 0
 
 
+def _set_level(args) -> int:
+    from veil.privacy.level_policy import set_level
+    from veil.privacy.levels import resolve_level
+
+    level = None if args.level == "none" else resolve_level(args.level)
+    with _open(args, create=True) as ledger:
+        set_level(ledger, args.attribute, level, reason=args.reason)
+    what = "unpinned: the next release pins it" if level is None else f"{level.name} for every later release"
+    print(f"{ledger.path}: {args.attribute!r} is now {what} (recorded: {args.reason})")
+    return 0
+
+
 def _publish(args) -> int:
     from veil.privacy.revision_manifest import publish_revision
 
@@ -178,7 +194,7 @@ def _locate(p) -> None:
 
 
 def add_subcommand(sub) -> None:
-    """Register `veil privacy` (show | set-budget | set-training-budget | set-pixels | publish-revision)."""
+    """Register `veil privacy` (show | set-budget | set-training-budget | set-pixels | set-level | publish-revision)."""
     p = sub.add_parser("privacy", help="what has been spent on a dataset (training runs, releases), its budgets",
                        description="The privacy account of a dataset: every DP training run and every release of "
                                    "an edited image recorded in its database, the budgets, and publishing a revision "
@@ -203,6 +219,13 @@ def add_subcommand(sub) -> None:
     px.add_argument("--reason", required=True, help="why it changes (recorded with the change)")
     _locate(px)
     px.set_defaults(func=_set_pixels)
+    lv = actions.add_parser("set-level", help="change the level a protected attribute is released at, for the whole "
+                                              "dataset (recorded with who, when, old, new and why)")
+    lv.add_argument("attribute", help="the protected attribute, e.g. eyeglasses")
+    lv.add_argument("level", help="low | medium | high | max, or none (the next release pins its own)")
+    lv.add_argument("--reason", required=True, help="why it changes (recorded with the change)")
+    _locate(lv)
+    lv.set_defaults(func=_set_level)
     pub = actions.add_parser("publish-revision", help="a shareable copy of a revision: edited images and released "
                                                       "attributes only")
     pub.add_argument("--revision", required=True, help="the owner's revision folder (veil edit's OUT/revision)")

@@ -35,10 +35,11 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def one_session(client, pixels: np.ndarray, protected: list[str]) -> dict:
-    """Upload -> guesses -> protect -> streamed preview -> accept; what happened, for the report."""
+def one_session(client, pixels: np.ndarray, protected: list[str], *, level: str = "high") -> dict:
+    """Upload -> guesses -> protect -> streamed preview -> accept at ``level`` (the dataset's level for the
+    protected attributes: one per attribute and dataset); what happened, for the report."""
     r = client.post("/v1/sessions", files={"image": ("face.png", _png(pixels), "image/png")},
-                    data={"protected": json.dumps(protected), "level": "high"})
+                    data={"protected": json.dumps(protected), "level": level})
     r.raise_for_status()
     session = r.json()
     events = client.post(f"/v1/sessions/{session['session']}/previews", json={"n": 2}).text

@@ -205,7 +205,8 @@ def stage_serve(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
         test = dm.split_indices("test")
         i = int(test[0]) if test else 0
         with httpx.Client(base_url=url, timeout=120) as client:
-            result = one_session(client, dm.dataset.image_uint8(i), list(plan.protected))
+            level = (done.get("edits") or {}).get("level") or "high"  # the level the edits pinned for the dataset
+            result = one_session(client, dm.dataset.image_uint8(i), list(plan.protected), level=level)
     finally:
         proc.terminate()
         try:

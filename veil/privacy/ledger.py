@@ -74,6 +74,7 @@ from veil.privacy.db import SCHEMA_LOCK, PostgresDatabase, SqliteDatabase, creat
     sqlite_path, utc_now
 from veil.privacy.ledger_schema import SCHEMA_VERSION, log_budget_change, log_policy_change, open_schema, \
     read_version
+from veil.privacy.level_policy import pinned_levels
 from veil.privacy.locations import dataset_slug, ledger_path_for, veil_home  # noqa: F401  (re-exported)
 from veil.privacy.accounting import DEFAULT_RELEASE_DELTA, ENCODING_PIXELS, Guarantee, ReleasePrice, \
     check_pixel_policy, compose
@@ -553,7 +554,8 @@ class PrivacyLedger(TrainingRunsMixin):
             "records": {"composition": "per record (image): the labels' randomized responses and the pixels' Gaussian "
                                        "mechanisms of all its releases, composed by dp-accounting's PLD accountant",
                         "budget": _jnum(budget), "delta": self.release_delta, "pixels": self.pixel_policy,
-                        "policy_changes": self.policy_changes(), "records": len(records),
+                        "policy_changes": self.policy_changes(), "levels": pinned_levels(self),
+                        "records": len(records),
                         "max_epsilon": _jnum(worst), "least_left": _jnum(budget - worst) if math.isfinite(worst) else 0.0,
                         "at_budget": sum(g.epsilon >= budget - 1e-6 for g in guarantees),
                         "max_labels_epsilon": _jnum(max((g.labels_epsilon for g in guarantees), default=0.0)),

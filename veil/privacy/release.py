@@ -15,13 +15,16 @@ server (``veil serve``'s accept) all call it, with their own ``edit``:
    Gaussian mu per encoding the edit may draw (``pixel_mus``: the editor's ``pixel_mus``, every re-do its check
    may make included, so a re-do is in the price; inf for inversion, 0 when the image is not read). Every
    caller prices the same way, a client-chosen setting included.
-1. ``PrivacyLedger.check`` for every image: a release the ledger would refuse is refused before any compute.
+1. ``level_policy.check_level`` (one level per protected attribute and dataset: a level chosen per image
+   could say what the image shows) and ``PrivacyLedger.check`` for every image: a release the ledger would
+   refuse is refused before any compute.
 2. ``draw_release`` for every image: randomized response on the protected attributes (the others published
    exactly), from the OS's randomness unless a ``seed`` is given (tests, experiments: a seed is reproducible
    from (seed, image id, how many releases of the image there were before) and must stay secret).
 3. ``edit(targets)``: the pixels. An edit that fails its check is *refused*: not published, but recorded and
    charged (the draw happened, and the refusal depends on it).
-4. ``PrivacyLedger.record_many``: every row in one transaction that re-checks the budget under its lock. A
+4. ``PrivacyLedger.record_many``: every row in one transaction that re-checks the budget under its lock and
+   pins the level to the protected attributes (``level_policy.pin_level``). A
    caller's own rows go in the SAME transaction through ``hook`` (``ReleaseHook``): the server's stored HTTP
    answer and closed session, the edit job's files moved into ``--out``; if the hook raises, nothing is
    recorded. An error before step 4 (the edit's, a non-finite image, a failed write) records nothing.
@@ -39,6 +42,7 @@ from veil.errors import ConfigError, EditRefused
 from veil.privacy.accounting import price_release
 from veil.privacy.db import Transaction
 from veil.privacy.ledger import PrivacyLedger, ReleaseRecord
+from veil.privacy.level_policy import check_level, pin_level
 from veil.privacy.levels import PrivacyLevel
 from veil.privacy.mechanism import derive_seed, privatize, secure_seed
 
@@ -105,6 +109,7 @@ def release(ledger: PrivacyLedger, *, image_ids: Sequence[str], attributes: Sequ
                           f"each per image (at least one)")
     price = price_release(epsilon=level.epsilon, protected=protected, encoding=level.encoding,
                           pixel_mus=pixel_mus)  # 0.
+    check_level(ledger, protected=protected, level=level)  # 1. one level per attribute and dataset, then the budget
     for image_id, original in zip(image_ids, originals):  # 1. refused before any compute
         ledger.check(image_id=image_id, protected=protected, epsilon=level.epsilon, price=price,
                      published=list(original))
@@ -121,8 +126,14 @@ def release(ledger: PrivacyLedger, *, image_ids: Sequence[str], attributes: Sequ
                  released_attributes=r, outcome="released" if e.refusal is None else "refused", models=models,
                  price=price)
             for i, (r, s), e in zip(image_ids, draws, edits)]
+    def opened(tx) -> None:  # the level pinned (or checked) in the same transaction as the rows
+        pin_level(tx, protected=protected, level=level)
+        if hook is not None and hook.opened is not None:
+            hook.opened(tx)
+
     return record_releases(ledger, rows, images=[None if e.refusal else e.image for e in edits],
-                           refusals=[e.refusal for e in edits], hook=hook)  # 4.
+                           refusals=[e.refusal for e in edits],
+                           hook=ReleaseHook(opened=opened, recorded=None if hook is None else hook.recorded))  # 4.
 
 
 def record_releases(ledger: PrivacyLedger, rows: Sequence[Mapping], *, images: Sequence[Any] | None = None,
