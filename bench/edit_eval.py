@@ -3,6 +3,9 @@
     python bench/edit_eval.py --checkpoint runs/public --classifier runs/guide --label "guided, DP eps 10" \
         --out bench/out/guided --threads 1                   # the guided pipeline at the four levels
     python bench/edit_eval.py --checkpoint run/ --quick --threads 1      # conditional backend, a few minutes
+    python bench/edit_eval.py --checkpoint veil/demo/models/public_unet --classifier veil/demo/models/guide \
+        --encodings noise,fresh:1,invert:0.4 --strengths 0.55,0.7,0.85,1 --epsilons 0,1,2 \
+        --num-images 64 --adaptive-images 128 --steps 20 --threads 2 --out docs/edit_price   # price vs utility
     python bench/edit_eval.py --combine bench/out/guided/edit_eval.json bench/out/control/edit_eval.json \
         --out docs/edit_eval                                 # several runs in one table and one plot
 
@@ -12,7 +15,15 @@ classifier), else the conditional one (classifier-free guidance); see ``PrivateE
 edited are the held-out (val + test) images of the private data: the classifier's dataset when one is
 given (the guided denoiser is a public model of other data), else the checkpoint's. Rows: the privacy
 levels (``--levels``, default low,medium,high,max, each an (epsilon, strength)) or, to re-choose the
-levels, the grid ``--strengths`` x ``--epsilons``. ``--label`` names the rows of one run.
+levels, the grid ``--strengths`` x ``--epsilons`` x ``--encodings`` (invert, noise, fresh; "fresh:1" gives
+an encoding its own strength instead of every ``--strengths``). ``--label`` names the rows of one run.
+
+The price. Each row carries the formal price of ONE release at its setting, exactly as the ledger charges
+it (``formal_price``: the editor's ``pixel_mus``, every encoding the check may draw, and one randomized
+response per protected attribute, priced and composed by ``veil.privacy.accounting`` at delta 1e-6): the
+pixels' Gaussian mu, the pixels' epsilon, the labels' epsilon and the composed epsilon ("fresh" does not read
+the image: 0; "invert": unbounded). With the price, the plot puts utility (SSIM, follows) and the stronger
+attack minus the labels' bound against the composed epsilon on a log axis.
 
 The check. With a classifier, edits go through ``edit_checked``: an edit that does not show its released
 protected values is re-done deeper, and refused if it still does not. Each row gives the fraction re-done
@@ -47,8 +58,9 @@ and refused; every other number is computed on the n edits that passed, the ones
     the noise floor is the KID of the first half's originals against the same second half.
 
 Each strength's inversion is computed once and shared by every epsilon when there is no check (with the
-check, re-dos invert again). Writes OUT/edit_eval.md (table), .png (plot), .json (strict JSON: the rows,
-no per-image attributes, no randomized-response seed but ``--seed``) and prints the table.
+check, re-dos invert again). Writes OUT/edit_eval.md (table), .png (plot: against the price when every row
+has one, else per level), .json (strict JSON: the rows, no per-image attributes, no randomized-response seed
+but ``--seed``) and prints the table.
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ from veil.lightning_modules.diffusion.sample import combined_privacy, privacy_ph
 from veil.editing.load import load_editor
 from veil.lightning_modules.editing.editor import PrivateEditor
 from veil.outputs import write_json_atomic, write_text_atomic
+from veil.privacy.accounting import DEFAULT_RELEASE_DELTA, compose, price_release
 from veil.privacy.bounds import bayes_accuracy_bound
 from veil.privacy.levels import ENCODINGS, LEVELS
 from veil.privacy.mechanism import derive_seed, json_epsilon, keep_probability, privatize
@@ -78,6 +91,7 @@ from veil.privacy.mechanism import derive_seed, json_epsilon, keep_probability, 
 SPLIT_KEYS = DATASET_KEYS + ("val_fraction", "test_fraction")  # the images and the splits the model saw
 FULL = dict(num_images=200, adaptive_images=384, attacker_images=2048, attacker_epochs=4, adaptive_epochs=4, steps=25)
 QUICK = dict(num_images=48, adaptive_images=96, attacker_images=1024, attacker_epochs=3, adaptive_epochs=3, steps=12)
+PRICE_KEYS = ("pixel_mu", "pixels_epsilon", "labels_epsilon", "epsilon")  # a row's "price", as tabled
 GRID = dict(strengths="0.4,0.55,0.7,0.95", epsilons="0,1,2,4,inf", encodings="invert")
 
 
@@ -207,16 +221,16 @@ def edit_cell(editor: PrivateEditor, x, a, released, *, strength: float, encodin
               inversions: dict, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edits (N,3,H,W), passed (N,) bool, attempts (N,) long): checked when the editor can check, else
     every edit passes at its first attempt and an inversion is cached in ``inversions`` per (key, strength)
-    (a "noise" encoding is drawn afresh for each cell, as each release draws it)."""
+    (a "noise" or "fresh" encoding is drawn afresh for each cell, as each release draws it)."""
     if editor.can_check:
         checked = editor.edit_checked(x, a, released, strength=strength, protected=protect, encoding=encoding)
         return checked.images, checked.passed, checked.attempts
-    if encoding == "noise":
-        x_t0 = editor.encode(x, a, strength=strength, protected=protect, encoding=encoding)
-    else:
+    if encoding == "invert":
         if (key, strength) not in inversions:
             inversions[key, strength] = editor.invert(x, a, strength=strength, protected=protect)
         x_t0 = inversions[key, strength]
+    else:  # "noise": fresh secret noise per cell; "fresh": the image is not read
+        x_t0 = editor.encode(x, a, strength=strength, protected=protect, encoding=encoding)
     edited = editor.regenerate(x_t0, released, strength=strength, protected=protect)
     return edited, torch.ones(len(x), dtype=torch.bool), torch.ones(len(x), dtype=torch.long)
 
@@ -235,6 +249,22 @@ def score_row(naive, adaptive, edited, x, a, released, passed, attempts, *, chec
                check={"redone": float((attempts > 1).float().mean()), "refused": float((~keep).float().mean())}
                if checked else None)
     return row
+
+
+def formal_price(editor: PrivateEditor, *, epsilon: float, strength: float, encoding: str, protect: list[str],
+                 priors: dict[str, float], delta: float = DEFAULT_RELEASE_DELTA) -> dict:
+    """The formal price of one release at a row's setting, exactly as the ledger charges it: the editor's
+    ``pixel_mus`` (every encoding the edit may draw: with a check, each re-do of its ladder) and one randomized
+    response per protected attribute, priced and composed by ``veil.privacy.accounting`` at ``delta``. Also the
+    accuracy bound that composed epsilon allows on each protected attribute: acc*(eps, prior) + delta (an
+    (eps, delta)-DP release moves any guess at most delta past the pure-DP bound); 1 where eps is unbounded."""
+    mus = editor.pixel_mus(strength=strength, encoding=encoding, check=editor.can_check)
+    price = price_release(epsilon=epsilon, protected=protect, encoding=encoding, pixel_mus=mus)
+    g = compose([price], delta=delta)
+    return {"delta": delta, "pixel_mu": price.pixel_mu, "pixel_mu_first": mus[0], "encodings_priced": len(mus),
+            "pixels_epsilon": g.pixels_epsilon, "labels_epsilon": g.labels_epsilon, "epsilon": g.epsilon,
+            "formal_bound": {p: min(1.0, bayes_accuracy_bound(epsilon=g.epsilon, prior=priors[p]) + delta)
+                             for p in protect}}
 
 
 def _kid_disjoint(naive, edited: torch.Tensor, x: torch.Tensor, keep: torch.Tensor) -> float:
@@ -290,9 +320,12 @@ def evaluate(args) -> dict:
                "adaptive_n": int(adv_passed.sum()),
                **score_row(naive, adaptive, edited, x, a, released, passed, attempts, checked=editor.can_check,
                            names=names, protect=protect, epsilon=eps, priors=priors)}
+        row["price"] = formal_price(editor, epsilon=eps, strength=strength, encoding=encoding, protect=protect,
+                                    priors=priors)
         rows.append(row)
-        print(f"  {_cell_name(row)}: naive {row['naive']} adaptive {row['adaptive']} bound {row['bound']} "
-              f"n {row['n']} KID {row['kid']:.3g} ({time.time() - t0:.0f}s)", flush=True)
+        print(f"  {_cell_name(row)}: composed eps {_eps(row['price']['epsilon'])}, naive {row['naive']} "
+              f"adaptive {row['adaptive']} bound {row['bound']} n {row['n']} KID {row['kid']:.3g} "
+              f"({time.time() - t0:.0f}s)", flush=True)
     return {**about, "protect": protect, "rows": rows, "baseline": baseline}
 
 
@@ -305,6 +338,12 @@ def _num(v) -> float:
 def _fmt(v, spec: str) -> str:
     v = _num(v)
     return "n/a" if math.isnan(v) else format(v, spec)
+
+
+def _eps(v) -> str:
+    """A price (mu or epsilon) for the table: "unbounded" for infinity, whole numbers from 100 up, "n/a" missing."""
+    v = _num(v)
+    return "n/a" if math.isnan(v) else "unbounded" if math.isinf(v) else f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def _cell_name(row: dict) -> str:
@@ -327,9 +366,16 @@ def _excess(acc: float, bound: float, n: int) -> str:
     acc, bound = _num(acc), _num(bound)
     if not n or math.isnan(acc):
         return "n/a"
-    se = math.sqrt(max(bound * (1 - bound), 0.25 / n) / n)
+    se = _se(bound, n)
     d = acc - bound
     return f"{d:+.3f}{'*' if d > 2 * se else ''}" if d > 0 else "-"
+
+
+def _se(bound: float, n: int) -> float:
+    """Standard error of an accuracy at ``bound`` over n cases (at least that of 1/(2 sqrt n), so 0 or 1 is not
+    certain at small n)."""
+    n = max(int(n), 1)
+    return math.sqrt(max(bound * (1 - bound), 0.25 / n) / n)
 
 
 def _stronger(row: dict, p: str) -> float:
@@ -341,34 +387,31 @@ def _stronger(row: dict, p: str) -> float:
 def markdown(runs: list[dict]) -> str:
     """One table for the rows of every run (their protected attributes must agree), and notes per run."""
     protect = runs[0]["protect"]
-    head = ["label", "level", "epsilon", "strength", "encoding", "n", "re-done", "refused"] + \
+    head = ["label", "level", "RR eps", "strength", "encoding", "pixel mu", "pixels eps", "labels eps",
+            "composed eps", "n", "re-done", "refused"] + \
         [f"{c} {p}" for p in protect for c in ("naive", "adaptive", "bound", "excess")] + \
         [f"follows {p}" for p in protect] + ["unprotected acc", "PSNR dB", "SSIM", "KID"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    beat = []
+    beat, beat_formal = [], []
     for run in runs:
         for r in run["rows"]:
-            check = r.get("check") or {}
+            check, price = r.get("check") or {}, r.get("price") or {}
             cells = [run["label"], r["level"] or "-", _fmt(r["epsilon"], "g"), f"{r['strength']:.2f}",
-                     r.get("encoding", "invert"), str(r["n"]),
+                     r.get("encoding", "invert"), *(_eps(price.get(k)) for k in PRICE_KEYS), str(r["n"]),
                      _fmt(check.get("redone"), ".2f"), _fmt(check.get("refused"), ".2f")]
             for p in protect:
                 excess = _excess(_stronger(r, p), r["bound"][p], r["n"])
                 beat += [(run["label"], r, p)] if excess.endswith("*") else []
+                formal = price.get("formal_bound", {}).get(p)
+                beat_formal += [(run["label"], r, p)] if formal is not None and _excess(
+                    _stronger(r, p), formal, r["n"]).endswith("*") else []
                 cells += [_fmt(r["naive"][p], ".3f"), _fmt((r.get("adaptive") or {}).get(p), ".3f"),
                           _fmt(r["bound"][p], ".3f"), excess]
             cells += [_fmt(r["follows"][p], ".3f") for p in protect]
             cells += [_fmt(r[key], spec) for key, spec in (("unprotected", ".3f"), ("psnr", ".1f"), ("ssim", ".3f"),
                                                             ("kid", ".3g"))]
             lines.append("| " + " | ".join(cells) + " |")
-    notes = [_run_note(run, protect) for run in runs] + [
-        "naive = attacker trained on original faces; adaptive = the naive one fine-tuned on the pipeline's own "
-        "edits of training-split images with their ORIGINAL attributes; n = edits that passed the check (the "
-        "ones released), on which every number but re-done / refused is computed.",
-        "bound = the best accuracy from the released value alone given the prior (posterior odds <= e^eps x "
-        "prior odds); excess = the stronger attack - bound where positive; * = more than 2 standard errors.",
-        "KID: unbiased MMD^2 (polynomial kernel) of edits vs originals on the probe's 128-d features; "
-        "0 = indistinguishable, the floor is two halves of the originals."]
+    notes = [_run_note(run, protect) for run in runs] + list(NOTES)
     cells_total = sum(len(run["rows"]) for run in runs) * len(protect)
     if beat:
         label, r, p = max(beat, key=lambda b: _stronger(b[1], b[2]) - _num(b[1]["bound"][b[2]]))
@@ -376,7 +419,28 @@ def markdown(runs: list[dict]) -> str:
                      f"in {label} at {_cell_name(r)}, {_stronger(r, p):.3f} vs {_num(r['bound'][p]):.3f}.")
     else:
         notes.append("No attacker beats the prior-aware bound significantly anywhere.")
+    priced = sum(len((r.get("price") or {}).get("formal_bound", {})) for run in runs for r in run["rows"])
+    if priced:
+        notes.append(f"Against the bound the composed epsilon allows (acc*(composed eps, prior) + delta), the "
+                     f"stronger attacker is more than 2 standard errors above it in {len(beat_formal)} of {priced} "
+                     f"priced cells" + (" (a proven bound: look at those cells)." if beat_formal else "."))
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes) + "\n"
+
+
+NOTES = (
+    "RR eps = the randomized-response epsilon of each protected attribute; pixel mu = the Gaussian mu of the "
+    "pixels per release (every encoding the check may draw, composed); pixels / labels / composed eps = "
+    f"epsilon at delta {DEFAULT_RELEASE_DELTA:g} of the pixels alone, the labels alone and both, for ONE release, "
+    "composed by dp-accounting's PLD accountant exactly as the ledger charges it (veil.privacy.accounting); "
+    "0 = the image is not read (fresh); unbounded = DDIM inversion (no bound on the pixels).",
+    "naive = attacker trained on original faces; adaptive = the naive one fine-tuned on the pipeline's own "
+    "edits of training-split images with their ORIGINAL attributes; n = edits that passed the check (the "
+    "ones released), on which every number but re-done / refused is computed.",
+    "bound = the best accuracy from the released labels alone given the prior (posterior odds <= e^eps x "
+    "prior odds at RR eps): above it, the pixels leak; excess = the stronger attack - bound where positive; "
+    "* = more than 2 standard errors.",
+    "KID: unbiased MMD^2 (polynomial kernel) of edits vs originals on the probe's 128-d features; "
+    "0 = indistinguishable, the floor is two halves of the originals.")
 
 
 def _run_note(run: dict, protect: list[str]) -> str:
@@ -389,11 +453,91 @@ def _run_note(run: dict, protect: list[str]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Privacy (one panel per protected attribute: naive and adaptive attack vs bound per row, per label)
-    and utility (follows, unprotected, SSIM; KID on its own axis) against the rows' levels."""
+    """The price plot when every row is priced (``plot_price``), else (runs written before prices) privacy and
+    utility per level: ``plot_levels``."""
     import matplotlib
 
     matplotlib.use("Agg")
+    if all(r.get("price") for run in runs for r in run["rows"]):
+        return plot_price(runs, path)
+    return plot_levels(runs, path)
+
+
+def _price_axis(runs: list[dict]):
+    """x of a composed epsilon on a log axis, and its ticks: 0 (fresh: nothing read) drawn at the left edge,
+    infinity (inversion) at the right edge as "unbounded", the finite ones where they are."""
+    eps = [_num(r["price"]["epsilon"]) for run in runs for r in run["rows"]]
+    finite = [e for e in eps if 0 < e < math.inf] or [1.0]
+    left, right = min(finite) / 10, max(finite) * 10
+    decades = [10.0**k for k in range(math.floor(math.log10(left)), math.ceil(math.log10(right)) + 1)
+               if 3 * left < 10.0**k < right / 3]  # not on top of the edges' labels
+    ticks = [(left, "0\n(fresh)")] * any(e == 0 for e in eps) + [(d, f"{d:g}") for d in decades] + \
+        [(right, "unbounded\n(invert)")] * any(math.isinf(e) for e in eps)
+    return (lambda e: left if e == 0 else right if math.isinf(e) else e), ticks
+
+
+def _draw_price_group(axes, rows: list[dict], xs: list[float], style: dict, name: str, *, annotate: bool) -> None:
+    """One line (a run's encoding at one RR eps, through its strengths) on each panel of ``plot_price``."""
+    protect = list(rows[0]["bound"])
+    axes[0].plot(xs, [_num(r["ssim"]) for r in rows], label=name, **style)
+    axes[0].plot(xs, [sum(map(_num, r["follows"].values())) / len(protect) for r in rows], color=style["color"],
+                 marker=style["marker"], ls=":", alpha=0.45, mfc="none")
+    for x, r in zip(xs, rows):
+        if annotate:  # the strength, once per encoding
+            axes[0].annotate(f"s {r['strength']:g}", (x, _num(r["ssim"])), fontsize=6, xytext=(4, -9),
+                             textcoords="offset points")
+    for ax, p in zip(axes[1:], protect):
+        bound = [_num(r["bound"][p]) for r in rows]
+        ax.errorbar(xs, [_stronger(r, p) - b for r, b in zip(rows, bound)], yerr=[2 * _se(b, r["n"]) for b, r in
+                                                                               zip(bound, rows)], capsize=2, **style)
+        ax.plot(xs, [_num(r["price"]["formal_bound"][p]) - b for r, b in zip(rows, bound)], "_", color="grey",
+                ms=14, mew=2)
+
+
+def plot_price(runs: list[dict], path: Path) -> None:
+    """Utility (SSIM; follows dotted) and, per protected attribute, the stronger attack minus the labels' bound
+    (error bar: 2 standard errors; grey: the room the composed epsilon's formal bound allows) against the
+    formal composed epsilon of one release. One line per run, encoding and RR eps, through the strengths."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    protect, (x_of, ticks) = runs[0]["protect"], _price_axis(runs)
+    rr = sorted({_num(r["epsilon"]) for run in runs for r in run["rows"]})
+    fig, axes = plt.subplots(1, len(protect) + 1, figsize=(5.2 * (len(protect) + 1), 5.0))
+    for k, run in enumerate(runs):
+        groups: dict[tuple, list] = {}
+        for r in run["rows"]:
+            groups.setdefault((r.get("encoding", "invert"), _num(r["epsilon"])), []).append(r)
+        for (enc, e), rows in groups.items():
+            rows.sort(key=lambda r: x_of(_num(r["price"]["epsilon"])))
+            style = dict(color=f"C{rr.index(e)}", marker={"noise": "o", "fresh": "s"}.get(enc, "^"),
+                         ls=["-", "--", ":", "-."][k % 4])
+            name = f"{enc}, RR eps {e:g}" + (f" ({run['label']})" if len(runs) > 1 else "")
+            _draw_price_group(axes, rows, [x_of(_num(r["price"]["epsilon"])) for r in rows], style, name,
+                              annotate=e == min(rr_eps for _, rr_eps in groups))
+    axes[0].set_title("utility: SSIM to the original\n(dotted, open: follows, mean over protected)")
+    axes[0].set_ylabel("SSIM / follows")
+    for ax, p in zip(axes[1:], protect):
+        ax.axhline(0, color="k", lw=1)
+        ax.set_title(f"{p}: stronger attack - labels' bound (+-2 SE)\n"
+                     "grey: formal bound of the composed eps - labels' bound")
+        ax.set_ylabel("accuracy - bound")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks([t for t, _ in ticks], [s for _, s in ticks], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"composed epsilon of one release (delta {DEFAULT_RELEASE_DELTA:g})")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9 if len(runs) == 1 else 4), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / (9 if len(runs) == 1 else 4)), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_levels(runs: list[dict], path: Path) -> None:
+    """Privacy (one panel per protected attribute: naive and adaptive attack vs bound per row, per label)
+    and utility (follows, unprotected, SSIM; KID on its own axis) against the rows' levels."""
     import matplotlib.pyplot as plt
 
     protect = runs[0]["protect"]
@@ -465,7 +609,8 @@ def combine(paths: list[str], out: Path) -> str:
 
 def _cells(args, p) -> list[tuple[str | None, float, float, str]]:
     """The rows: (level name, epsilon, strength, encoding) of each --levels name (with each of --encodings
-    instead of the level's, if given), or (None, eps, s, enc) of the grid."""
+    instead of the level's, if given), or (None, eps, s, enc) of the grid: each encoding at every --strengths,
+    or only at its own where --encodings gives one ("noise,fresh:1,invert:0.4")."""
     if args.strengths or args.epsilons or (args.encodings and not args.levels):
         if args.levels:
             p.error("--levels or --strengths/--epsilons: give one of the two")
@@ -476,21 +621,35 @@ def _cells(args, p) -> list[tuple[str | None, float, float, str]]:
             p.error(f"--strengths {args.strengths!r} / --epsilons {args.epsilons!r}: give comma-separated numbers")
         if not all(0 < s <= 1 for s in strengths) or not all(e >= 0 for e in epsilons):
             p.error("--strengths must lie in (0, 1] and --epsilons be >= 0")
-        encodings = _encodings(args, p) or GRID["encodings"].split(",")
-        return [(None, e, s, enc) for enc in encodings for s in strengths for e in epsilons]
+        encodings = _encodings(args, p) or [(GRID["encodings"], None)]
+        return [(None, e, s, enc) for enc, own in encodings for s in ([own] if own else strengths) for e in epsilons]
     names = [n for n in (args.levels or ",".join(LEVELS)).split(",") if n]
     unknown = [n for n in names if n not in LEVELS]
     if unknown or not names:
         p.error(f"--levels {args.levels!r}: choose names from {list(LEVELS)}")
+    encodings = _encodings(args, p)
+    if any(own for _, own in encodings):
+        p.error(f"--encodings {args.encodings!r}: ENCODING:STRENGTH is for a grid; a level has its own strength")
     return [(n, LEVELS[n].epsilon, LEVELS[n].strength, enc) for n in names
-            for enc in (_encodings(args, p) or [LEVELS[n].encoding])]
+            for enc in ([e for e, _ in encodings] or [LEVELS[n].encoding])]
 
 
-def _encodings(args, p) -> list[str]:
-    encodings = [e for e in (args.encodings or "").split(",") if e]
-    if args.encodings is not None and (not encodings or not set(encodings) <= set(ENCODINGS)):
+def _encodings(args, p) -> list[tuple[str, float | None]]:
+    """--encodings as [(encoding, its own strength or None)]: "noise,fresh:1" -> [("noise", None), ("fresh", 1.0)]."""
+    out = []
+    for item in (args.encodings or "").split(","):
+        name, _, own = item.partition(":")
+        try:
+            strength = float(own) if own else None
+        except ValueError:
+            strength = math.nan
+        if item and (name not in ENCODINGS or (strength is not None and not 0 < strength <= 1)):
+            p.error(f"--encodings {args.encodings!r}: choose from {list(ENCODINGS)}, each optionally with its own "
+                    f"strength in (0, 1] as ENCODING:STRENGTH")
+        out += [(name, strength)] if item else []
+    if args.encodings is not None and not out:
         p.error(f"--encodings {args.encodings!r}: choose from {list(ENCODINGS)}")
-    return encodings
+    return out
 
 
 def main(argv=None) -> None:
@@ -506,7 +665,8 @@ def main(argv=None) -> None:
     p.add_argument("--levels", help=f"comma-separated privacy levels (default {','.join(LEVELS)})")
     p.add_argument("--strengths", help=f"instead of --levels, a grid: strengths (default {GRID['strengths']})")
     p.add_argument("--epsilons", help=f"... by epsilons (default {GRID['epsilons']})")
-    p.add_argument("--encodings", help=f"... by encodings, invert and/or noise (default {GRID['encodings']})")
+    p.add_argument("--encodings", help=f"... by encodings: invert, noise and/or fresh, each at every strength or at "
+                                       f"its own as ENCODING:STRENGTH (default {GRID['encodings']})")
     for name, help_ in (("num-images", "edited images (val + test splits)"),
                         ("adaptive-images", "training-split images the adaptive attacker edits per row"),
                         ("attacker-images", "naive attacker's training images"),

@@ -1,10 +1,12 @@
 """bench/edit_eval.py: the table logic on fabricated predictions (attacks are compared with the prior-aware
 bound (issue 11, item 15), not with p_keep, which only bounds a 50/50 attribute; the stronger of the naive
 and the adaptive attacker is flagged), KID against a brute-force reference, the adaptive attacker's
-fine-tuning, and an end-to-end run (guided and conditional backends, then --combine) on tiny models."""
+fine-tuning, and an end-to-end run (guided and conditional backends, then --combine) on tiny models whose
+rows carry the formal price of one release, equal to what ``veil.privacy.accounting`` charges (issue 30)."""
 
 import argparse
 import json
+import math
 
 import pytest
 from bench_helpers import load_bench
@@ -12,7 +14,10 @@ import torch
 from dp_helpers import TINY, train_cli
 from unlearn_helpers import RECIPE, datamodule
 
+from veil.editing.load import load_editor
 from veil.jobs import train_classifier as TC
+from veil.privacy.accounting import DEFAULT_RELEASE_DELTA, compose, gaussian_mu, image_sensitivity, price_release
+from veil.privacy.bounds import bayes_accuracy_bound
 from veil.privacy.mechanism import keep_probability
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny CNNs on a shared 2-core machine
@@ -227,8 +232,8 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
     monkeypatch.setattr(bench.PrivateEditor, "invert", lambda self, x, *a, **kw: inverted.append(len(x)) or
                         invert(self, x, *a, **kw))
     bench.main(["--checkpoint", str(root / "cond"), "--strengths", "0.7", "--epsilons", "1,inf", "--label", "control",
-                "--encodings", "invert,noise", "--out", str(tmp_path / "c"), *SMALL])
-    assert inverted == [16, 8]  # without a check: one inversion per image set, shared by both epsilons; noise: none
+                "--encodings", "invert,noise,fresh:1", "--out", str(tmp_path / "c"), *SMALL])
+    assert inverted == [16, 8]  # no check: one inversion per image set, shared by both epsilons; noise, fresh: none
     guided, control = _strict_json(tmp_path / "g" / "edit_eval.json"), _strict_json(tmp_path / "c" / "edit_eval.json")
     assert guided["backend"] == "guided" and guided["label"].startswith("guided, DP eps ")
     assert "; checker: epsilon" in guided["privacy"]  # the judge's own training privacy is stated
@@ -240,14 +245,24 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
         assert r["n"] == round(8 * (1 - r["check"]["refused"])) and r["n_edited"] == 8
         assert (r["kid"] is None) == (r["n"] < 2)
     cells = [(r["level"], r["epsilon"], r["strength"], r["encoding"]) for r in control["rows"]]
-    assert cells == [(None, e, 0.7, enc) for enc in ("invert", "noise") for e in (1.0, "inf")]  # inf: strict JSON
+    assert cells == [(None, e, s, enc) for enc, s in (("invert", 0.7), ("noise", 0.7), ("fresh", 1.0))
+                     for e in (1.0, "inf")]  # inf: strict JSON
     assert [r["encoding"] for r in guided["rows"]] == [bench.LEVELS[n].encoding for n in ("low", "max")]
     for r in control["rows"]:  # no classifier: no check, every edit released
         assert r["check"] is None and r["n"] == 8 and isinstance(r["kid"], float)
     assert control["rows"][1]["bound"] == {"eyeglasses": 1.0, "smiling": 1.0} and control["rows"][1]["flip_rate"] == 0
+    _assert_priced_as_the_ledger(bench, guided, load_editor(root / "unet", runtime="torch", classifier=root / "guide",
+                                                            checker=root / "guide", steps=3))
+    cond = load_editor(root / "cond", runtime="torch", steps=3)
+    _assert_priced_as_the_ledger(bench, control, cond)
+    a, res = cond.signal_fraction(0.7), cond.resolution  # the noise rows' mu, from the schedule by hand
+    assert control["rows"][2]["price"]["pixel_mu"] == pytest.approx(math.sqrt(a / (1 - a)) * 2 * math.sqrt(3 * res**2))
     assert "| noise |" in (tmp_path / "c" / "edit_eval.md").read_text()
     text = (tmp_path / "g" / "edit_eval.md").read_text()
-    for column in ("encoding", "naive eyeglasses", "adaptive smiling", "bound eyeglasses", "re-done", "refused", "KID"):
+    assert "| low | 4 | 0.40 | invert | unbounded | unbounded | 8 | unbounded |" in text  # two labels at eps 4
+    assert "| max | 0 | 1.00 | fresh | 0 | 0 | 0 | 0 |" in text
+    for column in ("encoding", "pixel mu", "pixels eps", "labels eps", "composed eps", "naive eyeglasses",
+                   "adaptive smiling", "bound eyeglasses", "re-done", "refused", "KID"):
         assert f" {column} |" in text
     assert "synth-" not in (tmp_path / "g" / "edit_eval.json").read_text()  # no per-image ids or labels
     assert (tmp_path / "g" / "edit_eval.png").stat().st_size > 0
@@ -256,15 +271,87 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
                 "--out", str(tmp_path / "m")])
     merged = (tmp_path / "m" / "edit_eval.md").read_text()
     table = [line for line in merged.split("\n\n")[1].splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 4
-    assert "| control | - | 1 | 0.70 | invert | 8 | n/a | n/a |" in merged
-    assert "| control | - | inf | 0.70 | noise | 8 |" in merged
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 6
+    assert "| control | - | 1 | 0.70 | invert | unbounded | unbounded | 2 | unbounded | 8 | n/a | n/a |" in merged
+    noise_inf = control["rows"][3]["price"]  # RR eps inf: the labels are unbounded whatever the pixels cost
+    assert f"| control | - | inf | 0.70 | noise | {bench._eps(noise_inf['pixel_mu'])} | " \
+           f"{bench._eps(noise_inf['pixels_epsilon'])} | unbounded | unbounded | 8 |" in merged
+    assert "| control | - | 1 | 1.00 | fresh | 0 | 0 | 2 | 2 | 8 |" in merged  # not read: the labels' price only
     merged_runs = _strict_json(tmp_path / "m" / "edit_eval.json")["runs"]
     assert [r["label"] for r in merged_runs] == [guided["label"], "control"]
     assert (tmp_path / "m" / "edit_eval.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="labels"):
         bench.main(["--combine", str(tmp_path / "c" / "edit_eval.json"), str(tmp_path / "c" / "edit_eval.json"),
                     "--out", str(tmp_path / "dup")])
+
+
+def _assert_priced_as_the_ledger(bench, run, editor):
+    """Each row's price is what veil.privacy.accounting charges ONE release of its setting with this editor (its
+    pixel_mus: every re-do when it checks, as the release path prices them), at the default delta."""
+    assert run["rows"]
+    for r in run["rows"]:
+        eps = bench._num(r["epsilon"])
+        mus = editor.pixel_mus(strength=r["strength"], encoding=r["encoding"], check=editor.can_check)
+        g = compose([price_release(epsilon=eps, protected=run["protect"], encoding=r["encoding"], pixel_mus=mus)],
+                    delta=DEFAULT_RELEASE_DELTA)
+        price = r["price"]
+        assert price["delta"] == DEFAULT_RELEASE_DELTA and price["encodings_priced"] == len(mus)
+        for key, want in (("pixel_mu", g.pixel_mu), ("pixels_epsilon", g.pixels_epsilon),
+                          ("labels_epsilon", g.labels_epsilon), ("epsilon", g.epsilon)):
+            assert bench._num(price[key]) == pytest.approx(want, rel=1e-12), (r["encoding"], r["strength"], key)
+        for p in run["protect"]:
+            want = min(1.0, bayes_accuracy_bound(epsilon=g.epsilon, prior=run["baseline"]["priors"][p]) +
+                       DEFAULT_RELEASE_DELTA)
+            assert price["formal_bound"][p] == pytest.approx(want)
+        pixels = {"invert": math.inf, "fresh": 0.0}.get(r["encoding"])
+        assert pixels is None or bench._num(price["pixels_epsilon"]) == pixels
+        assert (r["encoding"] == "noise") == (0 < bench._num(price["pixel_mu"]) < math.inf)
+
+
+class _PricedEditor:
+    """What formal_price reads of an editor: a check whose re-do draws a second encoding (mu 3, then 4)."""
+
+    can_check = True
+
+    def pixel_mus(self, *, strength, encoding, check):
+        assert (strength, encoding) == (0.7, "noise")
+        return [3.0, 4.0] if check else [3.0]
+
+
+def test_a_checked_rows_price_counts_every_encoding_the_check_may_draw(bench):
+    priors = {"eyeglasses": 0.2, "smiling": 0.5}
+    price = bench.formal_price(_PricedEditor(), epsilon=1.0, strength=0.7, encoding="noise", protect=PROTECT,
+                               priors=priors)
+    g = compose([price_release(epsilon=1.0, protected=PROTECT, encoding="noise", pixel_mus=[3.0, 4.0])])
+    assert price["pixel_mu"] == 5.0 and price["pixel_mu_first"] == 3.0 and price["encodings_priced"] == 2
+    assert (price["pixels_epsilon"], price["labels_epsilon"], price["epsilon"]) == \
+        (g.pixels_epsilon, g.labels_epsilon, g.epsilon)
+    assert g.pixels_epsilon > compose([price_release(epsilon=1.0, protected=PROTECT, encoding="noise",
+                                                     pixel_mus=[3.0])]).pixels_epsilon  # the re-do is charged
+    assert price["formal_bound"]["eyeglasses"] == pytest.approx(
+        bayes_accuracy_bound(epsilon=g.epsilon, prior=0.2) + DEFAULT_RELEASE_DELTA)
+
+
+def test_the_price_columns_and_axis(bench, data):
+    original, released = data
+    priors = bench.attribute_priors(original, NAMES)
+    row = _row(bench, released.clone(), original, released, priors)
+    sens = image_sensitivity((3, 32, 32))
+    mu = gaussian_mu(signal=0.2, sensitivity=sens)  # ~55: a face that keeps its pose costs thousands
+    row["price"] = {"pixel_mu": mu, "pixels_epsilon": 1834.6, "labels_epsilon": 2.0, "epsilon": 1836.2,
+                    "formal_bound": {"eyeglasses": 1.0, "smiling": 1.0}}
+    table = bench.markdown([_run([row], priors)])
+    assert f"| high | 1 | 0.70 | invert | {mu:.3g} | 1835 | 2 | 1836 | {N} |" in table
+    assert "in 0 of 2 priced cells" in table
+    unpriced = dict(row, price=None)  # a run written before prices: n/a, and the plot of levels
+    assert "| invert | n/a | n/a | n/a | n/a |" in bench.markdown([_run([unpriced], priors)])
+    assert [bench._eps(v) for v in (0.0, 0.031, 2.0, 55.4, 1836.2, "inf", None)] == \
+        ["0", "0.031", "2", "55.4", "1836", "unbounded", "n/a"]
+    runs = [{"rows": [{"price": {"epsilon": e}} for e in (0.0, 2.0, 1836.2, "inf")]}]
+    x_of, ticks = bench._price_axis(runs)
+    assert x_of(0.0) == pytest.approx(0.2) and x_of(math.inf) == pytest.approx(18362) and x_of(2.0) == 2.0
+    assert ticks[0] == (x_of(0.0), "0\n(fresh)") and ticks[-1] == (x_of(math.inf), "unbounded\n(invert)")
+    assert [t for t, _ in ticks[1:-1]] == [1.0, 10.0, 100.0, 1000.0]  # none within 3x of an edge's label
 
 
 def test_cells_of_levels_grids_and_encodings(bench):
@@ -281,7 +368,13 @@ def test_cells_of_levels_grids_and_encodings(bench):
     assert cells(strengths="0.7", epsilons="1") == [(None, 1.0, 0.7, "invert")]
     assert cells(strengths="0.7,1", epsilons="0", encodings="noise") == [(None, 0.0, 0.7, "noise"),
                                                                          (None, 0.0, 1.0, "noise")]
-    for bad in (dict(levels="max", strengths="0.7"), dict(encodings="blur"), dict(levels="max", encodings=",")):
+    assert cells(strengths="0.55,0.7", epsilons="0,1", encodings="noise,fresh:1,invert:0.4") == \
+        [(None, e, s, "noise") for s in (0.55, 0.7) for e in (0.0, 1.0)] + \
+        [(None, e, 1.0, "fresh") for e in (0.0, 1.0)] + [(None, e, 0.4, "invert") for e in (0.0, 1.0)]
+    assert cells(epsilons="2", encodings="fresh:1") == [(None, 2.0, 1.0, "fresh")]
+    for bad in (dict(levels="max", strengths="0.7"), dict(encodings="blur"), dict(levels="max", encodings=","),
+                dict(levels="max", encodings="fresh:1"), dict(encodings="noise:0"), dict(encodings="noise:x"),
+                dict(encodings="fresh:1.5")):
         with pytest.raises(SystemExit):
             cells(**bad)
     other = "invert" if lv["max"].encoding == "noise" else "noise"
