@@ -33,12 +33,16 @@ into the groups: the native kernel, 3-4x faster on the CPU than im2col + einsum)
 time so that at most 2^24 per-row entries exist at once. A grouped conv is ``groups`` independent layers:
 the rule compares one group's d and p. Biases are always instantiated (``sum_s g_s``, p numbers).
 GroupNorm and LayerNorm weights get ``sum_s g_s * a_hat_s`` and biases ``sum_s g_s`` (a_hat: the input
-normalised again from the stored input): p numbers per example, always instantiated.
+normalised again from the stored input; for GroupNorm by PyTorch's own GroupNorm backward, one pass):
+p numbers per example, always instantiated.
 
 Noise multiplicity K. Rows are example-major (rows iK .. iK+K-1 are example i). The mean of the K rows'
 gradients is ``(1/K) sum_k sum_s g_{k,s} a_{k,s}^T``: the K rows' positions concatenated (T -> K T)
 with output gradients scaled by 1/K. Both paths run on that, so the norm is exactly the norm of the
 mean, and the per-example state is one example's (not K rows') gradient. The rule uses T = K * positions.
+A conv whose rows have few positions (<= 16x16) gets the sum over K inside the grouped convolution (the
+K rows as its batch, one example per group); one with many, K rows per example as groups and a mean
+(``_conv_example_grads``: which is faster depends on the shape, measured).
 
 The algorithm. Before the backward (``_plan``) each layer gets its path: the rule (or ``mode``) picks
 ghost or instantiate for a Linear/Conv2d weight. As the backward reaches a layer, for each call of it:
@@ -52,15 +56,25 @@ ghost or instantiate for a Linear/Conv2d weight. As the backward reaches a layer
   than its im2col, so some instantiated convs (3x3 at 8x8 and 16x16 in the UNet) fail it;
 - the others keep ``a`` and ``g`` for after the backward: the ghost-norm layers (few positions, many
   channels: in the UNet the time and attribute embeddings' Linears) and the instantiated layers that
-  failed the byte test, whose per-example gradients are then made a slice of examples at a time.
+  failed the byte test, whose per-example gradients are made after the backward.
 
-After the backward: per-example squared norms (the ghost norm, or the instantiated gradients in slices,
-from the kept ``(a, g)``; the norms of the kept per-example gradients), the clip factors, then the
-clipped sums layer by layer, freeing each layer's tensors once its sum is set: ``c @ G`` (one matmul)
-for the kept per-example gradients, book-keeping for the kept ``(a, g)``. The norm needs every layer
-before any clip factor exists, so nothing can be summed earlier.
+After the backward (``_clip``): per-example squared norms of every layer but the instantiated ones that
+kept ``(a, g)`` (the norms of the kept per-example gradients; the ghost norm from the kept ``(a, g)``).
+Then the instantiated layers that kept ``(a, g)``, fused (``_fused_clip``), a slice of examples at a
+time: their per-example gradients for the slice complete the slice's norms, hence its clip factors, and
+are then summed into ``p.grad`` with those factors and dropped. Then the other clipped sums layer by
+layer, freeing each layer's tensors once its sum is set: ``c @ G`` (one matmul) for the kept per-example
+gradients, book-keeping for the ghost-norm layers. A clip factor needs every layer's norm; taking the
+fused layers last, a slice's per-example gradients in them complete the slice's norms, and the same
+gradients then give the slice's share of the sums: one pass over their ``(a, g)``, nothing per example
+kept beyond the slice. Before the fusion, those layers made their per-example gradients for the norm,
+then paid book-keeping for the sum (the cost of their weight gradient again: on the default UNet at
+batch 32, K = 1, 17 3x3 convs at 8x8 and 16x16, 84 ms of a 0.95 s step on one CPU thread). Keeping their
+per-example gradients instead (92 MiB at batch 32) stayed within the live bytes the backward had freed,
+but the heap's holes left by autograd were too small for them: the CPU step's peak RSS went from 1.0x
+to 1.2x the non-private step's.
 
-Book-keeping (Bu et al. 2023), for the layers that kept ``(a, g)``: ``p.grad = sum_i c_i G_i =
+Book-keeping (Bu et al. 2023), for the ghost-norm layers: ``p.grad = sum_i c_i G_i =
 sum_{i,s} (c_i g_s) a_s^T``, the ordinary weight gradient of the batch with each row's output gradient
 scaled by c_i / K, by the native kernel (``conv2d_weight``, or one matmul for a Linear): the cost of the
 weight gradient the backward skipped. No second backward through the network.
@@ -72,11 +86,13 @@ its output (for the in-place check: no storage); afterwards, per layer, its per-
 for norm layers and biases, at most its ``a`` + ``g`` for weights done in the tap) or ``a`` and ``g``
 (one activation-sized tensor each) for a layer that keeps them, until step 3 reaches the layer. So the
 peak is about the non-private backward's plus the per-example gradients made in the taps plus ``a`` and
-``g`` of the layers that keep them. (Before the taps, one ``autograd.grad`` with respect to every layer's
-output returned all output gradients at the end: every layer's ``a`` and ``g`` at once, on top of the
-graph, about twice the activations; 1.65-1.95x the non-private step's peak on the CPU bench.)
+``g`` of the layers that keep them. (Before the taps, one ``autograd.grad`` with respect to every
+layer's output returned all output gradients at the end: every layer's ``a`` and ``g`` at once, on top
+of the graph, about twice the activations; 1.65-1.95x the non-private step's peak on the CPU bench.)
 Temporaries, one layer at a time: ghost 2 B S^2 plus, for a Conv2d, its im2col (B S C_in kh kw);
-instantiate at most 2^24 per-row entries for a Conv2d in slices, B d p for a Linear; norm layers: B p.
+instantiate at most 2^24 per-row entries for a Conv2d in slices (and, K rows summed in the kernel, a
+K-major copy of the slice's ``a`` and ``g``), B d p for a Linear; norm layers: B p; the fused layers:
+per-example gradients of 2^23 entries (32 MiB), or of 8 examples if more, for all of them at once.
 
 Conv inputs are made contiguous where they are read (channels_last views from diffusers' attention
 blocks; the stored tensor stays the one autograd saved). Parameters used outside their module's forward
@@ -166,7 +182,8 @@ class _Call:
 class _Layer:
     """One hooked module: its calls since the last backward and, during one, its path and per-example
     gradients. ``plan``: "norm" and "now" compute per-example gradients in the tap; "ghost" and
-    "instantiate" keep (input, output grad) for after the backward."""
+    "instantiate" keep (input, output grad) for after the backward (ghost norm and book-keeping; the
+    fused norm and clipped sum of ``GhostClipper._fused_clip``)."""
 
     def __init__(self, path: str, module: nn.Module, clipper: GhostClipper):
         self.path, self.module, self.clipper = path, module, clipper
@@ -282,29 +299,47 @@ def _conv_row_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Ten
     return w.view(n, *m.weight.shape)
 
 
+# K > 1: rows with at most this many output positions get their per-example conv gradients with the
+# example's K rows as the batch of the grouped convolution (the kernel sums them), others one row per
+# group and a mean. Measured on the 2-core CPU (one thread, B = 32, K = 4): the first is 1.3-6x faster
+# at 8x8 and 16x16 outputs with 64-384 channels, 1.1-1.3x slower at 32x32 with 32-96 channels.
+_FOLD_MAX_POSITIONS = 256
+
+
+def _conv_example_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-example weight gradients (N / K, *weight.shape) of a Conv2d, each the mean of the example's
+    K rows' (rows example-major), by one grouped weight-gradient convolution (see _FOLD_MAX_POSITIONS)."""
+    b = x.shape[0] // k
+    if k == 1 or g[0, 0].numel() > _FOLD_MAX_POSITIONS:
+        rows = _conv_row_grads(m, x, g)  # (N, *weight.shape)
+        return rows if k == 1 else rows.view(b, k, *m.weight.shape).mean(dim=1)
+    x, padding = _conv_input(m, x)
+    # (K, B C, H, W): row k of every example is batch entry k; example i's channels are groups i*G ..
+    x = x.reshape(b, k, *x.shape[1:]).transpose(0, 1).reshape(k, b * x.shape[1], *x.shape[2:])
+    g = g.reshape(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * g.shape[1], *g.shape[2:])
+    w = torch.nn.grad.conv2d_weight(x, (b * m.out_channels, *m.weight.shape[1:]), g, stride=m.stride,
+                                    padding=padding, dilation=m.dilation, groups=b * m.groups)
+    return w.view(b, *m.weight.shape).div_(k)
+
+
 _SLICE_ELEMENTS = 1 << 24  # per-row gradients materialised at once by the conv instantiate path (64 MiB fp32)
+# per-example gradients of all the fused layers (GhostClipper._fused_clip) at once: 32 MiB fp32. Larger
+# slices run faster (2 threads, batch 32: 61 ms for the 17 fused convs in one slice, 81 ms in slices of
+# 8 examples), but they are made after the backward, where the heap's holes left by autograd are too
+# small for them: they add to the process's peak RSS on the CPU (batch 32, K = 1, three runs each: peak
+# RSS growth 316-334 MiB with 2^24, 289-325 MiB with 2^23, 313-329 MiB before the fusion; non-private
+# 303-306 MiB)
+_FUSED_SLICE_ELEMENTS = 1 << 23
+# ... but at least this many examples per slice: the grouped convolution runs a few examples' wide layers
+# poorly (2 threads, the 10.1M UNet at batch 32, K = 1: its 7 fused 16x16 convs, 10.6 MB per example,
+# took 481 ms in slices of 3 examples, 393 ms of 6, 322 ms of 12)
+_FUSED_MIN_EXAMPLES = 8
 
 
 def _conv_slices(m: nn.Conv2d, b: int, k: int):
     """Slices of examples [s, e) whose K rows' per-row conv weight gradients take ~``_SLICE_ELEMENTS``."""
     step = max(1, _SLICE_ELEMENTS // (k * m.weight.numel()))
     return [(s, min(b, s + step)) for s in range(0, b, step)]
-
-
-def _conv_instantiated_sq(layer: _Layer, b: int, k: int) -> torch.Tensor:
-    """Squared norms (B,) of the per-example conv weight gradients (each the mean of its K rows) from the
-    kept (input, output grad), a slice of examples at a time."""
-    m = layer.module
-    calls = list(layer.kept())
-    out = []
-    for s, e in _conv_slices(m, b, k):
-        acc = None
-        for x, g in calls:
-            rows = _conv_row_grads(m, _wide(x[s * k : e * k]), _wide(g[s * k : e * k]))
-            rows = rows.view(e - s, k, -1).mean(dim=1)
-            acc = rows if acc is None else acc + rows
-        out.append(acc.pow(2).sum(dim=1))
-    return torch.cat(out)
 
 
 CONV_GHOST_BACKEND = "auto"  # veil.kernels.ghost_norm's backend; the tests set "triton" (interpreter on the CPU)
@@ -321,10 +356,10 @@ def _conv_kernel_applies(layer: _Layer) -> bool:
 
 
 def _kept_sq_norms(layer: _Layer, b: int, k: int) -> torch.Tensor:
-    """Squared per-example norm (B,) of a layer that kept (input, output grad): weight by its plan
-    ("ghost" or "instantiate"), bias instantiated."""
+    """Squared per-example norm (B,) of a ghost-norm layer from its kept (input, output grad): the
+    weight's by the ghost norm, the bias's instantiated."""
     m = layer.module
-    if layer.plan == "ghost" and _conv_kernel_applies(layer):
+    if _conv_kernel_applies(layer):
         from veil.kernels.ghost_norm import conv2d_ghost_sq_norms
 
         ((x, g),) = layer.kept()
@@ -333,18 +368,10 @@ def _kept_sq_norms(layer: _Layer, b: int, k: int) -> torch.Tensor:
         if layer.trainable("bias"):
             sq += _bias_sq(layer, b, k)
         return sq
-    if layer.plan == "instantiate" and isinstance(m, nn.Conv2d):
-        sq = _conv_instantiated_sq(layer, b, k)
-        if layer.trainable("bias"):
-            sq += _bias_sq(layer, b, k)
-        return sq
     a, g = _matmul_operands(layer, b, k)
-    if layer.plan == "ghost":
-        gram_a = torch.einsum("bsgi,btgi->bgst", a, a)  # (B, G, S, S)
-        gram_g = torch.einsum("bsgo,btgo->bgst", g, g)
-        sq = torch.einsum("bgst,bgst->b", gram_a, gram_g)
-    else:
-        sq = torch.einsum("bsgi,bsgo->bgoi", a, g).pow(2).sum(dim=(1, 2, 3))  # G_i: (B, G, O/G, I)
+    gram_a = torch.einsum("bsgi,btgi->bgst", a, a)  # (B, G, S, S)
+    gram_g = torch.einsum("bsgo,btgo->bgst", g, g)
+    sq = torch.einsum("bgst,bgst->b", gram_a, gram_g)
     if layer.trainable("bias"):
         sq += g.sum(dim=1).pow(2).sum(dim=(1, 2))
     return sq
@@ -389,21 +416,44 @@ def _matmul_clipped(layer: _Layer, b: int, k: int, c: torch.Tensor) -> None:
 
 def _norm_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor, b: int, k: int) -> dict[str, torch.Tensor]:
     """One call's GroupNorm/LayerNorm per-example grads {name: (B, *p.shape)}, each the mean over K rows."""
-    m = layer.module
     x, g = _wide(x), _wide(g)
-    if isinstance(m, nn.GroupNorm):
-        x_hat = F.group_norm(x, m.num_groups, eps=m.eps)  # (N, C, *)
-        dims = tuple(range(2, x.dim()))
-    else:
-        x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)  # (N, *, *normalized_shape)
-        dims = tuple(range(1, x.dim() - len(m.normalized_shape)))
+    rows = (_group_norm_rows if isinstance(layer.module, nn.GroupNorm) else _layer_norm_rows)(layer, x, g)
+    return {name: r.reshape(b, k, *r.shape[1:]).mean(dim=1) for name, r in rows.items()}
+
+
+def _layer_norm_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row LayerNorm grads {name: (N, *p.shape)}: sum_s g_s * x_hat_s and sum_s g_s."""
+    m = layer.module
+    x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)  # (N, *, *normalized_shape)
+    dims = tuple(range(1, x.dim() - len(m.normalized_shape)))
     out = {}
     if layer.trainable("weight"):
         out["weight"] = (g * x_hat).sum(dim=dims)  # (N, *p.shape)
     del x_hat
     if layer.trainable("bias"):
         out["bias"] = g.sum(dim=dims)
-    return {name: r.reshape(b, k, *r.shape[1:]).mean(dim=1) for name, r in out.items()}
+    return out
+
+
+def _group_norm_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row GroupNorm grads {name: (N, C)}: sum_s g_s * x_hat_s and sum_s g_s, by PyTorch's own
+    GroupNorm backward on the N rows laid side by side as one row of N C channels in N G groups (the
+    same groups), so that its gamma and beta gradients, summed over rows and positions, are summed over
+    positions only: one pass over x and g, without forming x_hat (1.2-7x faster on the CPU)."""
+    m = layer.module
+    n, c, hw = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    x, g = x.reshape(1, n * c, hw).contiguous(), g.reshape(1, n * c, hw).contiguous()
+    groups = n * m.num_groups
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, 1, n * c, hw, groups, m.eps)  # (1, N G)
+    mask = [False, layer.trainable("weight"), layer.trainable("bias")]
+    ones = torch.ones(n * c, dtype=x.dtype, device=x.device)  # gamma = 1: dgamma is sum_s g_s x_hat_s
+    _, w, bias = torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, ones, 1, n * c, hw, groups, mask)
+    out = {}
+    if mask[1]:
+        out["weight"] = w.view(n, c)
+    if mask[2]:
+        out["bias"] = bias.view(n, c)
+    return out
 
 
 def _matmul_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor, b: int, k: int) -> dict[str, torch.Tensor]:
@@ -421,10 +471,15 @@ def _matmul_rows(layer: _Layer, x: torch.Tensor, g: torch.Tensor, b: int, k: int
             out["bias"] = g2.sum(dim=1).div_(k)
         return out
     if layer.trainable("weight"):
-        w = torch.empty(b, *m.weight.shape, dtype=_wide_dtype(x.dtype), device=x.device)
-        for s, e in _conv_slices(m, b, k):
-            rows = _conv_row_grads(m, _wide(x[s * k : e * k]).contiguous(), _wide(g[s * k : e * k]))
-            w[s:e] = rows.view(e - s, k, *m.weight.shape).mean(dim=1)
+        slices, w = _conv_slices(m, b, k), None
+        if len(slices) > 1:
+            w = torch.empty(b, *m.weight.shape, dtype=_wide_dtype(x.dtype), device=x.device)
+        for s, e in slices:
+            rows = _conv_example_grads(m, _wide(x[s * k : e * k]).contiguous(), _wide(g[s * k : e * k]), k)
+            if w is None:  # one slice: no copy
+                w = rows
+            else:
+                w[s:e] = rows
             del rows
         out["weight"] = w
     if layer.trainable("bias"):
@@ -593,28 +648,31 @@ class GhostClipper:
                     layer.per_example[name] = r
 
     def _clip(self, b: int, k: int, losses: torch.Tensor) -> torch.Tensor:
-        # 1. squared norms, layer by layer: the kept per-example gradients, or from the kept (input,
-        #    output grad); a matmul layer's operands are rebuilt later for step 3 rather than kept
-        #    (im2col is kh*kw times the input)
+        # 1. squared norms, layer by layer: the kept per-example gradients, or the ghost norm from the
+        #    kept (input, output grad) (im2col rebuilt for step 3 rather than kept: kh*kw times the
+        #    input); the instantiated layers that kept (input, output grad) are step 2's
         dtype = torch.promote_types(losses.dtype, torch.float32)
         sq = torch.zeros(b, dtype=dtype, device=losses.device)
+        fused = []
         for layer in self._layers if b else []:  # an empty batch: no norms, zero gradients below
             if not layer.got_grad:
                 continue
-            if layer.plan in ("ghost", "instantiate"):
+            if isinstance(layer.module, _MATMUL):
+                self.chosen_modes[layer.path] = layer.chosen
+            if layer.plan == "instantiate":
+                fused.append(layer)
+                continue
+            if layer.plan == "ghost":
                 sq += _kept_sq_norms(layer, b, k).to(dtype)
             for r in layer.per_example.values():
                 sq += _sq(r).to(dtype)
-            if isinstance(layer.module, _MATMUL):
-                self.chosen_modes[layer.path] = layer.chosen
-        # 2. clip factors, as Opacus: c_i = min(1, C / (norm_i + 1e-6)); rounding may leave a tiny
-        #    negative ghost sum for an all-zero gradient
-        norms = sq.clamp_min(0).sqrt()
-        c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        # 3. the clipped sums, freeing each layer once done; unused parameters get zeros
+        # 2. clip factors, with the instantiated layers' norms and clipped sums fused
+        norms = self._fused_clip(fused, sq, b, k)
+        c = self._factors(norms)
+        # 3. the other clipped sums, freeing each layer once done; unused parameters get zeros
         for layer in self._layers:
             if b and layer.got_grad:  # sets every trainable parameter's grad of the layer
-                if layer.plan in ("ghost", "instantiate"):
+                if layer.plan == "ghost":
                     _matmul_clipped(layer, b, k, c)  # book-keeping
                 for name, r in layer.per_example.items():
                     p = getattr(layer.module, name)
@@ -625,6 +683,47 @@ class GhostClipper:
                         p = getattr(layer.module, name)
                         p.grad = torch.zeros_like(p)
             layer.free()
+        return norms
+
+    def _factors(self, norms: torch.Tensor) -> torch.Tensor:
+        """Clip factors as Opacus: c_i = min(1, C / (norm_i + 1e-6))."""
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def _fused_clip(self, fused: list[_Layer], sq: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """The norms (B,) from ``sq`` (every other layer's squared norms) and ``fused``, the instantiated
+        layers that kept (input, output grad); sets the fused layers' clipped sums. A slice of examples at
+        a time: their per-example gradients in the fused layers (summed over calls) complete the slice's
+        squared norms, hence its clip factors, and ``p.grad += c[slice] @ G[slice]``. One pass over each
+        (a, g) and nothing per example kept beyond the slice (``_FUSED_SLICE_ELEMENTS``): no book-keeping
+        pass, and no B x parameters held after the backward."""
+        norms, sums = torch.empty_like(sq), {}
+        per_example = sum(getattr(layer.module, name).numel() for layer in fused
+                          for name in ("weight", "bias") if layer.trainable(name))
+        step = max(_FUSED_MIN_EXAMPLES, _FUSED_SLICE_ELEMENTS // max(per_example, 1))
+        for s in range(0, b, step):
+            e = min(b, s + step)
+            part, rows = sq[s:e].clone(), []
+            for layer in fused:
+                grads = {}  # name -> (e - s, *p.shape), summed over the layer's calls
+                for call in layer.calls:
+                    if call.g is not None:
+                        x, g = call.x[s * k : e * k], call.g[s * k : e * k]  # the slice's rows
+                        for name, r in _matmul_rows(layer, x, g, e - s, k).items():
+                            grads[name] = grads[name].add_(r) if name in grads else r
+                for r in grads.values():
+                    part += _sq(r).to(part.dtype)
+                rows.append((layer, grads))
+            # rounding may leave a tiny negative ghost sum for an all-zero gradient
+            norms[s:e] = part.clamp_min(0).sqrt()
+            c = self._factors(norms[s:e])
+            for layer, grads in rows:
+                for name, r in grads.items():
+                    share = c.to(r.dtype) @ r.flatten(1)
+                    sums[layer, name] = sums[layer, name].add_(share) if (layer, name) in sums else share
+            del rows
+        for (layer, name), total in sums.items():
+            p = getattr(layer.module, name)
+            p.grad = total.view(p.shape).to(p.dtype)
         return norms
 
     def remove(self) -> None:

@@ -466,3 +466,90 @@ def test_an_error_during_the_backward_frees_everything(monkeypatch):
     assert clipper.stored_tensors == 0 and clipper._active is None
     monkeypatch.undo()
     _compare(model, _mlp_loss, _mlp_inputs(4), 1)  # the next step is unaffected
+
+
+# ---- after the backward: the fused norm and clipped sum; the per-example kernels ---------------------
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("elements,min_examples", [(1, 1), (1, 2), (1 << 30, 1)],
+                         ids=["one-example-slices", "two-example-slices", "one-slice"])
+def test_fused_norm_and_clipped_sum_match_loop(elements, min_examples, k, monkeypatch):
+    """The instantiated layers that held (a, g) through the backward get their per-example gradients a
+    slice of examples at a time; these complete the slice's norms and add its share to the clipped sum,
+    with no book-keeping pass. Any slicing matches the loop, and a slice holds the per-example gradients
+    of at most ``_FUSED_SLICE_ELEMENTS`` entries, or of ``_FUSED_MIN_EXAMPLES`` examples."""
+    from veil.lightning_modules.dp import ghost as G
+
+    made, seen, fusing = [], {}, [False]
+    real_rows, real_fused = G._matmul_rows, G.GhostClipper._fused_clip
+
+    def rows(layer, x, g, b, k):
+        if fusing[0]:
+            made.append(b)
+        return real_rows(layer, x, g, b, k)
+
+    def fused(self, layers, sq, b, k):
+        fusing[0] = True
+        seen.update(layers=len(layers), b=b)
+        try:
+            return real_fused(self, layers, sq, b, k)
+        finally:
+            fusing[0] = False
+
+    def book_keeping(*args):
+        raise AssertionError("book-keeping for a layer whose clipped sum was fused")
+
+    monkeypatch.setattr(G, "_FUSED_SLICE_ELEMENTS", elements)
+    monkeypatch.setattr(G, "_FUSED_MIN_EXAMPLES", min_examples)
+    monkeypatch.setattr(G, "_matmul_rows", rows)
+    monkeypatch.setattr(G, "_matmul_clipped", book_keeping)  # mode="instantiate": no ghost-norm layer
+    monkeypatch.setattr(G.GhostClipper, "_fused_clip", fused)
+    _compare(_unet(True), _unet_loss, _unet_inputs(3 * k), k, mode="instantiate")
+    assert seen["layers"] >= 10  # 3x3 convs whose per-example gradients outweigh their input + output grad
+    b = seen["b"]
+    step = b if elements > 1 else min_examples
+    assert set(made) == {min(step, b - s) for s in range(0, b, step)}
+
+
+@pytest.mark.parametrize("fold_max", [0, 1 << 20], ids=["rows-then-mean", "k-rows-in-the-kernel"])
+def test_conv_gradients_of_k_rows_either_way_match_loop(fold_max, monkeypatch):
+    """K > 1: a conv's per-example gradients from one row per group and the mean of the K rows, or from
+    the example's K rows as the grouped convolution's batch (``_FOLD_MAX_POSITIONS`` picks by positions):
+    both match the loop (stride, dilation, groups, "same" padding, channels_last; a conv used twice)."""
+    from veil.lightning_modules.dp import ghost as G
+
+    rows = []
+    real = G._conv_row_grads
+    monkeypatch.setattr(G, "_FOLD_MAX_POSITIONS", fold_max)
+    monkeypatch.setattr(G, "_conv_row_grads", lambda *a: rows.append(1) or real(*a))
+    k = 4
+    _compare(_ConvNet(), _conv_loss, _conv_inputs(3 * k), k, mode="instantiate")
+    _compare(_Twice(), _conv_loss, _conv_inputs(3 * k), k, mode="instantiate")
+    _compare(_unet(False), _unet_loss, _unet_inputs(2 * k), k, mode="instantiate")
+    assert bool(rows) == (fold_max == 0)
+
+
+class _Norms(nn.Module):
+    """GroupNorms on (N, C, L) (a transposed, non-contiguous view) and (N, C) inputs, one with a frozen
+    weight or bias."""
+
+    def __init__(self, frozen):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.wide, self.flat = nn.GroupNorm(2, 8), nn.GroupNorm(4, 8)
+        if frozen:
+            getattr(self.wide, frozen).requires_grad_(False)
+
+    def forward(self, x):
+        h = self.wide(self.lin(x).transpose(1, 2))  # (N, 8, 4)
+        return self.head(self.flat(torch.tanh(h).mean(dim=2)))  # GroupNorm on (N, 8)
+
+
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_group_norm_rows_match_loop(frozen, k):
+    """GroupNorm's per-example gradients come from PyTorch's GroupNorm backward on the rows laid side by
+    side as one row: any input rank, non-contiguous inputs, either affine parameter frozen."""
+    n = 3 * k
+    _compare(_Norms(frozen), _conv_loss, (_randn(n, 4, 5, seed=0), _randn(n, 3, seed=1)), k)
