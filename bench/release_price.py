@@ -18,8 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from veil.editing.plan import DEFAULT_MAX_RETRIES, edit_grid, retry_ladder
-from veil.privacy.accounting import DEFAULT_RELEASE_DELTA, compose, gaussian_mu, image_sensitivity, price_release
+from veil.editing.plan import DEFAULT_MAX_RETRIES, edit_grid, encoding_mus
+from veil.privacy.accounting import DEFAULT_RELEASE_DELTA, compose, price_release
 from veil.privacy.ledger import DEFAULT_BUDGET
 from veil.privacy.levels import LEVELS
 
@@ -32,26 +32,14 @@ def alphas(schedule: dict) -> list[float]:
     return [float(a) for a in alphas_cumprod_table(schedule).double()]
 
 
-def pixel_mus(*, a: list[float], strength: float, encoding: str, steps: int, sensitivity: float,
-              check: bool) -> list[float]:
-    """As ``EditPipeline.pixel_mus``, from the schedule alone."""
-    ladder = retry_ladder(strength, DEFAULT_MAX_RETRIES) if check else [(strength, 1.0)]
-    if encoding == "invert":
-        return [math.inf]
-    if encoding == "fresh":
-        return [0.0] * len(ladder)
-    return [gaussian_mu(signal=a[edit_grid(strength=s, num_steps=steps, num_train_timesteps=len(a))[-1]],
-                        sensitivity=sensitivity) for s, _ in ladder]
-
-
 def grid(*, a: list[float], steps: int, resolution: int, protect: int, delta: float, check: bool,
          strengths, epsilons) -> list[dict]:
-    sens = image_sensitivity((3, resolution, resolution))
     rows = []
     settings = [("fresh", 1.0), ("invert", 0.4)] + [("noise", s) for s in strengths]
     names = {(lv.encoding, lv.strength, lv.epsilon): n for n, lv in LEVELS.items()}
     for encoding, s in settings:
-        mus = pixel_mus(a=a, strength=s, encoding=encoding, steps=steps, sensitivity=sens, check=check)
+        mus = encoding_mus(alphas_cumprod=a, strength=s, encoding=encoding, num_steps=steps, resolution=resolution,
+                           max_retries=DEFAULT_MAX_RETRIES if check else None)  # what EditPipeline.pixel_mus charges
         for eps in epsilons:
             price = price_release(epsilon=eps, protected=[f"a{i}" for i in range(protect)], encoding=encoding,
                                   pixel_mus=mus)

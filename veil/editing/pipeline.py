@@ -38,13 +38,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from veil.editing.backend import Array, EditBackend, OnStep
-from veil.privacy.accounting import gaussian_mu, image_sensitivity
 from veil.editing.plan import (
     DEFAULT_CHECK_THRESHOLD,
     DEFAULT_MAX_RETRIES,
     CheckedEdits,
     check_check_options,
     edit_grid,
+    encoding_mus,
     retry_ladder,
 )
 from veil.errors import ConfigError, EditRefused
@@ -219,14 +219,10 @@ class EditPipeline:
     def pixel_mus(self, *, strength: float, encoding: str, check: bool) -> list[float]:
         """The Gaussian mu of each encoding an edit at ``strength`` may draw (``veil.privacy.accounting``): the
         first try and, with ``check``, every re-do of ``retry_ladder``; [inf] for inversion, 0 for "fresh"."""
-        check_encoding(encoding)
-        ladder = self.retry_ladder(strength) if check and self.can_check else [(strength, 1.0)]
-        if encoding == "invert":
-            return [math.inf]
-        if encoding == "fresh":
-            return [0.0] * len(ladder)
-        sens = image_sensitivity((3, self.resolution, self.resolution))
-        return [gaussian_mu(signal=self.signal_fraction(s), sensitivity=sens) for s, _ in ladder]
+        alphas = np.asarray(self.engine.to_host(self.engine.alphas_cumprod), dtype=np.float64)
+        return encoding_mus(alphas_cumprod=alphas, strength=strength, encoding=encoding, num_steps=self.num_steps,
+                            resolution=self.resolution, max_retries=self.max_retries if check and self.can_check
+                            else None)
 
     def regenerate(self, x_t0: Array, targets: Array, *, strength: float, protected: Sequence[str],
                    guidance_factor=1.0, on_step: OnStep | None = None) -> Array:

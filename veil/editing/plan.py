@@ -11,6 +11,7 @@ sampling starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from veil.errors import ConfigError
 from veil.privacy.levels import check_strength
 
 __all__ = ["RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR", "DEFAULT_MAX_RETRIES", "DEFAULT_CHECK_THRESHOLD",
-           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "CheckedEdits"]
+           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "CheckedEdits", "encoding_mus"]
 
 RETRY_STRENGTH_STEP = 0.15  # each re-do of an edit that does not show its released values goes this much deeper
 RETRY_GUIDANCE_FACTOR = 1.5  # ... and multiplies the guidance (classifier scale, or classifier-free w) by this
@@ -47,6 +48,27 @@ def retry_ladder(strength: float, max_retries: int) -> list[tuple[float, float]]
     """(strength, guidance factor) of the first try and each re-do: strength + 0.15 per re-do (at most 1),
     guidance x 1.5 per re-do; ``max_retries`` re-dos."""
     return [(min(1.0, strength + i * RETRY_STRENGTH_STEP), RETRY_GUIDANCE_FACTOR**i) for i in range(max_retries + 1)]
+
+
+def encoding_mus(*, alphas_cumprod, strength: float, encoding: str, num_steps: int, resolution: int,
+                 max_retries: int | None) -> list[float]:
+    """The Gaussian mu (``veil.privacy.accounting``) of each encoding an edit at ``strength`` may draw: the first
+    try and, unless ``max_retries`` is None (no check), every re-do of ``retry_ladder``; [inf] for inversion,
+    0 for "fresh" (not read). ``alphas_cumprod``: alpha_prod_t of the schedule, indexable by t."""
+    from veil.privacy.accounting import gaussian_mu, image_sensitivity
+    from veil.privacy.levels import check_encoding
+
+    check_encoding(encoding)
+    ladder = [(strength, 1.0)] if max_retries is None else retry_ladder(strength, max_retries)
+    if encoding == "invert":
+        return [math.inf]
+    if encoding == "fresh":
+        return [0.0] * len(ladder)
+    sens = image_sensitivity((3, resolution, resolution))
+    T = len(alphas_cumprod)
+    return [gaussian_mu(signal=float(alphas_cumprod[edit_grid(strength=s, num_steps=num_steps,
+                                                              num_train_timesteps=T)[-1]]), sensitivity=sens)
+            for s, _ in ladder]
 
 
 def check_check_options(*, check_threshold, max_retries) -> None:

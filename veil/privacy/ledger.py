@@ -512,9 +512,9 @@ class PrivacyLedger(TrainingRunsMixin):
                 f"for the whole dataset: `veil privacy set-pixels not-protected --reason \"...\"`")
         if image_id not in priced:
             priced[image_id] = self.prices(image_id)
-        before = compose(priced[image_id], delta=delta, pixels_protected=policy == "protected")
         after = compose(priced[image_id] + [price], delta=delta, pixels_protected=policy == "protected")
-        if after.epsilon > budget + TOLERANCE:
+        if after.epsilon > budget + TOLERANCE:  # only then: what it had spent, for the message
+            before = compose(priced[image_id], delta=delta, pixels_protected=policy == "protected")
             raise PrivacyError(
                 f"release of {image_id!r} refused: the record has spent epsilon {before.epsilon:.4g} of its budget "
                 f"{budget:g} (delta {delta:g}; labels and pixels composed over {before.releases} releases), and this "
