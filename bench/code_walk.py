@@ -256,17 +256,17 @@ def walk_accept(source: Path, work: Path, export: Path | None = None) -> dict:
     for f in work.glob("state.sqlite*"):
         f.unlink()
     result = {}
-    real_run = uvicorn.run
+    real_run = uvicorn.Server.run
 
-    def run_in_process(app, **_ignored):
-        result.update(_accept_in(app, roots))
+    def run_in_process(server, *_args, **_kwargs):  # veil serve's uvicorn.Server(config).run(sockets=[...])
+        result.update(_accept_in(server.config.app, roots))
 
-    uvicorn.run = run_in_process
+    uvicorn.Server.run = run_in_process
     try:
         rc = main(["serve", "--export", str(export), "--state", str(state), "--budget", "8", "--providers", "cpu",
-                   "--threads", "1", "--log-level", "warning"])
+                   "--threads", "1", "--log-level", "warning", "--port", "0"])
     finally:
-        uvicorn.run = real_run
+        uvicorn.Server.run = real_run
     if rc != 0 or not result:
         raise SystemExit(f"code_walk: veil serve exited {rc} without serving the app")
     return {**result, "command": f"POST /v1/sessions/{{id}}/feedback accept on veil serve --export {export}"}

@@ -3,9 +3,11 @@
     app = create_app(editor=OrtEditor(export), store=open_state(url), settings=ServeSettings(token=None))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes (all JSON but the page, the preview stream, the revision and the metrics; OpenAPI at /docs):
+Routes (all JSON but the page, the docs, the preview stream, the revision and the metrics):
 
     GET  /                                  the owner's page (serve/static/: HTML, CSS, one JS module)
+    GET  /docs, /openapi.json               the API's documentation: Swagger UI served by the server itself
+                                            (veil.serve.docs), the OpenAPI schema with every error response
     GET  /healthz                           liveness and what runs where
     GET  /metrics                           Prometheus text format
     GET  /v1/info                           attributes, levels, limits, budget, whether there is a dataset
@@ -19,14 +21,16 @@ Routes (all JSON but the page, the preview stream, the revision and the metrics;
                                             steps, then each final candidate with its released attributes
     POST /v1/sessions/{session}/feedback    more_private | less_private | accept | reject; accept carries an
                                             idempotency key and answers with the release
-    GET  /v1/revision                       the publishable revision (zip): edited images and released attributes
+    GET  /v1/revision                       the publishable revision (zip): edited images and released attributes,
+                                            each record named by its pseudonym (veil privacy reveal-ids maps back)
 
 Load once, then per request: decode and validate, predict (on the batcher's worker thread), encode.
 A session id is its capability: 256 random bits, stored hashed; whoever holds it can see that one
-session's image and nothing else. Off loopback every route but /healthz needs the server token
-(``Authorization: Bearer``). Every answer carries a Content-Security-Policy that allows only the
-server's own scripts and styles. Errors are ``{"error": message, "field": name-or-null}`` with a 4xx status
-(503 + Retry-After when overloaded); an unexpected failure is a bare 500 with no traceback, logged.
+session's image and nothing else. With a server token (needed off loopback) every route but /healthz and the
+page's own files (/, /static/*: the page asks for the token) needs it (``veil.serve.auth``). Every answer carries
+a Content-Security-Policy that allows only the server's own scripts and styles. Errors are ``{"error": message,
+"field": name-or-null}`` (``ErrorBody``, declared per route in the schema) with a 4xx status (503 + Retry-After
+when overloaded); an unexpected failure is a bare 500 with no traceback, logged.
 Privacy is the session's (veil.privacy.session): previews spend nothing and go to the owner only; accept
 releases a fresh draw, checked by the classifier when the export has one, budget-checked and recorded in
 one transaction with its idempotency key (veil.serve.state).
@@ -34,8 +38,6 @@ one transaction with its idempotency key (veil.serve.state).
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import random
 from contextlib import asynccontextmanager
@@ -54,12 +56,15 @@ from veil.errors import ConfigError, VeilError
 from veil.privacy.identity import fingerprint
 from veil.privacy.levels import LEVELS, less_private, more_private, resolve_level
 from veil.privacy.mechanism import outcome_probability, privatize
+from veil.serve.auth import token_dependencies
 from veil.serve.batcher import MicroBatcher, PreviewJob
-from veil.serve.dataset import FolderDataset
+from veil.serve.dataset import FolderDataset, check_export_data
+from veil.serve.docs import install_docs
 from veil.serve.release import accept_release, level_of, revision_zip
-from veil.serve.errors import ApiError, BodyLimit, install_error_handlers, sse
-from veil.serve.images import ImageLimits, data_url, decode_upload, from_png, image_id_for, install_bomb_guard, png_bytes, \
-    to_model_input
+from veil.serve.errors import ApiError, BodyLimit, JsonGuardRoute, error_responses, install_error_handlers, loads_json, \
+    sse
+from veil.serve.images import ImageLimits, data_url, decode_upload_photo, from_png, image_id_for, install_bomb_guard, \
+    png_bytes, to_model_input, upload_warnings
 from veil.serve.metrics import CONTENT_TYPE, MetricsMiddleware, ServeMetrics
 from veil.serve.schemas import FeedbackRequest, FeedbackResponse, LevelName, PreviewRequest, SessionState, \
     SessionUpdate
@@ -116,16 +121,6 @@ def _ctx(request: Request) -> _Ctx:
     return request.app.state.ctx
 
 
-def require_token(request: Request, authorization: str | None = Header(None, description="Bearer <token>, off loopback")):
-    token = _ctx(request).settings.token
-    if token is None:
-        return
-    given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "missing or wrong server token: send 'Authorization: Bearer <token>'", "Authorization",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-
 def open_session(request: Request, session: str = PathParam(..., min_length=8, max_length=128,
                                                             description="the capability create returned")):
     """(token, SessionRow); 404 for an unknown or malformed capability (a sync dependency: runs off the loop)."""
@@ -142,7 +137,10 @@ def _state(ctx: _Ctx, row: SessionRow, *, token: str | None = None, image: bool 
 
 
 def _check_protected(editor, protected, attributes: dict, *, field_name: str = "protected") -> list[str]:
-    protected = list(dict.fromkeys(protected))
+    twice = sorted({p for p in protected if protected.count(p) > 1})
+    if twice:  # as `veil edit --protect` refuses them
+        raise ApiError(422, f"{field_name}: {', '.join(twice)} listed twice; name each attribute once", field_name)
+    protected = list(protected)
     try:
         editor.protected_mask(protected)
     except ConfigError as e:
@@ -154,15 +152,11 @@ def _check_protected(editor, protected, attributes: dict, *, field_name: str = "
     return protected
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def _parse_json_field(text: str | None, name: str, kind: type):
     if text is None or text == "":
         return None
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = loads_json(text, name)
     except ValueError as e:
         raise ApiError(422, f"{name}: not valid JSON ({e})", name) from None
     if not isinstance(value, kind):
@@ -207,7 +201,14 @@ def _security_headers(app) -> None:
 def create_app(*, editor, store: StateStore, settings: ServeSettings | None = None, data_spec: dict | None = None,
                dataset: FolderDataset | None = None) -> FastAPI:
     """The app over a loaded ``OrtEditor`` and an open state store (see the module docstring); ``dataset``: the
-    owner's images to pick from (``--dataset``)."""
+    owner's images to pick from (``--dataset``), refused unless it is the export's data (``data_spec``; None: an
+    in-process caller vouches for it, and its CSV ids are the records); each item is then named by the data file
+    with the same content, and one that is no data file's is not offered (``FolderDataset.identify_by_content``)."""
+    if dataset is not None and data_spec is not None:
+        left_out = dataset.identify_by_content(check_export_data(dataset.folder, data_spec))
+        if left_out:  # the names go to the server's log only; veil serve prints the count
+            log.warning("--dataset %s: not the export's data by content, not offered: %s", dataset.folder,
+                        ", ".join(left_out))
     settings = settings or ServeSettings()
     install_bomb_guard(settings.limits)
     metrics = ServeMetrics()
@@ -222,15 +223,22 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         yield
         await batcher.stop()
 
-    app = FastAPI(title="veil serve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="veil serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,  # veil.serve.docs serves them (the assets itself; the token applies)
                   description="Private preview edits of face images: previews spend nothing, an accepted edit is "
                               "released through randomized response and charged to the dataset's ledger.")
+    app.router.route_class = JsonGuardRoute  # JSON nested too deep: a 422, not FastAPI's 400
     app.state.ctx = ctx = _Ctx(editor, store, settings, metrics, batcher)
     install_error_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_bytes + (64 << 10))
     _security_headers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    auth = [Depends(require_token)]
+    tokens = token_dependencies(settings.token)
+    auth = tokens["api"]
+    install_docs(app, auth=tokens["docs"])
+
+    def errors(*codes: int) -> dict:  # the schema's error responses: 401 only where a token is set, 500 anywhere
+        return error_responses(*codes, *((401,) if settings.token else ()), 500)
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -238,16 +246,16 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], responses=error_responses(500))
     def health():
         return {"status": "ok", "version": __version__, "state": store.backend, "queue_depth": batcher.depth,
                 "backend": editor.backend, "provider": editor.provider, "batching": settings.batching}
 
-    @app.get("/metrics", tags=["ops"], dependencies=auth, response_class=Response)
+    @app.get("/metrics", tags=["ops"], dependencies=auth, response_class=Response, responses=errors())
     def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/info", tags=["edit"], dependencies=auth)
+    @app.get("/v1/info", tags=["edit"], dependencies=auth, responses=errors())
     def info():
         return {"attribute_names": editor.attribute_names, "classifier": editor.can_check,
                 "classifier_attributes": editor.classifier_attribute_names, "resolution": editor.resolution,
@@ -258,7 +266,7 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
                 "max_side": settings.limits.max_side, "max_pixels": settings.limits.max_pixels,
                 "dataset": {"available": dataset is not None, "count": 0 if dataset is None else len(dataset)}}
 
-    @app.get("/v1/dataset", tags=["edit"], dependencies=auth)
+    @app.get("/v1/dataset", tags=["edit"], dependencies=auth, responses=errors(422))
     def dataset_items(offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=64)):
         """The owner's images to pick from (``--dataset``), at the model's resolution."""
         if dataset is None:
@@ -267,7 +275,8 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         return {"available": True, "count": len(dataset),
                 "items": [{"id": i, "image": data_url(dataset.image_png(i))} for i in ids]}
 
-    @app.post("/v1/sessions", tags=["edit"], dependencies=auth, status_code=201, response_model=SessionState)
+    @app.post("/v1/sessions", tags=["edit"], dependencies=auth, status_code=201, response_model=SessionState,
+              responses=errors(400, 413, 415, 422, 503))
     async def create_session(image: UploadFile | None = File(None, description="PNG or JPEG"),
                              dataset_image: str | None = Form(None, description="instead of image: an id from "
                                                                                  "/v1/dataset"),
@@ -277,9 +286,11 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         if (image is None) == (dataset_image is None):
             raise ApiError(422, "image: send an image file, or dataset_image (an id from /v1/dataset), not both",
                            "image")
+        notes: list[str] = []  # the answer's "warnings": an enlarged or multi-frame upload is edited, and said so
         if image is not None:
             data = await image.read(settings.limits.max_bytes + 1)
-            pixels = await run_in_threadpool(decode_upload, data, limits=settings.limits)
+            photo = await run_in_threadpool(decode_upload_photo, data, limits=settings.limits)
+            pixels, notes = photo.pixels, upload_warnings(photo, resolution=editor.resolution)
             png, image_id, known = png_bytes(to_model_input(pixels, resolution=editor.resolution)), \
                 image_id_for(pixels), {}
         else:
@@ -308,13 +319,15 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         token = await run_in_threadpool(store.create_session, image_id=image_id, image_png=png, attributes=attrs,
                                         guesses=guesses, protected=chosen, level=lv.to_json(), fingerprint=face)
         row = await run_in_threadpool(store.session, token)
-        return await run_in_threadpool(_state, ctx, row, token=token, image=True)
+        return {**await run_in_threadpool(_state, ctx, row, token=token, image=True), "warnings": notes}
 
-    @app.get("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState)
+    @app.get("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState,
+             responses=errors(404, 422))
     def session_state(s=Depends(open_session)):
         return _state(ctx, s[1])
 
-    @app.patch("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState)
+    @app.patch("/v1/sessions/{session}", tags=["edit"], dependencies=auth, response_model=SessionState,
+               responses=errors(400, 404, 409, 413, 422))
     def update_session(body: SessionUpdate, s=Depends(open_session)):
         """Correct attribute values, choose the protected attributes or the level (an open session only)."""
         token, row = s
@@ -330,7 +343,7 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
     @app.post("/v1/sessions/{session}/previews", tags=["edit"], dependencies=auth,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "events: start, preview (every few steps), candidate (each final "
-                                              "edit), done; or error"}})
+                                              "edit), done; or error"}, **errors(400, 404, 409, 413, 422, 503)})
     async def preview(body: PreviewRequest, s=Depends(open_session)):
         token, row = s
         if row.decision is not None:
@@ -338,6 +351,7 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         try:
             lv = resolve_level(body.level or (row.level["name"] if row.level["name"] in LEVELS else None),
                                epsilon=body.epsilon, strength=body.strength, encoding=body.encoding)
+            editor.timesteps(lv.strength)  # a strength that walks no DDIM step (1e-300) is refused here
         except ConfigError as e:
             raise ApiError(422, str(e), "level") from None
         protected = _check_protected(editor, body.protected if body.protected is not None else row.protected,
@@ -376,7 +390,8 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/sessions/{session}/feedback", tags=["edit"], dependencies=auth, response_model=FeedbackResponse)
+    @app.post("/v1/sessions/{session}/feedback", tags=["edit"], dependencies=auth, response_model=FeedbackResponse,
+              responses=errors(400, 404, 409, 413, 422, 503))
     async def feedback(body: FeedbackRequest, s=Depends(open_session),
                        idempotency_key: str | None = Header(None, description="accept: same as the body's field")):
         token, row = s
@@ -393,8 +408,9 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
         return FeedbackResponse(action=body.action, decision=decision, level=new.to_json(), suggestion=hint)
 
     @app.get("/v1/revision", tags=["edit"], dependencies=auth, response_class=Response,
-             responses={200: {"content": {"application/zip": {}}}})
+             responses={200: {"content": {"application/zip": {}}}, **errors()})
     def revision():
+        """The publishable revision: edited images, released attributes, records named by pseudonym (r-<16 hex>)."""
         return Response(revision_zip(editor, store, data_spec or {}), media_type="application/zip",
                         headers={"Content-Disposition": 'attachment; filename="veil-revision.zip"'})
 

@@ -13,7 +13,12 @@ decompression-bomb guard, which is turned into an error here for anything over `
 Every failure is an ``ImageRejected`` with the HTTP status it deserves (413 too large, 415 not a
 PNG or JPEG, 422 unreadable or out of bounds) and a message that names the field.
 
-The model sees a centre square crop resized to its resolution (Lanczos). ``image_id_for`` names a NEW
+Decoding and resizing are ``veil.imaging``'s, the ones training and ``veil edit`` use (so an upload and the
+same file in the owner's folder give byte-identical model inputs): EXIF orientation applied, 16-bit grey
+rescaled, transparency composited over white, a mode veil does not read refused (422) by name; the model
+sees the centre square resized to its resolution with Pillow's antialiased bicubic. ``upload_warnings``
+says what the owner should know (enlarged more than ``UPSCALE_WARN_FACTOR``, only the first frame used):
+the server answers such an upload with a ``warnings`` field, not a refusal. ``image_id_for`` names a NEW
 record by the SHA-256 of its decoded pixels; which record an upload is, is decided by its perceptual
 fingerprint (``veil.serve.state``, ``veil.privacy.identity``): a re-encoded, resized or retouched copy of a
 face already seen, or of a ``--dataset`` image, takes that record's id and composes with its releases.
@@ -30,10 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from veil.errors import ConfigError
+from veil.errors import ConfigError, DataError
+from veil.imaging import Photo, decode, model_pixels, upscale_note
 
-__all__ = ["ImageLimits", "ImageRejected", "decode_upload", "to_model_input", "png_bytes", "data_url",
-           "image_id_for", "from_png", "install_bomb_guard"]
+__all__ = ["ImageLimits", "ImageRejected", "decode_upload", "decode_upload_photo", "upload_warnings",
+           "to_model_input", "png_bytes", "data_url", "image_id_for", "from_png", "install_bomb_guard"]
 
 FORMATS = ("PNG", "JPEG")
 
@@ -66,6 +72,11 @@ class ImageLimits:
 
 def decode_upload(data: bytes, *, limits: ImageLimits, field: str = "image") -> np.ndarray:
     """The upload's pixels as uint8 (H, W, 3); ImageRejected naming ``field`` otherwise."""
+    return decode_upload_photo(data, limits=limits, field=field).pixels
+
+
+def decode_upload_photo(data: bytes, *, limits: ImageLimits, field: str = "image") -> Photo:
+    """The upload decoded (``veil.imaging.Photo``: pixels, mode, frames); ImageRejected naming ``field``."""
     if not data:
         raise ImageRejected(f"{field}: the upload is empty; send a PNG or JPEG file")
     if len(data) > limits.max_bytes:
@@ -85,7 +96,15 @@ def install_bomb_guard(limits: ImageLimits) -> None:
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def _decode(data: bytes, *, limits: ImageLimits, field: str) -> np.ndarray:
+def upload_warnings(photo: Photo, *, resolution: int, field: str = "image") -> list[str]:
+    """What the owner should know about an accepted upload: enlarged a lot, or only its first frame used."""
+    notes = [upscale_note(photo.pixels.shape, resolution=resolution, name=field)]
+    if photo.frames > 1:
+        notes.append(f"{field}: has {photo.frames} frames; only the first is edited")
+    return [n for n in notes if n]
+
+
+def _decode(data: bytes, *, limits: ImageLimits, field: str) -> Photo:
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
             fmt, (w, h) = probe.format, probe.size
@@ -93,7 +112,9 @@ def _decode(data: bytes, *, limits: ImageLimits, field: str) -> np.ndarray:
             probe.verify()  # structure and checksums, without decoding the pixels
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:  # verify() leaves the image unusable: reopen
             im.load()  # decode in full: a truncated file fails here
-            pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            photo = decode(im, name=field)  # veil.imaging: the decoder training uses
+    except DataError as e:  # a mode veil does not read (it names the field and the mode)
+        raise ImageRejected(str(e)) from None
     except UnidentifiedImageError:
         raise ImageRejected(f"{field}: not a PNG or JPEG image (the file's bytes were checked, not its name or "
                             f"content type)", 415) from None
@@ -104,9 +125,9 @@ def _decode(data: bytes, *, limits: ImageLimits, field: str) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "damaged"
         raise ImageRejected(f"{field}: a damaged or truncated {fmt if 'fmt' in locals() else 'image'} file "
                             f"({type(e).__name__}: {str(e)[:120]})") from None
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
+    if photo.pixels.ndim != 3 or photo.pixels.shape[2] != 3:
         raise ImageRejected(f"{field}: could not be read as an RGB image")
-    return pixels
+    return photo
 
 
 def _check_size(w: int, h: int, *, limits: ImageLimits, field: str) -> None:
@@ -126,14 +147,9 @@ def image_id_for(pixels: np.ndarray) -> str:
 
 
 def to_model_input(pixels: np.ndarray, *, resolution: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, r, r) in [-1, 1]: centre square crop, Lanczos resize."""
-    h, w = pixels.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    im = Image.fromarray(pixels[top:top + s, left:left + s])
-    if s != resolution:
-        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
-    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
+    """uint8 (H, W, 3) -> float32 (3, r, r) in [-1, 1]: ``veil.imaging.model_pixels`` (centre square, bicubic),
+    the pixels training reads from the same file."""
+    x = model_pixels(pixels, resolution=resolution).astype(np.float32).transpose(2, 0, 1)
     return x / 127.5 - 1.0
 
 

@@ -6,10 +6,11 @@ thread: a release the ledger would refuse is refused before any compute, the rel
 from the OS's randomness, the checked edit runs on the batcher's worker, and the release, its answer and
 the session's decision are recorded in one transaction (``StateStore.accept_with``'s hook), which replays
 instead if another request with the same key committed first. A refused edit (the checker did not read its
-released values) is recorded and charged, and answered with ``decision: "refused"``.
+released values) is recorded and charged, and answered with ``decision: "refused"``, ``refusal`` (a sentence
+with the checker's readings, ``refusal_words``) and ``check`` (the readings as JSON).
 
 ``revision_zip``: the latest accepted release of each image as ``publish_revision`` writes it (edited images
-and released attributes only), zipped.
+and released attributes only, each record named by its pseudonym under the dataset's key), zipped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from anyio import from_thread
 from starlette.concurrency import run_in_threadpool
 
-from veil.errors import PrivacyError
+from veil.errors import EditRefused, PrivacyError
 from veil.privacy.accounting import price_release
 from veil.privacy.levels import PrivacyLevel
 from veil.privacy.release import Edited, Released, release
@@ -33,13 +34,22 @@ from veil.serve.images import data_url, from_png, png_bytes
 from veil.serve.schemas import IDEMPOTENCY_KEY, FeedbackResponse
 from veil.serve.state import SessionRow, StateStore
 
-__all__ = ["accept_release", "level_of", "revision_zip"]
+__all__ = ["accept_release", "level_of", "refusal_words", "revision_zip"]
 
 
 def level_of(row: SessionRow) -> PrivacyLevel:
     d = row.level
     return PrivacyLevel(d["name"], float(d["epsilon"]), float(d["strength"]), d["encoding"])
 
+
+
+def refusal_words(check: dict, threshold: float) -> str:
+    """A refused edit in words: ``check`` is ``CheckedEdits.row`` (attempts, and per protected attribute the
+    probability the edit showed its released value), ``threshold`` what each needed."""
+    readings = ", ".join(f"{name} {p:.0%}" for name, p in check["shown"].items())
+    return (f"the edit did not show its released values clearly enough after {check['attempts']} "
+            f"attempt{'s' if check['attempts'] != 1 else ''} (the checker read {readings}; each needs "
+            f"{threshold:.0%}), so it is not published; the draw is charged all the same")
 
 
 async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> dict:
@@ -63,23 +73,30 @@ async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> d
     cost = {**{p: lv.epsilon for p in row.protected}, "price": price.to_json(),
             "pixels_protected": store.ledger.pixel_policy == "protected"}
 
+    refused = {}  # the checker's readings of a refused edit, for the answer
+
     def edit(targets: list[dict]) -> list[Edited]:  # on release()'s worker thread; the model on the batcher's
-        image = from_thread.run(ctx.batcher.run_exclusive, lambda: editor(
-            [x], originals=[row.attributes], targets=targets, strength=lv.strength, protected=row.protected,
-            encoding=lv.encoding, **check)[0])
+        try:
+            image = from_thread.run(ctx.batcher.run_exclusive, lambda: editor(
+                [x], originals=[row.attributes], targets=targets, strength=lv.strength, protected=row.protected,
+                encoding=lv.encoding, **check)[0])
+        except EditRefused as e:
+            if e.checked is None:
+                raise
+            refused.update(e.checked.row(0), threshold=float(e.checked.threshold))
+            raise EditRefused(refusal_words(refused, refused["threshold"]), e.checked) from None
         return [Edited(png_bytes(image))]
 
     def respond(done: Released) -> dict:
         record, png = done.record, done.image
-        refusal = None if done.refusal is None else (
-            f"the edit did not show its released values after its re-dos, so it is not released; the draw is "
-            f"charged all the same ({done.refusal[:200]})")
+        refusal = None if done.refusal is None else done.refusal[:500]
         published = None if png is None else {
             "release_id": record.release_id, "image_id": row.image_id, "image": data_url(png),
             "released_attributes": record.released_attributes, "protected": row.protected, "epsilon": lv.epsilon,
             "level": lv.to_json(), "cost": cost, "checked": bool(check), "released_at": record.released_at}
         return FeedbackResponse(action="accept", decision="accepted" if png is not None else "refused",
                                 level=lv.to_json(), release_id=record.release_id, release=published, refusal=refusal,
+                                check=dict(refused) if png is None and refused else None,
                                 suggestion=None if png is not None else "start a new session to try again, at a "
                                                                         "further cost").model_dump()
 
@@ -101,7 +118,8 @@ async def accept_release(ctx, token: str, row: SessionRow, key: str | None) -> d
 
 
 def revision_zip(editor, store: StateStore, data_spec: dict) -> bytes:
-    """The publishable revision (``publish_revision``: no original attributes, no seeds), latest release per image."""
+    """The publishable revision (``publish_revision``: no original attributes, no seeds, pseudonymous ids), latest
+    release per image."""
     latest = {}
     for item in store.revision_items():
         latest[item["image_id"]] = item
@@ -114,7 +132,8 @@ def revision_zip(editor, store: StateStore, data_spec: dict) -> bytes:
     with tempfile.TemporaryDirectory(prefix="veil-revision-") as tmp:
         owner = write_revision(Path(tmp) / "owner", base_spec=base, attribute_names=editor.attribute_names,
                                changes=changes, images=images)
-        out = publish_revision(owner, Path(tmp) / "published")
+        out = publish_revision(owner, Path(tmp) / "published",  # records by pseudonym: the key stays in the db
+                               id_key=store.ledger.pseudonym_key())
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted(out.rglob("*")):

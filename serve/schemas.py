@@ -49,6 +49,13 @@ class FeedbackRequest(_Strict):
                                                     "with the same key returns the same release and spends nothing")
 
 
+class ErrorBody(BaseModel):
+    """Every error's body (``veil.serve.errors``): what went wrong and how to fix it, and the field it is about."""
+
+    error: str = Field(..., description="one sentence: what is wrong, and how to fix it")
+    field: str | None = Field(..., description="the request field it concerns (e.g. body.epsilon, protected, image)")
+
+
 class Level(BaseModel):
     name: str
     epsilon: float | str
@@ -75,6 +82,8 @@ class SessionState(BaseModel):
     left: dict[str, float | None] = Field(..., description="budget left per protected attribute (null = unlimited)")
     history: list[dict] = Field(default_factory=list, description="releases of this image, oldest first")
     image: str | None = Field(None, description="the image the model edits (data URL), on creation")
+    warnings: list[str] = Field(default_factory=list, description="on creation from an upload: what the owner "
+                                "should know, e.g. enlarged more than 2x to the model's size (not a refusal)")
 
 
 class FeedbackResponse(BaseModel):
@@ -84,5 +93,7 @@ class FeedbackResponse(BaseModel):
     suggestion: str | None = Field(None, description="what to do next")
     release_id: int | None = Field(None, description="accept: the ledger row (a refused edit is recorded and charged too)")
     release: dict | None = None
-    refusal: str | None = None
+    refusal: str | None = Field(None, description="accept, refused: why, in words (the check's readings included)")
+    check: dict | None = Field(None, description="accept, refused: what the checker read: attempts, threshold, and "
+                                                 "per protected attribute the probability it showed its released value")
     replayed: bool = False

@@ -184,7 +184,7 @@ async function loadInfo() {
   const info = app.info = await api("/v1/info");
   const budget = info.budget === null ? "no budget limit" : `a budget of ε ${fmtEps(info.budget)} per image and attribute`;
   $("server-info").textContent = `${info.attribute_names.length} attributes, ${info.resolution}×${info.resolution} ` +
-    `pixels, ${budget}${info.classifier ? ", releases checked by a classifier" : ""}.`;
+    `pixels, ${budget}${info.classifier ? ", releases checked by a classifier" : ", releases NOT checked (no check classifier)"}.`;
   $("upload-limit").textContent = `At most ${fmtBytes(info.max_upload_bytes)}.`;
   renderLevels();
   if (info.dataset?.available) await loadDataset();
@@ -488,6 +488,7 @@ function showRelease(r) {
   const rel = r.release;
   $("released-figure").hidden = !rel;
   $("release-details").hidden = !rel;
+  section.querySelector(".release").classList.toggle("refused", !rel);  // no image: the words take the full width
   $("released-attributes").replaceChildren();
   $("release-cost").replaceChildren();
   if (rel) {

@@ -34,3 +34,28 @@ def decode_data_url(url: str) -> np.ndarray:
     assert url.startswith("data:image/png;base64,"), url[:40]
     with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
         return np.asarray(im.convert("RGB"))
+
+
+class AnswerLog:
+    """The status of every answer a test client got, checked against the statuses the app's OpenAPI schema
+    declares for that route: ``log.watch(app, client)``, then ``log.undeclared()`` -> [(method, route, status)]
+    answered but not declared (routes outside the schema, e.g. /docs or an unknown path, are not checked)."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def watch(self, app, client) -> None:
+        client.event_hooks["response"].append(
+            lambda r: self.seen.append((app, r.request.method.lower(), r.request.url.path, r.status_code)))
+
+    def undeclared(self) -> list[tuple[str, str, int]]:
+        import re
+
+        missing = set()
+        for app, method, path, status in self.seen:
+            paths = app.openapi()["paths"]
+            for template, ops in paths.items():
+                if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path) and method in ops:
+                    if str(status) not in ops[method]["responses"]:
+                        missing.add((method.upper(), template, status))
+        return sorted(missing)

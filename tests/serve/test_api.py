@@ -1,4 +1,7 @@
-"""veil serve in-process (FastAPI's test client): every route, the edit loop to release, and every bad-input class."""
+"""veil serve in-process (FastAPI's test client): every route, the edit loop to release, and every bad-input class.
+
+Every answer any test here gets is checked against the OpenAPI schema: its status must be one the route declares
+(``answers_are_declared``), so the schema lists the error responses the server really gives."""
 
 import json
 import zipfile
@@ -7,15 +10,25 @@ import io
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import decode_data_url, png_upload, read_sse
+from serve_helpers import AnswerLog, decode_data_url, png_upload, read_sse
 
 from veil.export.runtime import OrtEditor
 from veil.privacy.ledger import PrivacyLedger
+from veil.privacy.revision_manifest import pseudonym
 from veil.serve.app import ServeSettings, create_app
 from veil.serve.images import ImageLimits
 from veil.serve.state import open_state
 
 TOKEN = "t" * 32
+ANSWERS = AnswerLog()
+
+
+@pytest.fixture(autouse=True)
+def answers_are_declared():
+    """After each test: every status a route answered is among the responses its OpenAPI schema declares."""
+    ANSWERS.seen.clear()
+    yield
+    assert ANSWERS.undeclared() == [], "answered but not declared in the OpenAPI schema"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +40,9 @@ def make_client(editor, path, *, budget=None, **settings):
     store = open_state(str(path), budget=budget)
     app = create_app(editor=editor, store=store, settings=ServeSettings(**settings),
                      data_spec={"source": "synthetic", "seed": 0})
-    return TestClient(app, raise_server_exceptions=False), store
+    client = TestClient(app, raise_server_exceptions=False)
+    ANSWERS.watch(app, client)
+    return client, store
 
 
 @pytest.fixture
@@ -142,6 +157,20 @@ def test_feedback_moves_the_level_then_accept_releases_once(client):
     assert client.post(f"/v1/sessions/{sid}/previews", json={}).status_code == 409
 
 
+def test_a_refused_release_says_why_in_words(editor, tmp_path, monkeypatch):
+    monkeypatch.setattr(editor, "check_threshold", 1.0 + 1e-9)  # no edit can pass its check
+    c, store = make_client(editor, tmp_path / "r.sqlite")
+    with c:
+        p = protected_name(c)
+        sid = new_session(c, attributes=known(c, p), protected=[p])["session"]
+        body = accept(c, sid, "refused-key-1").json()
+        assert body["decision"] == "refused" and body["release"] is None, body
+        assert "{" not in body["refusal"] and f"the checker read {p} " in body["refusal"], body["refusal"]
+        assert "each needs 100%" in body["refusal"] and "charged all the same" in body["refusal"]
+        assert set(body["check"]["shown"]) == {p} and body["check"]["attempts"] >= 1
+    store.close()
+
+
 def test_reject_closes_the_session(client):
     p = protected_name(client)
     sid = new_session(client, attributes=known(client, p), protected=[p])["session"]
@@ -180,7 +209,10 @@ def test_revision_is_publishable(client):
     z = zipfile.ZipFile(io.BytesIO(r.content))
     manifest = json.loads(z.read("manifest.json"))
     assert manifest["format"] == "veil-revision-published/1"
-    assert sorted(c["id"] for c in manifest["changes"]) == sorted(accepted)
+    # issue 34: records are named by their pseudonym under the dataset's key (in its database), not by image id
+    key = client.app.state.ctx.store.ledger.pseudonym_key()
+    assert sorted(c["id"] for c in manifest["changes"]) == sorted(pseudonym(i, key=key) for i in accepted)
+    assert not set(accepted) & {c["id"] for c in manifest["changes"]} and manifest["ids"] == "pseudonymous"
     for change in manifest["changes"]:
         assert "original_attributes" not in change and change["file"] in z.namelist()
         assert set(change["released_attributes"]) == set(known(client, p))
@@ -230,6 +262,7 @@ def test_bad_json_bodies(client):
         (b'{"epsilon": Infinity}', "body.epsilon"),
         (json.dumps({"epsilon": "1"}).encode(), "body.epsilon"),
         (json.dumps({"strength": 1.5}).encode(), "body.strength"),
+        (json.dumps({"strength": 1e-300}).encode(), "level"),  # in (0, 1] but walks no DDIM step
         (json.dumps({"level": "extreme"}).encode(), "body.level"),
         (json.dumps({"n": 0}).encode(), "body.n"),
         (json.dumps({"n": True}).encode(), "body.n"),
@@ -245,6 +278,54 @@ def test_bad_json_bodies(client):
     assert bad.status_code == 422 and bad.json()["field"] == "body.action"
     nokey = client.post(f"/v1/sessions/{sid}/feedback", json={"action": "accept"})
     assert nokey.status_code == 422 and nokey.json()["field"] == "idempotency_key"
+
+
+def test_a_chunked_body_over_the_limit_is_413(editor, tmp_path):
+    c, store = make_client(editor, tmp_path / "c.sqlite", limits=ImageLimits(max_bytes=16 << 10))
+    head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    with c:
+        sid = new_session(c)["session"]
+        for url, content_type, first in [("/v1/sessions", "multipart/form-data; boundary=b", head),
+                                         (f"/v1/sessions/{sid}/previews", "application/json", b'{"n": 1, "x": "')]:
+            chunks = iter([first] + [b"x" * (8 << 10)] * 16)  # 128 KiB, sent without a Content-Length
+            r = c.post(url, content=chunks, headers={"content-type": content_type})
+            assert "content-length" not in r.request.headers
+            assert r.status_code == 413, (url, r.text)  # was 400: FastAPI's "error parsing the body"
+            assert r.json()["field"] == "body" and "bytes" in r.json()["error"]
+    store.close()
+
+
+def test_json_nested_ten_thousand_deep_is_422(client):
+    p = protected_name(client)
+    sid = new_session(client, attributes=known(client, p), protected=[p])["session"]
+    deep = "[" * 10_000 + "]" * 10_000
+    json_type = {"content-type": "application/json"}
+    for method, url, body in [("POST", f"/v1/sessions/{sid}/previews", deep),
+                              ("PATCH", f"/v1/sessions/{sid}", '{"protected": ' + deep + "}"),
+                              ("POST", f"/v1/sessions/{sid}/feedback", '{"action": ' + deep + "}")]:
+        r = client.request(method, url, content=body.encode(), headers=json_type)
+        assert r.status_code == 422, (url, r.text)  # was 400
+        assert r.json() == {"error": "body: JSON nested too deeply", "field": "body"}
+    upload = {"image": ("face.png", png_upload(), "image/png")}
+    for name, value in [("protected", deep), ("attributes", '{"a": ' * 10_000 + "1" + "}" * 10_000)]:
+        r = client.post("/v1/sessions", files=upload, data={name: value})
+        assert r.status_code == 422, (name, r.text)  # was a RecursionError: 500
+        assert r.json()["field"] == name and "nested too deeply" in r.json()["error"]
+
+
+def test_protected_named_twice_is_refused_as_the_cli_refuses_it(client):
+    p = protected_name(client)
+    upload = {"image": ("face.png", png_upload(), "image/png")}
+    r = client.post("/v1/sessions", files=upload, data={"attributes": json.dumps(known(client, p)),
+                                                        "protected": json.dumps([p, p])})
+    twice = f"protected: {p} listed twice; name each attribute once"  # veil edit --protect's words
+    assert r.status_code == 422 and r.json() == {"error": twice, "field": "protected"}, r.text
+    sid = new_session(client, attributes=known(client, p), protected=[p])["session"]
+    for method, url in [("PATCH", f"/v1/sessions/{sid}"), ("POST", f"/v1/sessions/{sid}/previews")]:
+        r = client.request(method, url, json={"protected": [p, p]})
+        assert r.status_code == 422 and r.json() == {"error": twice, "field": "protected"}, (url, r.text)
+    assert client.get(f"/v1/sessions/{sid}").json()["protected"] == [p]
 
 
 def test_bad_session_fields(client):

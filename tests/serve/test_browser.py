@@ -207,21 +207,9 @@ def test_token_overload_and_spent_budget_are_explained(tmp_path):
     refuses a release."""
     from selenium.webdriver.common.by import By
 
-    from veil.privacy.levels import LEVELS
-    from veil.serve.app import LEVEL_HELP
-
     ensure_chromium()
-    names, token, s = ["smiling", "eyeglasses"], "scripted-token-0123456789", "c" * 43
-    info = {"attribute_names": names, "classifier": True, "classifier_attributes": names, "resolution": 32,
-            "steps": 6, "budget": 8.0, "default_level": "medium", "max_upload_bytes": 1 << 20,
-            "dataset": {"available": False, "count": 0},
-            "levels": [{**lv.to_json(), "keep_probability": round(lv.keep_probability, 4), "explanation": LEVEL_HELP[n]}
-                       for n, lv in LEVELS.items()]}
-    state = {"image_id": "img-1", "attributes": {"smiling": 1, "eyeglasses": -1}, "protected": [],
-             "guesses": {"smiling": {"value": 1, "confidence": 0.9}, "eyeglasses": {"value": -1, "confidence": 0.8}},
-             "level": LEVELS["medium"].to_json(), "decision": None, "release_id": None, "budget": 8.0, "spent": {},
-             "left": {}, "history": []}
-    created = {**state, "session": s, "image": "data:image/png;base64," + base64.b64encode(png_upload(32, 32)).decode()}
+    token, s = "scripted-token-0123456789", "c" * 43
+    info, state, created = _scripted_bodies(s)
     protected = {**state, "protected": ["smiling"], "spent": {"smiling": 7.5}, "left": {"smiling": 0.5}}
     api = ScriptedApi({
         ("GET", "/v1/info"): [(200, info, {})],
@@ -266,6 +254,78 @@ def test_token_overload_and_spent_budget_are_explained(tmp_path):
         after_token = api.requests[infos[1]:]
         assert all(auth == f"Bearer {token}" for _, p, auth in after_token if p.startswith("/v1/")), after_token
         assert driver.execute_script("return [sessionStorage.length, localStorage.length]") == [1, 0]
+        _no_csp_violations(driver)
+    finally:
+        driver.quit()
+        api.close()
+
+
+def _scripted_bodies(session: str) -> tuple[dict, dict, dict]:
+    """(/v1/info, a session's state, the answer that created it) as the real server words them, for ScriptedApi."""
+    from veil.privacy.levels import LEVELS
+    from veil.serve.app import LEVEL_HELP
+
+    names = ["smiling", "eyeglasses"]
+    info = {"attribute_names": names, "classifier": True, "classifier_attributes": names, "resolution": 32,
+            "steps": 6, "budget": 8.0, "default_level": "medium", "max_upload_bytes": 1 << 20,
+            "dataset": {"available": False, "count": 0},
+            "levels": [{**lv.to_json(), "keep_probability": round(lv.keep_probability, 4), "explanation": LEVEL_HELP[n]}
+                       for n, lv in LEVELS.items()]}
+    state = {"image_id": "img-1", "attributes": {"smiling": 1, "eyeglasses": -1}, "protected": [],
+             "guesses": {"smiling": {"value": 1, "confidence": 0.9}, "eyeglasses": {"value": -1, "confidence": 0.8}},
+             "level": LEVELS["medium"].to_json(), "decision": None, "release_id": None, "budget": 8.0, "spent": {},
+             "left": {}, "history": []}
+    image = "data:image/png;base64," + base64.b64encode(png_upload(32, 32)).decode()
+    return info, state, {**state, "session": session, "image": image}
+
+
+def test_a_refused_release_reads_as_a_sentence_across_the_card(tmp_path):
+    """A release the check refused: its sentence (with the checker's readings, no Python dict) across the whole
+    release card, not squeezed into the column an image would have taken."""
+    from selenium.webdriver.common.by import By
+
+    from veil.privacy.levels import LEVELS
+    from veil.serve.release import refusal_words
+
+    ensure_chromium()
+    token, s = "scripted-token-0123456789", "r" * 43
+    info, state, created = _scripted_bodies(s)
+    protected = {**state, "protected": ["smiling"], "left": {"smiling": 8.0}}
+    check = {"passed": False, "attempts": 3, "strength": 0.6, "guidance_factor": 1.0, "shown": {"smiling": 0.4137},
+             "threshold": 0.5}
+    refused = {"action": "accept", "decision": "refused", "level": LEVELS["medium"].to_json(), "release_id": 7,
+               "release": None, "refusal": refusal_words(check, 0.5), "check": check, "replayed": False,
+               "suggestion": "start a new session to try again, at a further cost"}
+    closed = {**protected, "decision": "refused", "release_id": 7, "spent": {"smiling": 2.0}, "left": {"smiling": 6.0}}
+    api = ScriptedApi({("GET", "/v1/info"): [(200, info, {})], ("POST", "/v1/sessions"): [(201, created, {})],
+                       ("PATCH", f"/v1/sessions/{s}"): [(200, protected, {})],
+                       ("GET", f"/v1/sessions/{s}"): [(200, closed, {})],
+                       ("POST", f"/v1/sessions/{s}/feedback"): [(200, refused, {})]}, token=token)
+    driver = start_chromium(tmp_path)
+    try:
+        driver.get(api.url + "/")
+        driver.execute_script(f"sessionStorage.setItem('veil-serve-token', '{token}')")
+        driver.get(api.url + "/")
+        _wait(driver, lambda d: "Ready" in _text(d, "status"), "the page did not load /v1/info")
+        face = tmp_path / "face.png"
+        face.write_bytes(png_upload(seed=2))
+        driver.find_element(By.ID, "file").send_keys(str(face))
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attributes li")) == 2, "no attributes")
+        driver.find_element(By.CSS_SELECTOR, "label[for='protect-smiling']").click()
+        _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#budget-table td[data-attribute='smiling']").text
+              == "8", "the protected attribute's budget did not appear")
+        driver.find_element(By.ID, "accept").click()
+        _wait(driver, lambda d: "Refused" in _text(d, "release-summary"), "no refusal after accept")
+        summary = _text(driver, "release-summary")
+        assert "{" not in summary and "'" not in summary, summary  # no Python dict
+        assert "after 3 attempts" in summary and "smiling 41%" in summary and "needs 50%" in summary, summary
+        widths = driver.execute_script(
+            "const card = document.querySelector('#release .release'), text = document.getElementById('release-summary');"
+            "return [text.getBoundingClientRect().width, card.getBoundingClientRect().width]")
+        assert widths[0] >= 0.95 * widths[1], f"the refusal is squeezed: {widths}"
+        assert not driver.find_element(By.ID, "released-figure").is_displayed()
+        driver.execute_script("document.getElementById('release').scrollIntoView()")
+        screenshot(driver, "serve_page_refused")
         _no_csp_violations(driver)
     finally:
         driver.quit()

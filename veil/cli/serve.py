@@ -4,13 +4,17 @@
     veil serve --export X --state postgresql://veil@db/veil --host 0.0.0.0 --token "$VEIL_SERVE_TOKEN"   # a replica
 
 The app is ``veil.serve.app``; its state store ``veil.serve.state``. Binding anywhere but loopback needs a
-token (``--token`` or $VEIL_SERVE_TOKEN): every route but /healthz then asks for ``Authorization: Bearer``.
+token (``--token`` or $VEIL_SERVE_TOKEN): every route but /healthz and the page's own files then asks for it.
+The port is bound first (a port in use: exit 2, before the export is loaded or the database created), and the
+port actually bound is printed (``--port 0``: any free port).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import sys
 
 from veil.cli import epsilon_or_budget, nonneg_float, positive_int
@@ -55,16 +59,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _serve(args) -> int:
-    import uvicorn
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now (uvicorn serves on it later); ConfigError naming --port/--host if not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ConfigError(f"{host}: not an address this machine can bind ({e.strerror})", option="--host") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a listening port stays refused
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{port}: already in use on {host}; stop what listens there or choose another port "
+                              f"(--port 0: any free one)", option="--port") from None
+        raise ConfigError(f"{host}:{port}: cannot bind ({e.strerror})", option="--host/--port") from None
+    sock.set_inheritable(True)
+    return sock
 
-    from veil.editing.load import load_editor
+
+def _serve(args) -> int:
     from veil.export.runtime import read_export_meta
-    from veil.privacy.ledger import ledger_path_for
-    from veil.serve.app import ServeSettings, create_app
-    from veil.serve.dataset import FolderDataset
+    from veil.serve.app import ServeSettings
     from veil.serve.images import ImageLimits
-    from veil.serve.state import open_state
 
     token = args.token or os.environ.get("VEIL_SERVE_TOKEN") or None
     if not _is_loopback(args.host) and token is None:
@@ -73,6 +91,25 @@ def _serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"{args.port}: must be in [0, 65535]", option="--port")
     meta = read_export_meta(args.export)
+    settings = ServeSettings(token=token, limits=ImageLimits(max_bytes=args.max_upload_bytes),
+                             batching=not args.no_batching, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             preview_every=args.preview_every)
+    sock = _bind(args.host, args.port)  # before anything is loaded or created
+    try:
+        return _run(args, settings=settings, meta=meta, sock=sock)
+    finally:
+        sock.close()
+
+
+def _run(args, *, settings, meta: dict, sock: socket.socket) -> int:
+    import uvicorn
+
+    from veil.editing.load import load_editor
+    from veil.privacy.ledger import ledger_path_for
+    from veil.serve.app import create_app
+    from veil.serve.dataset import FolderDataset
+    from veil.serve.state import open_state
+
     data_spec = meta.get("data_spec") or {}
     state = args.state
     if state is None:
@@ -80,9 +117,6 @@ def _serve(args) -> int:
             raise ConfigError(f": the export {args.export} names no dataset; give --state FILE.sqlite or a "
                               f"postgresql:// URL", option="--state")
         state = str(ledger_path_for(data_spec))
-    settings = ServeSettings(token=token, limits=ImageLimits(max_bytes=args.max_upload_bytes),
-                             batching=not args.no_batching, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                             preview_every=args.preview_every)
     editor = load_editor(args.export, runtime="ort", steps=args.steps, providers=args.providers,
                          threads=args.threads)
     dataset = None
@@ -92,11 +126,18 @@ def _serve(args) -> int:
     store = open_state(state, budget=args.budget)
     try:
         app = create_app(editor=editor, store=store, settings=settings, data_spec=data_spec, dataset=dataset)
+        if dataset is not None and dataset.left_out:  # named by content: not the data's, not offered (names: log)
+            print(f"--dataset {args.dataset}: {len(dataset.left_out)} of {dataset.listed} images are not the export's "
+                  f"data (by content) and are not offered; upload them instead, they are then matched by their "
+                  f"fingerprint", file=sys.stderr, flush=True)
+        host, port = args.host, sock.getsockname()[1]  # the port bound: --port 0 picks one
+        where = f"[{host}]" if ":" in host else host
         print(f"veil serve: {editor.backend} export {args.export} on {editor.provider}, state {store.backend} "
               f"({store.where}), batching {'on' if settings.batching else 'off'}"
-              f"{f', {len(dataset)} dataset images' if dataset else ''}; the page: http://{args.host}:{args.port}/ "
-              f"(API: /docs)", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+              f"{f', {len(dataset)} dataset images' if dataset else ''}; the page: http://{where}:{port}/ "
+              f"(API: http://{where}:{port}/docs)", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         store.close()
     return 0
