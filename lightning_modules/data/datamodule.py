@@ -135,6 +135,11 @@ def _validate(kw: dict) -> None:
                         "write_revision made")
 
 
+def _absolute(path, source: str) -> str:
+    """A data path as recorded: absolute and resolved for CelebA and folders (synthetic faces read no path)."""
+    return str(path) if source == "synthetic" else str(Path(path).expanduser().resolve())
+
+
 class FaceDataModule(L.LightningDataModule):
     """Splits and loaders over a face dataset; see the module docstring for DP sampling and DDP."""
 
@@ -161,8 +166,10 @@ class FaceDataModule(L.LightningDataModule):
                   val_fraction=val_fraction, test_fraction=test_fraction, revision=revision, num_workers=num_workers)
         _validate(kw)
         self.source, self.resolution, self.num_images, self.seed = source, resolution, num_images, seed
-        self.root = None if root is None else str(root)
-        self.csv = None if csv is None else str(csv)
+        # stored absolute and resolved (spec() goes into checkpoints, configs and revisions): a relative path would
+        # name another folder, or none, when the run is used from another directory (issue 34)
+        self.root = None if root is None else _absolute(root, source)
+        self.csv = None if csv is None else _absolute(csv, source)
         self.revision = None if revision is None else str(revision)
         self.attributes = None if attributes is None else [str(a) for a in attributes]
         self.batch_size, self.poisson, self.num_workers = batch_size, bool(poisson), num_workers
