@@ -13,7 +13,8 @@ from veil.cli import build_parser, main
 from veil.errors import DataError
 from veil.privacy.accounting import price_release
 from veil.privacy.ledger import PrivacyLedger, ledger_path_for
-from veil.privacy.revision_manifest import RevisionChange, load_manifest, publish_revision, write_revision
+from veil.privacy.revision_manifest import RevisionChange, load_manifest, pseudonym, publish_revision, \
+    write_revision
 
 DATA = "source=synthetic,seed=0"
 SPEC = {"source": "synthetic", "seed": 0}
@@ -87,20 +88,27 @@ def _owner_revision(path):
 def test_publish_revision_drops_what_decodes_the_originals(tmp_path, capsys):
     # Item 11: the owner's revision carries original_attributes; the published one must not.
     src = _owner_revision(tmp_path / "revision")
-    assert main(["privacy", "publish-revision", "--revision", str(src), "--out", str(tmp_path / "pub")]) == 0
+    book = tmp_path / "owner.sqlite"  # the dataset's privacy database (its root is not on this machine)
+    PrivacyLedger(book).close()
+    assert main(["privacy", "publish-revision", "--revision", str(src), "--out", str(tmp_path / "pub"),
+                 "--ledger", str(book)]) == 0
     text = (tmp_path / "pub" / "manifest.json").read_text()
     assert "original_attributes" not in text and "/home/owner" not in text and "seed" not in text
     published, owner = json.loads(text), load_manifest(src)
     assert published["format"] == "veil-revision-published/1" and published["attribute_names"] == owner["attribute_names"]
+    with PrivacyLedger(book) as ledger:
+        key = ledger.pseudonym_key()
     for p, o in zip(published["changes"], owner["changes"]):
-        assert {k: p[k] for k in ("id", "released_attributes", "protected", "epsilon", "strength")} == \
-            {k: o[k] for k in ("id", "released_attributes", "protected", "epsilon", "strength")}
+        assert p["id"] == pseudonym(o["id"], key=key)  # issue 34: named by pseudonym, not by file name
+        assert {k: p[k] for k in ("released_attributes", "protected", "epsilon", "strength")} == \
+            {k: o[k] for k in ("released_attributes", "protected", "epsilon", "strength")}
         assert (np.array(Image.open(tmp_path / "pub" / p["file"])) == np.array(Image.open(src / o["file"]))).all()
     with pytest.raises(DataError, match="veil-revision-published/1"):  # it cannot pass for an owner revision
         load_manifest(tmp_path / "pub")
     with pytest.raises(Exception, match="not empty"):
-        publish_revision(src, tmp_path / "pub")
-    assert main(["privacy", "publish-revision", "--revision", str(src), "--out", str(src / "inner")]) == 2
+        publish_revision(src, tmp_path / "pub", id_key=key)
+    assert main(["privacy", "publish-revision", "--revision", str(src), "--out", str(src / "inner"),
+                 "--ledger", str(book)]) == 2
     assert "inside" in capsys.readouterr().err
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from veil.errors import ConfigError, DataError
-from veil.privacy.revision_manifest import RevisionChange, load_manifest, publish_revision, write_revision
+from veil.privacy.revision_manifest import RevisionChange, load_manifest, pseudonym, publish_revision, \
+    write_revision
 
 NAMES = ["smiling", "eyeglasses"]
 
@@ -22,8 +23,9 @@ def _revision(tmp_path, withheld):
 def test_withheld_records_are_listed_in_the_owner_and_the_published_revision(tmp_path):
     rev = _revision(tmp_path, ["b", "c"])
     assert load_manifest(rev)["withheld"] == ["b", "c"]
-    pub = json.loads((publish_revision(rev, tmp_path / "pub") / "manifest.json").read_text())
-    assert pub["withheld"] == ["b", "c"] and "charged" in pub["withheld_note"]
+    key = b"k" * 32
+    pub = json.loads((publish_revision(rev, tmp_path / "pub", id_key=key) / "manifest.json").read_text())
+    assert pub["withheld"] == [pseudonym("b", key=key), pseudonym("c", key=key)] and "charged" in pub["withheld_note"]
     assert "original_attributes" not in json.dumps(pub)
 
 

@@ -47,7 +47,8 @@ only by ``set_budget(value, reason=...)`` (likewise ``set_training_budget``), ea
 a writer cannot spend past the stored budget whatever it was started with.
 
 **Secrets.** The database holds each release's randomized-response seed and the released values:
-with the seed, anyone can undo the coin flips. A SQLite file is created owner-only (file 0600, a new
+with the seed, anyone can undo the coin flips. It also holds the key of the published revisions'
+pseudonymous ids (``pseudonym_key``): with it, a pseudonym maps back to its file name. A SQLite file is created owner-only (file 0600, a new
 folder 0700); a PostgreSQL role should be the owner's and the server's only. ``summary()`` holds no seed.
 
 Durability: check and insert run in one write transaction that locks before it reads (SQLite: ``BEGIN
@@ -64,6 +65,7 @@ import getpass
 import json
 import math
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +213,16 @@ def _price(protected: str, epsilon: float, price: str | None) -> ReleasePrice:
     return ReleasePrice(float(epsilon), len(set(json.loads(protected))), math.inf, "unrecorded")
 
 
+def _cannot_create(path: Path, e: OSError, option: str) -> str:
+    """The one line for a database file that cannot be created, naming $VEIL_HOME when it is under it."""
+    home = veil_home()
+    why = e.strerror or type(e).__name__
+    if path.is_relative_to(home):
+        return (f"VEIL_HOME={home}: cannot create the privacy database {path} ({why}: {e.filename}); set "
+                f"VEIL_HOME to a folder veil may create, or name the database with {option}")
+    return f"{option} {path}: cannot create the privacy database ({why}: {e.filename}); give a path veil may create"
+
+
 def ledger_exists(target) -> bool:
     """Whether ``target`` (a SQLite path or a PostgreSQL URL) holds a privacy database; creates nothing."""
     if not is_url(target):
@@ -245,7 +257,10 @@ class PrivacyLedger(TrainingRunsMixin):
                 if not create:
                     raise ConfigError(f"{self.path}: no privacy database there (nothing was recorded for this "
                                       f"dataset yet); check --data or --ledger", option=option)
-                create_owner_only(self.path)
+                try:
+                    create_owner_only(self.path)
+                except OSError as e:  # a folder on the way is a file, read-only, ...: bad input, exit 2
+                    raise ConfigError(_cannot_create(self.path, e, option)) from None
             self._db = SqliteDatabase(self.path, timeout_s=timeout_s)
         try:
             self._open_schema(requested, create=create)
@@ -375,6 +390,20 @@ class PrivacyLedger(TrainingRunsMixin):
             old = self.pixel_policy
             tx.execute("UPDATE settings SET value = ? WHERE key = 'pixels'", (json.dumps(new),))
             log_policy_change(tx, "pixels", old, new, reason.strip(), who=_who())
+
+    def pseudonym_key(self) -> bytes:
+        """The dataset's secret key for pseudonymous revision ids (``revision_manifest.pseudonym``): 32 bytes from
+        the OS CSPRNG, made on first use and kept only here (the owner-only database; ``summary()`` never shows
+        it), so a record keeps its pseudonym across revisions and only the owner can map one back."""
+        if self._setting("pseudonym_key") is None:
+            with self._write("veil:pseudonym_key") as tx:
+                tx.execute("INSERT INTO settings (key, value) VALUES ('pseudonym_key', ?) ON CONFLICT (key) DO NOTHING",
+                           (json.dumps(secrets.token_hex(32)),))
+        return bytes.fromhex(self._setting("pseudonym_key"))
+
+    def record_ids(self) -> list[str]:
+        """Every record id with a release (refused ones included), sorted: the ids a revision can name."""
+        return [r[0] for r in self._db.execute("SELECT DISTINCT image_id FROM releases ORDER BY image_id")]
 
     def policy_changes(self) -> list[dict]:
         cols = ("change_id", "setting", "old_value", "new_value", "reason", "changed_by", "changed_at")

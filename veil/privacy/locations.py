@@ -43,7 +43,8 @@ from typing import Mapping
 
 from veil.errors import ConfigError, DataError
 
-__all__ = ["veil_home", "dataset_slug", "ledger_path_for", "content_digest", "image_digests", "dataset_digests"]
+__all__ = ["veil_home", "dataset_slug", "ledger_path_for", "content_digest", "image_digests", "dataset_digests",
+           "same_dataset", "matches_recorded", "file_digest"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CELEBA_IMAGES = "img_align_celeba"
@@ -118,6 +119,31 @@ def dataset_digests(data_spec: Mapping | None) -> frozenset[str] | None:
     return _indexed_digests(str(folder))
 
 
+def same_dataset(a: Mapping | None, b: Mapping | None) -> bool:
+    """Do two data specs draw from the same images? Synthetic faces: the same seed. CelebA and folders: the same
+    folder, or any image file in common, by content (whatever the folder or source). Torch-free (the server's
+    ``--dataset`` check); ``veil.lightning_modules.data.specs.same_dataset`` is the same rule."""
+    if not a or not b:
+        return False
+    if a.get("source") == "synthetic" or b.get("source") == "synthetic":  # image i depends only on (seed, i)
+        return a.get("source") == b.get("source") and a.get("seed") == b.get("seed")
+    if a.get("source") == b.get("source") and Path(str(a.get("root"))).resolve() == Path(str(b.get("root"))).resolve():
+        return True
+    digests_a, digests_b = dataset_digests(a), dataset_digests(b)
+    return digests_a is not None and digests_b is not None and not digests_a.isdisjoint(digests_b)
+
+
+def matches_recorded(data_spec: Mapping) -> bool | None:
+    """Whether the folder of a CelebA or folder spec still holds the dataset the index recorded at that path when a
+    run or release was recorded there (one image file in common); None when the index never saw the path."""
+    source = data_spec.get("source")
+    folder = images_folder(str(source), Path(str(data_spec["root"])).expanduser().resolve())
+    recorded = _indexed_digests(str(folder))
+    if recorded is None:
+        return None
+    return not frozenset(image_digests(folder).values()).isdisjoint(recorded)
+
+
 def image_files(folder: Path) -> list[str]:
     """The image files under ``folder`` (relative POSIX paths, sorted; hidden names and folder links skipped)."""
     found = []
@@ -163,6 +189,11 @@ def _content_hex(digests) -> str:
     for digest in sorted(digests):
         total.update(bytes.fromhex(digest))
     return total.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 hex of one file's bytes (DataError naming it if unreadable): the digest ``image_digests`` lists."""
+    return _file_sha256(Path(path))
 
 
 def _file_sha256(path: Path) -> str:

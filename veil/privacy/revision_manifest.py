@@ -18,10 +18,20 @@ A revision is a folder:
 whose images are missing); ``load_manifest`` validates one; ``revision.RevisedDataset(base, dir)`` (torch)
 serves the base dataset with the changed items replaced by their edited image and released attributes.
 The manifest itself is plain JSON; ``write_revision`` accepts numpy arrays as well as tensors.
+
+**Published revisions name records by pseudonym.** The owner's revision keeps the ids (file names, which for
+real photos often name the person or the very attribute protected); ``publish_revision`` (``veil privacy
+publish-revision``, the server's ``GET /v1/revision``) renames each record ``pseudonym(id, key=...)``:
+``r-`` and 16 hex of HMAC-SHA256 under the dataset's secret key, which lives only in the owner's privacy
+database (``PrivacyLedger.pseudonym_key``). The same record keeps the same pseudonym in every revision
+(consumers update, unlearning matches); nobody without the key can recompute or invert one, and the owner
+maps them back with ``reveal_ids`` (``veil privacy reveal-ids``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -37,7 +47,7 @@ from PIL import Image
 from veil.errors import ConfigError, DataError
 
 __all__ = ["FORMAT", "MANIFEST", "RevisionChange", "write_revision", "load_manifest", "publish_revision",
-           "PUBLISHED_FORMAT"]
+           "PUBLISHED_FORMAT", "pseudonym", "reveal_ids", "load_published"]
 
 FORMAT = "veil-revision/1"
 MANIFEST = "manifest.json"
@@ -224,16 +234,34 @@ PUBLISHED_FORMAT = "veil-revision-published/1"
 _PUBLIC_BASE_KEYS = ("source", "attributes", "resolution", "num_images", "seed")  # no local paths
 
 
-def publish_revision(src_dir, out_dir) -> Path:
+def pseudonym(record_id: str, *, key: bytes) -> str:
+    """The published name of the record ``record_id``: ``r-`` + the first 16 hex of HMAC-SHA256(key, id)."""
+    if not isinstance(key, (bytes, bytearray)) or len(key) < 16:
+        raise ConfigError("pseudonym: key must be the dataset's secret key (PrivacyLedger.pseudonym_key(), 32 bytes)")
+    return "r-" + hmac.new(bytes(key), str(record_id).encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+def _pseudonyms(ids: Sequence[str], key: bytes) -> dict[str, str]:
+    names = {i: pseudonym(i, key=key) for i in ids}
+    if len(set(names.values())) != len(names):  # 64 bits: never expected; refuse rather than merge two records
+        raise DataError("two records of this revision share a pseudonym; publish it with --ids file-names")
+    return names
+
+
+def publish_revision(src_dir, out_dir, *, id_key: bytes | None, ids: str = "pseudonymous") -> Path:
     """Write a publishable copy of the owner's revision ``src_dir`` into the new folder ``out_dir``.
 
     It holds the edited images (re-encoded as plain PNGs) and, per change, only what was released: id,
     file, released_attributes, protected, epsilon, strength. It drops what decodes the originals or
     points at the owner's machine: original_attributes and the base dataset's root and csv paths.
-    Randomized-response seeds are never in a revision (they stay in the privacy database). Its format is
-    ``PUBLISHED_FORMAT``: ``load_manifest`` (and so RevisedDataset and unlearning, which need the
-    original attributes) refuses it by name. Returns ``out_dir``.
+    ``ids="pseudonymous"`` (the default) names every record, changed or withheld, by ``pseudonym(id,
+    key=id_key)`` (``id_key``: the dataset's ``PrivacyLedger.pseudonym_key()``), its image file too;
+    ``ids="file-names"`` keeps the owner's ids (``id_key`` unused). Randomized-response seeds are never in a
+    revision (they stay in the privacy database). Its format is ``PUBLISHED_FORMAT``: ``load_manifest`` (and
+    so RevisedDataset and unlearning, which need the original attributes) refuses it by name. Returns ``out_dir``.
     """
+    if ids not in ("pseudonymous", "file-names"):
+        raise ConfigError(f"{ids!r}: choose pseudonymous (the default) or file-names", option="--ids")
     src, out = Path(src_dir), Path(out_dir)
     manifest = load_manifest(src)  # validates the owner revision, every image present
     src = src.parent if src.suffix == ".json" else src
@@ -242,32 +270,69 @@ def publish_revision(src_dir, out_dir) -> Path:
                           option="--out")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ConfigError(f"{out}: must not be inside the owner's revision {src}", option="--out")
+    record_ids = [c["id"] for c in manifest["changes"]] + list(manifest["withheld"])
+    name = {i: i for i in record_ids} if ids == "file-names" else _pseudonyms(record_ids, id_key)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    files = _image_file_names([c["id"] for c in manifest["changes"]])
+    files = _image_file_names([name[c["id"]] for c in manifest["changes"]])
     changes = []
     for c in manifest["changes"]:
         with Image.open(src / c["file"]) as im:  # decode and re-encode: no ancillary chunks or metadata carried over
             pixels = np.array(im.convert("RGB"), np.uint8)
-        _atomic_write_bytes(out / files[c["id"]], lambda p, px=pixels: Image.fromarray(px).save(p, format="PNG"))
-        changes.append({"id": c["id"], "file": files[c["id"]], "released_attributes": dict(c["released_attributes"]),
+        file = files[name[c["id"]]]
+        _atomic_write_bytes(out / file, lambda p, px=pixels: Image.fromarray(px).save(p, format="PNG"))
+        changes.append({"id": name[c["id"]], "file": file, "released_attributes": dict(c["released_attributes"]),
                         "protected": list(c.get("protected", [])), "epsilon": c.get("epsilon"),
                         "strength": c.get("strength")})
     published = {
         "format": PUBLISHED_FORMAT,
         "note": "published revision: edited images and released attributes only; the original attributes stay "
                 "with the data owner",
+        "ids": ids,
+        "ids_note": ("each record is named by a keyed hash of its id (HMAC-SHA256, the key in the owner's privacy "
+                     "database): the same record keeps its name in every revision; only the owner can map it back"
+                     if ids == "pseudonymous" else "records are named by the owner's ids (file names), by choice"),
         "base": {k: v for k, v in manifest["base"].items() if k in _PUBLIC_BASE_KEYS},
         "attribute_names": list(manifest["attribute_names"]),
         "created": manifest.get("created"),
         "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changes": changes,
-        "withheld": list(manifest["withheld"]),
+        "withheld": [name[i] for i in manifest["withheld"]],
         "withheld_note": "drawn, recorded and charged, but the edit did not show its released values: not published "
                          "(the refusal depends on the draw; its price covers every attempt)",
     }
     text = json.dumps(published, indent=1) + "\n"
     _atomic_write_bytes(out / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
     return out
+
+
+def load_published(path) -> dict:
+    """Read a published revision's manifest (``path``: its folder or manifest.json); DataError if it is not one."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".json":
+        path = path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no published revision here; pass the folder `veil privacy publish-revision` "
+                        f"wrote") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable JSON manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PUBLISHED_FORMAT \
+            or not isinstance(manifest.get("changes"), list):
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: expected a published revision ({PUBLISHED_FORMAT!r}), found {found!r}")
+    return manifest
+
+
+def reveal_ids(manifest: Mapping, *, key: bytes, record_ids: Sequence[str]) -> dict[str, str | None]:
+    """{published id: the owner's id} for every record a published ``manifest`` names (changes, then withheld),
+    found among ``record_ids`` (the dataset's ledger's ``record_ids()``); None for one not found (another
+    dataset's key, or a revision published with file names, whose ids are their own)."""
+    names = [c["id"] for c in manifest.get("changes", [])] + list(manifest.get("withheld", []))
+    if manifest.get("ids", "file-names") != "pseudonymous":
+        return {n: n for n in names}
+    back = {pseudonym(i, key=key): i for i in record_ids}
+    return {n: back.get(n) for n in names}
 
 
 def _to_uint8(image) -> np.ndarray:
