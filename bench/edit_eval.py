@@ -1,7 +1,7 @@
 """Evaluation: what a private edit still leaks about the protected attributes, and what it keeps.
 
-    python bench/edit_eval.py --checkpoint runs/public --classifier runs/guide --label "guided, DP eps 10" \
-        --out bench/out/guided --threads 1                   # the guided pipeline at the four levels
+    python bench/edit_eval.py --checkpoint runs/public --classifier runs/guide --checker runs/judge \
+        --label "guided, DP eps 10" --out bench/out/guided --threads 1   # the guided pipeline at the four levels
     python bench/edit_eval.py --checkpoint run/ --quick --threads 1      # conditional backend, a few minutes
     python bench/edit_eval.py --checkpoint veil/demo/models/public_unet --classifier veil/demo/models/guide \
         --encodings noise,fresh:1,invert:0.4 --strengths 0.55,0.7,0.85,1 --epsilons 0,1,2 \
@@ -25,9 +25,11 @@ pixels' Gaussian mu, the pixels' epsilon, the labels' epsilon and the composed e
 the image: 0; "invert": unbounded). With the price, the plot puts utility (SSIM, follows) and the stronger
 attack minus the labels' bound against the composed epsilon on a log axis.
 
-The check. With a classifier, edits go through ``edit_checked``: an edit that does not show its released
-protected values is re-done deeper, and refused if it still does not. Each row gives the fraction re-done
-and refused; every other number is computed on the n edits that passed, the ones that would be released.
+The check. With a check classifier (``--checker``, or ``--classifier`` at scale 0), edits go through
+``edit_checked``: an edit that does not show its released protected values is re-done deeper, and refused
+if it still does not. Each row gives the fraction re-done and refused; every other number is computed on
+the n edits that passed, the ones that would be released. A guided run is never checked by its guide (as
+``veil edit``): without ``--checker`` it runs unchecked, every edit counts, and its label says "unchecked".
 
 (a) Privacy. Attribute-inference attackers (small CNNs) read each protected attribute off the edits;
     their accuracy w.r.t. the ORIGINAL value is compared with the "bound": the Bayes-optimal accuracy of
@@ -195,6 +197,8 @@ def load_pipeline(args) -> tuple[PrivateEditor, dict, dict]:
     private, phrase = privacy_phrase(trained.privacy)
     eps = (trained.privacy or {}).get("epsilon")
     label = args.label or f"{editor.backend}, " + (f"DP eps {eps:.3g}" if private else "not private")
+    if editor.backend == "guided" and not editor.can_check and "unchecked" not in label:
+        label += ", unchecked"  # no --checker: the guide never checks its own edits
     return editor, spec, {"label": label, "backend": editor.backend, "private": private,
                           "privacy": combined_privacy(ckpt, clf) + (
                               f"; checker: {privacy_phrase(editor.checker.privacy)[1]}" if args.checker else ""),
@@ -655,11 +659,12 @@ def _encodings(args, p) -> list[tuple[str, float | None]]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="the model release of `veil train`: its run folder OUT or OUT/model")
-    p.add_argument("--classifier", help="a `veil train-classifier` release: guides (scale > 0) and checks the edits")
+    p.add_argument("--classifier", help="a `veil train-classifier` release: guides (scale > 0), or only checks the "
+                                        "edits (scale 0)")
     p.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale (default 10; "
                                                                          "0: the classifier only checks)")
-    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits instead of "
-                                     "--classifier (as `veil edit --checker`)")
+    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits (as `veil edit "
+                                     "--checker`); a guided run without one is unchecked and labelled so")
     p.add_argument("--label", help="names this run's rows (default: backend and privacy, e.g. 'guided, DP eps 10')")
     p.add_argument("--protect", default="eyeglasses,smiling", help="protected attributes (default: these two)")
     p.add_argument("--levels", help=f"comma-separated privacy levels (default {','.join(LEVELS)})")

@@ -1,12 +1,15 @@
 """``veil export``: the edit sampler as ONNX graphs, a metadata file, and a verification against PyTorch.
 
-    export_model(checkpoint="runs/public", classifier="runs/guide", out="exports/guided")
+    export_model(checkpoint="runs/public", classifier="runs/guide", checker="runs/judge", out="exports/guided")
 
 writes, into a staging folder moved to ``out`` only when everything passed:
 
     denoise_step.onnx   one guided DDIM step (``veil.export.graphs``)
     invert_step.onnx    one DDIM inversion step
-    classifier.onnx     the classifier at t = 0 (attribute guesses, the check), when a classifier is given
+    classifier.onnx     the check classifier at t = 0 (attribute guesses, the check): ``checker``, or the
+                        classifier at scale 0; never the guide of a guided export (its gradients are in
+                        denoise_step.onnx; a check by it is no evidence), so a guided export without a
+                        checker has none, and its editor releases unchecked (``can_check`` False)
     veil_export.json    image size, attributes, backend, scheduler config and alpha_prod table, allowed steps
                         and strengths, the named levels, guidance defaults, each model's privacy record,
                         versions, the verification, and every file's sha256
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 import veil
+from veil import console
 from veil.errors import ConfigError, ExportError
 from veil.editing.load import load_editor
 from veil.export.runtime import EXPORT_FORMAT, META_FILE, file_sha256
@@ -89,25 +93,28 @@ def verify(editor, folder: Path, *, protected: list[str], steps: int = VERIFY_ST
             "batches": [1, VERIFY_BATCH]}
 
 
-def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 10.0, steps: int = 50,
+def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 10.0, checker=None, steps: int = 50,
                  guidance: float | None = None, use_ema: bool = True) -> dict:
-    """Export the editor of ``checkpoint`` (+ ``classifier``) to ``out``; returns the metadata written."""
+    """Export the editor of ``checkpoint`` (+ ``classifier``, + ``checker``: the check classifier, never the guide)
+    to ``out``; returns the metadata written."""
     from veil.export import graphs
-    from veil.lightning_modules.diffusion.sample import combined_privacy
-    from veil.lightning_modules.editing.editor import model_costs
     from veil.outputs import check_out_dir, publish, staged_dir
 
     out = Path(out)
-    editor = load_editor(checkpoint, runtime="torch", classifier=classifier, classifier_scale=classifier_scale,
-                         steps=steps, guidance=guidance, use_ema=use_ema)
+    editor = load_editor(checkpoint, runtime="torch", classifier=classifier, checker=checker,
+                         classifier_scale=classifier_scale, steps=steps, guidance=guidance, use_ema=use_ema)
     ckpt, guide = editor.checkpoint, editor.classifier
     created = not out.exists()
     check_out_dir(out, holds=EXPORT_FILES)  # before any work: writable, and never replacing an export
     with staged_dir(out, created=created, prefix=".veil-export-") as stage:  # on failure: removed, OUT too if made here
-        info = {"denoise_step.onnx": graphs.export_denoise_step(editor, stage / "denoise_step.onnx"),
-                "invert_step.onnx": graphs.export_invert_step(editor, stage / "invert_step.onnx")}
+        info = {}
+        with console.stage("exporting the denoise step to ONNX (traced and checked: minutes on a CPU)"):
+            info["denoise_step.onnx"] = graphs.export_denoise_step(editor, stage / "denoise_step.onnx")
+        with console.stage("exporting the inversion step to ONNX"):
+            info["invert_step.onnx"] = graphs.export_invert_step(editor, stage / "invert_step.onnx")
         if editor.checker is not None:
-            info["classifier.onnx"] = graphs.export_classifier(editor.checker, stage / "classifier.onnx")
+            with console.stage("exporting the classifier to ONNX"):
+                info["classifier.onnx"] = graphs.export_classifier(editor.checker, stage / "classifier.onnx")
         source = guide.data_spec if guide is not None and guide.data_spec else ckpt.data_spec
         meta = {
             "format": EXPORT_FORMAT,
@@ -125,10 +132,11 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
                          "classifier_scale": float(guide.scale) if editor.backend == "guided" else None,
                          "keep_unprotected": editor.keep_unprotected, "clip_sample": editor.clip_sample},
             "classifier": None if editor.checker is None else {
-                "attribute_names": list(editor.checker.attribute_names),
-                "role": "guidance and check" if editor.backend == "guided" else "check"},
-            "costs": model_costs(ckpt, guide),
-            "model_privacy": combined_privacy(ckpt, guide),
+                "attribute_names": list(editor.checker.attribute_names), "role": "check",
+                "source": "--checker" if checker is not None else "--classifier at scale 0"},
+            "check": _check_note(editor, checker),
+            "costs": editor.models_cost(),
+            "model_privacy": editor.model_privacy,
             "data_spec": {k: v for k, v in (source or {}).items() if k in DATA_KEYS},
             "graphs": info,
             "versions": {"veil": veil.__version__, "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
@@ -137,11 +145,22 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
         _write_meta(stage, meta)
         protected = [n for n in editor.attribute_names
                      if editor.checker is None or n in editor.checker.attribute_names][:2]
-        meta["verification"] = verify(editor, stage, protected=protected)
+        with console.stage("verifying whole edits on ONNX Runtime against PyTorch"):
+            meta["verification"] = verify(editor, stage, protected=protected)
         _write_meta(stage, meta)
         # all or none, the metadata last: a crash half-way through the moves leaves no export that loads
         publish(stage, out, sorted(meta["files"]) + [META_FILE])
     return meta
+
+
+def _check_note(editor, checker) -> str:
+    """What veil_export.json says about the check of this export's releases."""
+    if editor.checker is None:
+        why = "a guided export is never checked by its guide: export with --checker" if editor.backend == "guided" \
+            else "no classifier was given"
+        return f"none: releases from this export are not checked ({why})"
+    return ("classifier.onnx, " + ("the --checker (not the guide)" if checker is not None else
+                                   "the --classifier at scale 0 (it does not steer)"))
 
 
 def _write_meta(folder: Path, meta: dict) -> None:

@@ -290,7 +290,7 @@ def check_step_parity(editor: PrivateEditor, export_dir, *, batch: int, seed: in
     """Max abs error of each exported graph present in ``export_dir`` (``DENOISE_STEP_FILE`` etc.) against the
     PyTorch step on the same random inputs (torch seed ``seed``), on ONNX Runtime's CPU provider; e.g.
     ``{"denoise_step": 1e-6, "invert_step": 1e-6, "classifier": 1e-7}``. denoise_step's error covers both
-    outputs; classifier.onnx is held to ``editor.checker`` (the guide, unless another checker was given)."""
+    outputs; classifier.onnx is held to ``editor.checker`` (the check classifier: never the guide of a guided editor)."""
     export_dir, dev = Path(export_dir), editor.device
     g = torch.Generator().manual_seed(seed)
     x = _random_step_inputs(editor, batch, g)

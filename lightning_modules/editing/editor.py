@@ -1,6 +1,6 @@
 """``PrivateEditor``: the edit pipeline (``veil.editing.pipeline``) on torch, and its backend.
 
-    PrivateEditor.from_checkpoint("runs/public", classifier="runs/guide", classifier_scale=10.0)
+    PrivateEditor.from_checkpoint("runs/public", classifier="runs/guide", classifier_scale=10.0, checker="runs/judge")
     load_checkpoint_editor(...)   what ``veil.editing.load.load_editor`` returns for a checkpoint
 
 The orchestration (which attributes inversion sees, the grid, the check and its re-dos, refusal,
@@ -13,6 +13,12 @@ with one of two guidance modes:
     guided:      a label-free (or conditional) denoiser steered by classifier guidance from a
                  noise-conditional attribute classifier (DP-trained, e.g.
                  ``configs/classifier32_guidance.yaml``), towards the pipeline's ``guide_targets``.
+
+The check (the classifier at t = 0 that must read each released value) is ``checker``, or the classifier
+given at scale 0 (it does not steer: an independent check). In the guided mode it is never the guide: a
+guided editor without a separate checker has no check (``can_check`` False; ``veil.editing.plan.
+check_who_checks`` refuses a checked guided edit before anything loads), and a checker with the guide's
+weights is refused (``weights_digest``).
 
 Tensors: images (B,3,H,W) float32 in [-1,1], attributes (B,k), on the CPU in and out (the walks move
 each chunk to the model's device and back once, not per step). A "noise" encoding draws its noise
@@ -46,7 +52,30 @@ from veil.lightning_modules.diffusion.schedule import alphas_cumprod_table, q_sa
 from veil.privacy.randomness import secret_seed
 
 __all__ = ["PrivateEditor", "TorchBackend", "load_checkpoint_editor", "CheckedEdits", "EditRefused", "model_costs",
-           "RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR"]
+           "RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR", "weights_digest"]
+
+
+def weights_digest(classifier: GuidanceClassifier) -> str:
+    """sha256 of a classifier's weights (every tensor of its state dict: name, dtype, shape, bytes): the same
+    release, copied or renamed, has the same digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(classifier.model.state_dict().items()):
+        v = value.detach().cpu().contiguous()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_not_the_guide(guide: GuidanceClassifier | None, checker: GuidanceClassifier | None) -> None:
+    """ConfigError naming --checker when the checker is the guide (the same object, or the same weights)."""
+    if guide is None or checker is None:
+        return
+    if checker is guide or checker.model is guide.model or weights_digest(checker) == weights_digest(guide):
+        raise ConfigError(": the same weights as --classifier, the classifier that guides the edit; a check by "
+                          "the guide is no evidence (its own gradients fool it): give another `veil train-classifier` "
+                          "release, or --no-check", option="--checker")
 
 
 def model_costs(ckpt, guide: GuidanceClassifier | None, *, edited: Mapping[str, Any] | None = None,
@@ -115,9 +144,14 @@ class TorchBackend:
             yield [x[i : i + self.batch_size].to(self.device) for x in tensors]
 
     # -- the walks ---------------------------------------------------------------------------------------
+    def _denoiser_attrs(self, a: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is given for attributes ``a`` (B, k): a label-free one only ever sees zeros, as wide
+        as it was built (its own, meaningless names), whatever attributes the guide and the data have."""
+        return a.new_zeros(a.shape[0], self.model.num_attributes) if self.label_free else a
+
     def invert(self, images, attributes, *, timesteps, guidance: float) -> torch.Tensor:
         ts = torch.tensor(list(timesteps), dtype=torch.long)
-        return torch.cat([ddim_invert(self.model, x, a, self.alphas_cumprod, ts, guidance).cpu()
+        return torch.cat([ddim_invert(self.model, x, self._denoiser_attrs(a), self.alphas_cumprod, ts, guidance).cpu()
                           for x, a in self._chunks(images, attributes)])
 
     def add_noise(self, images, *, t0: int, noise) -> torch.Tensor:
@@ -139,13 +173,12 @@ class TorchBackend:
                                               self.clip_sample).cpu()
                               for x, a, f in self._chunks(x_t0, targets, factor)])
         g_targets = self.guide.targets_for(guide_targets, self.attribute_names)  # (B, k_clf)
-        attrs = torch.zeros_like(targets) if self.label_free else targets
         w = 1.0 if self.label_free else self.guidance_scale
         out = []
-        for x, a, gt, f in self._chunks(x_t0, attrs, g_targets, factor):
+        for x, a, gt, f in self._chunks(x_t0, targets, g_targets, factor):
             guide = dataclasses.replace(self.guide, scale=self.guide.scale * f)  # (b,) scales
-            out.append(ddim_regenerate(self.model, x, a, self.alphas_cumprod, ts, w, self.clip_sample,
-                                       guide=guide, guide_targets=gt).cpu())
+            out.append(ddim_regenerate(self.model, x, self._denoiser_attrs(a), self.alphas_cumprod, ts, w,
+                                       self.clip_sample, guide=guide, guide_targets=gt).cpu())
         return torch.cat(out)
 
     def logits(self, images) -> np.ndarray:
@@ -156,9 +189,12 @@ class PrivateEditor(EditPipeline):
     """The edit pipeline on a loaded denoiser (and, for the guided mode, a guidance classifier); also the
     sessions' ``EditFn``. Methods and the math: ``EditPipeline``; tensors in and out.
 
-    ``guide`` (a ``GuidanceClassifier`` with scale > 0) selects the guided mode; ``checker`` (default:
-    ``guide``) is the classifier of the check; ``label_free``: the denoiser was trained without attribute
-    labels (``cond_drop_prob`` 1), so it is only ever given zeros, and needs ``guide`` to edit.
+    ``guide`` (a ``GuidanceClassifier`` with scale > 0) selects the guided mode; ``checker`` is the classifier of
+    the check: never the guide (ConfigError if it has the guide's weights), so a guided editor without one
+    cannot check (``can_check`` False); a ``guide`` at scale 0 does not steer and checks (unless ``checker``
+    is given). ``label_free``: the denoiser was trained without attribute labels (``cond_drop_prob`` 1), so it
+    is only ever given zeros, and needs ``guide`` to edit; its attribute names mean nothing then, and
+    ``from_models`` takes the editor's attributes from the guide (the guide and the dataset's CSV decide them).
     """
 
     def __init__(self, model, scheduler_config: Mapping[str, Any], attribute_names: Sequence[str], *,
@@ -169,8 +205,9 @@ class PrivateEditor(EditPipeline):
         guidance_scale = check_guidance("--guidance", guidance_scale)
         check_guidance("inversion_guidance", inversion_guidance)
         check_check_options(check_threshold=check_threshold, max_retries=max_retries)
-        if guide is not None and not guide.scale > 0:
-            guide = None  # scale 0: the classifier only checks
+        if guide is not None and not guide.scale > 0:  # scale 0: the classifier does not steer, it only checks
+            guide, checker = None, guide if checker is None else checker
+        _check_not_the_guide(guide, checker)  # the check is never the model that guided the edit
         if label_free and guide is None:
             raise ConfigError(": this denoiser was trained without attribute labels, so it cannot edit attributes by "
                               "itself; give --classifier (a noise-conditional attribute classifier, `veil "
@@ -178,7 +215,7 @@ class PrivateEditor(EditPipeline):
                               option="--checkpoint")
         engine = TorchBackend(model, scheduler_config, attribute_names, guidance_scale=guidance_scale,
                               clip_sample=clip_sample, batch_size=batch_size, guide=guide,
-                              checker=checker if checker is not None else guide, label_free=label_free)
+                              checker=checker, label_free=label_free)
         super().__init__(engine, num_steps=num_steps, inversion_guidance=inversion_guidance,
                          keep_unprotected=keep_unprotected, check_threshold=check_threshold, max_retries=max_retries)
         self.scheduler_config = dict(scheduler_config)
@@ -238,7 +275,8 @@ class PrivateEditor(EditPipeline):
                         checker=None, **kwargs) -> "PrivateEditor":
         """The editor of a ``veil train`` release; with ``classifier`` (a ``veil train-classifier`` release)
         and ``classifier_scale`` > 0 the guided mode, with scale 0 the classifier only checks; ``checker``
-        (a classifier release) checks instead of it. ``kwargs``: the constructor's."""
+        (another classifier release) checks instead of it, and is the only check of a guided edit.
+        ``kwargs``: the constructor's."""
         ckpt, guide, judge = _load_models(path, use_ema=use_ema, classifier=classifier,
                                           classifier_scale=classifier_scale, checker=checker)
         return cls.from_models(ckpt, classifier=guide, checker=judge, **kwargs)
@@ -250,8 +288,12 @@ class PrivateEditor(EditPipeline):
         (the classifier's data when it has one: the private data it was trained on)."""
         from veil.lightning_modules.diffusion.sample import combined_privacy
 
-        editor = cls(ckpt.model, ckpt.scheduler_config, ckpt.attribute_names, guide=classifier,
-                     checker=checker or classifier, label_free=ckpt.cond_drop_prob == 1.0, **kwargs)
+        label_free = ckpt.cond_drop_prob == 1.0
+        # a label-free denoiser never sees attributes: its recorded names (those of its public training data) are
+        # ignored, and the guide's are the edit's, so a public label-free model edits any attribute set
+        names = classifier.attribute_names if label_free and classifier is not None else ckpt.attribute_names
+        editor = cls(ckpt.model, ckpt.scheduler_config, names, guide=classifier, checker=checker,
+                     label_free=label_free, **kwargs)
         editor.checkpoint, editor.classifier, editor._judge = ckpt, classifier, checker
         editor.data_spec = classifier.data_spec if classifier is not None and classifier.data_spec else ckpt.data_spec
         editor.costs = editor.models_cost()

@@ -26,7 +26,7 @@ PROTECTED = ["smiling"]
 def _editor(models, backend: str) -> PrivateEditor:
     if backend == "guided":
         return PrivateEditor.from_checkpoint(models / "unet", classifier=models / "guide", classifier_scale=30.0,
-                                             num_steps=4)
+                                             checker=models / "judge", num_steps=4)  # as the session's export
     if backend == "guided-conditional-unet":  # classifier guidance on top of classifier-free w = 2 (both branches)
         return PrivateEditor.from_checkpoint(models / "cond", classifier=models / "guide", classifier_scale=30.0,
                                              num_steps=4, guidance_scale=2.0, inversion_guidance=1.5)

@@ -29,7 +29,7 @@ STEPS = 6  # conftest.EXPORT_STEPS: the exports' default steps
 def _torch_editor(models, backend) -> PrivateEditor:
     if backend == "guided":
         return PrivateEditor.from_checkpoint(models / "unet", classifier=models / "guide", classifier_scale=30.0,
-                                             num_steps=STEPS)
+                                             checker=models / "judge", num_steps=STEPS)
     return PrivateEditor.from_checkpoint(models / "cond", classifier=models / "guide", classifier_scale=0.0,
                                          num_steps=STEPS)
 
@@ -196,7 +196,8 @@ def test_veil_edit_runs_on_the_export(models, exports, tmp_path, veil_home, caps
     assert main(["edit", "--runtime", "ort", "--checkpoint", str(exports / "guided"), *common,
                  "--ledger", str(tmp_path / "ort.sqlite"), "--out", str(tmp_path / "ort")]) == 0
     assert main(["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
-                 "--classifier-scale", "30", *common, "--ledger", str(tmp_path / "torch.sqlite"),
+                 "--classifier-scale", "30", "--checker", str(models / "judge"), *common,
+                 "--ledger", str(tmp_path / "torch.sqlite"),
                  "--out", str(tmp_path / "torch")]) == 0
     ort_report, torch_report = (json.loads((tmp_path / r / "edit_report.json").read_text()) for r in ("ort", "torch"))
     assert ort_report["runtime"] == "ort" and ort_report["backend"] == "guided"
@@ -240,3 +241,70 @@ def test_an_export_claiming_a_negative_or_nan_epsilon_is_refused_when_read(expor
     with pytest.raises(DataError, match=rf"costs\[{private[0]}\]"):
         OrtEditor(folder, providers="cpu")
     OrtEditor(exports / "guided", providers="cpu")  # the untouched export still loads
+
+
+def _fast_guided_export(monkeypatch, exports):
+    """The guided step graphs of the session's export, copied instead of traced again (a minute or more here);
+    everything else of `veil export` runs, its verification against PyTorch included."""
+    import shutil
+
+    from veil.export import graphs as G
+
+    graphs = json.loads((exports / "guided" / META_FILE).read_text())["graphs"]
+    for name in ("denoise_step", "invert_step"):
+        def copy(editor, path, _name=name):
+            shutil.copyfile(exports / "guided" / f"{_name}.onnx", path)
+            return graphs[f"{_name}.onnx"]
+        monkeypatch.setattr(G, f"export_{name}", copy)
+
+
+def test_a_guided_export_without_a_checker_has_no_check(models, exports, tmp_path, monkeypatch, capsys, veil_home):
+    """Issue 30: a guided export is never checked by its guide: without --checker it carries no classifier.onnx,
+    its editor cannot check (the server releases unchecked, and says so), and `veil edit` on it asks for
+    --checker or --no-check; a --checker with the guide's weights is refused."""
+    _fast_guided_export(monkeypatch, exports)
+    guided = ["export", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
+              "--classifier-scale", "30", "--steps", str(STEPS)]
+    assert main(guided + ["--checker", str(models / "guide"), "--out", str(tmp_path / "same")]) == 2
+    assert "--checker: the same weights as --classifier" in capsys.readouterr().err
+    assert not (tmp_path / "same").exists()
+    folder = tmp_path / "unchecked"
+    assert main(guided + ["--out", str(folder)]) == 0
+    assert "check: none: releases from this export are not checked" in capsys.readouterr().out
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["classifier"] is None and "classifier.onnx" not in meta["files"]
+    assert not (folder / "classifier.onnx").exists()
+    assert [c["role"] for c in meta["costs"]] == ["denoiser", "guidance classifier"]
+    editor = OrtEditor(folder, providers="cpu")
+    assert editor.backend == "guided" and not editor.can_check
+    x, a = _faces(1)
+    attrs = dict(zip(editor.attribute_names, a[0].int().tolist()))
+    with PrivacyLedger(tmp_path / "ledger.sqlite", budget=100.0) as ledger:
+        session = EditSession(image_id="img-1", image=x[0].numpy(), attributes=attrs, protected=["smiling"],
+                              editor=editor, ledger=ledger, level="max")
+        assert session.accept().checked is False  # what the server's release says ("checked": false)
+    edit = ["edit", "--runtime", "ort", "--checkpoint", str(folder), "--first", "1", "--protect", "smiling",
+            "--level", "max", "--steps", str(STEPS)]
+    assert main(edit + ["--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "--checker" in err and "--no-check" in err and not (tmp_path / "e").exists()
+    assert main(edit + ["--no-check", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_the_guided_exports_classifier_is_its_checker_not_its_guide(models, exports):
+    from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
+    from veil.lightning_modules.editing.editor import weights_digest
+
+    meta = json.loads((exports / "guided" / META_FILE).read_text())
+    assert meta["classifier"]["source"] == "--checker" and "not the guide" in meta["check"]
+    assert [c["role"] for c in meta["costs"]] == ["denoiser", "guidance classifier", "check classifier"]
+    editor = OrtEditor(exports / "guided", providers="cpu")
+    assert editor.can_check
+    schedule = json.loads((exports / "guided" / META_FILE).read_text())["scheduler_config"]
+    judge, guide = (load_guidance_classifier(models / name, scheduler_config=schedule, scale=0.0, check_only=True)
+                    for name in ("judge", "guide"))
+    assert weights_digest(judge) != weights_digest(guide)
+    x, _ = _faces(4)
+    got = editor.logits(x.numpy())
+    np.testing.assert_allclose(got, judge.logits(x).numpy(), atol=1e-4)
+    assert np.abs(got - guide.logits(x).numpy()).max() > 1e-2

@@ -52,8 +52,9 @@ from veil.privacy.levels import check_encoding
 
 __all__ = ["EditPipeline", "check_guidance"]
 
-NO_CLASSIFIER = ("checking an edit or guessing attributes needs a classifier: give --classifier (an export "
-                 "brings its own: `veil export --classifier`)")
+NO_CLASSIFIER = ("checking an edit or guessing attributes needs a check classifier: give --checker (or, without "
+                 "guidance, --classifier at --classifier-scale 0; an export brings its own: `veil export --checker`); a "
+                 "guided edit is never checked by its guide")
 
 
 def check_guidance(option: str, w) -> float:
@@ -158,8 +159,10 @@ class EditPipeline:
         for role, known in self.engine.classifiers.items():
             missing = sorted(set(protected) - set(known))
             if missing:
-                raise ConfigError(f": the classifier ({role}) does not know {missing} (it knows {list(known)})",
-                                  option="--protect")
+                which = "the check classifier (--checker, or --classifier at scale 0)" if role == "check" else \
+                    "the guidance classifier (--classifier)"
+                raise ConfigError(f": {which} does not know {missing} (it knows {list(known)}); give one trained on "
+                                  f"every protected attribute", option="--protect")
         return np.array([n in set(protected) for n in names])
 
     def inversion_attributes(self, originals: Array, *, protected: Sequence[str]) -> Array:

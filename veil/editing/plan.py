@@ -6,7 +6,14 @@ the same timesteps and re-do the same rows the same way.
 
 Grid: 0, r, 2r, ..., (n-1) r with r = T // n (diffusers' "leading" spacing, steps_offset 0); the
 edit at strength s walks 0 .. t0, t0 the grid point nearest s T, so strength 1 starts where
-sampling starts.
+sampling starts. A strength whose t0 is grid point 0 would walk no step at all and release the image as it
+is (``--strength 1e-300``): refused, naming the least strength that walks one step at these steps.
+
+Who checks an edit (``check_who_checks``): the check classifier at t = 0 must read each released protected
+value before a release is accepted, and in the guided mode that is never the classifier that guided the
+edit (its own gradients fool it: a check by the guide is no evidence). A guided edit is checked by a
+separate ``--checker`` or released with ``--no-check``; with ``--classifier-scale 0`` the classifier does
+not steer, so it is an independent check.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from veil.errors import ConfigError
 from veil.privacy.levels import check_strength
 
 __all__ = ["RETRY_STRENGTH_STEP", "RETRY_GUIDANCE_FACTOR", "DEFAULT_MAX_RETRIES", "DEFAULT_CHECK_THRESHOLD",
-           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "CheckedEdits", "encoding_mus"]
+           "sample_grid", "edit_grid", "retry_ladder", "check_check_options", "CheckedEdits", "encoding_mus",
+           "min_strength", "check_who_checks", "GUIDE_IS_NO_CHECK"]
 
 RETRY_STRENGTH_STEP = 0.15  # each re-do of an edit that does not show its released values goes this much deeper
 RETRY_GUIDANCE_FACTOR = 1.5  # ... and multiplies the guidance (classifier scale, or classifier-free w) by this
@@ -35,12 +43,26 @@ def sample_grid(*, num_steps: int, num_train_timesteps: int) -> list[int]:
     return [k * r for k in range(num_steps)]
 
 
+def min_strength(*, num_steps: int, num_train_timesteps: int) -> float:
+    """The least strength whose edit walks at least one DDIM step: t0 = r needs strength * T / r > 1/2."""
+    return (num_train_timesteps // num_steps) / (2 * num_train_timesteps)
+
+
 def edit_grid(*, strength: float, num_steps: int, num_train_timesteps: int) -> list[int]:
-    """Ascending DDIM grid points 0, r, ..., t0, t0 = grid point nearest strength * T."""
+    """Ascending DDIM grid points 0, r, ..., t0, t0 = grid point nearest strength * T; ConfigError naming
+    --strength when t0 would be 0 (no step: the image released unchanged)."""
     strength = check_strength(strength, option="--strength")
     grid = sample_grid(num_steps=num_steps, num_train_timesteps=num_train_timesteps)
+    if num_steps < 2:
+        raise ConfigError(f"={num_steps!r}: an edit needs at least 2 DDIM steps (its grid 0, r, ... ends at the "
+                          f"grid point below T: with one step it would walk none)", option="--steps")
     r = num_train_timesteps // num_steps
     k0 = min(num_steps - 1, round(strength * num_train_timesteps / r))
+    if k0 < 1:
+        raise ConfigError(f"={strength!r}: an edit at this strength walks no DDIM step (at {num_steps} steps it "
+                          f"must be above {min_strength(num_steps=num_steps, num_train_timesteps=num_train_timesteps):g}"
+                          f") and would release the image unchanged; give a strength in that range, or a named "
+                          f"--level", option="--strength")
     return grid[: k0 + 1]
 
 
@@ -69,6 +91,21 @@ def encoding_mus(*, alphas_cumprod, strength: float, encoding: str, num_steps: i
     return [gaussian_mu(signal=float(alphas_cumprod[edit_grid(strength=s, num_steps=num_steps,
                                                               num_train_timesteps=T)[-1]]), sensitivity=sens)
             for s, _ in ladder]
+
+
+GUIDE_IS_NO_CHECK = (
+    ": a guided edit is never checked by the classifier that guided it (its own gradients fool it, so its check is "
+    "no evidence); give --checker (another `veil train-classifier` release, e.g. a small classifier of clean images "
+    "on the same data: its epsilon counts in the dataset's account like the guide's) or --no-check (the edits are "
+    "released unchecked, and the report and the revision say so)")
+
+
+def check_who_checks(*, guided: bool, checker: bool, check: bool) -> None:
+    """The one rule of who checks an edit, applied before anything is loaded: a ``guided`` edit (a classifier
+    steers it) that is to be checked (``check``) needs a separate ``checker``; ConfigError naming --checker
+    otherwise. (The torch editor never makes its guide the checker: ``PrivateEditor``.)"""
+    if guided and check and not checker:
+        raise ConfigError(GUIDE_IS_NO_CHECK, option="--checker")
 
 
 def check_check_options(*, check_threshold, max_retries) -> None:

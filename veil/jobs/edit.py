@@ -12,9 +12,11 @@
 A release is ``veil.privacy.release.release`` (the one EditSession and the server use: budget check,
 draw, edit, record), batched over images. A release is all-or-nothing, in this order:
 
-    1. check every option (numbers finite and in range, each naming its flag) and --out (a folder veil
-       can write, holding no earlier edit), before anything is loaded;
-    2. load the model and the data, check --protect / --ids / --first against them;
+    1. check every option (numbers finite and in range, each naming its flag; a checked guided edit needs a
+       separate --checker: ``veil.editing.plan.check_who_checks``) and --out (a folder veil can write,
+       holding no earlier edit), before anything is loaded; take --out's lock (``veil.outputs.out_lock``:
+       one run at a time) and remove the staging folders that killed runs left there (saying so);
+    2. load the model and the data, check --protect / --ids / --first / --strength against them;
     3. open the dataset's privacy database and check every (image, attribute) against the budget;
     4. draw the released attributes, edit in one batch, refuse an edit that is not finite;
     5. write the revision and the grid into a hidden staging folder inside OUT (.veil-edit-*);
@@ -34,21 +36,30 @@ import json
 import math
 import os
 import random
+import shutil
 import sqlite3
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from veil.errors import CheckpointError, ConfigError, DataError
 from veil.lightning_modules.data.datamodule import DATASET_KEYS, FaceDataModule
-from veil.lightning_modules.data.grid import save_grid
+from veil.lightning_modules.data.grid import EDIT_LEGEND, edit_captions, save_before_after, save_grid
 from veil.lightning_modules.data.revision import RevisionChange, write_revision
-from veil.editing.plan import DEFAULT_CHECK_THRESHOLD, DEFAULT_MAX_RETRIES, RETRY_GUIDANCE_FACTOR, RETRY_STRENGTH_STEP
+from veil.editing.plan import (
+    DEFAULT_CHECK_THRESHOLD,
+    DEFAULT_MAX_RETRIES,
+    RETRY_GUIDANCE_FACTOR,
+    RETRY_STRENGTH_STEP,
+    check_who_checks,
+)
 from veil.editing.load import load_editor
 from veil.editing.pipeline import EditPipeline
-from veil.outputs import check_out_dir, dumps_strict, publish, remove_if_empty, staged_dir, unpublish
+from veil.outputs import check_out_dir, dumps_strict, out_lock, publish, remove_if_empty, staged_dir, unpublish
 from veil.privacy.accounting import ENCODING_PIXELS, compose, price_release
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.levels import LEVELS, PrivacyLevel, resolve_level
@@ -73,9 +84,10 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
                      keep_unprotected: bool = True, checker=None, runtime: str = "torch"):
     """(editor, datamodule, indices, protected) after validating every option against model and data.
 
-    ``checker`` (a ``veil train-classifier`` release) checks the edits instead of ``classifier``: a
-    classifier that did not steer the edit cannot be fooled by its own guidance (measured: the guidance
-    classifier scored 0.99+ "no eyeglasses" on edits that still showed them, docs/editing.md).
+    ``checker`` (a ``veil train-classifier`` release) checks the edits; a guided edit is checked by it or by
+    nothing, never by ``classifier``: the classifier that steered an edit is fooled by its own guidance
+    (measured: the guidance classifier scored 0.99+ "no eyeglasses" on edits that still showed them,
+    docs/editing.md), and a checker with the guide's weights is refused.
 
     The backend follows from what is given: ``classifier`` with ``classifier_scale`` > 0 -> guided (the
     classifier steers the denoiser); scale 0 -> conditional, the classifier only checks the edits; no
@@ -97,6 +109,7 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     attribute_names, res = editor.attribute_names, editor.resolution
     base = {k: v for k, v in (editor.data_spec or {}).items() if k in DATASET_KEYS}
     spec = {**base, **{k: v for k, v in (data or {}).items() if v is not None}}
+    check_recorded_data(spec, data or {}, origin=_data_origin(editor, checkpoint, classifier, runtime))
     spec["attributes"] = list(attribute_names)
     if spec.setdefault("resolution", res) != res:
         raise ConfigError(f"{spec['resolution']}: the model was trained at {res}x{res}; use {res}",
@@ -143,10 +156,49 @@ def load_edit_inputs(*, checkpoint, data: Mapping[str, Any] | None, ids: Sequenc
     return editor, dm, indices, list(protect)
 
 
+def _data_origin(editor, checkpoint, classifier, runtime: str) -> str:
+    """Which file the edit's data spec came from, for messages: the export's, the classifier's or the denoiser's."""
+    if runtime == "ort":
+        return f"{checkpoint}/veil_export.json (--checkpoint)"
+    clf = getattr(editor, "classifier", None)
+    if clf is not None and clf.data_spec:
+        return f"{classifier}/model/veil_model.json (--classifier)"
+    return f"{checkpoint}/model/veil_model.json (--checkpoint)"
+
+
+def check_recorded_data(spec: Mapping[str, Any], given: Mapping[str, Any], *, origin: str) -> None:
+    """The data paths a model recorded (``origin``), checked before use: a relative one is refused (veil stores
+    them absolute; it does not guess what an old one was relative to), a missing one is named with where it came
+    from, and a folder that no longer holds the dataset recorded at that path (not one image in common, by
+    content) is refused. Paths given with --data are the user's own and checked by the data module."""
+    if spec.get("source") not in ("celeba", "folder"):
+        return
+    for key in ("root", "csv"):
+        value = spec.get(key)
+        if value is None or given.get(key) is not None:
+            continue
+        if not Path(str(value)).expanduser().is_absolute():
+            raise ConfigError(f": data.{key} {value!r} from {origin} is relative (recorded before veil stored data "
+                              f"paths absolute), so it could name a different folder from here; veil does not guess: "
+                              f"give the data yourself (--data folder --root PATH --csv PATH)", option="--data")
+        if not Path(str(value)).expanduser().exists():
+            raise DataError(f"data.{key} {value} from {origin}: no such {'folder' if key == 'root' else 'file'} (moved "
+                            f"or deleted?); give the data yourself (--data folder --root PATH --csv PATH)")
+    if given.get("root") is None:
+        from veil.privacy.locations import matches_recorded
+
+        if matches_recorded(spec) is False:
+            raise DataError(f"data.root {spec['root']} from {origin}: this folder no longer holds the dataset recorded "
+                            f"there (not one image file in common, by content), so its images would be charged to "
+                            f"another dataset's account; give the data yourself (--data folder --root PATH --csv PATH)")
+
+
 NEEDS_CHECKER = (": every released edit is checked to show its released values, and the check needs an "
                  "attribute classifier (`veil train-classifier`; with --classifier-scale 0 it only checks, the "
-                 "conditional model still edits; with --runtime ort, `veil export --classifier`); or pass --no-check "
-                 "to release unchecked edits")
+                 "conditional model still edits; a guided edit needs --checker, never its guide; with --runtime ort, "
+                 "`veil export --checker` or `--classifier --classifier-scale 0`); or pass --no-check to release "
+                 "unchecked edits")
+STAGING_PREFIX = ".veil-edit-"
 
 
 def _classifier_scale(editor: EditPipeline) -> float | None:
@@ -173,15 +225,9 @@ def _as_dict(names, row) -> dict[str, int]:
     return {n: int(v) for n, v in zip(names, row.tolist())}
 
 
-def _before_after(originals, edits, path: Path) -> None:
-    """Pairs of rows, 8 images wide: originals above their edits (tensors or arrays)."""
-    originals, edits = np.asarray(originals), np.asarray(edits)
-    rows = []
-    for i in range(0, len(originals), 8):
-        rows += [originals[i : i + 8], edits[i : i + 8]]
-    width = min(8, len(originals))
-    pad = lambda r: np.concatenate([r, np.ones((width - len(r), *r.shape[1:]), r.dtype)]) if len(r) < width else r
-    save_grid(np.concatenate([pad(r) for r in rows]), path, nrow=width, scale=max(1, 128 // originals.shape[-1]))
+def _before_after(originals, edits, path: Path, captions=None) -> None:
+    """Pairs of rows, 8 images wide: originals above their edits (tensors or arrays), the edits captioned (owner-only)."""
+    save_before_after(originals, edits, path, captions=captions, legend=EDIT_LEGEND)
 
 
 def _owner_only(path: Path) -> Path:
@@ -235,7 +281,35 @@ def _check_out(out: Path, holds: Sequence[str]) -> bool:
 def _staging(out: Path, created: bool):
     """A hidden folder inside OUT (``.veil-edit-*``) for the files of one command; removed (with OUT, if this
     command created it and it stayed empty) when the block raises, so a failed command leaves nothing behind."""
-    return staged_dir(out, created=created, prefix=".veil-edit-", unwritten="nothing was released")
+    return staged_dir(out, created=created, prefix=STAGING_PREFIX, unwritten="nothing was released")
+
+
+@contextmanager
+def _locked_staging(out: Path, holds: Sequence[str], lock, say: Callable[[str], None] | None):
+    """Inside ``out_lock(out)``: --out checked to hold none of ``holds``, the staging folders of killed runs
+    removed, then this run's staging folder (``_staging``; OUT removed on failure if the lock created it)."""
+    _check_out(out, holds)
+    remove_stale_staging(out, say)
+    with _staging(out, bool(lock.created)) as stage:
+        yield stage
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def remove_stale_staging(out: Path, say: Callable[[str], None] | None = None) -> list[str]:
+    """Remove the staging folders (``.veil-edit-*``) that earlier edits into ``out`` left behind when they were
+    killed (SIGKILL, a power cut: no ``finally`` ran), saying so in one line; returns their names. Call it only
+    while holding ``out_lock(out)``: every edit holds it for its whole run, so a staging folder found then
+    belongs to a process that is gone (its releases, if any, were committed with their files or rolled back)."""
+    stale = sorted(p.name for p in out.glob(f"{STAGING_PREFIX}*") if p.is_dir() and not p.is_symlink())
+    for name in stale:
+        shutil.rmtree(out / name, ignore_errors=True)
+    if stale:
+        (say or _say)(f"veil edit: removed {len(stale)} staging folder{'s' if len(stale) > 1 else ''} left in {out} "
+                      f"by an earlier edit that was killed ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''})")
+    return stale
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -275,7 +349,7 @@ def _write_edit(stage: Path, *, dm, names, changes, image_ids, edited, grid: tup
     write_revision(_owner_only(stage / "revision"), base_spec=dm.dataset_spec(), attribute_names=names,
                    changes=changes, images=dict(zip(image_ids, edited)), withheld=withheld)
     manifest = json.loads(_owner_only(stage / "revision/manifest.json").read_text())
-    _before_after(*grid, _owner_only_file(stage / "before_after.png"))
+    _before_after(*grid[:2], _owner_only_file(stage / "before_after.png"), captions=grid[2] if len(grid) > 2 else None)
     return {c["id"]: f"revision/{c['file']}" for c in manifest["changes"]}
 
 
@@ -287,14 +361,16 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
              use_ema: bool = True, classifier=None, classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
              check: bool = True, check_threshold: float = DEFAULT_CHECK_THRESHOLD,
              max_retries: int = DEFAULT_MAX_RETRIES, keep_unprotected: bool = True, checker=None,
-             runtime: str = "torch") -> dict:
+             runtime: str = "torch", say: Callable[[str], None] | None = None) -> dict:
     """Release private edits of the chosen images; returns the report also written to OUT/edit_report.json.
 
     Spends on the dataset's privacy database (``PrivacyLedger.for_dataset``; ``ledger`` overrides its
     path). ``budget`` sets the release budget of a new database; on an existing one it must match.
     ``classifier``: the guided backend (scale > 0) or the check only (scale 0); every edit is checked to
-    show its released values (``check``, which needs a classifier; ``check=False`` releases unchecked and
-    says so). All or nothing: the steps of the module docstring.
+    show its released values (``check``, which needs a check classifier: ``checker``, or ``classifier`` at
+    scale 0; a guided edit needs ``checker``, never its guide; ``check=False`` releases unchecked and says
+    so). ``say``: where the one-line notices go (default: stderr). All or nothing: the steps of the module
+    docstring.
     """
     out = Path(out)
     # 1. every option and --out, before anything is loaded or spent
@@ -302,34 +378,49 @@ def run_edit(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any]
     lv = resolve_level(level, epsilon=epsilon, strength=strength, encoding=encoding)
     if check and classifier is None and checker is None and runtime == "torch":
         raise ConfigError(NEEDS_CHECKER, option="--classifier")
-    created = _check_out(out, EDIT_FILES)
-    with _staging(out, created) as stage:
-        # 2. models and data
-        editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
-            checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
-            use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale, check_threshold=check_threshold,
-            max_retries=max_retries, keep_unprotected=keep_unprotected, checker=checker, runtime=runtime)
-        if check and not editor.can_check:  # an export without a classifier
-            raise ConfigError(NEEDS_CHECKER, option="--classifier")
-        head = {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
-                "checker": None if checker is None else str(checker), "runtime": runtime,
-                "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
-                "level": lv.to_json(), "protected": protected,
-                "guidance": editor.guidance_scale if editor.backend == "conditional" and not editor.label_free else None,
-                "classifier_scale": _classifier_scale(editor),
-                "keep_unprotected": editor.keep_unprotected if editor.backend == "guided" else None,
-                "steps": steps, "seed_given": seed is not None,
-                "check": check_policy(editor) if check else
-                {"enabled": False, "warning": "NOT CHECKED: nobody verified that these edits show their released "
-                                              "values; an edit that still shows the value it replaced gives that value away"}}
-        try:
-            with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
-                return _release(book, stage=stage, out=out, editor=editor, dm=dm, lv=lv, protected=protected,
-                                image_ids=image_ids, x=x, a=a, originals=originals, seed=seed, check=check,
-                                report_head=head)
-        except sqlite3.DatabaseError as e:  # a database damaged past its header: found while reading it
-            where = ledger if ledger is not None else "the dataset's privacy database"
-            raise DataError(f"--ledger {where}: unreadable privacy database ({e}); nothing was released") from None
+    check_who_checks(guided=runtime == "torch" and classifier is not None and classifier_scale > 0,
+                     checker=checker is not None, check=check)
+    with out_lock(out) as lock:  # one edit at a time into OUT: a staging folder found now is a dead run's
+        with _locked_staging(out, EDIT_FILES, lock, say) as stage:
+            # 2. models and data
+            editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
+                checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps,
+                guidance=guidance, use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale,
+                check_threshold=check_threshold, max_retries=max_retries, keep_unprotected=keep_unprotected,
+                checker=checker, runtime=runtime)
+            editor.timesteps(lv.strength)  # --strength walks at least one DDIM step at these --steps
+            if check and not editor.can_check:  # an export without a check classifier
+                guided_export = editor.backend == "guided"
+                raise ConfigError(f": {checkpoint} is a guided export made without `veil export --checker`, so it has "
+                                  f"no check (its guide never checks); re-export with --checker, or pass --no-check"
+                                  if guided_export else NEEDS_CHECKER, option="--checker" if guided_export else
+                                  "--classifier")
+            head = _report_head(editor, dm, lv, protected, checkpoint=checkpoint, classifier=classifier,
+                                checker=checker, runtime=runtime, steps=steps, seed=seed, check=check)
+            try:
+                with PrivacyLedger.for_dataset(dm.dataset_spec(), budget=budget, path=ledger) as book:
+                    return _release(book, stage=stage, out=out, editor=editor, dm=dm, lv=lv, protected=protected,
+                                    image_ids=image_ids, x=x, a=a, originals=originals, seed=seed, check=check,
+                                    report_head=head)
+            except sqlite3.DatabaseError as e:  # a database damaged past its header: found while reading it
+                where = ledger if ledger is not None else "the dataset's privacy database"
+                raise DataError(f"--ledger {where}: unreadable privacy database ({e}); nothing was released") from None
+
+
+def _report_head(editor: EditPipeline, dm, lv, protected, *, checkpoint, classifier, checker, runtime, steps, seed,
+                 check: bool) -> dict:
+    """What edit_report.json says before the releases: the models, the level, and the check (or NOT CHECKED)."""
+    return {"checkpoint": str(checkpoint), "classifier": None if classifier is None else str(classifier),
+            "checker": None if checker is None else str(checker), "runtime": runtime,
+            "backend": editor.backend, "model_privacy": editor.model_privacy, "data": dm.dataset_spec(),
+            "level": lv.to_json(), "protected": protected,
+            "guidance": editor.guidance_scale if editor.backend == "conditional" and not editor.label_free else None,
+            "classifier_scale": _classifier_scale(editor),
+            "keep_unprotected": editor.keep_unprotected if editor.backend == "guided" else None,
+            "steps": steps, "seed_given": seed is not None,
+            "check": check_policy(editor) if check else
+            {"enabled": False, "warning": "NOT CHECKED: nobody verified that these edits show their released "
+                                          "values; an edit that still shows the value it replaced gives that value away"}}
 
 
 def check_policy(editor: EditPipeline) -> dict:
@@ -338,8 +429,8 @@ def check_policy(editor: EditPipeline) -> dict:
             "retry": f"strength +{RETRY_STRENGTH_STEP:g} (at most 1) and guidance x{RETRY_GUIDANCE_FACTOR:g} per re-do",
             "on_failure": "refused: not in the revision, but charged in the ledger (outcome 'refused'), because the "
                           "randomized response was drawn and the refusal depends on it",
-            "rule": "the checker, the classifier at t = 0, must give each released protected value a probability "
-                    ">= threshold"}
+            "rule": "the checker, a classifier at t = 0 that did not guide the edit, must give each released "
+                    "protected value a probability >= threshold"}
 
 
 def release_costs(editor: EditPipeline, lv, protected: Sequence[str], book: PrivacyLedger, *, check: bool) -> dict:
@@ -388,7 +479,9 @@ def _release(book: PrivacyLedger, *, stage: Path, out: Path, editor, dm, lv, pro
                                   checks.get(image_ids[k], {}).get("strength", lv.strength)) for k in keep]
         try:
             files.update(_write_edit(stage, dm=dm, names=names, changes=changes, image_ids=[image_ids[k] for k in keep],
-                                     edited=edited[keep], grid=(x, edited),
+                                     edited=edited[keep],
+                                     grid=(x, edited, edit_captions(draws, originals, protected=protected, level=lv.name,
+                                                                    refused=[k for k, ok in enumerate(passed) if not ok])),
                                      withheld=[i for i, ok in zip(image_ids, passed) if not ok]))
         except OSError as e:
             raise DataError(f"--out {out}: writing the edit failed ({e.strerror or e}); nothing was released or "
@@ -448,7 +541,7 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
               guidance: float | None = None, steps: int = 50,
               seed: int | None = None, use_ema: bool = True, classifier=None,
               classifier_scale: float = DEFAULT_CLASSIFIER_SCALE, keep_unprotected: bool = True,
-              runtime: str = "torch") -> dict:
+              runtime: str = "torch", say: Callable[[str], None] | None = None) -> dict:
     """Preview grid over privacy levels for the same images; releases nothing.
 
     The previews are the owner's: row 0 shows the originals and the rows together (several
@@ -460,12 +553,13 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
     check_edit_options(guidance=guidance, steps=steps, first=first, seed=seed)
     rows = sweep_levels(epsilons=epsilons, strength=strength, level=level, encoding=encoding)
     seed = secure_seed() if seed is None else seed
-    created = _check_out(out, SWEEP_FILES)
-    with _staging(out, created) as stage:
+    with out_lock(out) as lock, _locked_staging(out, SWEEP_FILES, lock, say) as stage:
         editor, dm, protected, (image_ids, x, a, originals) = _load_selected(
             checkpoint=checkpoint, data=data, ids=ids, first=first, protect=protect, steps=steps, guidance=guidance,
             use_ema=use_ema, classifier=classifier, classifier_scale=classifier_scale,
             keep_unprotected=keep_unprotected, runtime=runtime)
+        for lv in rows:  # every row's --strength walks at least one DDIM step, before any preview is made
+            editor.timesteps(lv.strength)
         grid, table = [x], []
         inverted: dict[tuple[float, str], torch.Tensor] = {}
         for k, lv in enumerate(rows):
@@ -487,7 +581,10 @@ def run_sweep(*, checkpoint, out, protect: Sequence[str], data: Mapping[str, Any
                           "entry was made; do not share them, together they give the protected values away"}
         try:
             save_grid(np.concatenate([np.asarray(g) for g in grid]), _owner_only_file(stage / "sweep.png"),
-                      nrow=len(image_ids), scale=max(1, 128 // x.shape[-1]))
+                      nrow=len(image_ids), scale=max(1, 128 // x.shape[-1]), legend=EDIT_LEGEND,
+                      captions=[["original"]] * len(image_ids) + [c for lv, row in zip(rows, table) for c in edit_captions(
+                          [row["released_attributes"][i] for i in image_ids], originals, protected=protected,
+                          level=lv.name)])
             _owner_only_file(stage / "sweep.json").write_text(dumps_strict(report, indent=1) + "\n")
             _publish(stage, out, SWEEP_FILES)
         except OSError as e:

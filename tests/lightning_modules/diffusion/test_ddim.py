@@ -53,7 +53,8 @@ def test_grids_are_diffusers_leading_spacing():
         assert sample_timesteps(num_steps=n, num_train_timesteps=1000).flip(0).tolist() == sched.timesteps.tolist()
     assert edit_timesteps(strength=0.7, num_steps=50, num_train_timesteps=1000)[-1] == 700
     assert edit_timesteps(strength=1.0, num_steps=50, num_train_timesteps=1000).tolist() == list(range(0, 1000, 20))
-    assert edit_timesteps(strength=0.001, num_steps=50, num_train_timesteps=1000).tolist() == [0]
+    with pytest.raises(ConfigError, match="--strength.*no DDIM step"):  # t0 = 0: the image released unchanged
+        edit_timesteps(strength=0.001, num_steps=50, num_train_timesteps=1000)
     with pytest.raises(ConfigError, match="--strength"):
         edit_timesteps(strength=0.0, num_steps=50, num_train_timesteps=1000)
     with pytest.raises(ConfigError, match="--steps"):

@@ -1,6 +1,7 @@
 """Issue 13: the guided edit backend (a label-free UNet steered by a noise-conditional DP classifier),
 the check that an edit shows what it releases, attributes proposed for unlabelled images, and what
-an edit costs: on tiny models trained from a seed in the test."""
+an edit costs: on tiny models trained from a seed in the test. Issue 30: the check of a guided edit is
+never its guide (a separate --checker, here ``judge``, or --no-check)."""
 
 import json
 import math
@@ -19,6 +20,7 @@ from veil.jobs import edit as J
 from veil.lightning_modules.editing.editor import RETRY_STRENGTH_STEP, PrivateEditor
 from veil.jobs import train_classifier as TC
 from veil.privacy.ledger import PrivacyLedger
+from veil.privacy.revision_manifest import pseudonym
 from veil.privacy.session import EditSession
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,7 +31,8 @@ PROTECTED = ["smiling"]
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """A label-free tiny UNet (never sees a label) and a tiny noise-conditional classifier trained with DP-SGD."""
+    """A label-free tiny UNet (never sees a label), a tiny noise-conditional classifier trained with DP-SGD (the
+    guide), and a tiny classifier of clean images trained with DP-SGD (``judge``: the check of guided edits)."""
     with one_thread():
         root = tmp_path_factory.mktemp("guided_edit")
         assert train_cli(root / "unet", TINY, "optim.cond_drop_prob=1.0", "dp.enabled=false") == 0
@@ -37,11 +40,16 @@ def pipeline(tmp_path_factory):
               "max_physical_batch_size": 16, "noise_multiplicity": 2}
         recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": dp, "model": dict(NOISY)})
         TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "guide")
+        judge = {**dp, "noise_multiplier": 2.0, "noise_multiplicity": 1}
+        recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": judge})
+        TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "judge")
         return root
 
 
 def _editor(pipeline, scale=30.0, **kw) -> PrivateEditor:
+    """The guided editor, checked by the judge (``checker=None``: no check)."""
     return PrivateEditor.from_checkpoint(pipeline / "unet", classifier=pipeline / "guide", classifier_scale=scale,
+                                         checker=kw.pop("checker", pipeline / "judge"),
                                          num_steps=kw.pop("num_steps", 8), **kw)
 
 
@@ -61,18 +69,20 @@ def _with(a, name, editor, value):
 def test_the_backend_follows_from_what_is_given(pipeline):
     guided = _editor(pipeline)
     assert guided.backend == "guided" and guided.label_free and guided.can_check
+    unchecked = _editor(pipeline, checker=None)  # issue 30: the guide never checks
+    assert unchecked.backend == "guided" and unchecked.checker is None and not unchecked.can_check
     for nothing_steers in ({}, {"classifier": pipeline / "guide", "classifier_scale": 0.0}):  # label-free UNet
         with pytest.raises(ConfigError, match="without attribute labels"):
             PrivateEditor.from_checkpoint(pipeline / "unet", **nothing_steers)
-    assert len(guided.costs) == 2 and guided.costs[1]["role"] == "guidance classifier"
+    assert [c["role"] for c in guided.costs] == ["denoiser", "guidance classifier", "check classifier"]
     assert guided.costs[1]["private"] and guided.costs[0]["label_free"] and not guided.costs[0]["private"]
 
 
 def test_guided_backend_moves_the_classifier_logit_towards_the_target(pipeline):
     editor = _editor(pipeline, scale=30.0, keep_unprotected=False)  # steer smiling only
     x, a = _faces(editor)
-    j = editor.checker.attribute_names.index("smiling")
-    logit = lambda images: editor.checker.logits(images)[:, j]  # noqa: E731
+    j = editor.guide.attribute_names.index("smiling")
+    logit = lambda images: editor.guide.logits(images)[:, j]  # noqa: E731  (what the guide steers, at t = 0)
     up = editor.edit(x, a, _with(a, "smiling", editor, 1.0), strength=0.7, protected=PROTECTED)
     down = editor.edit(x, a, _with(a, "smiling", editor, -1.0), strength=0.7, protected=PROTECTED)
     assert bool((logit(up) > logit(down)).all()), (logit(up), logit(down))
@@ -166,16 +176,18 @@ def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp
 
     shown.refusing = False
     monkeypatch.setattr(PrivateEditor, "shown", shown)
-    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", out=tmp_path / "e",
-                        protect=PROTECTED, first=3, level="high", steps=6, max_retries=0, check_threshold=0.01)
+    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
+                        out=tmp_path / "e", protect=PROTECTED, first=3, level="high", steps=6, max_retries=0,
+                        check_threshold=0.01)
     assert report["backend"] == "guided" and report["classifier_scale"] == 10.0
     assert report["data"]["seed"] == 3  # the images come from the classifier's (private) dataset
     assert [im["outcome"] for im in report["images"]] == ["released", "refused", "released"]
     assert report["images"][1]["file"] is None and report["images"][1]["released_attributes"] is None
     assert report["check"]["enabled"] and report["check"]["threshold"] == 0.01 and report["refused"] == 1
     cost = report["cost"]
-    assert [m["role"] for m in cost["models"]] == ["denoiser", "guidance classifier"]
+    assert [m["role"] for m in cost["models"]] == ["denoiser", "guidance classifier", "check classifier"]
     assert cost["models"][1]["private"] and cost["models"][1]["edited_data"] is True
+    assert cost["models"][2]["private"] and cost["models"][2]["edited_data"] is True  # the judge's epsilon counts
     assert cost["models"][0]["edited_data"] is False  # the denoiser's data (seed 0) is not the edited set
     assert cost["release"]["epsilon_per_protected_attribute"] == 1.0
     manifest = json.loads((tmp_path / "e/revision/manifest.json").read_text())
@@ -185,7 +197,9 @@ def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp
     assert main(["privacy", "publish-revision", "--revision", str(tmp_path / "e/revision"), "--out",
                  str(tmp_path / "pub")]) == 0
     published = json.loads((tmp_path / "pub/manifest.json").read_text())
-    assert published["withheld"] == [report["images"][1]["id"]] and "charged" in published["withheld_note"]
+    with PrivacyLedger(report["ledger"]) as book:  # issue 34: published under its pseudonym
+        hidden = pseudonym(report["images"][1]["id"], key=book.pseudonym_key())
+    assert published["withheld"] == [hidden] and "charged" in published["withheld_note"]
     with PrivacyLedger(report["ledger"]) as book:
         rows = book.releases()
         assert [r.outcome for r in rows] == ["released", "refused", "released"]
@@ -201,10 +215,20 @@ def test_a_release_needs_a_check_or_an_explicit_no_check(pipeline, tmp_path, vei
     assert main(base + ["--out", str(tmp_path / "b")]) == 2  # label-free UNet, no classifier: nothing checks
     assert "--no-check" in capsys.readouterr().err
     assert not (veil_home / "datasets").exists()  # refused before anything was opened or charged
-    assert main(base + ["--out", str(tmp_path / "c"), "--classifier", str(pipeline / "guide"), "--level", "max"]) == 0
+    # issue 30: a checked guided edit without --checker is refused before anything loads (the guide never checks)
+    guided = base + ["--classifier", str(pipeline / "guide"), "--level", "max"]
+    assert main(guided + ["--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--checker" in err and "--no-check" in err and "guided" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists() and not (veil_home / "datasets").exists()
+    assert main(guided + ["--checker", str(pipeline / "judge"), "--out", str(tmp_path / "d")]) == 0
     said = capsys.readouterr().out
-    assert "(guided backend)" in said and "check: each released protected value" in said
-    assert "guidance classifier: epsilon" in said and "denoiser: not private" in said
+    assert "(guided backend)" in said and "check: each released protected value" in said and "--checker" in said
+    assert "guidance classifier: epsilon" in said and "check classifier: epsilon" in said
+    assert "denoiser: not private" in said
+    assert main(guided + ["--no-check", "--out", str(tmp_path / "e")]) == 0  # unchecked, and said so
+    assert "NOT CHECKED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e/edit_report.json").read_text())["check"]["enabled"] is False
 
 
 def test_a_session_records_a_refused_edit_and_raises(pipeline, tmp_path, monkeypatch):
@@ -273,7 +297,8 @@ def test_a_seeded_guided_release_repeats_its_draws_and_only_inverted_pixels(pipe
         with PrivacyLedger(tmp_path / f"{run}.sqlite", budget=math.inf) as book:
             if encoding == "invert":
                 book.set_pixel_policy("not-protected", reason="this test releases inversions")
-    reports = [J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", out=tmp_path / run,
+    reports = [J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
+                          out=tmp_path / run,
                           protect=PROTECTED, first=2, level="max", encoding=encoding, steps=4, seed=4,
                           ledger=tmp_path / f"{run}.sqlite",
                           check_threshold=0.01)  # the tiny classifier barely reads smiling: let the edits pass
@@ -330,11 +355,7 @@ def test_previews_of_one_image_share_one_noise_draw(pipeline, monkeypatch):
 def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stated(pipeline, tmp_path, veil_home):
     """--checker: a classifier that did not steer the edit checks it (the guide can be fooled by its own
     guidance); it is the one read, and its training privacy is listed in the cost."""
-    dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 2.0, "accountant": "rdp",
-          "max_physical_batch_size": 16}
-    recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "dp": dp, "refit_head": False})  # clean-image classifier
-    TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=tmp_path / "judge")
-    editor, *_ = J.load_edit_inputs(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=tmp_path / "judge",
+    editor, *_ = J.load_edit_inputs(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
                                     data=None, ids=None, first=2, protect=PROTECTED, steps=4, guidance=None)
     assert editor.backend == "guided" and editor.checker is not editor.guide
     assert not editor.checker.model.noise_conditional  # a classifier of clean images can judge
@@ -345,6 +366,81 @@ def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stat
     j = editor.checker.attribute_names.index("smiling")
     torch.testing.assert_close(editor.shown(x, target, protected=PROTECTED)[:, 0],
                                torch.sigmoid(editor.checker.logits(x)[:, j]))
-    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=tmp_path / "judge",
+    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
                         out=tmp_path / "e", protect=PROTECTED, first=2, level="high", steps=4, check_threshold=0.01)
-    assert report["checker"] == str(tmp_path / "judge") and len(report["cost"]["models"]) == 3
+    assert report["checker"] == str(pipeline / "judge") and len(report["cost"]["models"]) == 3
+
+
+# -- issue 30: the check is not the model that guided the edit ---------------------------------------------------
+def _release_with_head(source, target, fn):
+    """A copy of the classifier release ``source`` at ``target`` with its head's weights mapped by ``fn``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("private"))
+    weights = target / "model" / "model.safetensors"
+    state = load_file(str(weights))
+    state = {k: fn(v) if k.startswith("model.head.") else v for k, v in state.items()}
+    save_file(state, str(weights))
+    return target
+
+
+def test_a_checker_with_the_guides_weights_is_refused(pipeline, tmp_path, veil_home, capsys):
+    """The same release as the guide, or a copy of it under another name, is not a check: refused naming
+    --checker, before anything is edited or charged."""
+    copy = _release_with_head(pipeline / "guide", tmp_path / "copy", lambda v: v)  # same weights, new path
+    for same in (pipeline / "guide", copy):
+        with pytest.raises(ConfigError, match="--checker: the same weights as --classifier"):
+            _editor(pipeline, checker=same)
+    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+                 "--checker", str(copy), "--protect", "smiling", "--first", "2", "--steps", "4",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "same weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (veil_home / "datasets").exists()
+    guide = E._load_models(pipeline / "unet", use_ema=True, classifier=pipeline / "guide", classifier_scale=30.0,
+                           checker=None)[1]
+    assert E.weights_digest(guide) != E.weights_digest(_editor(pipeline).checker)
+
+
+def test_a_checker_that_does_not_know_a_protected_attribute_is_refused(pipeline, tmp_path):
+    judge = _release_with_head(pipeline / "judge", tmp_path / "judge", lambda v: v)
+    meta_path = judge / "model" / "veil_model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attribute_names"] = ["not_smiling" if n == "smiling" else n for n in meta["attribute_names"]]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"--protect: the check classifier \(--checker.*does not know \['smiling'\]"):
+        J.load_edit_inputs(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=judge, data=None,
+                           ids=None, first=2, protect=PROTECTED, steps=4, guidance=None)
+
+
+def test_a_released_edit_is_checked_by_the_checker_not_the_guide(pipeline, tmp_path):
+    """A checker that reads the opposite of the guide (its head negated: P = 1 - P_guide) decides: every row the
+    guide would accept is refused, and what the check read is the checker's reading, not the guide's."""
+    contrarian = _release_with_head(pipeline / "guide", tmp_path / "contrarian", lambda v: -v)
+    editor = _editor(pipeline, checker=contrarian, max_retries=0)
+    x, a = _faces(editor, n=4)
+    targets = _with(a, "smiling", editor, 1.0)
+    checked = editor.edit_checked(x, a, targets, strength=0.7, protected=PROTECTED)
+    j = editor.guide.attribute_names.index("smiling")
+    by_guide = torch.sigmoid(editor.guide.logits(checked.images)[:, j])  # the guide's reading of its own edits
+    torch.testing.assert_close(checked.shown[:, 0], 1 - by_guide, atol=1e-5, rtol=0)
+    assert checked.passed.tolist() == (1 - by_guide >= 0.5).tolist()
+    guide_accepts = by_guide >= 0.5
+    assert bool(guide_accepts.any()), by_guide  # the guide pushed these edits to read "smiling" to itself ...
+    assert not bool(checked.passed[guide_accepts].any())  # ... and the checker refuses every one of them
+
+
+def test_a_strength_that_walks_no_step_is_refused(pipeline, tmp_path, veil_home, capsys):
+    """Issue 31: --strength 1e-300 (t0 = 0: no DDIM step, the image released unchanged) exits 2 with one line."""
+    base = ["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"), "--no-check",
+            "--protect", "smiling", "--first", "2", "--steps", "10", "--level", "max"]
+    for strength in ("1e-300", "0.04"):  # at 10 steps one step is r / T = 0.1: the least strength is above 0.05
+        assert main(base + ["--strength", strength, "--out", str(tmp_path / strength)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--strength" in err and "no DDIM step" in err and "0.05" in err
+        assert not (tmp_path / strength).exists() and not (veil_home / "datasets").exists()
+    sweep = [a for a in base if a != "--no-check"] + ["--sweep", "--sweep-epsilons", "0,1", "--strength", "1e-300",
+                                                      "--out", str(tmp_path / "s")]
+    assert main(sweep) == 2
+    assert "no DDIM step" in capsys.readouterr().err and not (tmp_path / "s").exists()
