@@ -67,7 +67,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
-    from veil.lightning_modules.data.grid import save_grid
+    from veil.lightning_modules.data.grid import attribute_caption, save_grid
     from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
     from veil.lightning_modules.diffusion.sample import (
         combined_privacy,
@@ -86,7 +86,7 @@ def main() -> None:
         guide.model.to(device)
     res = model.unet.config.sample_size
     probe, real_acc = train_probe(res, names, device)
-    rows, sample_acc = [], []
+    rows, captions, sample_acc = [], [], []
     for j, name in enumerate(names):
         correct = 0
         for value in (1.0, -1.0):
@@ -99,8 +99,10 @@ def main() -> None:
             with torch.no_grad():
                 correct += ((probe(imgs.to(device))[:, j] > 0) == (value > 0)).sum().item()
             rows.append(imgs[: args.n].cpu())
+            captions += [attribute_caption({name: int(value)})] * len(rows[-1])
         sample_acc.append(correct / (2 * args.eval_n))
-    save_grid(torch.cat(rows), args.grid, nrow=args.n, scale=2)
+    save_grid(torch.cat(rows), args.grid, nrow=args.n, captions=captions,
+              legend="requested value of one attribute per row (1 present, 0 absent); the others unknown")
     print(f"checkpoint {args.checkpoint}; classifier-free guidance {guidance}; "
           f"classifier {args.classifier} (scale {args.classifier_scale if guide else '-'})")
     print(f"privacy: {combined_privacy(ckpt, guide)}")

@@ -6,7 +6,8 @@
 RUN is a `veil train` output folder or its release, RUN/model (never the owner-only RUN/private).
 Every flag and the --out path are checked before the model loads: a grid file format PIL writes
 (the extension says which), a folder that can be created and written, and no existing file
-replaced without --force. The grid is written atomically (a temporary file, then a rename).
+replaced without --force. The grid is written atomically (a temporary file, then a rename), each
+tile at least 96 px and captioned with the requested attribute values.
 
 The sampler is ``veil.lightning_modules.diffusion.sample``; torch loads in the handler.
 """
@@ -74,7 +75,8 @@ def _sample(args) -> int:
     import torch
 
     from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
-    from veil.lightning_modules.data.grid import save_grid
+    from veil import console
+    from veil.lightning_modules.data.grid import attribute_caption, save_grid
     from veil.lightning_modules.diffusion.guidance import load_guidance_classifier
     from veil.lightning_modules.diffusion.sample import (
         combined_privacy,
@@ -94,13 +96,15 @@ def _sample(args) -> int:
         print(f"note: {args.checkpoint} was trained without attribute labels; --guidance {guidance} feeds "
               "--attributes to an attribute path it never learned (use --classifier to steer it)", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
-    images = ddim_sample(ckpt.model, ckpt.scheduler_config, attrs, num_steps=args.steps, guidance_scale=guidance,
-                         generator=gen, guide=guide,
-                         guide_targets=guide.targets_for(attrs, ckpt.attribute_names) if guide else None)
+    with console.stage(f"sampling {args.n} images, {args.steps} DDIM steps"):
+        images = ddim_sample(ckpt.model, ckpt.scheduler_config, attrs, num_steps=args.steps, guidance_scale=guidance,
+                             generator=gen, guide=guide,
+                             guide_targets=guide.targets_for(attrs, ckpt.attribute_names) if guide else None)
     if not torch.isfinite(images).all():
         raise ConfigError(f"{args.checkpoint}: the samples are not finite (NaN/inf weights, or a "
                           f"guidance scale too large: --guidance {guidance}, --classifier-scale "
                           f"{args.classifier_scale}); nothing written", option="--checkpoint")
-    save_grid(images, out)
+    requested = attribute_caption(dict(zip(ckpt.attribute_names, attrs[0].int().tolist()))) or ["no attribute set"]
+    save_grid(images, out, captions=[requested] * len(images), legend="requested values (1 present, 0 absent)")
     print(f"wrote {out} ({args.n} images; privacy: {combined_privacy(ckpt, guide)})")
     return 0

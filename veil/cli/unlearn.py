@@ -10,12 +10,14 @@ second order on the head (``--params head``) with its closed-form Hessian (``--s
 113-168x, and it removes most of what the model remembers, where first order on the head (also
 fast) removes nothing measurable (docs/unlearning.md). --out is checked (not a file, writable, not
 holding a previous result unless --force) and the numbers are checked while parsing, before any work.
+It ends with a verdict table (time, test accuracy and the forgetting metrics, before / after / retrained);
+every number is in OUT/unlearn_report.json (``--json`` prints the key ones as JSON instead of the table).
 The run is recorded in the dataset's privacy database as not private (the update reads the private
 data without noise: epsilon infinite); a finite training budget refuses it before any work.
 
-argparse only at import time; torch and Lightning are imported inside the handlers. Under DDP,
-Lightning re-runs this command once per extra rank; rank 0 writes the files, prints the summary,
-and returns when the other ranks have ended.
+argparse only at import time; the handler is ``veil.api.unlearn`` and the printing (torch and Lightning are
+imported inside it). Under DDP, Lightning re-runs this command once per extra rank; rank 0 writes the
+files, prints the summary, and returns when the other ranks have ended.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: model/ (the updated release), private/unlearned.ckpt "
                                                 "(owner-only), unlearn_report.json (and retrained/ with --compare-retrain)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
+    p.add_argument("--json", action="store_true", help="print the key numbers as JSON instead of the verdict table "
+                                                       "(OUT/unlearn_report.json has them all)")
     p.add_argument("--ledger", help="the dataset's privacy database (default: the one the model's training run was "
                                     "recorded in, else found from the data); the run is recorded there as not private")
     p.set_defaults(func=_unlearn)
@@ -79,30 +83,64 @@ def add_subcommand(sub) -> None:
 def _unlearn(args) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from veil.jobs.unlearn import (
-        run_unlearn,
-        trainer_config,
-        wait_for_other_ranks,
-    )
+    from veil import api
 
-    params = args.params or ["head"]
-    params = None if "all" in params else params  # None: every parameter
-    report = run_unlearn(
+    report = api.unlearn(  # returns on each rank when the other ranks have ended
         model=args.model, revision=args.revision, method=args.method, out=args.out, force=args.force,
-        compare_retrain=args.compare_retrain, params=params, trainer=trainer_config(args.overrides),
+        compare_retrain=args.compare_retrain, params=args.params or ["head"], trainer=args.overrides,
         tau=args.tau, damping=args.damping, solver=args.solver, cg_max_iter=args.cg_max_iter,
         lissa_iterations=args.lissa_iterations, lissa_scale=args.lissa_scale,
         hessian_samples=args.hessian_samples, seed=args.seed, curvature=args.curvature,
-        preconditioner=None if args.preconditioner == "none" else args.preconditioner,
-        line_search={"auto": None, "on": True, "off": False}[args.line_search], ledger=args.ledger,
-    )
-    wait_for_other_ranks()
+        preconditioner=args.preconditioner, line_search={"auto": None, "on": True, "off": False}[args.line_search],
+        ledger=args.ledger,
+    ).record
     if rank_zero_only.rank == 0:
-        keys = ("update_seconds", "retrain_seconds", "test_accuracy", "changed_original_attribute_accuracy",
-                "changed_released_accuracy", "feature_probe_original_accuracy", "output_kl_to_retrained",
-                "gradient_residual", "distance_to_retrained")
-        print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
-        print(f"wrote {args.out}/model, {args.out}/private/unlearned.ckpt and {args.out}/unlearn_report.json")
+        if args.json:
+            print(json.dumps({k: report[k] for k in SUMMARY_KEYS if k in report}, indent=1))
+        else:
+            print(verdict(report))
+        print(f"wrote {args.out}/model, {args.out}/private/unlearned.ckpt and {args.out}/unlearn_report.json "
+              f"(every number, machine-readable)")
         print(f"privacy: {report['privacy']['note']} (recorded in {report['privacy']['ledger']})")
     return 0
 
+
+SUMMARY_KEYS = ("update_seconds", "retrain_seconds", "test_accuracy", "changed_original_attribute_accuracy",
+                "changed_released_accuracy", "feature_probe_original_accuracy", "output_kl_to_retrained",
+                "gradient_residual", "distance_to_retrained")
+# (report key, row label, what the update should do to it): the verdict table's rows, in this order
+VERDICT_ROWS = (
+    ("test_accuracy", "test accuracy", "keep"),
+    ("changed_original_attribute_accuracy", "changed samples: predicts the original value", "lower"),
+    ("changed_released_accuracy", "changed samples: predicts the released value", "higher"),
+    ("feature_probe_original_accuracy", "features: a probe reads the original value", "lower"),
+    ("output_kl_to_retrained", "output KL to the retrained model", "lower"),
+    ("distance_to_retrained", "parameter distance to the retrained model", "lower"),
+    ("gradient_residual", "gradient residual on the revised data", "lower"),
+)
+
+
+def verdict(report: dict) -> str:
+    """The end of ``veil unlearn``: one line of what was done and its time, then a table of the forgetting
+    metrics before and after the update (and for the retrained model, with --compare-retrain)."""
+    ms = report["update_seconds"] * 1000
+    on = ", ".join(report.get("params") or ["all parameters"])
+    how = "exact (Newton on the head)" if report["method"] == "exact" else f"{report['method']} order on {on}"
+    head = f"unlearned: {how}, {report['changed_train_samples']} changed samples; "
+    head += f"update {ms:.0f} ms"
+    if report.get("retrain_seconds") is not None:
+        head += f" vs retraining {report['retrain_seconds']:.1f} s ({report.get('speedup') or 0:.0f}x faster)"
+    retrained = any("retrained" in (report.get(k) or {}) for k, _, _ in VERDICT_ROWS)
+    cols = ["before", "after"] + (["retrained"] if retrained else [])
+    rows = [(label + f" ({goal})", [_cell((report.get(key) or {}).get(c)) for c in cols])
+            for key, label, goal in VERDICT_ROWS if isinstance(report.get(key), dict)]
+    width = max(len(label) for label, _ in rows)
+    lines = [head, f"  {'':{width}}  " + "  ".join(f"{c:>9}" for c in cols)]
+    lines += [f"  {label:{width}}  " + "  ".join(f"{v:>9}" for v in values) for label, values in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"  # not measured (no retraining), or no flipped value to measure (None in the report)
+    return f"{value:.3f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"

@@ -1,6 +1,6 @@
 """``veil train``: DP-SGD training of the attribute-conditional diffusion model.
 
-    veil train --config lightning_modules/configs/synthetic32.yaml --out runs/dp32
+    veil train --config synthetic32 --out runs/dp32
 
 writes, every ``trainer.checkpoint_every_n_steps`` steps and at the end (a crash loses at most that
 many steps):
@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 
+from veil import console
 from veil.errors import ConfigError
 from veil.jobs.config import TrainConfig
 from veil.jobs.process_group import owned_process_group
@@ -59,6 +60,33 @@ def silence_known_warnings() -> None:
 
     for message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}.*")
+
+
+def progress_bar(progress: bool) -> list:
+    """Lightning's progress bar as a callback list: on stderr (stdout keeps the results), only when stderr is a
+    terminal (``veil.console``'s heartbeat covers the rest), and reading "Epoch E/N" only when there is an epoch
+    limit: a run by steps (``max_epochs`` -1) said "Epoch 0/-2"; it says "Epoch 0 (to step S)". Empty: no bar."""
+    import sys
+
+    if not progress or not sys.stderr.isatty():
+        return []
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        RichProgressBar()  # raises without rich
+    except (ImportError, ModuleNotFoundError):
+        from lightning.pytorch.callbacks import TQDMProgressBar  # "Epoch E", on stderr
+
+        return [TQDMProgressBar()]
+
+    class StepsAwareBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            t = self.trainer
+            if t.max_epochs is not None and t.max_epochs > 0:
+                return super()._get_train_description(current_epoch)
+            return f"Epoch {current_epoch}" + (f" (to step {t.max_steps})" if t.max_steps and t.max_steps > 0 else "")
+
+    return [StepsAwareBar(console_kwargs={"stderr": True})]
 
 
 def other_rank() -> bool:
@@ -152,13 +180,14 @@ def build_trainer(cfg: TrainConfig, out: Path, *, progress: bool = True, callbac
     t = cfg.trainer
     private = private_dir(out)  # owner-only: the resume state and the per-step statistics of private batches
     ckpt = ModelCheckpoint(dirpath=private, save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every_n_steps)
+    bar = progress_bar(progress)
     return L.Trainer(
         default_root_dir=out, max_epochs=t.max_epochs if t.max_steps is None else -1,
         max_steps=t.max_steps if t.max_steps is not None else -1, max_time=t.max_time,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         use_distributed_sampler=False,  # the DataModule shards and Poisson-samples itself
-        callbacks=[ckpt, ReleaseWriter(out), *callbacks], logger=CSVLogger(private, name="logs"),
-        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=progress,
+        callbacks=[ckpt, ReleaseWriter(out), *callbacks, *bar], logger=CSVLogger(private, name="logs"),
+        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=bool(bar),
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
     )
 
@@ -173,7 +202,7 @@ def run_training(cfg: TrainConfig, out: str | Path, *, resume: bool = False, pro
     ckpt_path = out / PRIVATE_DIR / "last.ckpt"
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise ConfigError(f"{cfg.model.init_from} does not exist; pass the run folder (or OUT/model) "
-                          "of a veil train run on public data (see lightning_modules/configs/synthetic32_public.yaml)",
+                          "of a veil train run on public data (see the shipped config synthetic32_public)",
                           option="model.init_from")
     # One run at a time into OUT (rank 0 holds it; the ranks it starts do not ask): a second run started
     # meanwhile is refused here, before any work, and records nothing. The checks below hold until it ends.
@@ -214,7 +243,8 @@ def _run(cfg: TrainConfig, out: Path, ckpt_path: Path, *, resume: bool, progress
     account.check()  # refused here, before any step, if the dataset's training budget would be passed
     write_json_atomic(out / "config.json", cfg.to_dict())
     trainer = build_trainer(cfg, out, progress=progress, callbacks=[account])
-    with owned_process_group():  # under DDP: gloo's threads end with the job, not at interpreter exit
+    steps = f"{cfg.trainer.max_steps} steps" if cfg.trainer.max_steps is not None else f"{cfg.trainer.max_epochs} epochs"
+    with owned_process_group(), console.stage(f"training ({steps})"):  # a heartbeat where no bar shows
         try:
             fit(trainer, module, datamodule=dm, ckpt_path=str(ckpt_path) if resume else None)
         except Exception as exc:  # a diverged run (dp.step) or a late error: no guarantee is claimed

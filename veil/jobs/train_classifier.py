@@ -31,8 +31,8 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 
+from veil import console
 from veil.errors import ConfigError
 from veil.lightning_modules.diffusion.schedule import q_sample
 from veil.lightning_modules.dp.config import DPConfig
@@ -43,6 +43,8 @@ from veil.jobs.config import (
     check_float,
     check_int,
     positive_ints,
+    read_yaml,
+    resolve_config,
 )
 from veil.lightning_modules.unlearning import influence as U
 from veil.outputs import check_out_dir, out_lock, staged_dir, write_json_atomic
@@ -127,16 +129,12 @@ def check_model_options(model: Any) -> dict[str, Any]:
 def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> tuple[ClassifierRecipe, dict[str, Any]]:
     """(recipe, data options) from a YAML file (keys of ClassifierRecipe plus a ``data`` section) and KEY=VALUE overrides."""
     raw: dict[str, Any] = {}
+    path = resolve_config(path, kind="classifier")  # a file, or a shipped recipe's name (classifier32)
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path} does not exist", option="--config")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}", option="--config") from None
+        raw = read_yaml(path) or {}  # a key given twice is refused, naming it and its lines
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a classifier recipe is a YAML mapping (see "
-                              "lightning_modules/configs/classifier32.yaml)", option="--config")
+                              "the shipped classifier32)", option="--config")
     raw = apply_overrides(raw, list(overrides))
     data = raw.pop("data", None) or {}
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierRecipe)}, key=str)
@@ -198,10 +196,13 @@ def noisy_accuracy(model, alphas_cumprod: torch.Tensor, data: tuple[torch.Tensor
 
 # ------------------------------------------------------------------------------------------ training
 def _trainer(out: Path, epochs: int, progress: bool, callbacks=()) -> L.Trainer:
+    from veil.jobs.train import progress_bar
+
+    bar = progress_bar(progress)  # on stderr, on a terminal only
     return L.Trainer(default_root_dir=out, max_epochs=epochs, accelerator="cpu" if not torch.cuda.is_available()
                      else "auto", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
-                     limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
+                     enable_progress_bar=bool(bar), enable_model_summary=False, use_distributed_sampler=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, *bar])
 
 
 @torch.no_grad()
@@ -286,7 +287,8 @@ def _train(recipe: ClassifierRecipe, data: dict[str, Any] | None, out: Path, *, 
     private = private_dir(out)
     start = time.perf_counter()
     trainer = _trainer(out, recipe.epochs, progress, callbacks=[account])
-    fit(trainer, module, datamodule=dm)  # every step checks loss and weights are finite (dp.step)
+    with console.stage(f"training the classifier ({recipe.epochs} epochs)"):  # a heartbeat every 10 s
+        fit(trainer, module, datamodule=dm)  # every step checks loss and weights are finite (dp.step)
     newton = None
     if recipe.refit_head:
         x, attrs = tensors(dm.dataset, dm.split_indices("train"))

@@ -46,6 +46,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from veil import console
 from veil.errors import CheckpointError, ConfigError, DataError
 from veil.lightning_modules.checkpoints import load_classifier, private_dir, seal_private
 from veil.lightning_modules.models.classifier import AttributeClassifier, predict
@@ -327,7 +328,8 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
     cache = ckpt["veil"].get("train_features")
     inputs = UnlearningInputs(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
                               train_features=cache)
-    info, global_zero = run_update(unlearner, inputs, trainer or UnlearnTrainerConfig())
+    with console.stage(f"the {method} update on {len(data.changed_positions)} changed samples"):
+        info, global_zero = run_update(unlearner, inputs, trainer or UnlearnTrainerConfig())
     seconds = info.pop("seconds")  # the update itself on the slowest rank, not the Trainer's setup
     check_only_selected_changed(before, clf, unlearner.names)
     report = base_report(method=method, params=params, info=info, data=data, seconds=seconds)
@@ -432,7 +434,8 @@ def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params
         account = unlearn_account(out, ckpt, model=model, revision=revision, method=method, params=params,
                                   ledger=ledger)
         account.check()  # PrivacyError here, before any work, when a training budget is set
-    data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
+    with console.stage("reading the training set and the revision"):
+        data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
     retrained_dir, aside = out / "retrained", out / f".retrained.old-{os.getpid()}"
     made_retrained = False
 
@@ -441,7 +444,8 @@ def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params
         if retrained_dir.exists():  # --force: the earlier run's, put back if this run fails
             os.replace(retrained_dir, aside)
         made_retrained = True
-        return _retrain(ckpt, data.dm_rev, retrained_dir, ledger=account.ledger_path if account else ledger)
+        with console.stage("retraining from scratch on the revised data, to compare"):
+            return _retrain(ckpt, data.dm_rev, retrained_dir, ledger=account.ledger_path if account else ledger)
 
     try:
         with account or contextlib.nullcontext():  # "running" from here (budget checked again), then finished | failed

@@ -89,7 +89,7 @@ def test_save_grid_writes_png(tmp_path):
     images = SyntheticFaces(num_images=8, seed=0)
     path = save_grid(torch.stack([images[i][0] for i in range(8)]), tmp_path / "grid.png", nrow=4)
     with Image.open(path) as im:
-        assert im.size == (4 * 34 + 2, 2 * 34 + 2) and im.mode == "RGB"
+        assert im.size == (4 * 98 + 2, 2 * 98 + 2) and im.mode == "RGB"  # 32 px tiles enlarged to 96
 
 
 @pytest.fixture(scope="module")
