@@ -9,10 +9,16 @@
     veil privacy            show --data source=synthetic,seed=0 | set-budget | set-pixels | set-level | publish-revision (cli/privacy.py)
     veil demo               [--out DIR] [--quick] [--fresh] [--serve]                        (cli/demo.py)
     veil serve              --export X [--host 127.0.0.1] [--port 8000] [--state URL]        (cli/serve.py)
+    veil prepare            --photos DIR --out DATASET | --paste-back --dataset D --edits E --out P (cli/prepare.py)
+
+Progress lines and heartbeats go to stderr; other packages' log lines and warnings go to
+``$VEIL_HOME/logs/veil-<command>-<time>-<pid>.log`` instead of the terminal (``veil.console``).
 
 ``veil <cmd> --help`` documents every option. How ``main`` ends:
 
 - 0: done; 2: the user's input is wrong (argparse, or a ``VeilError``: one line naming the option);
+- 2 also when a command needs the ``train`` extra (torch, Lightning, ...) on a base install: one line
+  saying ``pip install 'veil[train]'``; ``veil serve`` and ``veil privacy`` need none of it;
 - 130: interrupted (Ctrl-C), one line, no traceback;
 - 1: anything else, a bug: one line saying what failed and where its traceback was logged
   (``$VEIL_HOME/logs/veil-<time>-<pid>.log``); ``VEIL_DEBUG=1`` prints the traceback instead.
@@ -34,11 +40,16 @@ from pathlib import Path
 
 from veil.errors import VeilError
 
+# The import names of the `train` extra (pyproject.toml): a command that needs one on a base install (the
+# torch-free server and ledger: `pip install veil`) exits 2 with one line saying to install veil[train].
+TRAIN_MODULES = frozenset({"torch", "lightning", "diffusers", "opacus", "triton", "safetensors", "onnx",
+                           "onnxscript", "matplotlib", "einops", "einconv", "linear_operator", "opt_einsum",
+                           "skimage"})
 DESCRIPTION = "veil: private attribute editing of face datasets, with DP training and feature unlearning."
 EPILOG = """\
 workflow:
   veil demo                           the whole loop on the embedded faces, ending in runs/demo/report.html
-  veil train --config lightning_modules/configs/synthetic32.yaml --out runs/dp32
+  veil train --config synthetic32 --out runs/dp32
                                       DP diffusion model on a dataset (prints epsilon)
   veil sample --checkpoint runs/dp32 --attributes smiling=1 --out grid.png
                                       look at what it draws
@@ -122,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         demo,
         edit,
         export,
+        prepare,
         privacy,
         sample,
         serve,
@@ -130,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         unlearn,
     )
 
-    for command in (demo, train, sample, edit, export, serve, train_classifier, unlearn, privacy):  # in --help order
+    for command in (demo, prepare, train, sample, edit, export, serve, train_classifier, unlearn, privacy):  # --help order
         command.add_subcommand(sub)
     return parser
 
@@ -151,7 +163,12 @@ def log_internal_error(command: str, argv: list[str]) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad arguments: one line, SystemExit(2)
     try:
-        return args.func(args)
+        if args.command == "serve":  # a server: uvicorn's access log is its output
+            return args.func(args)
+        from veil import console
+
+        with console.command(args.command):  # progress on stderr; other packages' noise to the log file
+            return args.func(args)
     except VeilError as exc:
         print(f"veil {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -159,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"veil {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in TRAIN_MODULES:
+            print(f"veil {args.command}: error: this command needs the training dependencies ({exc.name} is not "
+                  f"installed): pip install 'veil[train]'", file=sys.stderr)
+            return 2
         if os.environ.get("VEIL_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
             return 1

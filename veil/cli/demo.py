@@ -3,7 +3,7 @@
     veil demo                      # ~5 min on a 2-core CPU (shipped models): runs/demo/report.html, report.json, a summary table
     veil demo --fresh              # start over and retrain every model here (~15 min)
     veil demo --quick --out D      # ~3 min, tiny models: checks the plumbing (the test runs it)
-    veil demo --serve              # then keep serving the page on the demo's faces (Ctrl-C stops)
+    veil demo --serve              # then keep serving the page (upload the faces in OUT/serve/faces; Ctrl-C)
 
 Stages: models -> edits -> unlearning -> export -> serve (``veil.demo.pipeline``). An
 interrupted demo resumes at the stage it was in. The default takes the models shipped in
@@ -38,19 +38,21 @@ def _demo(args) -> int:
     from veil.demo.pipeline import run_demo
 
     out = Path(args.out)
-    run_demo(out=out, quick=args.quick, fresh=args.fresh,
+    report = run_demo(out=out, quick=args.quick, fresh=args.fresh,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"\nwrote {out / 'report.html'} and {out / 'report.json'}; the demo's privacy account: {out / 'veil_home'}")
-    if not args.serve:
-        print(f"open the interactive page on the demo's models: veil demo --out {out} --serve")
+    if not args.serve:  # the serve stage's own next step: valid for this demo (--quick included)
+        print(f"open the interactive page on the demo's models: {report['stages']['serve']['command']}")
         return 0
     from veil.demo.serving import write_faces
     from veil.demo.stages import _published_data, serve_command
 
     faces = write_faces(_published_data(out), out / "serve" / "faces")
-    print(f"serving the page on {len(list(faces.glob('*.png')))} of the demo's private faces: "
-          f"http://127.0.0.1:{args.port}/  (Ctrl-C stops)", flush=True)
+    # not `--dataset faces`: the export's data is the synthetic faces, which veil serve cannot check a folder
+    # against (serve/dataset.py's check_export_data refuses it), so the faces are uploaded like any photo
+    print(f"serving the page: http://127.0.0.1:{args.port}/ ; upload any of the {len(list(faces.glob('*.png')))} "
+          f"demo faces in {faces} (Ctrl-C stops)", flush=True)
     try:
-        return subprocess.call(serve_command(out, "--dataset", str(faces), "--port", str(args.port)))
+        return subprocess.call(serve_command(out, "--port", str(args.port)))
     except KeyboardInterrupt:
         return 0

@@ -1,13 +1,16 @@
-"""``veil edit``: private attribute edits from the command line (argparse only here; torch loads in the handler).
+"""``veil edit``: private attribute edits from the command line (argparse, and a handler over ``veil.api``'s
+``Editor``: ``release``, or ``preview`` with --sweep; torch loads there).
 
-    veil edit --checkpoint PUBLIC --classifier GUIDE --first 8 --protect eyeglasses,smiling --level high --out edits/
+    veil edit --checkpoint PUBLIC --classifier GUIDE --checker JUDGE --first 8 --protect eyeglasses,smiling --level high --out edits/
     veil edit --checkpoint RUN --classifier CLF --classifier-scale 0 --first 8 --protect eyeglasses --out edits/
     veil edit --checkpoint RUN --first 8 --protect eyeglasses --sweep --out sweep/
 
 The backend follows from what is given: --classifier with --classifier-scale > 0 (default 10) is the
 guided backend (the classifier steers a label-free or conditional denoiser); --classifier-scale 0 keeps
 the conditional backend and the classifier only checks. Every release is checked to show its released
-values (re-done, else refused and reported); --no-check releases unchecked edits and says so.
+values (re-done, else refused and reported); --no-check releases unchecked edits and says so. A guided
+edit is never checked by its guide (its own gradients fool it): it needs --checker (another
+`veil train-classifier` release) or --no-check, else it is refused before anything loads.
 
 Every release is recorded in the dataset's privacy database ($VEIL_HOME/datasets/, see
 ``veil privacy``). See docs/editing.md for the privacy levels, the budget and what the guarantee covers.
@@ -67,7 +70,8 @@ def add_subcommand(sub) -> None:
                                                     "see `python bench/release_price.py` for what each costs)")
     p.add_argument("--epsilon", type=epsilon_or_budget, help="expert: randomized-response epsilon per protected attribute "
                                                  "(overrides the level's; 0 = fair coin, inf = keep)")
-    p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's)")
+    p.add_argument("--strength", type=positive_float, help="expert: edit strength t0/T in (0, 1] (overrides the level's); "
+                                                           "it must walk at least one DDIM step (above 1/(2 --steps))")
     p.add_argument("--runtime", choices=("torch", "ort"), default="torch",
                    help="torch (default), or ort: --checkpoint is a `veil export` folder and the edit runs on ONNX "
                         "Runtime (its classifier, backend and data are the export's)")
@@ -78,18 +82,20 @@ def add_subcommand(sub) -> None:
                                                          "read (pixels cost 0)")
     p.add_argument("--classifier", help="a `veil train-classifier` release (e.g. trained with DP on this dataset). With "
                                         "--classifier-scale > 0: the guided backend, its gradient steers the denoiser; "
-                                        "in every case it checks that each edit shows its released values")
+                                        "with --classifier-scale 0 it does not steer and checks that each edit shows its released values")
     p.add_argument("--classifier-scale", type=nonneg_float, default=None,
                    help="classifier guidance scale (default 10 with --classifier; 0 = the classifier only checks)")
-    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits instead of --classifier "
-                                     "(recommended with the guided backend: the classifier that steered an edit can be "
-                                     "fooled by its own guidance); its training privacy is added to the edit's cost")
+    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits (needed by the guided "
+                                     "backend unless --no-check: the classifier that steered an edit is fooled by its "
+                                     "own guidance, so it never checks; not the guide's weights); its training privacy "
+                                     "is added to the edit's cost")
     p.add_argument("--no-keep-unprotected", action="store_true",
                    help="guided backend: steer only the protected attributes (default: also towards the current "
                         "values of the unprotected ones, which a release publishes as they are)")
     p.add_argument("--no-check", action="store_true",
                    help="release without checking that the edits show their released values (needed when there is "
-                        "no --classifier; the report and the summary say NOT CHECKED)")
+                        "no check classifier: no --checker with the guided backend, no --classifier at all; the report and the "
+                        "summary say NOT CHECKED)")
     p.add_argument("--check-threshold", type=positive_float, default=0.5,
                    help="the checker's probability each released protected value must reach (default 0.5)")
     p.add_argument("--max-retries", type=nonneg_int, default=2,
@@ -120,18 +126,13 @@ def add_subcommand(sub) -> None:
 
 
 def _edit(args) -> int:
+    """``veil.api.load_editor`` and its ``preview`` (``--sweep``) or ``release``; the flag combinations that only
+    a command line can get wrong are refused here, everything else by the API (the same messages)."""
+    from veil import api
     from veil.errors import ConfigError
-    from veil.jobs.edit import run_edit, run_sweep
 
     data = {"source": args.data, "num_images": args.num_images, "seed": args.data_seed, "root": args.root,
             "csv": args.csv, "resolution": args.resolution}
-    if args.classifier is None and args.classifier_scale is not None:
-        raise ConfigError(": only with --classifier", option="--classifier-scale")
-    scale = 10.0 if args.classifier_scale is None else args.classifier_scale
-    common = dict(checkpoint=args.checkpoint, out=args.out, protect=args.protect, data=data, ids=args.ids,
-                  first=args.first, guidance=args.guidance, steps=args.steps, use_ema=not args.no_ema,
-                  classifier=args.classifier, classifier_scale=scale, keep_unprotected=not args.no_keep_unprotected,
-                  runtime=args.runtime)
     if args.sweep:
         ignored = [flag for flag, value in (("--epsilon", args.epsilon), ("--ledger", args.ledger),
                                             ("--budget", args.budget)) if value is not None]
@@ -141,22 +142,22 @@ def _edit(args) -> int:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: not with --sweep (it releases nothing and opens no ledger); "
                               f"for rows at chosen epsilons use --sweep-epsilons")
-        report = run_sweep(epsilons=args.sweep_epsilons, level=args.level, strength=args.strength,
-                           encoding=args.encoding, seed=args.seed, **common)
+    elif args.sweep_epsilons:
+        raise ConfigError(": only with --sweep", option="--sweep-epsilons")
+    editor = api.load_editor(args.checkpoint, runtime=args.runtime, classifier=args.classifier, checker=args.checker,
+                             classifier_scale=args.classifier_scale, steps=args.steps, guidance=args.guidance,
+                             use_ema=not args.no_ema, keep_unprotected=not args.no_keep_unprotected,
+                             check_threshold=args.check_threshold, max_retries=args.max_retries)
+    pick = dict(protect=args.protect, ids=args.ids, first=args.first, data=data, level=args.level,
+                strength=args.strength, encoding=args.encoding, seed=args.seed, out=args.out)
+    if args.sweep:
+        report = editor.preview(epsilons=args.sweep_epsilons, **pick).report
         print(f"wrote {args.out}/sweep.png ({len(report['rows'])} levels x {len(report['ids'])} images, "
               f"{report['backend']} backend; previews for you only, owner-only files: nothing released); "
               f"models: {report['model_privacy']}")
         return 0
-    if args.sweep_epsilons:
-        raise ConfigError(": only with --sweep", option="--sweep-epsilons")
-    if not args.check_threshold < 1:
-        raise ConfigError(f"{args.check_threshold:g}: must be a probability below 1", option="--check-threshold")
-    if args.checker is not None and args.no_check:
-        raise ConfigError(": not with --no-check", option="--checker")
-    report = run_edit(level=args.level, epsilon=args.epsilon, strength=args.strength, encoding=args.encoding,
-                      seed=args.seed,
-                      ledger=args.ledger, budget=args.budget, check=not args.no_check, checker=args.checker,
-                      check_threshold=args.check_threshold, max_retries=args.max_retries, **common)
+    report = editor.release(epsilon=args.epsilon, ledger=args.ledger, budget=args.budget, check=not args.no_check,
+                            **pick).report
     print(summary(report, args.out))
     return 0
 
@@ -169,7 +170,10 @@ def summary(report: dict, out) -> str:
              f"{','.join(report['protected'])}"]
     if check["enabled"]:
         refused = [im["id"] for im in report["images"] if im["outcome"] == "refused"]
-        lines.append(f"check: each released protected value must read >= {check['threshold']:g} on the classifier; "
+        who = "--checker" if report.get("checker") else "the export's" if report.get("runtime") == "ort" else \
+            "--classifier at scale 0"
+        lines.append(f"check: each released protected value must read >= {check['threshold']:g} on the check "
+                     f"classifier ({who}, never the guide); "
                      f"{report['redone']} edits re-done (up to {check['max_retries']} times: {check['retry']}), "
                      f"{len(refused)} refused" + (f" ({', '.join(refused[:5])}{', ...' if len(refused) > 5 else ''}: "
                                                   f"not released, but charged)" if refused else ""))

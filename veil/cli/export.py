@@ -1,12 +1,14 @@
 """``veil export``: the edit sampler as ONNX graphs for ONNX Runtime (argparse and a thin handler).
 
-    veil export --checkpoint RUN [--classifier CLF --classifier-scale 10] [--steps 50] --out DIR
+    veil export --checkpoint RUN [--classifier CLF --classifier-scale 10 --checker JUDGE] [--steps 50] --out DIR
 
 RUN is a `veil train` release (the denoiser), CLF a `veil train-classifier` release (it guides with
---classifier-scale > 0 and checks the edits; with scale 0 it only checks). DIR receives
-denoise_step.onnx, invert_step.onnx, classifier.onnx (with a classifier) and veil_export.json; the
-export is verified against PyTorch (a whole edit) before anything lands in DIR. The exporter is
-``veil.export.exporter``; the runtime that reads DIR is ``veil.export.runtime.OrtEditor`` (no torch).
+--classifier-scale > 0; with scale 0 it does not steer and only checks), JUDGE another classifier
+release that checks the edits: a guided export is never checked by its guide, so without --checker it
+has no check and its releases are unchecked (the server says so). DIR receives denoise_step.onnx,
+invert_step.onnx, classifier.onnx (the check classifier, when there is one) and veil_export.json; the
+export is verified against PyTorch (a whole edit) before anything lands in DIR. The handler is
+``veil.api.export_onnx`` (the exporter ``veil.export.exporter``) and the printing; the runtime that reads DIR is ``veil.export.runtime.OrtEditor`` (no torch).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ def add_subcommand(sub) -> None:
                                    "classifier as ONNX graphs with a metadata file, verify a whole edit through "
                                    "ONNX Runtime against PyTorch, and only then put them in --out.")
     p.add_argument("--checkpoint", required=True, help="the denoiser: a `veil train` release (OUT or OUT/model)")
-    p.add_argument("--classifier", help="a `veil train-classifier` release: guides (--classifier-scale > 0) and "
-                                        "checks the edits")
+    p.add_argument("--classifier", help="a `veil train-classifier` release: guides (--classifier-scale > 0), or only "
+                                        "checks the edits (--classifier-scale 0)")
+    p.add_argument("--checker", help="a `veil train-classifier` release that checks the edits (classifier.onnx); a "
+                                     "guided export without one has no check (never its guide: its own gradients fool "
+                                     "it); not the guide's weights")
     p.add_argument("--classifier-scale", type=nonneg_float, default=10.0,
                    help="classifier guidance scale (default 10; 0: the classifier only checks)")
     p.add_argument("--guidance", type=finite_float, default=None,
@@ -34,14 +39,15 @@ def add_subcommand(sub) -> None:
 
 
 def _export(args) -> int:
-    from veil.export.exporter import export_model
+    from veil import api
 
-    meta = export_model(checkpoint=args.checkpoint, classifier=args.classifier, classifier_scale=args.classifier_scale,
-                        steps=args.steps, guidance=args.guidance, use_ema=not args.no_ema, out=args.out)
+    meta = api.export_onnx(checkpoint=args.checkpoint, classifier=args.classifier,
+                           classifier_scale=args.classifier_scale, checker=args.checker, steps=args.steps,
+                           guidance=args.guidance, use_ema=not args.no_ema, out=args.out).meta
     v = meta["verification"]
     worst = max(v["max_abs_error"].values())
     print(f"wrote {args.out}: {', '.join(meta['files'])} + veil_export.json ({meta['backend']} backend, "
           f"{meta['resolution']}x{meta['resolution']}, opset {meta['versions']['opset']}); verified: whole edits "
           f"through ONNX Runtime within {worst:.2g} of PyTorch (tolerance {v['tolerance']:g}); "
-          f"models: {meta['model_privacy']}")
+          f"models: {meta['model_privacy']}; check: {meta['check']}")
     return 0

@@ -6,14 +6,18 @@
     veil privacy set-pixels not-protected --reason "labels only: we publish inversions" --data source=synthetic,seed=0
     veil privacy set-level eyeglasses high --reason "chosen on public faces" --data source=synthetic,seed=0
     veil privacy set-training-budget 10 --reason "DP training cap" --data source=celeba,root=/data/celeba
-    veil privacy publish-revision --revision edits/revision --out edits/published
+    veil privacy publish-revision --revision edits/revision --out edits/published   # records named r-<16 hex>
+    veil privacy reveal-ids --revision edits/published --data edits/revision       # owner: pseudonym -> id
 
 Each dataset has one privacy database, ``$VEIL_HOME/datasets/<dataset>.sqlite`` (VEIL_HOME defaults
 to ``~/.veil``; ``--ledger PATH`` names another), holding every release and every DP training run on
 it and the budgets (``veil.privacy.ledger``); ``--ledger postgresql://...`` names one on PostgreSQL
 (``veil serve --state``). It is owner-only: it holds the randomized-response seeds. ``--data`` locates
 the dataset: ``source=synthetic,seed=N``, ``source=celeba,root=PATH``,
-``source=folder,root=PATH``, or a revision folder (its base dataset).
+``source=folder,root=PATH``, or a revision folder (its base dataset). ``show`` reads the account through
+``veil.api.privacy_account`` (it creates nothing); the set-* actions create the database if need be.
+``publish-revision`` names each record by its pseudonym (``veil.privacy.revision_manifest.pseudonym``, keyed by
+the secret in the dataset's database, which must exist); ``reveal-ids`` maps a published revision back.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from veil.cli import epsilon_or_budget
 from veil.errors import ConfigError
 from veil.privacy.db import is_url, redact
-from veil.privacy.ledger import PrivacyLedger, ledger_exists, ledger_path_for  # stdlib (psycopg for a URL) only
+from veil.privacy.ledger import PrivacyLedger, ledger_path_for  # stdlib (psycopg for a URL) only
 
 _INT_KEYS = ("seed", "num_images", "resolution")
 
@@ -60,16 +64,11 @@ def _target(args) -> tuple[dict, Path | str]:
     return data, Path(args.ledger).expanduser() if args.ledger else ledger_path_for(data)
 
 
-def _open(args, *, create: bool) -> PrivacyLedger | None:
-    """The database ``--data``/``--ledger`` name; None if it does not exist and ``create`` is False."""
+def _open(args) -> PrivacyLedger:
+    """The database ``--data``/``--ledger`` name, created if need be (the set-* actions; ``show`` reads it
+    through ``veil.api.privacy_account``, which creates nothing)."""
     data, target = _target(args)
-    if not create and not ledger_exists(target):
-        return None
-    if not create and isinstance(target, Path) and target.is_file() and target.stat().st_size == 0:
-        # SQLite would make it a database: show writes nothing
-        raise ConfigError(f"{target}: an empty file, not a veil privacy database; give the database veil "
-                          "made (default $VEIL_HOME/datasets/<dataset>.sqlite)", option="--ledger")
-    return PrivacyLedger.for_dataset(data, path=target) if data else PrivacyLedger(target, create=create)
+    return PrivacyLedger.for_dataset(data, path=target) if data else PrivacyLedger(target, create=True)
 
 
 def _eps(x, infinite: str = "unbounded") -> str:
@@ -122,9 +121,11 @@ def _print_summary(s: dict) -> None:
 
 
 def _show(args) -> int:
-    ledger = _open(args, create=False)
-    if ledger is None:
-        target = _target(args)[1]
+    from veil import api  # no torch
+
+    data, target = _target(args)
+    summary = api.privacy_account(data, ledger=args.ledger)
+    if summary is None:
         path = redact(target) if is_url(target) else target
         if args.json:
             print(json.dumps({"database": str(path), "exists": False}))
@@ -132,8 +133,6 @@ def _show(args) -> int:
             print(f"no privacy database at {path}: nothing has been released from or trained on this dataset "
                   f"with veil (or it was recorded elsewhere: pass --ledger)")
         return 0
-    with ledger:
-        summary = ledger.summary()
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -142,7 +141,7 @@ def _show(args) -> int:
 
 
 def _set_budget(args) -> int:
-    with _open(args, create=True) as ledger:
+    with _open(args) as ledger:
         if args.action == "set-budget":
             ledger.set_budget(args.value, reason=args.reason)
             now = ledger.budget
@@ -156,7 +155,7 @@ def _set_budget(args) -> int:
 
 
 def _set_pixels(args) -> int:
-    with _open(args, create=True) as ledger:
+    with _open(args) as ledger:
         ledger.set_pixel_policy(args.policy, reason=args.reason)
         what = ("priced and limited by the budget" if args.policy == "protected" else
                 "NOT protected: the budget limits the labels alone, and every release says so")
@@ -169,32 +168,60 @@ def _set_level(args) -> int:
     from veil.privacy.levels import resolve_level
 
     level = None if args.level == "none" else resolve_level(args.level)
-    with _open(args, create=True) as ledger:
+    with _open(args) as ledger:
         set_level(ledger, args.attribute, level, reason=args.reason)
     what = "unpinned: the next release pins it" if level is None else f"{level.name} for every later release"
     print(f"{ledger.path}: {args.attribute!r} is now {what} (recorded: {args.reason})")
     return 0
 
 
-def _publish(args) -> int:
-    from veil.privacy.revision_manifest import publish_revision
+def _dataset_ledger(args, base: dict) -> PrivacyLedger:
+    """The existing privacy database of a revision's dataset: --ledger, --data, else the revision's base."""
+    data = parse_data(args.data) if args.data else base
+    if args.ledger:
+        target = args.ledger if is_url(args.ledger) else Path(args.ledger).expanduser()
+    else:
+        target = ledger_path_for(data)
+    return PrivacyLedger(target, create=False)
 
-    out = publish_revision(args.revision, args.out)
+
+def _publish(args) -> int:
+    from veil.privacy.revision_manifest import load_manifest, publish_revision
+
+    base = dict(load_manifest(args.revision)["base"])
+    with _dataset_ledger(args, base) as ledger:  # the key of the pseudonyms: only in the owner's database
+        out = publish_revision(args.revision, args.out, id_key=ledger.pseudonym_key())
     n = len(json.loads((out / "manifest.json").read_text())["changes"])
-    print(f"wrote {out}: {n} edited images and their released attributes (no original attributes); "
-          f"this folder may be shared, {args.revision} stays with you")
+    print(f"wrote {out}: {n} edited images and their released attributes (no original attributes; records named "
+          f"by pseudonym, `veil privacy reveal-ids --revision {out}` maps them back for you); this folder may be "
+          f"shared, {args.revision} stays with you")
     return 0
 
 
-def _locate(p) -> None:
-    p.add_argument("--data", help="the dataset: source=synthetic,seed=N | source=celeba,root=PATH | "
+def _reveal(args) -> int:
+    from veil.privacy.revision_manifest import load_published, reveal_ids
+
+    manifest = load_published(args.revision)
+    with _dataset_ledger(args, dict(manifest.get("base") or {})) as ledger:
+        mapping = reveal_ids(manifest, key=ledger.pseudonym_key(), record_ids=ledger.record_ids())
+    if args.json:
+        print(json.dumps(mapping, indent=1))
+    else:
+        for published, record in mapping.items():
+            print(f"{published}\t{record if record is not None else '(not a record of this dataset)'}")
+    return 0
+
+
+def _locate(p, what: str = "the dataset") -> None:
+    p.add_argument("--data", help=f"{what}: source=synthetic,seed=N | source=celeba,root=PATH | "
                                   "source=folder,root=PATH, or a revision folder")
     p.add_argument("--ledger", help="the privacy database itself (default $VEIL_HOME/datasets/<dataset>.sqlite), "
                                     "or a postgresql:// URL (the database `veil serve --state` replicas share)")
 
 
 def add_subcommand(sub) -> None:
-    """Register `veil privacy` (show | set-budget | set-training-budget | set-pixels | set-level | publish-revision)."""
+    """Register `veil privacy` (show | set-budget | set-training-budget | set-pixels | set-level | publish-revision
+    | reveal-ids)."""
     p = sub.add_parser("privacy", help="what has been spent on a dataset (training runs, releases), its budgets",
                        description="The privacy account of a dataset: every DP training run and every release of "
                                    "an edited image recorded in its database, the budgets, and publishing a revision "
@@ -230,4 +257,11 @@ def add_subcommand(sub) -> None:
                                                       "attributes only")
     pub.add_argument("--revision", required=True, help="the owner's revision folder (veil edit's OUT/revision)")
     pub.add_argument("--out", required=True, help="a new folder for the published revision")
+    _locate(pub, "the dataset, when not the revision's own base")
     pub.set_defaults(func=_publish)
+    rv = actions.add_parser("reveal-ids", help="owner only: which record each pseudonym of a published revision is")
+    rv.add_argument("--revision", required=True, help="a published revision (veil privacy publish-revision's --out, "
+                                                      "or the server's /v1/revision unzipped)")
+    _locate(rv, "the dataset (a folder dataset: its root, or the owner's revision), when not the revision's base")
+    rv.add_argument("--json", action="store_true", help="print {pseudonym: id} as JSON")
+    rv.set_defaults(func=_reveal)

@@ -1,17 +1,25 @@
 """``veil train``: DP-SGD training of the attribute-conditional diffusion model (argparse and a thin handler).
 
-    veil train --config lightning_modules/configs/synthetic32.yaml --out DIR [--set key=value ...] [--resume]
+    veil train --config synthetic32 --out DIR [--set key=value ...] [--resume]   # or --config my.yaml
 
-The job is ``veil.jobs.train.run_training``; torch loads in the handler.
+The handler is ``veil.api.train`` (the job ``veil.jobs.train.run_training``) and the printing; torch loads in it.
 """
 
 from __future__ import annotations
 
 
+def _shipped(prefix_classifier: bool = False) -> list[str]:
+    """The shipped configs' names (veil/lightning_modules/configs/*.yaml; classifier*: veil train-classifier's)."""
+    from veil.lightning_modules.configs import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem.startswith("classifier") == prefix_classifier)
+
+
 def add_subcommand(sub) -> None:
     p = sub.add_parser("train", help="train the attribute-conditional diffusion model with DP-SGD",
                        description="Train the attribute-conditional diffusion model with DP-SGD (Opacus accounting).")
-    p.add_argument("--config", help="YAML config (see lightning_modules/configs/); defaults apply when omitted")
+    p.add_argument("--config", help=f"a YAML config file, or a shipped config's name ({', '.join(_shipped())}); "
+                                    "defaults apply when omitted")
     p.add_argument("--out", required=True, help="output folder: model/ (the release to share), privacy.json, "
                                                 "config.json, private/ (owner-only: resume state, logs). A run "
                                                 "that fails before its first checkpoint leaves nothing there")
@@ -27,12 +35,12 @@ def add_subcommand(sub) -> None:
 
 
 def _train(args) -> int:
-    from veil.jobs.config import load_config
-    from veil.jobs.train import describe, run_training
+    from veil import api
+    from veil.jobs.train import describe
 
-    cfg = load_config(args.config, args.overrides)
-    record = run_training(cfg, args.out, resume=args.resume, progress=not args.no_progress, ledger=args.ledger)
-    print(describe(record))
+    run = api.train(config=args.config, overrides=args.overrides, out=args.out, resume=args.resume,
+                    progress=not args.no_progress, ledger=args.ledger)
+    print(describe(run.record))
     print(f"wrote {args.out}/model (the release to share) and {args.out}/privacy.json; "
           f"{args.out}/private/ is owner-only (resume state, per-step statistics of the private data)")
     return 0

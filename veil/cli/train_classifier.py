@@ -1,16 +1,17 @@
 """``veil train-classifier``: train the attribute classifier, optionally with DP-SGD (argparse and a thin handler).
 
-    veil train-classifier --data source=synthetic,num_images=3000 --out runs/clf [--config classifier32.yaml]
+    veil train-classifier --data source=synthetic,num_images=3000 --out runs/clf [--config classifier32]
 
-The job is ``veil.jobs.train_classifier.train_classifier``; torch and Lightning are
-imported inside the handler.
+The handler is ``veil.api.train_classifier`` (the job ``veil.jobs.train_classifier.train_classifier``) and the
+printing; torch and Lightning are imported inside it.
 """
 
 from __future__ import annotations
 
 
-def _parse_data(text: str | None) -> dict:
-    """``--data``: a revision folder, or FaceDataModule options as KEY=VALUE[,KEY=VALUE] (values as YAML)."""
+def _parse_data(text: str | None) -> dict | str:
+    """``--data``: FaceDataModule options as KEY=VALUE[,KEY=VALUE] (values as YAML), or a revision folder (returned
+    as it is); ``veil.api.train_classifier`` checks the keys and reads a revision's base dataset."""
     from pathlib import Path
 
     import yaml
@@ -20,13 +21,9 @@ def _parse_data(text: str | None) -> dict:
     if not text:
         return {}
     if (Path(text) / "manifest.json").is_file():
-        from veil.privacy.revision_manifest import load_manifest
-
-        return {**load_manifest(text)["base"], "revision": text}
+        return text
     if text == "synthetic":
         return {"source": "synthetic"}
-    from veil.jobs.train_classifier import check_data_options
-
     options = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -38,7 +35,7 @@ def _parse_data(text: str | None) -> dict:
         except yaml.YAMLError:
             raise ConfigError(f"{key.strip()}={value}: not a value (numbers, names, [lists])",
                               option="--data") from None
-    return check_data_options(options, flag="--data")
+    return options  # its keys are checked by veil.api.train_classifier (a misspelt key names --data)
 
 
 def add_subcommand(sub) -> None:
@@ -47,7 +44,9 @@ def add_subcommand(sub) -> None:
     p.add_argument("--data", default="synthetic",
                    help="FaceDataModule options as KEY=VALUE,... (e.g. source=synthetic,num_images=3000,"
                         "test_fraction=0.2), or a revision folder (default: synthetic)")
-    p.add_argument("--config", help="YAML recipe (e.g. lightning_modules/configs/classifier32.yaml); "
+    from veil.cli.train import _shipped
+
+    p.add_argument("--config", help=f"YAML recipe: a file, or a shipped recipe's name ({', '.join(_shipped(True))}); "
                                     "--data options override its data section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set epochs=6 --set dp.enabled=true")
@@ -63,20 +62,11 @@ def add_subcommand(sub) -> None:
 
 
 def _train_classifier(args) -> int:
-    import math
+    from veil import api
 
-    from veil.errors import ConfigError
-    from veil.jobs.train_classifier import load_recipe, train_classifier
-
-    overrides = list(args.overrides)
-    if args.dp_epsilon is not None:
-        if not (math.isfinite(args.dp_epsilon) and args.dp_epsilon > 0):
-            raise ConfigError(f"must be a finite number > 0 (e.g. --dp-epsilon 8), got {args.dp_epsilon}",
-                              option="--dp-epsilon")
-        overrides += ["dp.enabled=true", f"dp.target_epsilon={args.dp_epsilon!r}", "refit_head=false"]
-    recipe, data = load_recipe(args.config, overrides)
-    data = {**data, **_parse_data(args.data)}
-    record = train_classifier(recipe=recipe, data=data, out=args.out, progress=args.progress, ledger=args.ledger)
+    record = api.train_classifier(config=args.config, overrides=args.overrides, dp_epsilon=args.dp_epsilon,
+                                  data=_parse_data(args.data), out=args.out, progress=args.progress,
+                                  ledger=args.ledger).record  # --dp-epsilon is checked there
     eps = record["privacy"].get("epsilon")
     privacy = f"epsilon = {eps:.3f}" if record["privacy"].get("private") else \
         f"NOT PRIVATE: {record['privacy'].get('not_private_reason')}"

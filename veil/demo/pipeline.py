@@ -11,8 +11,10 @@ epsilons are what the demo spent in total, and a demo never spends the budget of
 databases in ``~/.veil``.
 
 1. models: a label-free UNet on public faces (seed 1), a DP noise-conditional classifier on the private
-   faces (seed 0; it guides and checks the edits), and the classifier the owner already published
-   (trained without DP on the original private images: its epsilon is infinite, and the account says so).
+   faces (seed 0; it guides the edits), a small DP classifier of clean images on the private faces (the
+   checker: it checks the edits, since a guided edit is never checked by its guide; its epsilon counts in
+   the account too), and the classifier the owner already published (trained without DP on the original
+   private images: its epsilon is infinite, and the account says so).
 2. edits (``owner.py``): the scripted owner chooses ONE level for the dataset and protected attribute before
    any release, on public faces only (the least private level the ledger's pixel policy and budget allow whose
    adaptive attacker, measured on edits of public faces, is not significantly above the Bayes bound), then
@@ -23,7 +25,10 @@ databases in ``~/.veil``.
    against retraining from scratch.
 4. export: the guided editor to ONNX (verified against PyTorch), and the preview latency of ONNX Runtime
    against PyTorch.
-5. serve: ``veil serve`` on the export, one session from upload to release over HTTP, then stopped.
+5. serve: ``veil serve`` on the export, one session from upload to release over HTTP, then stopped; then the
+   next steps the report prints (``stages.next_commands``: ``veil demo [--quick] --out OUT --serve``, ``veil
+   serve`` on the export and the demo's ledger, ``veil privacy show`` of that ledger), each valid as printed
+   (tests/veil/demo/test_demo.py runs them).
 """
 
 from __future__ import annotations
@@ -148,8 +153,10 @@ def stage_models(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     rows = []
     jobs = [("public_unet", "label-free denoiser (guided by the classifier below)", "synthetic32_public.yaml",
              plan.public_unet, "train", PUBLIC_DATA),
-            ("guide", "DP noise-conditional classifier: guides and checks the edits", "classifier32_guidance.yaml",
+            ("guide", "DP noise-conditional classifier: guides the edits", "classifier32_guidance.yaml",
              plan.guide, "train-classifier", PRIVATE_DATA),
+            ("checker", "DP classifier of clean images: checks the edits (never the guide)", "classifier32_guidance.yaml",
+             plan.checker, "train-classifier", PRIVATE_DATA),
             ("published", "classifier the owner already published (trained on the original images)",
              "classifier32.yaml", plan.published, "train-classifier", PRIVATE_DATA)]
     shipped_any = False
@@ -184,8 +191,8 @@ def stage_models(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
         runs = len(ledger.training_runs())
     account = {"epsilon": "inf" if eps == float("inf") else round(eps, 4), "delta": delta, "runs": runs,
                "note": "basic composition of every training run on the private faces; the published classifier "
-                       "was trained without DP, so the data's total is infinite: only the guide's epsilon covers "
-                       "what the edits use"}
+                       "was trained without DP, so the data's total is infinite: the guide's and the checker's "
+                       "epsilons cover what the edits use"}
     return {"shipped": shipped_any, "models": rows, "dataset_account": account}
 
 

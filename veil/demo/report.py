@@ -333,6 +333,12 @@ def _section(name: str, stage: dict | None, out_dir: Path) -> str:
             f'<span class="meta">({_e(_secs(stage.get("seconds")))})</span></p>' + body(stage, out_dir))
 
 
+# the serve stage's next steps (veil.demo.stages.next_commands), each a command valid as printed
+_NEXT_STEPS = (("command", "To open the interactive page yourself"),
+               ("serve_command", "Or serve the export on the demo's ledger by hand (upload faces)"),
+               ("account_command", "The demo's privacy account"))
+
+
 def write_html(report: dict, out_dir: str | Path) -> Path:
     """Write out_dir / "report.html" (self-contained, readable offline) and return its path."""
     report, out_dir = _check(report), Path(out_dir)
@@ -345,8 +351,8 @@ def write_html(report: dict, out_dir: str | Path) -> Path:
     summary = _table(["stage", "what", "value"], [list(r) for r in summary_rows(report)])
     sections = "".join(_section(name, _stage(report, name), out_dir) for name in STAGES)
     serve = _stage(report, "serve") or {}
-    command = (f"<p>To open the interactive page yourself:</p><pre><code>{_e(serve['command'])}</code></pre>"
-               if serve.get("command") else "")
+    steps = [(what, serve.get(key)) for key, what in _NEXT_STEPS if serve.get(key)]
+    command = "".join(f"<p>{_e(what)}:</p><pre><code>{_e(cmd)}</code></pre>" for what, cmd in steps)
     closing = ("<h2>What is protected and what is not</h2><p>In short: the models' weights are DP with "
                "respect to one training image; every release is priced in both channels a recipient gets, the "
                "labels (randomized response: epsilon-local DP for the protected values) and the pixels (0 when "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -19,7 +20,7 @@ from veil.demo.owner import (attack_releases, choose_level, level_attackers, lev
 from veil.demo.plan import PRIVATE_DATA, DemoPlan
 from veil.privacy.levels import LEVELS
 
-__all__ = ["stage_edits", "stage_unlearning", "stage_export", "stage_serve"]
+__all__ = ["stage_edits", "stage_unlearning", "stage_export", "stage_serve", "next_commands"]
 
 
 def _editor(out: Path, plan: DemoPlan):
@@ -27,7 +28,7 @@ def _editor(out: Path, plan: DemoPlan):
 
     models = out / "models"
     return load_editor(models / "public_unet", classifier=models / "guide", classifier_scale=plan.classifier_scale,
-                       steps=plan.steps)
+                       checker=models / "checker", steps=plan.steps)  # checked by the checker, never the guide
 
 
 def _published_data(out: Path):
@@ -87,14 +88,15 @@ def stage_edits(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
             "guarantee": account, "attacker": attack_rows, "attacker_on_releases": on_releases,
             "utility": utility(naive, accepted, names=names, protected=protected),
             "ledger_releases": in_ledger, "grid": "edits/grid.png" if accepted else None,
-            "grid_note": "top: originals, bottom: accepted edits"}
+            "grid_note": "top: originals, bottom: accepted edits, captioned with their released values (* flipped) "
+                         "and level"}
 
 
 def _write_edits(folder: Path, dm, names: list[str], protected: list[str], accepted: list[dict],
                  withheld: list[str] = ()) -> None:
     """The revision of the accepted edits (``withheld``: the ids the check refused, listed as withheld) and the
     grid of originals over edits (both or neither)."""
-    from veil.lightning_modules.data.grid import save_grid
+    from veil.lightning_modules.data.grid import EDIT_LEGEND, edit_captions, save_before_after
     from veil.outputs import staged_dir
     from veil.privacy.revision_manifest import RevisionChange, write_revision
 
@@ -106,9 +108,11 @@ def _write_edits(folder: Path, dm, names: list[str], protected: list[str], accep
                                                released_attributes=r["released"], protected=protected,
                                                epsilon=r["epsilon"], strength=r["strength"]) for r in accepted],
                        images={r["id"]: r["edit"] for r in accepted}, withheld=withheld)
-        shown = accepted[:8]
-        save_grid(torch.stack([r["image"] for r in shown] + [r["edit"] for r in shown]), stage / "grid.png",
-                  nrow=len(shown), scale=4)
+        shown = accepted[:8]  # the demo folder is owner-only (0700): the flipped marks may show
+        save_before_after(torch.stack([r["image"] for r in shown]), torch.stack([r["edit"] for r in shown]),
+                          stage / "grid.png", legend=EDIT_LEGEND,
+                          captions=edit_captions([r["released"] for r in shown], [r["original"] for r in shown],
+                                                 protected=protected, level=shown[0]["level"]))
 
 
 # -------------------------------------------------------------------------------------- 3. unlearning
@@ -161,7 +165,8 @@ def stage_export(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     shutil.rmtree(target, ignore_errors=True)
     models = out / "models"
     meta = export_model(checkpoint=models / "public_unet", classifier=models / "guide",
-                        classifier_scale=plan.classifier_scale, steps=plan.steps, out=target)
+                        classifier_scale=plan.classifier_scale, checker=models / "checker", steps=plan.steps,
+                        out=target)
     v = meta["verification"]
     ort, torch_editor = load_editor(target), _editor(out, plan)
     lv, names = LEVELS["medium"], list(ort.attribute_names)
@@ -215,5 +220,20 @@ def stage_serve(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
             proc.kill()
     progress(f"  over HTTP: {result['preview_events']} preview events, then {result['decision']} "
              f"(release {result['release_id']})")
-    return {**result, "command": f"veil demo --out {out} --serve  (or: veil serve --export "
-                                 f"{out / 'export' / 'guided'} --dataset {out / 'serve' / 'faces'})"}
+    return {**result, **next_commands(out, plan)}
+
+
+def next_commands(out: Path, plan: DemoPlan) -> dict:
+    """What the report tells the owner to run next, each valid as printed once the demo is done: the page on
+    the demo's faces (``veil demo`` with this demo's own --quick setting, or it is refused; it writes the faces
+    itself), the server by hand on the demo's own ledger (not ~/.veil: the demo never spends the user's
+    databases; uploads only: ``veil serve --dataset`` takes only the folder an export was trained on), its account."""
+    from veil.privacy.ledger import PrivacyLedger
+
+    q = lambda path: shlex.quote(str(path))  # noqa: E731  (a folder with a space stays one argument)
+    with PrivacyLedger.for_dataset(PRIVATE_DATA) as ledger:  # $VEIL_HOME is out/veil_home here
+        ledger_path = out / "veil_home" / "datasets" / Path(ledger.path).name  # named as the user named --out
+    quick = " --quick" if plan.name == "quick" else ""
+    return {"command": f"veil demo{quick} --out {q(out)} --serve",
+            "serve_command": f"veil serve --export {q(out / 'export' / 'guided')} --state {q(ledger_path)}",
+            "account_command": f"veil privacy show --ledger {q(ledger_path)}"}

@@ -1,17 +1,48 @@
-"""`veil demo --quick`: every stage runs, the report's numbers are sane, the ledger agrees, and a rerun resumes."""
+"""`veil demo --quick`: every stage runs, the report's numbers are sane, the ledger agrees, a rerun resumes, and
+every command the demo prints (stdout, stderr, report.json, report.html, COMMAND files) is valid as printed.
 
+The quick demo runs once per module (``quick_demo``); both tests read its folder and what it printed."""
+
+import contextlib
+import html as html_lib
+import io
 import json
 import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
 from html import escape
+from pathlib import Path
 
-from veil.cli import main
+import httpx
+import pytest
+
+from veil.cli import build_parser, main
+from veil.jobs.config import resolve_config
 from veil.privacy.bounds import bayes_accuracy_bound
 from veil.privacy.ledger import PrivacyLedger
+from veil.serve.launch import ServerNotReady, free_port, wait_ready
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """(out, stdout, stderr) of one `veil demo --quick --out OUT` (its $VEIL_HOME is set by the demo; undone after)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VEIL_HOME", str(out.parent / "unused_home"))  # the demo sets its own; restored afterwards
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["demo", "--quick", "--out", str(out)])
+        assert code == 0, stderr.getvalue()[-3000:]
+        yield out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_quick_demo_end_to_end(quick_demo, capsys, monkeypatch):
+    out, printed_out, printed_err = quick_demo
+    monkeypatch.setenv("VEIL_HOME", str(out / "veil_home"))  # the rerun below sets it too: undone after the test
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "veil-demo-report/1" and report["quick"] is True
     stages = report["stages"]
@@ -20,6 +51,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     models = {m["name"]: m for m in stages["models"]["models"]}
     guide = models["guide"]
     assert guide["private"] is True and math.isfinite(guide["epsilon"]) and guide["epsilon"] > 0
+    checker = models["checker"]  # issue 30: the edits are checked by their own classifier, never by the guide
+    assert checker["private"] is True and math.isfinite(checker["epsilon"]) and checker["epsilon"] > 0
     assert models["published"]["epsilon"] == "inf" and stages["models"]["dataset_account"]["epsilon"] == "inf"
     assert all(m["command"].startswith("veil train") and m["params"] > 0 for m in models.values())
 
@@ -44,7 +77,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                                    "synthetic-seed0.sqlite") as ledger:
         assert edits["ledger_releases"] == edits["releases"] + edits["refused"]
         assert len(ledger.releases()) == edits["ledger_releases"] + 1  # + the HTTP session's release
-        assert any(r["kind"] == "classifier" and r["private"] for r in ledger.training_runs())
+        private_runs = [r for r in ledger.training_runs() if r["kind"] == "classifier" and r["private"]]
+        assert len(private_runs) == 2  # the guide and the checker: both in the dataset's account
         records = edits["guarantee"]["records"]
         assert len(records) == edits["images"]
         for record in records:  # per record, the ledger's composed guarantee (labels and pixels)
@@ -69,10 +103,121 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     html = (out / "report.html").read_text()
     assert all(escape(s["proves"]) in html for s in stages.values()) and "data:image/png;base64," in html
-    printed = capsys.readouterr()
-    assert "update speed-up over retraining" in printed.err and "veil demo --out" in printed.out
+    assert "update speed-up over retraining" in printed_err and "--serve" in printed_out
 
     # a second run resumes: every stage is reused, the numbers are the same
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     assert "done earlier" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["stages"] == stages
+
+
+# ------------------------------------------------------------------ every printed command is valid as printed
+SHIPPED_MODELS = Path(__file__).resolve().parents[3] / "veil" / "demo" / "models"
+PATH_OPTIONS = ("export", "checkpoint", "classifier", "checker", "dataset", "state", "ledger", "model", "revision")
+
+
+def _subcommands() -> list[str]:
+    return sorted(build_parser()._subparsers._group_actions[0].choices)
+
+
+def _in_text(text: str) -> list[str]:
+    """`veil SUBCOMMAND ...` up to the end of its line (not "veil demo: progress" lines, not "veil_home")."""
+    pattern = r"(?<![\w/.-])veil (?:" + "|".join(map(re.escape, _subcommands())) + r")(?=[ \t]|$)[^\n]*"
+    return re.findall(pattern, text, flags=re.MULTILINE)
+
+
+def _in_json(value) -> list[str]:
+    if isinstance(value, dict):
+        return [c for v in value.values() for c in _in_json(v)]
+    if isinstance(value, list):
+        return [c for v in value for c in _in_json(v)]
+    return [value] if isinstance(value, str) and value.startswith("veil ") else []
+
+
+def _in_html(page: str) -> list[str]:
+    codes = [html_lib.unescape(c) for c in re.findall(r"<code>(.*?)</code>", page, flags=re.DOTALL)]
+    return [c for c in codes if c.startswith("veil ")]
+
+
+def _parsed(command: str) -> list:
+    """Each `veil ...` of ``command`` (shell words, `&&` between commands, `# comment` ignored), parsed by veil's own
+    parser, with every file or folder it reads checked to exist and every config name resolved."""
+    words, parts = shlex.split(command, comments=True), [[]]
+    for word in words:
+        parts.append([]) if word == "&&" else parts[-1].append(word)
+    parsed = []
+    for part in parts:
+        assert part[:1] == ["veil"], f"not a veil command: {command!r}"
+        try:
+            ns = build_parser().parse_args(part[1:])
+        except SystemExit:
+            pytest.fail(f"veil's parser refuses a printed command: {command!r}")
+        for name in PATH_OPTIONS:
+            value = getattr(ns, name, None)
+            if value and not str(value).startswith("postgresql://"):
+                assert Path(value).exists(), f"{command!r}: --{name} {value} does not exist"
+        if getattr(ns, "config", None):  # a shipped config's name (or a file)
+            resolve_config(ns.config, kind="classifier" if ns.command == "train-classifier" else "train")
+        parsed.append((part, ns))
+    return parsed
+
+
+@contextlib.contextmanager
+def _running(words: list[str], log_path: Path):
+    """``words`` (a `veil ...` command that starts a server) as a subprocess in its own process group on a free
+    port; yields the URL once /healthz answers, then Ctrl-C's the group (the demo's server child too)."""
+    port = free_port()
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "veil.cli", *words[1:], "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        try:
+            wait_ready(proc, f"http://127.0.0.1:{port}", timeout=240)
+        except ServerNotReady as e:
+            pytest.fail(f"{' '.join(words)}: {e}; its output: {Path(log_path).read_text()[-2000:]}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        log.close()
+
+
+def test_every_command_the_demo_prints_is_valid_as_printed(quick_demo, monkeypatch, capsys):
+    """Printed next steps once failed: `veil demo --out D --serve` (refused on a quick demo) and `veil serve
+    --dataset D/serve/faces` (a folder nothing made). Now each one parses, names only things that exist, and
+    the cheap ones run: the account, the server by hand, and the page on the demo's faces (`veil demo --serve`)."""
+    out, printed_out, printed_err = quick_demo
+    report = json.loads((out / "report.json").read_text())
+    found = {"report.json": _in_json(report), "report.html": _in_html((out / "report.html").read_text()),
+             "COMMAND files": [p.read_text() for p in (*SHIPPED_MODELS.glob("*/COMMAND"), *out.rglob("COMMAND"),
+                                                        *out.rglob("SHIPPED"))],
+             "stderr": _in_text(printed_err), "stdout": _in_text(printed_out)}
+    assert found["stdout"] and found["report.json"] and found["report.html"] and found["COMMAND files"], found
+    commands = list(dict.fromkeys(c.strip() for cs in found.values() for c in cs))  # stdout's last
+    parsed = {c: _parsed(c) for c in commands}
+    kinds = {tuple(p[0][:3]) for ps in parsed.values() for p in ps}
+    assert ("veil", "privacy", "show") in kinds and ("veil", "serve", "--export") in kinds, kinds
+
+    monkeypatch.setenv("VEIL_HOME", str(out / "unused_home"))  # the printed commands name the demo's ledger themselves
+    runs = [(c, words, ns) for c, parts in parsed.items() for words, ns in parts]
+    for command, words, ns in sorted(runs, key=lambda r: r[2].command == "demo"):  # the demo's page last
+        if ns.command == "privacy":  # seconds: the demo's account, as printed
+            capsys.readouterr()
+            assert main(words[1:]) == 0, command
+            assert "synthetic" in capsys.readouterr().out
+        elif ns.command == "serve":  # the server by hand, on the demo's export and ledger
+            with _running(words, out.parent / f"{ns.command}.log") as url:
+                assert httpx.get(url + "/v1/info", timeout=30).status_code == 200
+        elif ns.command == "demo":  # resumes the finished demo (every stage reused), then serves its page
+            assert ns.serve and ns.quick == report["quick"]
+            with _running(words, out.parent / f"{ns.command}.log") as url:
+                assert httpx.get(url + "/v1/info", timeout=30).status_code == 200
+            # the faces to upload (not --dataset: veil serve cannot check a folder against synthetic data)
+            assert list((out / "serve" / "faces").glob("*.png"))
+    assert not (out / "unused_home" / "datasets").exists()  # nothing printed spends outside the demo's account
+    assert report["stages"]["serve"]["command"] in found["stdout"], found["stdout"]  # the CLI prints the report's

@@ -33,7 +33,7 @@ def _tiny_png() -> bytes:
 
 
 def _report() -> dict:
-    cmd = "veil train --config lightning_modules/configs/synthetic32.yaml --out runs/x"
+    cmd = "veil train --config synthetic32 --out runs/x"
     return {
         "format": "veil-demo-report/1", "created": "2026-12-02T21:00:00+00:00", "quick": False, "seconds": 812.3,
         "machine": "2-core CPU, no GPU",

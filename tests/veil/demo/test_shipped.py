@@ -22,6 +22,7 @@ def test_shipped_models_are_used_and_recorded(models, tmp_path, monkeypatch):
     assert result["shipped"] is True
     assert rows["public_unet"]["source"] == rows["guide"]["source"] == "shipped with veil"
     assert rows["published"]["source"] == "trained by this demo"  # not shipped: trained here
+    assert rows["checker"]["source"] == "trained by this demo" and rows["checker"]["private"]  # checks the edits
     assert rows["guide"]["command"].startswith("veil train ... --out guide")
     # each shipped run is counted in the account of the data its release names, with its own privacy record
     # (the tiny test models: the UNet on seed 0, the guide on seed 3)
@@ -31,7 +32,7 @@ def test_shipped_models_are_used_and_recorded(models, tmp_path, monkeypatch):
     with PrivacyLedger.for_dataset(PRIVATE_DATA) as ledger:
         runs = ledger.training_runs()
         assert [r["details"].get("model") for r in runs if r["details"].get("shipped")] == ["public_unet"]
-        assert len(runs) == 2  # + the published classifier trained here
+        assert len(runs) == 3  # + the published classifier and the checker, trained here
     with PrivacyLedger.for_dataset({"source": "synthetic", "seed": 3}) as ledger:
         (guide,) = ledger.training_runs()
         assert guide["details"]["shipped"] and guide["private"] and guide["epsilon"] == rows["guide"]["epsilon"]
@@ -80,4 +81,4 @@ def test_the_models_shipped_with_veil_load_and_say_what_they_cost():
     assert guide.noise_conditional and record["private"] is True and 0 < record["epsilon"] <= 10.0
     assert record["delta"] < 1 / 18000 and record["steps"] == 70
     command = (shipped / "guide" / "COMMAND").read_text()
-    assert "classifier32_guidance.yaml" in command and f"{record['steps']} DP steps" in command
+    assert "--config classifier32_guidance " in command and f"{record['steps']} DP steps" in command
