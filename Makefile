@@ -9,19 +9,26 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[train,test]" "$(TORCH)"  # train: torch & co (README, "Install"); pinned
 	$(PY) -m pip install -q --no-deps "curvlinops-for-pytorch==3.0.1"  # its deps are in pyproject.toml (why: there)
 	touch $@
 
-.PHONY: setup demo test bench finetune guided guided-eval guided-grid
+.PHONY: setup demo test test-quick bench finetune guided guided-eval guided-grid
 setup: $(VENV)/.installed
 
 # The main job (README, "Quick start"): the whole loop on the embedded synthetic faces; rerunning resumes runs/demo.
 demo: setup
 	$(VENV)/bin/veil demo --out runs/demo
 
+# The whole suite (what CI runs), on PYTEST_WORKERS processes (pytest-xdist; the tiny models and exports the
+# tests share are built once, beside the workers, and cached under ~/.cache/veil-tests by source: tests/helpers/
+# disk_cache.py). `make test-quick` leaves out the minutes-long end-to-end tests (marked heavy) while developing.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+test-quick: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow and not gpu and not heavy"
 
 # Private fine-tuning from a public start (docs/training.md): ~40 + ~40 minutes on a 2-core CPU.
 # An earlier runs/dp_finetune (or runs/guide below) is never deleted: veil train refuses it; move it away first.
@@ -49,14 +56,16 @@ guided-eval: setup
 	test -f runs/public/model/veil_model.json || $(VENV)/bin/veil train --config lightning_modules/configs/synthetic32_public.yaml --out runs/public
 	test -f runs/guide/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --out runs/guide --progress
 	test -f runs/guide_np/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --set dp.enabled=false --out runs/guide_np --progress
-	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "guided, DP classifier eps 10" --out runs/eval/guided
-	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide_np --label "guided, non-private classifier (control)" --out runs/eval/control
+	test -f runs/judge/model/veil_model.json || $(VENV)/bin/veil train-classifier --config lightning_modules/configs/classifier32_guidance.yaml --set model.noise_conditional=false --set dp.noise_multiplicity=1 --out runs/judge --progress
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --checker runs/judge --label "guided, DP classifier eps 10" --out runs/eval/guided
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide_np --checker runs/judge --label "guided, non-private classifier (control)" --out runs/eval/control
 	$(PY) bench/edit_eval.py --combine runs/eval/guided/edit_eval.json runs/eval/control/edit_eval.json --out runs/eval
 
 # The grid the levels were chosen from (docs/editing.md, "How the levels were chosen"); after guided-eval.
+# Every guided run is checked by runs/judge (a DP classifier of clean images), never by its guide.
 guided-grid: setup
-	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, invert" --levels low,medium,high,max --encodings invert --out runs/grid/invert
-	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, noise eps 0" --encodings noise --strengths 1.0,0.85 --epsilons 0 --out runs/grid/noise0
-	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, noise eps 1" --encodings noise --strengths 0.85,0.7 --epsilons 1 --out runs/grid/noise1
-	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --label "DP, noise eps 2" --encodings noise --strengths 0.7,0.55 --epsilons 2 --out runs/grid/noise2
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --checker runs/judge --label "DP, invert" --levels low,medium,high,max --encodings invert --out runs/grid/invert
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --checker runs/judge --label "DP, noise eps 0" --encodings noise --strengths 1.0,0.85 --epsilons 0 --out runs/grid/noise0
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --checker runs/judge --label "DP, noise eps 1" --encodings noise --strengths 0.85,0.7 --epsilons 1 --out runs/grid/noise1
+	$(PY) bench/edit_eval.py $(EVAL) --classifier runs/guide --checker runs/judge --label "DP, noise eps 2" --encodings noise --strengths 0.7,0.55 --epsilons 2 --out runs/grid/noise2
 	$(PY) bench/edit_eval.py --combine runs/grid/invert/edit_eval.json runs/grid/noise0/edit_eval.json runs/grid/noise1/edit_eval.json runs/grid/noise2/edit_eval.json --out runs/grid

@@ -6,7 +6,7 @@ row; an ``__init__.py`` only when it defines a function or class of its own (oth
 otherwise the row itself describes it. Every backticked ``*.py`` or ``folder/`` in a row must exist (relative to
 the row's folder, or to the repository). Rows for folders that are not packages (``bench/``, ``tests/``) are
 allowed; their folder must exist. The packages are those of ``[tool.setuptools]`` in pyproject.toml, mapped to
-folders by its ``package-dir``.
+folders by its ``package-dir``, less the data-only ones (no ``.py``: serve's page, the demo's models).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def package_folders(root: Path = ROOT) -> dict[str, str]:
     for package in setuptools["packages"]:
         top = max((p for p in mapping if package == p or package.startswith(p + ".")), key=len)
         rest = package[len(top):].lstrip(".")
-        folders["/".join(filter(None, [mapping[top].strip("/"), *rest.split(".")]))] = package
+        folder = "/".join(filter(None, [mapping[top].strip("/"), *rest.split(".")]))
+        if any((root / folder).glob("*.py")):  # data-only folders are listed for their files (no module, no row)
+            folders[folder] = package
     return folders
 
 

@@ -6,12 +6,17 @@ The YAML file mirrors ``TrainConfig`` one to one (sections ``data``, ``model``, 
 ``max_steps: '5'`` or ``true`` for a number are refused, not coerced; the one conversion is a
 number written as a string, e.g. ``1e-3``, which YAML 1.1 reads as a string, in a float option).
 ``--set a.b=value`` on the command line overrides any key (the value is parsed as YAML).
+
+``--config`` is a YAML file's path or the name of a shipped config (``synthetic32``: the installed
+package's ``veil/lightning_modules/configs/synthetic32.yaml``; ``resolve_config``). A key given twice in
+one mapping is refused naming the key and its lines (``read_yaml``), not silently last-one-wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +85,77 @@ def check_list(value: Any, key: str, item, *, optional: bool = False, example: s
 
 def positive_ints(value: Any, key: str) -> list[int]:
     return check_list(value, key, lambda v, k: check_int(v, k, minimum=1), example="[64, 128]")
+
+
+# ------------------------------------------------------------------------- YAML files and --config names
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping gives one key twice (``key``; ``first`` and ``line``: 1-based lines)."""
+
+    def __init__(self, key: Any, first: int, node: yaml.Node):
+        self.key, self.first, self.line = key, first, node.start_mark.line + 1
+        super().__init__(None, None, f"key {key!r} is given twice (lines {first} and {self.line})", node.start_mark)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], key_node)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: SafeLoader refuses it below
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (``DuplicateKeyError``, a ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | Path, *, option: str = "--config") -> Any:
+    """A YAML file's content; ConfigError naming ``option`` for a missing file, bad YAML or a key given twice."""
+    path = Path(path)
+    try:
+        return parse_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: line {exc.line}: key {exc.key!r} is given twice (first on line {exc.first}); "
+                          f"keep one", option=option) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}", option=option) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})", option=option) from None
+
+
+def shipped_names(kind: str = "train") -> list[str]:
+    """Names of the shipped configs: ``train`` (veil train's diffusion configs) or ``classifier`` (veil
+    train-classifier's recipes, classifier*.yaml)."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return [n for n in names if n.startswith("classifier") == (kind == "classifier")]
+
+
+def resolve_config(config: str | Path | None, *, kind: str = "train") -> Path | None:
+    """``--config``: a YAML file's path, or a shipped config's name (``synthetic32`` or ``synthetic32.yaml``;
+    a file of that name in the current folder wins). ConfigError (exit 2) listing the shipped names otherwise."""
+    if config is None:
+        return None
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    text = str(config)
+    names = shipped_names(kind)
+    if "/" not in text and os.sep not in text:
+        stem = text[:-5] if text.endswith(".yaml") else text
+        if stem in names:
+            return CONFIG_DIR / f"{stem}.yaml"
+    raise ConfigError(f"{text}: no such file, nor a shipped config's name; shipped: {', '.join(names)} (e.g. "
+                      f"--config {names[0] if names else 'NAME'}), or give a YAML file's path", option="--config")
 
 
 
@@ -200,6 +276,10 @@ class OptimConfig:
             raise ConfigError(f"must be in [0, 1), got {self.ema_decay}", option="optim.ema_decay")
 
 
+MAX_STEPS = 10_000_000  # PRV accounting of 10**6 steps takes minutes; 10**9 needs hundreds of GB
+MAX_EPOCHS = 1_000_000
+
+
 @dataclass
 class TrainerConfig:
     max_epochs: int | None = 10
@@ -215,6 +295,9 @@ class TrainerConfig:
     def __post_init__(self):
         check_int(self.max_epochs, "trainer.max_epochs", optional=True)
         check_int(self.max_steps, "trainer.max_steps", optional=True)
+        for name, most in (("max_steps", MAX_STEPS), ("max_epochs", MAX_EPOCHS)):
+            if getattr(self, name) is not None and getattr(self, name) > most:  # accounting such a run cannot finish
+                raise ConfigError(f"must be <= {most:,}, got {getattr(self, name):,}", option=f"trainer.{name}")
         check_int(self.checkpoint_every_n_steps, "trainer.checkpoint_every_n_steps", minimum=1)
         check_int(self.log_every_n_steps, "trainer.log_every_n_steps", minimum=1)
         for name in ("accelerator", "strategy"):
@@ -296,7 +379,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a section", option="--set")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = parse_yaml(value)
         except yaml.YAMLError:
             raise ConfigError(f"{item}: {value!r} is not a YAML value (a number, a name, [a, list], "
                               "null); quote it if it is text", option="--set") from None
@@ -304,18 +387,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from ``path`` (a YAML file or a shipped config's name; None: the defaults) and ``--set``s."""
     raw: dict[str, Any] = {}
+    path = resolve_config(path, kind="train")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist; shipped configs: {shipped_configs()}", option="--config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}", option="--config") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a training config is a YAML mapping with sections data, model, dp, "
-                              f"optim, trainer; shipped configs: {shipped_configs()}", option="--config")
+                              f"optim, trainer; shipped: {', '.join(shipped_names('train'))}", option="--config")
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
