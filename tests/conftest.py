@@ -34,16 +34,86 @@ def single_thread():
 
 def pytest_configure(config):
     """Before any fixture (module-scoped ones too, which run before the per-test ``veil_home``):
-    no test process, nor a subprocess it starts, may write to the real ``~/.veil``."""
-    import os
+    no test process, nor a subprocess it starts, may write to the real ``~/.veil``. Under pytest-xdist
+    (``-n 2``, what ``make test`` runs) the controller also starts building the cached tiny models and exports
+    (tests/helpers/export_models.py) beside the workers, so that no worker sits waiting for that build."""
+    import subprocess
     import tempfile
 
     config._veil_home = os.environ["VEIL_HOME"] = tempfile.mkdtemp(prefix="veil_home_session_")
+    config._prebuild = None
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not hasattr(config, "workerinput") and _cache_on():
+        log = open(Path(config._veil_home) / "prebuild.log", "w")
+        config._prebuild = (subprocess.Popen([sys.executable, str(Path(__file__).parent / "helpers" /
+                                                                  "export_models.py")],
+                                             stdout=log, stderr=subprocess.STDOUT), log)
+
+
+# Minutes-long end-to-end tests: in CI and `make test` like every other test; `make test-quick` leaves them out
+# while developing (each is the only test of what it runs end to end: never drop them from CI).
+HEAVY = (
+    "tests/veil/demo/test_demo.py::",
+    "tests/bench/test_unlearning_bench.py::",
+    "tests/veil/jobs/test_train_diffusion.py::test_ddp_two_processes",
+    "tests/lightning_modules/unlearning/test_unlearning.py::test_two_gloo_processes",
+    "tests/lightning_modules/unlearning/test_unlearning.py::test_cli_unlearn_on_two_ddp_processes",
+    "tests/veil/test_packaging.py::",
+    "tests/veil/test_readme_commands.py::",
+)
+CACHED = {"models", "exports"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``HEAVY`` tests ``heavy``, and order whole modules so that two xdist workers finish together: first
+    the heavy modules, then the rest, and last the modules that read the cached models and exports (built
+    meanwhile by the prebuild beside the workers, so that no worker waits on it), heavy ones first again. The
+    order inside a module is kept."""
+    heavy, cached = set(), set()
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if item.nodeid.startswith(HEAVY):
+            item.add_marker(pytest.mark.heavy)
+            heavy.add(module)
+        if CACHED & set(getattr(item, "fixturenames", ())):
+            cached.add(module)
+    first_seen = {m: i for i, m in enumerate(dict.fromkeys(item.nodeid.split("::")[0] for item in items))}
+
+    def key(item):
+        module = item.nodeid.split("::")[0]
+        return module in cached, module not in heavy, first_seen[module]
+
+    items.sort(key=key)  # stable: a module's tests keep their order
+
+
+def _cache_on() -> bool:
+    from disk_cache import cache_root
+
+    return cache_root() is not None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that wrote into a cached model or export (shared by every later run) fails the session."""
+    from disk_cache import changed_since_built
+
+    changed = changed_since_built()
+    if changed:
+        session.config.get_terminal_writer().line(
+            "tests wrote into the cached test models (copy them before writing): " + ", ".join(map(str, changed)),
+            red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config):
     import shutil
 
+    prebuild = getattr(config, "_prebuild", None)
+    if prebuild is not None:
+        process, log = prebuild
+        if process.poll() is None:
+            process.terminate()  # a session that ended early: the half-built folder is redone next time
+            process.wait(timeout=60)
+        log.close()
     home = getattr(config, "_veil_home", None)
     if home:
         shutil.rmtree(home, ignore_errors=True)
