@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 # serve/ is left out: nothing that trains or exports imports it (an edit to the server does not rebuild the
 # models it serves); everything else that is installed as `veil` is in.
 SOURCE_DIRS = ("veil", "lightning_modules", "kernels", "export", "tests/helpers")
-SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml")
+SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml", ".safetensors", ".html", ".js", ".css")  # + the demo's models
 DEPENDENCIES = ("torch", "lightning", "diffusers", "opacus", "triton", "onnxruntime-gpu", "onnxruntime", "onnx",
                 "onnxscript", "numpy", "scipy", "pillow", "dp-accounting", "fastapi")
 PRUNE_AFTER_S = 7 * 24 * 3600
@@ -73,8 +73,10 @@ def changed_since_built() -> list[str]:
     return changed
 
 
-def cached_dir(name: str, build: Callable[[Path], None], *, extra: str = "") -> Path:
-    """The folder ``build`` fills for ``name`` at today's sources: reused when complete, built otherwise."""
+def cached_dir(name: str, build: Callable[[Path], None], *, extra: str = "", check_unchanged: bool = True) -> Path:
+    """The folder ``build`` fills for ``name`` at today's sources: reused when complete, built otherwise.
+    ``check_unchanged`` False: the tests may write into it (only what rewrites the same state: the demo's
+    resume), so it is not compared with what its build wrote."""
     root = cache_root()
     if root is None:
         folder = Path(tempfile.mkdtemp(prefix=f"veil-test-{name}-"))
@@ -94,13 +96,14 @@ def cached_dir(name: str, build: Callable[[Path], None], *, extra: str = "") -> 
                     shutil.rmtree(folder, ignore_errors=True)
                     raise
                 (folder / ".complete").write_text(_manifest(folder))
-            elif (folder / ".complete").read_text() != _manifest(folder):  # a test wrote into the shared copy
+            elif check_unchanged and (folder / ".complete").read_text() != _manifest(folder):  # a test wrote into the shared copy
                 raise RuntimeError(f"the cached test artifact {folder} was changed after it was built (a test "
                                    f"must copy it before writing into it); delete the folder to rebuild it")
             os.utime(folder / ".complete")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    USED.add(folder)
+    if check_unchanged:
+        USED.add(folder)
     _prune(root, keep=folder)
     return folder
 

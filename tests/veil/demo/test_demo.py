@@ -1,7 +1,8 @@
 """`veil demo --quick`: every stage runs, the report's numbers are sane, the ledger agrees, a rerun resumes, and
 every command the demo prints (stdout, stderr, report.json, report.html, COMMAND files) is valid as printed.
 
-The quick demo runs once per module (``quick_demo``); both tests read its folder and what it printed."""
+The quick demo runs once per source state (``quick_demo``, cached on disk); both tests read its folder and what it
+printed."""
 
 import contextlib
 import html as html_lib
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from disk_cache import cached_dir
 
 from veil.cli import build_parser, main
 from veil.jobs.config import resolve_config
@@ -28,16 +30,24 @@ from veil.serve.launch import ServerNotReady, free_port, wait_ready
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    """(out, stdout, stderr) of one `veil demo --quick --out OUT` (its $VEIL_HOME is set by the demo; undone after)."""
-    out = tmp_path_factory.mktemp("quick") / "demo"
+def quick_demo():
+    """(out, stdout, stderr) of one `veil demo --quick --out OUT`, run once per source state (``disk_cache``: any
+    change to the package's sources runs it again; the tests' own writes, a resume and the faces of --serve,
+    leave its state as it was)."""
+    folder = cached_dir("quick-demo", _run_quick_demo, check_unchanged=False)
+    printed = json.loads((folder / "printed.json").read_text())
+    return folder / "demo", printed["stdout"], printed["stderr"]
+
+
+def _run_quick_demo(folder: Path) -> None:
+    out = folder / "demo"
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VEIL_HOME", str(out.parent / "unused_home"))  # the demo sets its own; restored afterwards
+        mp.setenv("VEIL_HOME", str(folder / "unused_home"))  # the demo sets its own; restored afterwards
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = main(["demo", "--quick", "--out", str(out)])
-        assert code == 0, stderr.getvalue()[-3000:]
-        yield out, stdout.getvalue(), stderr.getvalue()
+    assert code == 0, stderr.getvalue()[-3000:]
+    (folder / "printed.json").write_text(json.dumps({"stdout": stdout.getvalue(), "stderr": stderr.getvalue()}))
 
 
 def test_quick_demo_end_to_end(quick_demo, capsys, monkeypatch):
