@@ -58,7 +58,7 @@ def make_grid(images, nrow: int = 8, padding: int = 2, pad_value: int = 255, *, 
     Each tile is enlarged ``scale`` times, or more until it is at least ``min_tile`` pixels tall (``resample``:
     "nearest", whole-pixel blocks, or "lanczos"). ``captions`` (one entry per image: a string, a list of lines or
     None) are written under their tiles in Pillow's default font; a line ending in ``FLIP_MARK`` is drawn in red.
-    ``legend`` is one line under the whole grid. With neither, the shape is
+    ``legend`` is written under the whole grid, wrapped at words to its width. With neither, the shape is
     (rows*(H'+p)+p, nrow*(W'+p)+p, 3), H' and W' the enlarged tile size.
     """
     if len(images) == 0:
@@ -76,7 +76,8 @@ def make_grid(images, nrow: int = 8, padding: int = 2, pad_value: int = 255, *, 
     ncol = min(nrow, len(tiles))
     nrows = -(-len(tiles) // ncol)
     cell_h, cell_w = h + band + padding, w + padding
-    foot = line_h + 2 if legend else 0
+    legend_lines = _wrap(legend, font, ncol * cell_w + padding - 2) if legend else []
+    foot = len(legend_lines) * line_h + 2 if legend else 0
     canvas = Image.new("RGB", (ncol * cell_w + padding, nrows * cell_h + padding + foot), (pad_value,) * 3)
     draw = ImageDraw.Draw(canvas)
     for k, (tile, tile_lines) in enumerate(zip(tiles, lines)):
@@ -86,9 +87,8 @@ def make_grid(images, nrow: int = 8, padding: int = 2, pad_value: int = 255, *, 
         for j, text in enumerate(tile_lines):
             draw.text((x + 1, y + h + 1 + j * line_h), _fit(draw, text, font, w - 2), font=font,
                       fill=(200, 0, 0) if text.endswith(FLIP_MARK) else (0, 0, 0))
-    if legend:
-        draw.text((padding + 1, canvas.height - foot), _fit(draw, legend, font, canvas.width - 2), font=font,
-                  fill=(0, 0, 0))
+    for j, text in enumerate(legend_lines):  # wrapped at words: the legend is read whole, never cut
+        draw.text((padding + 1, canvas.height - foot + j * line_h), text, font=font, fill=(0, 0, 0))
     return np.asarray(canvas)
 
 
@@ -156,6 +156,18 @@ def _font():
 def _line_height(font) -> int:
     top, bottom = font.getbbox("Ag|")[1::2]
     return int(bottom - min(top, 0)) + 2
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels, broken between words (a longer word gets its own line)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
 
 
 def _fit(draw, text: str, font, width: int) -> str:

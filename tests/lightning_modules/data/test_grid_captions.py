@@ -69,3 +69,13 @@ def test_edit_captions_mark_flips_and_refusals_and_the_before_after_layout(tmp_p
         assert im.size[0] == 2 * 98 + 2 and im.size[1] > 4 * 98 + 2
     with pytest.raises(ValueError, match="captions"):
         save_before_after(_faces(3), _faces(3), tmp_path / "bad.png", captions=caps[:2])
+
+
+def test_a_long_legend_wraps_at_words_instead_of_being_cut():
+    x = _faces(2)
+    short = make_grid(x, nrow=2, min_tile=96, legend="a legend")
+    text = "released values (1 present, 0 absent); * flipped by randomized response, the original value given away"
+    long = make_grid(x, nrow=2, min_tile=96, legend=text)
+    assert long.shape[1] == short.shape[1] and long.shape[0] >= short.shape[0] + 2 * 9  # 3+ lines, not one
+    foot = long[short.shape[0] - 12 :]  # the legend's lines: text reaches the last one
+    assert (foot[-12:] < 128).any()
