@@ -80,10 +80,10 @@ SIZES = {
         test_paths=["tests"]),
     "smoke": dict(
         dp_configs=[["tiny UNet, 16 px", "synthetic32.yaml", ["data.resolution=16", *TINY_UNET]]],
-        dp_cells=[[2, 1], [2, 2]], dp_check=[3, 2], dp_warmup=1, dp_repeats=2, largest_cap=8,
+        dp_cells=[[2, 1], [2, 2]], dp_check=[3, 2], dp_warmup=0, dp_repeats=1, largest_cap=8,
         stage=[0, 3], update_params=0, ghost_conv=[2, 4, 8], kernel_reps=2,
-        resolutions=[32], edit_batches=[1, 2], edit_repeats=2, compile_backend="eager", edit_tol=2e-3,
-        serve_resolution=32, serve_clients=[1, 2], serve_seconds=1.0, serve_warmup=0.3, serve_threads=1,
+        resolutions=[32], edit_batches=[1, 2], edit_repeats=1, compile_backend="eager", edit_tol=2e-3,
+        serve_resolution=32, serve_clients=[1, 2], serve_seconds=0.4, serve_warmup=0.1, serve_threads=1,
         test_paths=["tests/kernels"]),
 }
 SMOKE_SHAPES = [(8, 3, 3, 3), (8,), (16, 8, 3, 3), (16,), (24, 16), (24,), (5,), (7, 3)]  # odd sizes on purpose

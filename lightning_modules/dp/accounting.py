@@ -70,9 +70,14 @@ class PrivacyAccounting:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def epsilon(self) -> float:
+        """Epsilon at ``delta`` after the steps so far; computed once per accountant state (a PRV epsilon takes
+        about a second, and the record, the logs and the checkpoints each ask for it)."""
         if self.accountant is None or self.noise_multiplier == 0:
             return math.inf  # no noise, no guarantee (the accountants diverge at sigma = 0)
-        return epsilon_of(self.accountant, delta=self.delta)
+        key = (tuple(tuple(h) for h in self.accountant.history), self.delta)
+        if getattr(self, "_epsilon_key", None) != key:
+            self._epsilon_key, self._epsilon = key, epsilon_of(self.accountant, delta=self.delta)
+        return self._epsilon
 
     def record(self, *, initialized_from: dict[str, Any] | None = None,
                trainable_parameters: int | None = None) -> dict[str, Any]:

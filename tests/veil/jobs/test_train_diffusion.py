@@ -30,6 +30,33 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """One 2 + 2 step resume, shared by the tests that only read it (in its own $VEIL_HOME, whose dataset
+    database holds only this run): the noise vectors each half added, the first half's privacy.json."""
+    import veil.kernels.optimizer as KO
+
+    root = tmp_path_factory.mktemp("resumed")
+    drawn: list[list[torch.Tensor]] = []
+    original = KO.add_noise_reference_
+
+    def spy(summed, *, std, generator=None):
+        before = summed.clone()
+        original(summed, std=std, generator=generator)
+        drawn[-1].append((summed - before).flatten())
+        return summed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KO, "add_noise_reference_", spy)
+        mp.setenv("VEIL_HOME", str(root / "home"))
+        drawn.append([])
+        assert _train(root / "dp", "trainer.max_steps=2") == 0
+        half = json.loads((root / "dp" / "privacy.json").read_text())
+        drawn.append([])
+        assert _train(root / "dp", resume=True) == 0  # TINY says max_steps=4
+    return {"out": root / "dp", "home": root / "home", "drawn": drawn, "half": half}
+
+
 def test_train_writes_release_owner_state_and_privacy_record(trained):
     privacy = json.loads((trained / "privacy.json").read_text())
     assert PRIVACY_KEYS <= set(privacy) and privacy["steps"] == 4 and privacy["epsilon"] > 0
@@ -66,7 +93,7 @@ def test_two_runs_of_one_config_draw_different_noise(tmp_path):
     from safetensors.torch import load_file
 
     for name in ("a", "b"):
-        assert _train(tmp_path / name, "trainer.max_steps=2") == 0
+        assert _train(tmp_path / name, "trainer.max_steps=1") == 0
     a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
 
@@ -75,7 +102,7 @@ def test_reproducible_noise_is_an_explicit_not_private_mode(tmp_path, capsys):
     from safetensors.torch import load_file
 
     for name in ("a", "b"):
-        assert _train(tmp_path / name, "trainer.max_steps=2", "dp.reproducible_noise_seed=5") == 0
+        assert _train(tmp_path / name, "trainer.max_steps=1", "dp.reproducible_noise_seed=5") == 0
     a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     privacy = json.loads((tmp_path / "a" / "privacy.json").read_text())
@@ -86,25 +113,9 @@ def test_reproducible_noise_is_an_explicit_not_private_mode(tmp_path, capsys):
     assert "not private" in capsys.readouterr().out
 
 
-def test_resume_draws_fresh_noise(tmp_path, monkeypatch):
+def test_resume_draws_fresh_noise(resumed):
     """Item 4: a 2 + 2 step resume must add no noise vector (nor a large share of values) it added before."""
-    import veil.kernels.optimizer as KO
-
-    drawn: list[list[torch.Tensor]] = []
-    original = KO.add_noise_reference_
-
-    def spy(summed, *, std, generator=None):
-        before = summed.clone()
-        original(summed, std=std, generator=generator)
-        drawn[-1].append((summed - before).flatten())
-        return summed
-
-    monkeypatch.setattr(KO, "add_noise_reference_", spy)
-    drawn.append([])
-    assert _train(tmp_path, "trainer.max_steps=2") == 0
-    drawn.append([])
-    assert _train(tmp_path, resume=True) == 0  # TINY says max_steps=4
-    first, second = drawn
+    first, second = resumed["drawn"]
     assert first and second
     for a in first:
         for b in second:
@@ -114,21 +125,21 @@ def test_resume_draws_fresh_noise(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_changed_privacy_plan(tmp_path, capsys):
     """Item 7: sigma was solved for the planned steps; more steps would silently pass the target."""
-    plan = ["dp.noise_multiplier=null", "dp.target_epsilon=5", "trainer.max_steps=2"]
+    plan = ["dp.noise_multiplier=null", "dp.target_epsilon=5", "trainer.max_steps=1"]
     assert _train(tmp_path, *plan) == 0
     sigma = json.loads((tmp_path / "privacy.json").read_text())["noise_multiplier"]
-    assert _train(tmp_path, *plan[:2], "trainer.max_steps=4", resume=True) == 2
+    assert _train(tmp_path, *plan[:2], "trainer.max_steps=2", resume=True) == 2
     err = capsys.readouterr().err
     assert "ends at epsilon" in err and "dp.noise_multiplier=" in err
-    assert _train(tmp_path, "dp.noise_multiplier=null", "dp.target_epsilon=2", "trainer.max_steps=2",
+    assert _train(tmp_path, "dp.noise_multiplier=null", "dp.target_epsilon=2", "trainer.max_steps=1",
                   resume=True) == 2
     assert "dp.target_epsilon" in capsys.readouterr().err
     assert json.loads((tmp_path / "config.json").read_text())["dp"]["target_epsilon"] == 5  # not rewritten
     # the explicit re-plan: the same sigma, named, to more steps
-    assert _train(tmp_path, "dp.target_epsilon=null", f"dp.noise_multiplier={sigma!r}", "trainer.max_steps=4",
+    assert _train(tmp_path, "dp.target_epsilon=null", f"dp.noise_multiplier={sigma!r}", "trainer.max_steps=2",
                   resume=True) == 0
     privacy = json.loads((tmp_path / "privacy.json").read_text())
-    assert privacy["steps"] == 4 and privacy["epsilon"] > 5
+    assert privacy["steps"] == 2 and privacy["epsilon"] > 5
 
 
 def test_delta_defaults_well_below_one_over_n_and_refuses_more(tmp_path, capsys):
@@ -152,11 +163,9 @@ def test_refuses_to_overwrite_a_run(trained, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_resume_continues_the_accounting(trained, tmp_path):
-    assert _train(tmp_path, "trainer.max_steps=2") == 0
-    half = json.loads((tmp_path / "privacy.json").read_text())
-    assert _train(tmp_path, resume=True) == 0  # TINY says max_steps=4
-    resumed = json.loads((tmp_path / "privacy.json").read_text())
+def test_resume_continues_the_accounting(trained, resumed):
+    half = resumed["half"]  # after 2 steps; then resumed to TINY's max_steps=4
+    resumed = json.loads((resumed["out"] / "privacy.json").read_text())
     full = json.loads((trained / "privacy.json").read_text())
     assert half["steps"] == 2 and resumed["steps"] == full["steps"] == 4
     assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
@@ -216,20 +225,20 @@ def test_ddp_two_processes_identical_parameters_and_global_epsilon(tmp_path):
     assert ddp["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
 
 
-def test_training_runs_are_recorded_in_the_dataset_database(tmp_path, veil_home):
+def test_training_runs_are_recorded_in_the_dataset_database(tmp_path, resumed, monkeypatch):
     """Item 10: every run on a dataset (private or not) lands in that dataset's database, a resume
     continues its own row, and `veil privacy show` reports the composed total."""
     from veil.privacy.ledger import PrivacyLedger
 
-    assert _train(tmp_path / "dp", "trainer.max_steps=2") == 0
-    assert _train(tmp_path / "dp", resume=True) == 0
+    veil_home = resumed["home"]  # the 2 + 2 step resume ran there
+    monkeypatch.setenv("VEIL_HOME", str(veil_home))
     assert _train(tmp_path / "control", "dp.enabled=false", "trainer.max_steps=1") == 0
     with PrivacyLedger.for_dataset({"source": "synthetic", "seed": 0}) as ledger:
         runs = ledger.training_runs()
         assert str(ledger.path).startswith(str(veil_home))
     assert [(r["kind"], r["private"], r["status"]) for r in runs] == [
         ("diffusion", True, "finished"), ("diffusion", False, "finished")]
-    dp = json.loads((tmp_path / "dp" / "privacy.json").read_text())
+    dp = json.loads((resumed["out"] / "privacy.json").read_text())
     assert runs[0]["steps"] == 4 and runs[0]["epsilon"] == pytest.approx(dp["epsilon"])
     assert runs[1]["counted_epsilon"] == float("inf")  # a non-private control spends everything
     assert main(["privacy", "show", "--data", "source=synthetic,seed=0"]) == 0
@@ -243,5 +252,5 @@ def test_a_run_over_the_training_budget_is_refused_before_it_starts(tmp_path, ca
     assert _train(tmp_path, "dp.noise_multiplier=null", "dp.target_epsilon=5", "trainer.max_steps=2") == 2
     assert "training budget" in capsys.readouterr().err
     assert not (tmp_path / "model").exists() and not (tmp_path / "private" / "last.ckpt").exists()
-    assert _train(tmp_path / "ok", "dp.noise_multiplier=null", "dp.target_epsilon=2", "trainer.max_steps=2") == 0
-    assert _train(tmp_path / "no", "dp.noise_multiplier=null", "dp.target_epsilon=2", "trainer.max_steps=2") == 2
+    assert _train(tmp_path / "ok", "dp.noise_multiplier=null", "dp.target_epsilon=2", "trainer.max_steps=1") == 0
+    assert _train(tmp_path / "no", "dp.noise_multiplier=null", "dp.target_epsilon=2", "trainer.max_steps=1") == 2
