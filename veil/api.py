@@ -142,16 +142,24 @@ def _overrides(overrides: Overrides | None) -> list[str]:
 
 # ------------------------------------------------------------------ training, unlearning, export
 def train(*, out: str | Path, config: str | Path | None = None, overrides: Overrides | None = None,
-          resume: bool = False, progress: bool = True, ledger: str | Path | None = None) -> Run:
+          resume: bool = False, progress: bool = True, ledger: str | Path | None = None,
+          data: Mapping[str, Any] | None = None) -> Run:
     """``veil train``: DP-SGD training of the attribute-conditional diffusion model into ``out``.
 
     ``config``: a YAML file or a shipped config's name; ``overrides``: ``--set`` keys, e.g.
-    ``{"dp.target_epsilon": 10, "trainer.max_steps": 500}``. The run is recorded in the dataset's privacy
-    database (``ledger`` names another) and refused if it would pass the dataset's training budget."""
+    ``{"dp.target_epsilon": 10, "trainer.max_steps": 500}``; ``data``: a data spec (``veil.data_arg``'s, e.g.
+    ``{"source": "folder", "root": ..., "csv": ...}``) replacing the config's dataset, before ``overrides``.
+    The run is recorded in the dataset's privacy database (``ledger`` names another) and refused if it would
+    pass the dataset's training budget."""
     from veil.jobs.config import load_config
     from veil.jobs.train import run_training
 
-    cfg = load_config(config, _overrides(overrides))
+    given = {}
+    if data:  # a new dataset: the config's location keys go unless given again; synthetic faces are
+        # generated from the run's seed (there is no data.seed)
+        given = {**({"data.root": None, "data.csv": None, "data.revision": None} if "source" in data else {}),
+                 **{"seed" if key == "seed" else f"data.{key}": value for key, value in data.items()}}
+    cfg = load_config(config, _overrides(given) + _overrides(overrides))
     record = run_training(cfg, out, resume=resume, progress=progress, ledger=ledger)
     return Run(Path(out), record)
 

@@ -53,8 +53,8 @@ EDIT_ARGV = ["edit", "--checkpoint", "X", "--runtime", "ort", "--classifier", "C
 CASES = {
     "train": (["train", "--config", "synthetic32", "--set", "trainer.max_steps=3", "--out", "R", "--resume",
                "--no-progress", "--ledger", "L.sqlite"],
-              [("train", (), dict(config="synthetic32", overrides=["trainer.max_steps=3"], out="R", resume=True,
-                                  progress=False, ledger="L.sqlite"))],
+              [("train", (), dict(config="synthetic32", overrides=["trainer.max_steps=3"], data=None, out="R",
+                                  resume=True, progress=False, ledger="L.sqlite"))],
               "non-private training: 3 steps"),
     "train-classifier": (["train-classifier", "--data", "source=synthetic,num_images=96", "--config", "classifier32",
                           "--set", "epochs=1", "--dp-epsilon", "8", "--out", "C", "--progress"],

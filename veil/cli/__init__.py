@@ -4,9 +4,9 @@
     veil sample             --checkpoint DIR --attributes smiling=1 --out grid.png            (cli/sample.py)
     veil edit               --checkpoint DIR --first 8 --protect eyeglasses --out E           (cli/edit.py)
     veil export             --checkpoint DIR [--classifier CLF] --out X                       (cli/export.py)
-    veil train-classifier   --data source=synthetic --out CLF                                 (cli/train_classifier.py)
+    veil train-classifier   --data folder:PHOTOS --out CLF                                    (cli/train_classifier.py)
     veil unlearn            --model CLF --revision REV --out U                                (cli/unlearn.py)
-    veil privacy            show --data source=synthetic,seed=0 | set-budget | set-pixels | set-level | publish-revision (cli/privacy.py)
+    veil privacy            show --data synthetic:0 | set-budget | set-pixels | set-level | publish-revision (cli/privacy.py)
     veil demo               [--out DIR] [--quick] [--fresh] [--serve]                        (cli/demo.py)
     veil serve              --export X [--host 127.0.0.1] [--port 8000] [--state URL]        (cli/serve.py)
     veil prepare            --photos DIR --out DATASET | --paste-back --dataset D --edits E --out P (cli/prepare.py)
@@ -14,7 +14,8 @@
 Progress lines and heartbeats go to stderr; other packages' log lines and warnings go to
 ``$VEIL_HOME/logs/veil-<command>-<time>-<pid>.log`` instead of the terminal (``veil.console``).
 
-``veil <cmd> --help`` documents every option. How ``main`` ends:
+Every command names its data with ``--data SPEC`` (``veil.data_arg``): folder:PATH[,csv=FILE], celeba:PATH,
+synthetic[:SEED], or a revision folder (docs/data.md). ``veil <cmd> --help`` documents every option. How ``main`` ends:
 
 - 0: done; 2: the user's input is wrong (argparse, or a ``VeilError``: one line naming the option);
 - 2 also when a command needs the ``train`` extra (torch, Lightning, ...) on a base install: one line
@@ -58,7 +59,7 @@ workflow:
   veil export --checkpoint runs/dp32 --classifier runs/clf --classifier-scale 0 --out exports/dp32
                                       the editor on ONNX Runtime (veil edit --runtime ort, the server)
   veil serve --export exports/dp32    preview, adjust and accept private edits over HTTP (OpenAPI at /docs)
-  veil privacy show --data source=synthetic,seed=0
+  veil privacy show --data synthetic:0
                                       everything spent on that dataset, and what is left
   veil train-classifier ... / veil unlearn --model runs/clf --revision edits/revision --out runs/unl
                                       update a classifier trained on the originals to the revision

@@ -4,6 +4,11 @@
     veil edit --checkpoint PUBLIC --classifier GUIDE --checker JUDGE --first 8 --protect eyeglasses,smiling --level high --out edits/
     veil edit --checkpoint RUN --classifier CLF --classifier-scale 0 --first 8 --protect eyeglasses --out edits/
     veil edit --checkpoint RUN --first 8 --protect eyeglasses --sweep --out sweep/
+    veil edit --checkpoint PUBLIC --classifier GUIDE --checker JUDGE --data folder:photos --first 8 --protect smiling --out edits/
+
+``--data SPEC`` (``veil.data_arg``: folder:PATH[,csv=FILE], celeba:PATH, synthetic[:SEED], each with KEY=VALUE
+options; default: the data the classifier, else the checkpoint, was trained on); the older --data folder
+--root PATH --csv FILE (and --num-images, --data-seed, --resolution) still work, hidden from --help.
 
 The backend follows from what is given: --classifier with --classifier-scale > 0 (default 10) is the
 guided backend (the classifier steers a label-free or conditional denoiser); --classifier-scale 0 keeps
@@ -26,6 +31,7 @@ import argparse
 import re
 
 from veil.cli import epsilon_or_budget, nonneg_float, nonneg_int, positive_float, positive_int
+from veil.data_arg import data_arg_help, parse_data_arg  # yaml only
 from veil.privacy.ledger import DEFAULT_BUDGET  # stdlib sqlite3 only, no torch
 from veil.privacy.levels import ENCODINGS  # no torch
 
@@ -55,13 +61,14 @@ def add_subcommand(sub) -> None:
                     "level, record each release in the ledger, and write a dataset revision. With --sweep, "
                     "write a preview grid over privacy levels instead (nothing is released).")
     p.add_argument("--checkpoint", required=True, help="the model release of `veil train`: its --out folder or OUT/model")
-    data = p.add_argument_group("data (defaults: the dataset the checkpoint was trained on)")
-    data.add_argument("--data", choices=["synthetic", "celeba", "folder"], help="dataset source")
-    data.add_argument("--num-images", type=positive_int, help="synthetic: number of images")
-    data.add_argument("--data-seed", type=nonneg_int, help="synthetic: dataset seed (ids are synth-SEED-INDEX)")
-    data.add_argument("--root", help="celeba/folder: dataset folder")
-    data.add_argument("--csv", help="folder: label CSV")
-    data.add_argument("--resolution", type=positive_int, help="image size; must match the model's")
+    data = p.add_argument_group("data (default: the dataset the classifier, else the checkpoint, was trained on)")
+    data.add_argument("--data", metavar="SPEC", help=data_arg_help())
+    # the older spelling (--data folder --root X --csv Y), still accepted, mapped into the same spec
+    data.add_argument("--num-images", type=positive_int, help=argparse.SUPPRESS)
+    data.add_argument("--data-seed", type=nonneg_int, help=argparse.SUPPRESS)
+    data.add_argument("--root", help=argparse.SUPPRESS)
+    data.add_argument("--csv", help=argparse.SUPPRESS)
+    data.add_argument("--resolution", type=positive_int, help=argparse.SUPPRESS)
     pick = p.add_mutually_exclusive_group(required=True)
     pick.add_argument("--ids", type=_csv, help="comma-separated image ids, e.g. synth-0-000003,synth-0-000010")
     pick.add_argument("--first", type=positive_int, help="edit the first N images of the dataset")
@@ -125,14 +132,29 @@ def add_subcommand(sub) -> None:
     p.set_defaults(func=_edit)
 
 
+def edit_data(args) -> dict:
+    """``--data SPEC`` (``veil.data_arg``) with the older --root/--csv/--num-images/--data-seed/--resolution laid
+    over it (paths made absolute); unset keys are None (the model's recorded dataset fills them)."""
+    from pathlib import Path
+
+    data = {"source": None, "num_images": None, "seed": None, "root": None, "csv": None, "resolution": None,
+            **parse_data_arg(args.data)}
+    for key, value in (("num_images", args.num_images), ("seed", args.data_seed), ("resolution", args.resolution),
+                       ("root", args.root), ("csv", args.csv)):
+        if value is not None:
+            data[key] = str(Path(value).expanduser().resolve()) if key in ("root", "csv") else value
+    if args.root is not None and args.csv is None and data["source"] == "folder" and data["csv"] is None:
+        data["csv"] = str(Path(data["root"]) / "labels.csv")  # as folder:PATH
+    return data
+
+
 def _edit(args) -> int:
     """``veil.api.load_editor`` and its ``preview`` (``--sweep``) or ``release``; the flag combinations that only
     a command line can get wrong are refused here, everything else by the API (the same messages)."""
     from veil import api
     from veil.errors import ConfigError
 
-    data = {"source": args.data, "num_images": args.num_images, "seed": args.data_seed, "root": args.root,
-            "csv": args.csv, "resolution": args.resolution}
+    data = edit_data(args)
     if args.sweep:
         ignored = [flag for flag, value in (("--epsilon", args.epsilon), ("--ledger", args.ledger),
                                             ("--budget", args.budget)) if value is not None]

@@ -2,8 +2,8 @@
 
     veil prepare --photos holiday/ --out faces --size 64 --attributes smiling,eyeglasses
     veil prepare --photos a.jpg b.png --out faces --csv photo_labels.csv     # photo,face,<attributes>
-    veil train --set data.source=folder --set data.root=faces --set data.csv=faces/labels.csv ...
-    veil edit ... --data folder --root faces --csv faces/labels.csv --out edits
+    veil train-classifier --config classifier32_small --data folder:faces --out guide ...   # docs/data.md
+    veil edit ... --data folder:faces --out edits                  # folder:PATH reads PATH/labels.csv
     veil prepare --paste-back --dataset faces --edits edits --out shared    # the photos with the edits in
 
 argparse only at import time; the job (veil.jobs.prepare, scikit-image's face detector) loads in the handler.
@@ -72,4 +72,6 @@ def _prepare(args) -> int:
     summary = run_prepare(photos=args.photos, out=args.out, size=args.size, margin=args.margin,
                           min_face=args.min_face, csv_path=args.csv, attributes=args.attributes)
     print("\n".join(prepare_lines(summary)))
+    print(f"next: fill in {args.out}/labels.csv, then name this dataset --data folder:{args.out} in every command "
+          f"(veil train-classifier, veil edit, veil privacy; README \"Your own photos\")")
     return 0

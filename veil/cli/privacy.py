@@ -1,6 +1,6 @@
 """``veil privacy``: what has been spent on a dataset, its budgets, and a publishable revision (no torch).
 
-    veil privacy show --data source=synthetic,seed=0 [--ledger PATH] [--json]
+    veil privacy show --data folder:photos [--ledger PATH] [--json]    # or synthetic:0, celeba:/data/celeba
     veil privacy show --ledger postgresql://veil@db:5432/veil        # the database `veil serve` replicas share
     veil privacy set-budget 4 --reason "epsilon 4 per person, labels and pixels" --data source=synthetic,seed=0
     veil privacy set-pixels not-protected --reason "labels only: we publish inversions" --data source=synthetic,seed=0
@@ -13,8 +13,8 @@ Each dataset has one privacy database, ``$VEIL_HOME/datasets/<dataset>.sqlite`` 
 to ``~/.veil``; ``--ledger PATH`` names another), holding every release and every DP training run on
 it and the budgets (``veil.privacy.ledger``); ``--ledger postgresql://...`` names one on PostgreSQL
 (``veil serve --state``). It is owner-only: it holds the randomized-response seeds. ``--data`` locates
-the dataset: ``source=synthetic,seed=N``, ``source=celeba,root=PATH``,
-``source=folder,root=PATH``, or a revision folder (its base dataset). ``show`` reads the account through
+the dataset (``veil.data_arg``, as in every command): ``folder:PATH``, ``celeba:PATH``, ``synthetic:SEED``
+(or the older ``source=folder,root=PATH`` pairs), or a revision folder (its base dataset). ``show`` reads the account through
 ``veil.api.privacy_account`` (it creates nothing); the set-* actions create the database if need be.
 ``publish-revision`` names each record by its pseudonym (``veil.privacy.revision_manifest.pseudonym``, keyed by
 the secret in the dataset's database, which must exist); ``reveal-ids`` maps a published revision back.
@@ -26,39 +26,22 @@ import json
 from pathlib import Path
 
 from veil.cli import epsilon_or_budget
+from veil.data_arg import parse_data_arg  # yaml only
 from veil.errors import ConfigError
 from veil.privacy.db import is_url, redact
 from veil.privacy.ledger import PrivacyLedger, ledger_path_for  # stdlib (psycopg for a URL) only
 
-_INT_KEYS = ("seed", "num_images", "resolution")
-
-
 def parse_data(text: str | None) -> dict:
-    """``--data``: KEY=VALUE[,KEY=VALUE] (seed, num_images, resolution as integers), or a revision folder."""
-    if not text:
-        return {}
-    if (Path(text) / "manifest.json").is_file():
-        from veil.privacy.revision_manifest import load_manifest
-
-        return dict(load_manifest(text)["base"])
-    spec = {}
-    for item in text.split(","):
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or not key:
-            raise ConfigError(f"expects KEY=VALUE pairs (e.g. source=synthetic,seed=0) or a revision folder, "
-                              f"got {item!r}", option="--data")
-        try:
-            spec[key] = int(value) if key in _INT_KEYS else value
-        except ValueError:
-            raise ConfigError(f"{key}={value!r}: must be an integer", option="--data") from None
-    return spec
+    """``--data``: the one data spec of every command (``veil.data_arg``: folder:PATH, celeba:PATH,
+    synthetic[:SEED], the older source=...,root=... pairs, or a revision folder: its base)."""
+    return parse_data_arg(text)
 
 
 def _target(args) -> tuple[dict, Path | str]:
     """(the --data spec, the database: a SQLite path or a postgresql:// URL)."""
     data = parse_data(args.data)
     if not data and not args.ledger:
-        raise ConfigError("--data or --ledger: say which dataset's privacy database (e.g. --data source=synthetic,seed=0)")
+        raise ConfigError("--data or --ledger: say which dataset's privacy database (e.g. --data folder:photos or --data synthetic:0)")
     if args.ledger and is_url(args.ledger):
         return data, args.ledger
     return data, Path(args.ledger).expanduser() if args.ledger else ledger_path_for(data)
@@ -213,8 +196,8 @@ def _reveal(args) -> int:
 
 
 def _locate(p, what: str = "the dataset") -> None:
-    p.add_argument("--data", help=f"{what}: source=synthetic,seed=N | source=celeba,root=PATH | "
-                                  "source=folder,root=PATH, or a revision folder")
+    p.add_argument("--data", metavar="SPEC", help=f"{what}: folder:PATH | celeba:PATH | synthetic:SEED (or the older "
+                                                 "source=...,root=... pairs), or a revision folder; docs/data.md")
     p.add_argument("--ledger", help="the privacy database itself (default $VEIL_HOME/datasets/<dataset>.sqlite), "
                                     "or a postgresql:// URL (the database `veil serve --state` replicas share)")
 

@@ -36,7 +36,7 @@ def add_subcommand(sub) -> None:
                    help="per-record release budget (composed epsilon of labels and pixels) when the database is new (default 8; inf = unlimited)")
     p.add_argument("--token", default=None, help="server token (default $VEIL_SERVE_TOKEN); required off loopback")
     p.add_argument("--dataset", default=None, help="a folder of the owner's images with labels.csv (the layout of "
-                                                    "--data source=folder): the page offers them to pick")
+                                                    "--data folder:PATH, docs/data.md): the page offers them to pick")
     p.add_argument("--dataset-csv", default=None, help="the dataset's CSV when it is not DATASET/labels.csv")
     p.add_argument("--no-batching", action="store_true", help="one preview at a time (the benchmark's baseline)")
     p.add_argument("--max-wait-ms", type=nonneg_float, default=5.0, help="how long to gather a batch (default 5 ms)")

@@ -1,6 +1,10 @@
 """``veil train``: DP-SGD training of the attribute-conditional diffusion model (argparse and a thin handler).
 
     veil train --config synthetic32 --out DIR [--set key=value ...] [--resume]   # or --config my.yaml
+    veil train --config synthetic32 --data folder:photos,csv=photos/labels.csv --out DIR   # docs/data.md
+
+``--data SPEC`` (``veil.data_arg``, as in every command) replaces the config's dataset (source, root, csv,
+revision; its other data keys stay); ``--set data.KEY=VALUE`` still works and is applied after it.
 
 The handler is ``veil.api.train`` (the job ``veil.jobs.train.run_training``) and the printing; torch loads in it.
 """
@@ -25,6 +29,10 @@ def add_subcommand(sub) -> None:
                                                 "that fails before its first checkpoint leaves nothing there")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dp.target_epsilon=10 --set trainer.max_steps=200")
+    from veil.data_arg import data_arg_help
+
+    p.add_argument("--data", metavar="SPEC", help=data_arg_help("the config's data section") +
+                   "; replaces the config's dataset, --set data.KEY=VALUE applies after it")
     p.add_argument("--resume", action="store_true", help="continue OUT/private/last.ckpt (privacy accounting "
                                                          "continues; fresh secret noise)")
     p.add_argument("--ledger", help="the dataset's privacy database (default: found from the data, under "
@@ -36,9 +44,11 @@ def add_subcommand(sub) -> None:
 
 def _train(args) -> int:
     from veil import api
+    from veil.data_arg import parse_data_arg
     from veil.jobs.train import describe
 
-    run = api.train(config=args.config, overrides=args.overrides, out=args.out, resume=args.resume,
+    run = api.train(config=args.config, overrides=args.overrides, data=parse_data_arg(args.data, keep_revision=True) or None,
+                    out=args.out, resume=args.resume,
                     progress=not args.no_progress, ledger=args.ledger)
     print(describe(run.record))
     print(f"wrote {args.out}/model (the release to share) and {args.out}/privacy.json; "

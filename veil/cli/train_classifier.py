@@ -1,6 +1,7 @@
 """``veil train-classifier``: train the attribute classifier, optionally with DP-SGD (argparse and a thin handler).
 
-    veil train-classifier --data source=synthetic,num_images=3000 --out runs/clf [--config classifier32]
+    veil train-classifier --data synthetic,num_images=3000 --out runs/clf [--config classifier32]
+    veil train-classifier --config classifier32_small --data folder:photos --out runs/guide   # docs/data.md
 
 The handler is ``veil.api.train_classifier`` (the job ``veil.jobs.train_classifier.train_classifier``) and the
 printing; torch and Lightning are imported inside it.
@@ -10,40 +11,23 @@ from __future__ import annotations
 
 
 def _parse_data(text: str | None) -> dict | str:
-    """``--data``: FaceDataModule options as KEY=VALUE[,KEY=VALUE] (values as YAML), or a revision folder (returned
-    as it is); ``veil.api.train_classifier`` checks the keys and reads a revision's base dataset."""
-    from pathlib import Path
+    """``--data`` (``veil.data_arg``: folder:PATH[,csv=FILE], celeba:PATH, synthetic[:SEED], each with KEY=VALUE
+    options, or the older source=...,root=... pairs), or a revision folder (returned as a path: the classifier
+    trains on the revision itself); ``veil.api.train_classifier`` checks the keys against the recipe's."""
+    from veil.data_arg import parse_data_arg, revision_folder
 
-    import yaml
-
-    from veil.errors import ConfigError
-
-    if not text:
-        return {}
-    if (Path(text) / "manifest.json").is_file():
-        return text
-    if text == "synthetic":
-        return {"source": "synthetic"}
-    options = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"expects KEY=VALUE pairs (e.g. source=synthetic,num_images=3000) "
-                              f"or a revision folder, got {item!r}", option="--data")
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"{key.strip()}={value}: not a value (numbers, names, [lists])",
-                              option="--data") from None
-    return options  # its keys are checked by veil.api.train_classifier (a misspelt key names --data)
+    revision = revision_folder(text)
+    return str(revision) if revision is not None else parse_data_arg(text)
 
 
 def add_subcommand(sub) -> None:
     p = sub.add_parser("train-classifier", help="train the attribute classifier (optionally with DP-SGD)",
                        description="Train a small GroupNorm CNN for multi-label attribute classification.")
-    p.add_argument("--data", default="synthetic",
-                   help="FaceDataModule options as KEY=VALUE,... (e.g. source=synthetic,num_images=3000,"
-                        "test_fraction=0.2), or a revision folder (default: synthetic)")
+    from veil.data_arg import data_arg_help
+
+    p.add_argument("--data", default="synthetic", metavar="SPEC",
+                   help=data_arg_help("synthetic") + "; e.g. folder:photos,test_fraction=0.2 or "
+                        "synthetic,num_images=3000")
     from veil.cli.train import _shipped
 
     p.add_argument("--config", help=f"YAML recipe: a file, or a shipped recipe's name ({', '.join(_shipped(True))}); "

@@ -5,7 +5,8 @@ The YAML file mirrors ``TrainConfig`` one to one (sections ``data``, ``model``, 
 ``__post_init__`` with the option's dotted name in the message (types too: ``batch_size: abc``,
 ``max_steps: '5'`` or ``true`` for a number are refused, not coerced; the one conversion is a
 number written as a string, e.g. ``1e-3``, which YAML 1.1 reads as a string, in a float option).
-``--set a.b=value`` on the command line overrides any key (the value is parsed as YAML).
+``--set a.b=value`` on the command line overrides any key (the value is parsed as YAML). ``data:`` may also be
+one ``--data`` string (``data: folder:photos,csv=photos/labels.csv``, ``veil.data_arg``).
 
 ``--config`` is a YAML file's path or the name of a shipped config (``synthetic32``: the installed
 package's ``veil/lightning_modules/configs/synthetic32.yaml``; ``resolve_config``). A key given twice in
@@ -395,7 +396,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a training config is a YAML mapping with sections data, model, dp, "
                               f"optim, trainer; shipped: {', '.join(shipped_names('train'))}", option="--config")
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    return config_from_dict(apply_overrides(_data_string(raw), overrides or []))
+
+
+def _data_string(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config's ``data:`` given as one ``--data`` string (``data: folder:photos,csv=photos/labels.csv``;
+    ``veil.data_arg``, paths resolved from the current directory) as the mapping; synthetic:SEED sets ``seed``."""
+    if not isinstance(raw.get("data"), str):
+        return raw
+    from veil.data_arg import parse_data_arg
+
+    data = parse_data_arg(raw["data"], option="data", keep_revision=True)
+    if "seed" in data:
+        raw["seed"] = data.pop("seed")
+    return {**raw, "data": data}
 
 
 def shipped_configs() -> list[str]:

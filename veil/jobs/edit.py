@@ -180,17 +180,17 @@ def check_recorded_data(spec: Mapping[str, Any], given: Mapping[str, Any], *, or
         if not Path(str(value)).expanduser().is_absolute():
             raise ConfigError(f": data.{key} {value!r} from {origin} is relative (recorded before veil stored data "
                               f"paths absolute), so it could name a different folder from here; veil does not guess: "
-                              f"give the data yourself (--data folder --root PATH --csv PATH)", option="--data")
+                              f"give the data yourself (--data folder:PATH[,csv=FILE])", option="--data")
         if not Path(str(value)).expanduser().exists():
             raise DataError(f"data.{key} {value} from {origin}: no such {'folder' if key == 'root' else 'file'} (moved "
-                            f"or deleted?); give the data yourself (--data folder --root PATH --csv PATH)")
+                            f"or deleted?); give the data yourself (--data folder:PATH[,csv=FILE])")
     if given.get("root") is None:
         from veil.privacy.locations import matches_recorded
 
         if matches_recorded(spec) is False:
             raise DataError(f"data.root {spec['root']} from {origin}: this folder no longer holds the dataset recorded "
                             f"there (not one image file in common, by content), so its images would be charged to "
-                            f"another dataset's account; give the data yourself (--data folder --root PATH --csv PATH)")
+                            f"another dataset's account; give the data yourself (--data folder:PATH[,csv=FILE])")
 
 
 NEEDS_CHECKER = (": every released edit is checked to show its released values, and the check needs an "

@@ -12,7 +12,7 @@ pasted back into the photos.
 
 The crop names are random (``secrets``), never derived from a photo's name, and nothing but the owner-only
 ``private/prepare.json`` ties a crop to its photo or box: labels.csv and the crops can go where the dataset
-goes. The folder is what ``--data folder`` reads (``root=faces, csv=faces/labels.csv``; the id column is
+goes. The folder is what ``--data folder:faces`` reads (``root=faces, csv=faces/labels.csv``; the id column is
 ``id``, the first of the names ``ImageFolderCSV`` looks for). labels.csv's attribute cells are left empty
 for the owner to fill in (-1/1 or 0/1) unless ``csv`` gives them: a CSV with a ``photo`` column (the photo's
 file name), an optional ``face`` column (0, 1, ... left to right, as printed; empty or absent: every face of
@@ -308,7 +308,7 @@ def run_paste_back(*, dataset, edits, out) -> dict:
     strangers = [c["id"] for c in changes if c["id"] not in faces]
     if strangers:
         raise DataError(f"{root}: {len(strangers)} edits are not faces of {dataset} (first: {strangers[:3]}); was "
-                        "the edit run on this prepared folder (--data folder --root DATASET)?")
+                        "the edit run on this prepared folder (--data folder:DATASET)?")
     released = {c["id"]: root / c["file"] for c in changes}
     todo = [p for p in record["photos"] if any(f["id"] in released for f in p["faces"])]
     names = [f"{Path(p['name']).stem}.png" for p in todo]

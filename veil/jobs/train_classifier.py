@@ -137,6 +137,10 @@ def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> tuple[Classi
                               "the shipped classifier32)", option="--config")
     raw = apply_overrides(raw, list(overrides))
     data = raw.pop("data", None) or {}
+    if isinstance(data, str):  # one --data string (data: folder:photos,csv=photos/labels.csv), as training configs
+        from veil.data_arg import parse_data_arg
+
+        data = parse_data_arg(data, option="data", keep_revision=True)
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierRecipe)}, key=str)
     if unknown:
         raise ConfigError(f"unknown classifier option(s) {unknown}; valid: data, "
