@@ -20,15 +20,16 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/veil demo --out runs/demo
 
-# The whole suite (what CI runs), on PYTEST_WORKERS processes (pytest-xdist; the tiny models and exports the
-# tests share are built once, beside the workers, and cached under ~/.cache/veil-tests by source: tests/helpers/
-# disk_cache.py). `make test-quick` leaves out the minutes-long end-to-end tests (marked heavy) while developing.
+# The whole suite (what CI runs), on PYTEST_WORKERS processes (pytest-xdist; --dist loadscope keeps a module's
+# tests, and its module fixtures, on one worker). The tiny models and exports the tests share are built once,
+# beside the workers, and cached under ~/.cache/veil-tests by source (tests/helpers/disk_cache.py).
+# `make test-quick` leaves out the minutes-long end-to-end tests (marked heavy) while developing.
 PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope
 
 test-quick: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow and not gpu and not heavy"
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope -m "not slow and not gpu and not heavy"
 
 # Private fine-tuning from a public start (docs/training.md): ~40 + ~40 minutes on a 2-core CPU.
 # An earlier runs/dp_finetune (or runs/guide below) is never deleted: veil train refuses it; move it away first.
