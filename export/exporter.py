@@ -120,7 +120,7 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
             "format": EXPORT_FORMAT,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "resolution": int(ckpt.model.unet.config.sample_size),
-            "attribute_names": list(ckpt.attribute_names),
+            "attribute_names": list(editor.attribute_names),  # a label-free denoiser's: the guide's
             "backend": editor.backend,
             "label_free": editor.label_free,
             "scheduler_config": dict(ckpt.scheduler_config),

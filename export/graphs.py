@@ -87,7 +87,7 @@ class _DenoiseStep(nn.Module):
             return ddim_denoise_step_x0(self.model, sample, timestep, prev_timestep, attributes,
                                         self.alphas_cumprod, guidance_scale, self.clip_sample)
         targets = attributes @ self.to_classifier  # (B, k_clf)
-        attrs = torch.zeros_like(attributes) if self.label_free else attributes
+        attrs = _label_free_zeros(self.model, attributes) if self.label_free else attributes
         guide = dataclasses.replace(self.guide, model=self.guide_model, scale=guidance_scale)  # s per row
         return ddim_denoise_step_x0(self.model, sample, timestep, prev_timestep, attrs, self.alphas_cumprod,
                                     self.cfg_scale, self.clip_sample, guide=guide, guide_targets=targets)
@@ -104,8 +104,8 @@ class _InvertStep(nn.Module):
     def forward(self, sample, timestep, next_timestep, attributes, guidance_scale):
         _same_batch(sample, timestep, next_timestep, attributes, guidance_scale)
         if self.label_free:
-            return ddim_invert_step(self.model, sample, timestep, next_timestep, torch.zeros_like(attributes),
-                                    self.alphas_cumprod, 1.0)
+            return ddim_invert_step(self.model, sample, timestep, next_timestep,
+                                    _label_free_zeros(self.model, attributes), self.alphas_cumprod, 1.0)
         return ddim_invert_step(self.model, sample, timestep, next_timestep, attributes, self.alphas_cumprod,
                                 guidance_scale)
 
@@ -255,6 +255,12 @@ def _random_step_inputs(editor: PrivateEditor, batch: int, g: torch.Generator) -
             "guidance_scale": base * factor, "inversion_scale": editor.inversion_guidance * factor}
 
 
+def _label_free_zeros(model, attributes: torch.Tensor) -> torch.Tensor:
+    """What a label-free denoiser is given: zeros as wide as it was built, whatever the guide's attributes (the
+    edit's) are (``TorchBackend`` does the same)."""
+    return attributes.new_zeros(attributes.shape[0], model.num_attributes)
+
+
 def _torch_denoise(editor: PrivateEditor, sample, t, t_prev, attributes, scale) -> torch.Tensor:
     """``ddim_denoise_step`` itself, with the arguments ``PrivateEditor.regenerate`` gives it."""
     if editor.guide is None:
@@ -262,7 +268,7 @@ def _torch_denoise(editor: PrivateEditor, sample, t, t_prev, attributes, scale) 
                                  editor.clip_sample)
     guide = dataclasses.replace(editor.guide, scale=scale)
     targets = editor.guide.targets_for(attributes, editor.attribute_names)
-    attrs = torch.zeros_like(attributes) if editor.label_free else attributes
+    attrs = _label_free_zeros(editor.model, attributes) if editor.label_free else attributes
     w = 1.0 if editor.label_free else editor.guidance_scale
     return ddim_denoise_step(editor.model, sample, t, t_prev, attrs, editor.alphas_cumprod, w, editor.clip_sample,
                              guide=guide, guide_targets=targets)
@@ -270,7 +276,8 @@ def _torch_denoise(editor: PrivateEditor, sample, t, t_prev, attributes, scale) 
 
 def _torch_invert(editor: PrivateEditor, sample, t, t_next, attributes, scale) -> torch.Tensor:
     if editor.label_free:
-        return ddim_invert_step(editor.model, sample, t, t_next, torch.zeros_like(attributes), editor.alphas_cumprod)
+        return ddim_invert_step(editor.model, sample, t, t_next, _label_free_zeros(editor.model, attributes),
+                                editor.alphas_cumprod)
     return ddim_invert_step(editor.model, sample, t, t_next, attributes, editor.alphas_cumprod, scale)
 
 

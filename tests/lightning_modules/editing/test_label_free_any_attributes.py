@@ -82,3 +82,19 @@ def test_a_label_free_editor_takes_the_guides_names_and_feeds_the_denoiser_zeros
     out = editor.edit(x, a, torch.tensor([[-1.0, -1.0]]), strength=0.5, protected=["glasses"], encoding="noise")
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     assert seen and all(s.shape == (1, 6) and not s.any() for s in seen)
+
+
+def test_the_export_of_a_label_free_unet_edits_with_the_guides_attributes(tmp_path):
+    """`veil export` of the shipped label-free UNet (6 synthetic names) with a guide and a checker of 2 other
+    attributes: verified against PyTorch, and the ONNX Runtime editor edits with the guide's names."""
+    from veil.editing.load import load_editor
+
+    data = _folder(tmp_path / "photos", n=16)
+    guide = _train(tmp_path / "guide", data, noise_conditional=True)
+    judge = _train(tmp_path / "judge", data, noise_conditional=False)
+    assert main(["export", "--checkpoint", str(PUBLIC_UNET), "--classifier", str(guide), "--checker", str(judge),
+                 "--steps", "2", "--out", str(tmp_path / "export")]) == 0  # HEAD: zeros as wide as the guide's
+    meta = json.loads((tmp_path / "export/veil_export.json").read_text())
+    assert meta["attribute_names"] == ["glasses", "smile"] and meta["label_free"] is True
+    editor = load_editor(tmp_path / "export", runtime="ort", steps=2)
+    assert list(editor.attribute_names) == ["glasses", "smile"] and editor.can_check
