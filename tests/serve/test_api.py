@@ -145,7 +145,10 @@ def test_feedback_moves_the_level_then_accept_releases_once(client):
     assert body["decision"] in ("accepted", "refused")
     if body["decision"] == "accepted":
         rel = body["release"]
-        assert rel["cost"] == {p: 2.0} and decode_data_url(rel["image"]).shape == (32, 32, 3)
+        assert rel["cost"][p] == 2.0 and decode_data_url(rel["image"]).shape == (32, 32, 3)
+        # medium: labels at epsilon 2, pixels from fresh noise (mu 0: the image is not read), both priced
+        assert rel["cost"]["price"] == {"label_epsilon": 2.0, "labels": 1, "pixel_mu": 0.0, "encoding": "fresh"}
+        assert rel["cost"]["pixels_protected"] is True
         assert set(rel["released_attributes"]) == set(s["attributes"])
     again = accept(client, sid, "key-00000001").json()  # a retry: the same answer, nothing spent twice
     assert again["replayed"] is True and again["release"] == body["release"]
