@@ -11,23 +11,11 @@ the index of the privacy databases, else compared by its path.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from veil.privacy.locations import dataset_digests
+from veil.privacy.locations import same_dataset  # the one rule (torch-free: the server uses it too)
 
-
-def same_dataset(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Do two data specs (``FaceDataModule.spec()``) draw from the same images? Synthetic faces: the same
-    seed. CelebA and folders: the same folder, or any image file in common (whatever the folder or source)."""
-    if not a or not b:
-        return False
-    if a.get("source") == "synthetic" or b.get("source") == "synthetic":  # image i depends only on (seed, i)
-        return a.get("source") == b.get("source") and a.get("seed") == b.get("seed")
-    if a.get("source") == b.get("source") and Path(str(a.get("root"))).resolve() == Path(str(b.get("root"))).resolve():
-        return True
-    digests_a, digests_b = dataset_digests(a), dataset_digests(b)
-    return digests_a is not None and digests_b is not None and not digests_a.isdisjoint(digests_b)
+__all__ = ["same_dataset", "data_location"]
 
 
 def data_location(spec: dict[str, Any]) -> str:

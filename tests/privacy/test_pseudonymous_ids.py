@@ -98,22 +98,10 @@ def test_publish_needs_the_datasets_database(tmp_path, capsys):
 def test_paste_back_from_a_published_revision_finds_each_face(tmp_path):
     """`veil prepare` on the astronaut, a tiny edit, publish-revision, and the paste-back from the published copy
     equals the one from the owner's revision (the pseudonyms mapped back with the prepared folder's key)."""
-    from dp_helpers import write_tiny_release
+    from photo_helpers import prepare_and_edit_astronaut
     from skimage import data
 
-    from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
-
-    (tmp_path / "p").mkdir()
-    Image.fromarray(data.astronaut()).save(tmp_path / "p/astronaut.png")
-    names = list(SYNTHETIC_ATTRIBUTES)
-    (tmp_path / "l.csv").write_text(f"photo,{','.join(names)}\nastronaut.png,{','.join(['1'] * len(names))}\n")
-    ds = tmp_path / "faces"
-    assert main(["prepare", "--photos", str(tmp_path / "p"), "--out", str(ds), "--size", "32",
-                 "--csv", str(tmp_path / "l.csv")]) == 0
-    run = write_tiny_release(tmp_path / "run", data_spec={"source": "synthetic", "seed": 0, "resolution": 32})
-    assert main(["edit", "--checkpoint", str(run), "--data", "folder", "--root", str(ds), "--csv",
-                 str(ds / "labels.csv"), "--resolution", "32", "--first", "1", "--protect", "smiling",
-                 "--no-check", "--steps", "4", "--out", str(tmp_path / "edits")]) == 0
+    ds, _ = prepare_and_edit_astronaut(tmp_path)
     assert main(["privacy", "publish-revision", "--revision", str(tmp_path / "edits/revision"), "--out",
                  str(tmp_path / "pub")]) == 0
     assert PSEUDONYM.match(load_published(tmp_path / "pub")["changes"][0]["id"])

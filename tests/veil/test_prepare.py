@@ -221,21 +221,9 @@ def _stranger(tmp_path):
 def test_astronaut_end_to_end_prepare_tiny_edit_paste_back(tmp_path):
     """The walk-through on a tiny random model: prepare the astronaut at 32 px, `veil edit --no-check` the
     prepared folder, paste the released face back."""
-    from dp_helpers import write_tiny_release
+    from photo_helpers import prepare_and_edit_astronaut
 
-    from veil.lightning_modules.data.synthetic_faces import SYNTHETIC_ATTRIBUTES
-
-    (tmp_path / "p").mkdir()
-    Image.fromarray(data.astronaut()).save(tmp_path / "p/astronaut.png")
-    names = list(SYNTHETIC_ATTRIBUTES)
-    (tmp_path / "l.csv").write_text(f"photo,{','.join(names)}\nastronaut.png,{','.join(['1'] * len(names))}\n")
-    ds = tmp_path / "faces"
-    assert main(["prepare", "--photos", str(tmp_path / "p"), "--out", str(ds), "--size", "32",
-                 "--csv", str(tmp_path / "l.csv")]) == 0
-    run = write_tiny_release(tmp_path / "run", data_spec={"source": "synthetic", "seed": 0, "resolution": 32})
-    assert main(["edit", "--checkpoint", str(run), "--data", "folder", "--root", str(ds), "--csv",
-                 str(ds / "labels.csv"), "--resolution", "32", "--first", "1", "--protect", "smiling",
-                 "--no-check", "--steps", "4", "--out", str(tmp_path / "edits")]) == 0
+    ds, _ = prepare_and_edit_astronaut(tmp_path)
     assert main(["prepare", "--paste-back", "--dataset", str(ds), "--edits", str(tmp_path / "edits"),
                  "--out", str(tmp_path / "shared")]) == 0
     original, pasted = data.astronaut(), np.array(Image.open(tmp_path / "shared/astronaut.png"))

@@ -122,7 +122,7 @@ def dataset_digests(data_spec: Mapping | None) -> frozenset[str] | None:
 def same_dataset(a: Mapping | None, b: Mapping | None) -> bool:
     """Do two data specs draw from the same images? Synthetic faces: the same seed. CelebA and folders: the same
     folder, or any image file in common, by content (whatever the folder or source). Torch-free (the server's
-    ``--dataset`` check); ``veil.lightning_modules.data.specs.same_dataset`` is the same rule."""
+    ``--dataset`` check); ``veil.lightning_modules.data.specs`` re-exports it."""
     if not a or not b:
         return False
     if a.get("source") == "synthetic" or b.get("source") == "synthetic":  # image i depends only on (seed, i)

@@ -199,17 +199,24 @@ def _validate_change(c, k: int, names: list[str], root: Path, where: str) -> Non
         raise DataError(f"{root / c['file']}: edited image of {c['id']!r} is missing (named in {where})")
 
 
-def load_manifest(path) -> dict:
-    """Read and validate a revision manifest (``path`` is the revision folder or its manifest.json)."""
+def _read_manifest(path, *, missing: str) -> tuple[Path, object]:
+    """(the manifest.json path, its parsed JSON) of a revision folder or manifest file; DataError ``missing``
+    when there is none, or naming why it cannot be read."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":
         path = path / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: revision manifest not found; pass the folder that write_revision created") from None
+        raise DataError(f"{path}: {missing}") from None
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable JSON manifest ({e})") from None
+
+
+def load_manifest(path) -> dict:
+    """Read and validate a revision manifest (``path`` is the revision folder or its manifest.json)."""
+    path, manifest = _read_manifest(path, missing="revision manifest not found; pass the folder that write_revision "
+                                                  "created")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{path}: expected format {FORMAT!r}, found {found!r}")
@@ -307,16 +314,8 @@ def publish_revision(src_dir, out_dir, *, id_key: bytes | None, ids: str = "pseu
 
 def load_published(path) -> dict:
     """Read a published revision's manifest (``path``: its folder or manifest.json); DataError if it is not one."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".json":
-        path = path / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no published revision here; pass the folder `veil privacy publish-revision` "
-                        f"wrote") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable JSON manifest ({e})") from None
+    path, manifest = _read_manifest(path, missing="no published revision here; pass the folder `veil privacy "
+                                                  "publish-revision` wrote")
     if not isinstance(manifest, dict) or manifest.get("format") != PUBLISHED_FORMAT \
             or not isinstance(manifest.get("changes"), list):
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
