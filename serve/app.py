@@ -205,7 +205,7 @@ def create_app(*, editor, store: StateStore, settings: ServeSettings | None = No
     in-process caller vouches for it, and its CSV ids are the records); each item is then named by the data file
     with the same content, and one that is no data file's is not offered (``FolderDataset.identify_by_content``)."""
     if dataset is not None and data_spec is not None:
-        left_out = dataset.identify_by_content(check_export_data(dataset.folder, data_spec))
+        left_out = dataset.identify_by_content(check_export_data(dataset.folder, data_spec), data_spec)
         if left_out:  # the names go to the server's log only; veil serve prints the count
             log.warning("--dataset %s: not the export's data by content, not offered: %s", dataset.folder,
                         ", ".join(left_out))

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Sequence
 
 from veil.errors import DataError
-from veil.folder_files import find_on_disk, read_label_csv
+from veil.folder_files import find_on_disk, id_column, listed_ids, read_label_csv
 from veil.imaging import read_image
 from veil.privacy.identity import Fingerprint, fingerprint
 from veil.serve.images import from_png, png_bytes, to_model_input
 
 __all__ = ["FolderDataset", "check_export_data"]
 
-ID_COLUMNS = ("image_id", "id", "filename", "file")
 VALUES = {"1": 1, "+1": 1, "1.0": 1, "-1": -1, "-1.0": -1, "0": -1, "0.0": -1}
 
 
@@ -53,7 +52,7 @@ class FolderDataset:
         if len(rows) < 2 or len(rows[0]) < 2:
             raise DataError(f"{path}: expected a header with an id column and attribute columns, then a row per image")
         header = [h.strip() for h in rows[0]]
-        id_col = next((header.index(c) for c in ID_COLUMNS if c in header), 0)
+        id_col = id_column(header)
         columns = {name: header.index(name) for name in attribute_names if name in header}
         self.resolution, self.attribute_names = resolution, list(attribute_names)
         self._labels: dict[str, dict[str, int]] = {}
@@ -73,15 +72,18 @@ class FolderDataset:
         self.ids = list(self._labels)
         self.listed, self.left_out = len(self.ids), []  # identify_by_content: CSV ids that are not the data's
 
-    def identify_by_content(self, data_folder) -> list[str]:
-        """Name each item by the export's data file with the same content (its path relative to ``data_folder``,
-        the record id ``veil edit`` charges), whatever it is called here; an item whose content is no data file's
-        is dropped (not offered, charged to no record). Returns the CSV ids dropped (also ``self.left_out``)."""
+    def identify_by_content(self, data_folder, data_spec: dict | None = None) -> list[str]:
+        """Name each item by the export's data file with the same content, whatever it is called here: by the
+        record id ``veil edit`` charges for that file (its CSV id, as the data's CSV spells it, which may differ
+        from the name on disk in Unicode normalisation: ``record_names``); an item whose content is no data
+        record's is dropped (not offered, charged to no record). Returns the CSV ids dropped (also ``self.left_out``)."""
         from veil.privacy.locations import file_digest, image_digests
 
+        names = record_names(Path(data_folder), data_spec)
         record_of: dict[str, str] = {}
         for name, digest in sorted(image_digests(Path(data_folder)).items()):
-            record_of.setdefault(digest, name)
+            if names is None or name in names:  # a file the data's CSV does not list is no record
+                record_of.setdefault(digest, name if names is None else names[name])
         here = image_digests(self.folder)
         labels, files, left_out = {}, {}, []
         for image_id in self.ids:
@@ -113,6 +115,23 @@ class FolderDataset:
     def fingerprint(self, image_id: str) -> Fingerprint:
         """The perceptual fingerprint of the item as the model sees it (KeyError for an unknown id)."""
         return fingerprint(from_png(self.image_png(image_id)))
+
+
+def record_names(data_folder: Path, data_spec: dict | None) -> dict[str, str] | None:
+    """``{file under data_folder (relative, as on disk): its record id}`` for a folder dataset: the id is the
+    name its label CSV gives it (``veil.folder_files.listed_ids``, matched on disk as training matches it), so a
+    CSV typed ``café.png`` whose file a macOS copy stored decomposed is one record, as in ``veil edit``; None
+    for other sources (CelebA: the file name is the id)."""
+    spec = dict(data_spec or {})
+    if spec.get("source") != "folder":
+        return None
+    csv = Path(str(spec.get("csv") or Path(data_folder) / "labels.csv")).expanduser()
+    if not csv.is_file():
+        raise DataError(f"{csv}: the export's data CSV (data.csv, from its veil_export.json) is gone, and it names "
+                        f"the records the picks are charged to; restore it, or serve without --dataset")
+    ids = listed_ids(csv)
+    on_disk = find_on_disk(Path(data_folder), ids)
+    return {Path(os.path.normpath(disk)).as_posix(): name for name, disk in on_disk.items() if disk is not None}
 
 
 def check_export_data(folder, data_spec, *, export: str = "the export") -> Path:

@@ -171,12 +171,12 @@ def _classifier_data(data: Mapping[str, Any] | str | Path | None) -> dict:
     if data is None:
         return {}
     if isinstance(data, (str, Path)):
-        from veil.privacy.revision_manifest import load_manifest
+        from veil.data_arg import revision_base
 
         if not (Path(data) / "manifest.json").is_file():
             raise ConfigError(f"{data}: not a revision folder (manifest.json); give FaceDataModule options as a "
                               f"dict, e.g. {{'source': 'synthetic', 'num_images': 3000}}", option="--data")
-        return {**load_manifest(data)["base"], "revision": str(data)}
+        return {**revision_base(data), "revision": str(data)}
     return check_data_options(dict(data), flag="--data")
 
 
@@ -251,9 +251,9 @@ def privacy_account(data: Mapping[str, Any] | str | Path | None = None, *,
     from veil.privacy.ledger import PrivacyLedger, ledger_exists, ledger_path_for
 
     if isinstance(data, (str, Path)):
-        from veil.privacy.revision_manifest import load_manifest
+        from veil.data_arg import revision_base
 
-        data = dict(load_manifest(data)["base"])
+        data = revision_base(data)
     data = dict(data or {})
     if not data and not ledger:
         raise ConfigError("--data or --ledger: say which dataset's privacy database (e.g. --data source=synthetic,seed=0)")

@@ -17,11 +17,11 @@ a key with the valid ones and a guess, as ``veil.api`` words it).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
-from veil.errors import ConfigError
+from veil.errors import ConfigError, DataError
 
 SOURCES = ("folder", "celeba", "synthetic")
 PATH_KEYS = ("root", "csv", "revision")
@@ -92,9 +92,7 @@ def parse_data_arg(text: str | None, *, option: str = "--data", keep_revision: b
     text = str(text).strip()
     revision = revision_folder(text)
     if revision is not None:
-        from veil.privacy.revision_manifest import load_manifest
-
-        base = dict(load_manifest(revision)["base"])
+        base = revision_base(revision)
         return {**base, "revision": str(revision)} if keep_revision else base
     head, *items = _split(text)
     if "=" in head:  # the KEY=VALUE form: source=folder,root=PATH,...
@@ -133,3 +131,48 @@ def data_arg_help(default: str | None = None) -> str:
     return ("the dataset: folder:PATH[,csv=FILE] (csv defaults to PATH/labels.csv), celeba:PATH, synthetic[:SEED], "
             "each with optional ,KEY=VALUE options (num_images, resolution, attributes=[a,b], ...), or a revision "
             f"folder; docs/data.md{tail}")
+
+
+GIVE_DATA = "give the data yourself (--data folder:PATH[,csv=FILE])"
+
+
+def check_recorded_data(spec: Mapping[str, Any], given: Mapping[str, Any], *, origin: str,
+                        remedy: str = GIVE_DATA, option: str = "--data") -> None:
+    """The data paths a model recorded (``origin``), checked before use: a relative one is refused (veil stores
+    them absolute; it does not guess what an old one was relative to), a missing one is named with where it came
+    from, and a folder that no longer holds the dataset recorded at that path (not one image in common, by
+    content) is refused. Paths given with --data are the user's own and checked by the data module. ``remedy``
+    ends each message (what the user can do where the command takes no --data); ``option`` names the flag."""
+    if spec.get("source") not in ("celeba", "folder"):
+        return
+    for key in ("root", "csv"):
+        value = spec.get(key)
+        if value is None or given.get(key) is not None:
+            continue
+        if not Path(str(value)).expanduser().is_absolute():
+            raise ConfigError(f": data.{key} {value!r} from {origin} is relative (recorded before veil stored data "
+                              f"paths absolute), so it could name a different folder from here; veil does not guess: "
+                              f"{remedy}", option=option)
+        if not Path(str(value)).expanduser().exists():
+            raise DataError(f"data.{key} {value} from {origin}: no such {'folder' if key == 'root' else 'file'} (moved "
+                            f"or deleted?); {remedy}")
+    if given.get("root") is None:
+        from veil.privacy.locations import matches_recorded
+
+        if matches_recorded(spec) is False:
+            raise DataError(f"data.root {spec['root']} from {origin}: this folder no longer holds the dataset recorded "
+                            f"there (not one image file in common, by content), so its images would be charged to "
+                            f"another dataset's account; {remedy}")
+
+
+def revision_base(revision: str | Path) -> dict[str, Any]:
+    """The base dataset spec a revision's manifest records, its paths checked as a model's are
+    (``check_recorded_data``): a revision is tied to the images it was made from, so a base folder that moved,
+    vanished or now holds other images is refused naming the revision, not used in its place."""
+    from veil.privacy.revision_manifest import load_manifest
+
+    base = dict(load_manifest(revision)["base"])
+    check_recorded_data(base, {}, origin=f"the revision {revision} (its manifest.json)", option="--data/--revision",
+                        remedy="a revision belongs to the images it was made from: put that folder back where it "
+                               "was recorded")
+    return base

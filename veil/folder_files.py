@@ -27,9 +27,10 @@ from typing import Sequence
 
 from veil.errors import DataError
 
-__all__ = ["LabelTable", "read_label_csv", "find_on_disk", "DELIMITER_NAMES"]
+__all__ = ["LabelTable", "read_label_csv", "find_on_disk", "DELIMITER_NAMES", "ID_COLUMNS", "id_column", "listed_ids"]
 
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
+ID_COLUMNS = ("image_id", "id", "filename", "file")  # the id column's names, in order of preference; else the first
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 _SAVE_AS = "save it as CSV UTF-8 (comma, semicolon or tab separated)"
 
@@ -138,3 +139,15 @@ def find_on_disk(folder: Path, names: Sequence[str]) -> dict[str, str | None]:
     """{name: its spelling on disk (exact first, else the NFC-equal one), or None when there is no such file}."""
     folder, cache = Path(folder), {}
     return {n: _match(folder, n, cache) for n in names}
+
+
+def id_column(header: Sequence[str]) -> int:
+    """The index of the id column of a label CSV's header: the first of ``ID_COLUMNS`` present, else 0."""
+    return next((list(header).index(c) for c in ID_COLUMNS if c in header), 0)
+
+
+def listed_ids(path: Path) -> list[str]:
+    """The ids (stripped, as spelled in the CSV: the record ids training and ``veil edit`` use) ``path`` lists."""
+    table = read_label_csv(path)
+    col = id_column(table.header)
+    return [cells[col].strip() for _, cells in table.rows if len(cells) > col]

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from veil.errors import ConfigError, DataError
 from veil.folder_files import find_on_disk, read_label_csv
+from veil.folder_files import id_column as default_id_column
 from veil.imaging import (
     READABLE_MODES,
     UPSCALE_WARN_FACTOR,
@@ -52,7 +53,6 @@ __all__ = [
     "select_attributes", "check_files_present", "resolve_files", "check_resolution", "check_inside",
 ]
 
-ID_COLUMN_CANDIDATES = ("image_id", "id", "filename", "file")
 BINARY_VALUES = {"1": 1.0, "-1": -1.0, "0": -1.0, "1.0": 1.0, "-1.0": -1.0, "0.0": -1.0, "+1": 1.0}
 
 
@@ -201,10 +201,7 @@ def _id_column(header: list[str], id_column: str | None, csv_path: Path) -> int:
         if id_column not in header:
             raise ConfigError(f"id_column={id_column!r} is not a column of {csv_path}; columns: {header}")
         return header.index(id_column)
-    for name in ID_COLUMN_CANDIDATES:
-        if name in header:
-            return header.index(name)
-    return 0
+    return default_id_column(header)
 
 
 class ImageFolderCSV(FileFaces):

@@ -169,9 +169,10 @@ def _dataset_ledger(args, base: dict) -> PrivacyLedger:
 
 
 def _publish(args) -> int:
-    from veil.privacy.revision_manifest import load_manifest, publish_revision
+    from veil.data_arg import revision_base
+    from veil.privacy.revision_manifest import publish_revision
 
-    base = dict(load_manifest(args.revision)["base"])
+    base = revision_base(args.revision)
     with _dataset_ledger(args, base) as ledger:  # the key of the pseudonyms: only in the owner's database
         out = publish_revision(args.revision, args.out, id_key=ledger.pseudonym_key())
     n = len(json.loads((out / "manifest.json").read_text())["changes"])

@@ -59,6 +59,7 @@ from veil.editing.plan import (
 )
 from veil.editing.load import load_editor
 from veil.editing.pipeline import EditPipeline
+from veil.data_arg import check_recorded_data
 from veil.outputs import check_out_dir, dumps_strict, out_lock, publish, remove_if_empty, staged_dir, unpublish
 from veil.privacy.accounting import ENCODING_PIXELS, compose, price_release
 from veil.privacy.ledger import PrivacyLedger
@@ -164,33 +165,6 @@ def _data_origin(editor, checkpoint, classifier, runtime: str) -> str:
     if clf is not None and clf.data_spec:
         return f"{classifier}/model/veil_model.json (--classifier)"
     return f"{checkpoint}/model/veil_model.json (--checkpoint)"
-
-
-def check_recorded_data(spec: Mapping[str, Any], given: Mapping[str, Any], *, origin: str) -> None:
-    """The data paths a model recorded (``origin``), checked before use: a relative one is refused (veil stores
-    them absolute; it does not guess what an old one was relative to), a missing one is named with where it came
-    from, and a folder that no longer holds the dataset recorded at that path (not one image in common, by
-    content) is refused. Paths given with --data are the user's own and checked by the data module."""
-    if spec.get("source") not in ("celeba", "folder"):
-        return
-    for key in ("root", "csv"):
-        value = spec.get(key)
-        if value is None or given.get(key) is not None:
-            continue
-        if not Path(str(value)).expanduser().is_absolute():
-            raise ConfigError(f": data.{key} {value!r} from {origin} is relative (recorded before veil stored data "
-                              f"paths absolute), so it could name a different folder from here; veil does not guess: "
-                              f"give the data yourself (--data folder:PATH[,csv=FILE])", option="--data")
-        if not Path(str(value)).expanduser().exists():
-            raise DataError(f"data.{key} {value} from {origin}: no such {'folder' if key == 'root' else 'file'} (moved "
-                            f"or deleted?); give the data yourself (--data folder:PATH[,csv=FILE])")
-    if given.get("root") is None:
-        from veil.privacy.locations import matches_recorded
-
-        if matches_recorded(spec) is False:
-            raise DataError(f"data.root {spec['root']} from {origin}: this folder no longer holds the dataset recorded "
-                            f"there (not one image file in common, by content), so its images would be charged to "
-                            f"another dataset's account; give the data yourself (--data folder:PATH[,csv=FILE])")
 
 
 NEEDS_CHECKER = (": every released edit is checked to show its released values, and the check needs an "

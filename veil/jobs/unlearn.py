@@ -84,8 +84,10 @@ class UnlearningData:
     protected: torch.Tensor | None = None  # (m, k) bool: the attributes each change protected (released by RR)
 
     @classmethod
-    def build(cls, ckpt: dict[str, Any], revision, *, base=None) -> "UnlearningData":
-        """``base``: a FaceDataModule of the checkpoint's data whose images are loaded already (benchmarks)."""
+    def build(cls, ckpt: dict[str, Any], revision, *, base=None, origin: str = "the model") -> "UnlearningData":
+        """``base``: a FaceDataModule of the checkpoint's data whose images are loaded already (benchmarks);
+        ``origin`` names the model in errors (its data paths are checked: moved, missing or other images)."""
+        from veil.data_arg import check_recorded_data
         from veil.lightning_modules.data.datamodule import FaceDataModule
         from veil.lightning_modules.data.revision import RevisedDataset
 
@@ -94,6 +96,10 @@ class UnlearningData:
             raise CheckpointError("checkpoint has no data_spec; it was not written by `veil train-classifier`")
         if not Path(revision).is_dir():
             raise DataError(f"{revision}: revision folder not found; pass the folder write_revision created")
+        if base is None:
+            check_recorded_data(spec, {}, origin=origin, option="--model",
+                                remedy="unlearning updates a model on the images it was trained on: put that "
+                                       "folder back where it was recorded")
         dm, dm_rev = FaceDataModule.from_spec(spec), FaceDataModule.from_spec(spec, revision=str(revision))
         if base is not None:
             dm._dataset, dm_rev._dataset = base.dataset, RevisedDataset(base.dataset, revision)
@@ -435,7 +441,7 @@ def _unlearn_into(out: Path, *, model, revision, method, compare_retrain, params
                                   ledger=ledger)
         account.check()  # PrivacyError here, before any work, when a training budget is set
     with console.stage("reading the training set and the revision"):
-        data = UnlearningData.build(ckpt, revision)  # DataError on a revision of another dataset
+        data = UnlearningData.build(ckpt, revision, origin=f"the model {model}")  # DataError: another dataset
     retrained_dir, aside = out / "retrained", out / f".retrained.old-{os.getpid()}"
     made_retrained = False
 
