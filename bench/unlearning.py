@@ -9,11 +9,15 @@
 ``--large`` (``run_large``; docs/unlearning.md, "Benchmark at scale"): 50000 faces, the ResNet-layout
 classifier of configs/classifier32_resnet.yaml, revisions made by ``veil edit`` releases with the
 demo's shipped models (``real_edit_revisions``: eyeglasses protected at ``high``), baselines in the
-same run (retraining; fine-tuning the published model for 1 and 3 epochs; no update), every update
-of ``LARGE_METHODS``, and the metrics that tell them apart (test accuracy, accuracy on the released
-attributes, the feature probe of the original attribute, KL to the retrained model). Models, edits
-and revisions are kept in ``--work`` (default runs/unlearning_large) so a rerun resumes; torch on
-``--threads`` (2).
+same run (retraining with ``--seeds`` seeds, whose spread the targets use and whose median time the
+speed-ups divide; fine-tuning the published model for 1, 2 and 3 epochs; no update), every update of
+``LARGE_METHODS`` (each time the median of ``--repeats`` runs, one run for an update over ``SLOW_S``;
+the table says how many), and the metrics that tell them apart (test accuracy, accuracy on the
+released attributes, the feature probe of the original attribute, KL to the retrained model).
+Targets (issue 33): >= 10x faster than retraining, >= 3x faster than the shortest fine-tuning whose
+probe is as low, test accuracy at least the lowest retrained model's, probe at most the highest
+retrained model's. Models, edits and revisions are kept in ``--work`` (default runs/unlearning_large)
+so a rerun resumes; torch on ``--threads`` (2). Its timed parts need the machine alone.
 
 The small setting: a classifier is trained once (recipe of lightning_modules/configs/classifier32.yaml). For each
 fraction, that many training images are replaced by the same face re-rendered with *eyeglasses*
@@ -29,6 +33,7 @@ threads spin against other processes and make both sides up to 100x slower.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -213,17 +218,19 @@ LARGE_METHODS = (  # (label, method, knobs); "all" = every parameter of the netw
     ("second/head (direct, line search)", "second", {"params": ["head"], "solver": "direct"}),
     ("exact/head (Newton)", "exact", {}),
     ("first/all", "first", {"hessian_samples": 256}),
-    ("GGN/all (CG 10 it, line search)", "second", {"curvature": "ggn", "solver": "cg", "hessian_samples": 256,
-                                                   "cg_max_iter": 10}),
     ("GGN/all (CR 10 it, line search)", "second", {"curvature": "ggn", "solver": "cr", "hessian_samples": 256,
                                                    "cg_max_iter": 10}),
-    ("GGN/all (K-FAC PCR 10 it, line search)", "second", {"curvature": "ggn", "solver": "cr", "preconditioner": "kfac",
-                                                          "hessian_samples": 256, "cg_max_iter": 10}),
     ("GGN/all (curvlinops K-FAC PCR 10 it, line search)", "second", {
         "curvature": "ggn", "solver": "cr", "preconditioner": "kfac-curvlinops", "hessian_samples": 256, "cg_max_iter": 10}),
-    ("GGN/all (curvlinops EK-FAC PCR 10 it, line search)", "second", {
-        "curvature": "ggn", "solver": "cr", "preconditioner": "ekfac", "hessian_samples": 256, "cg_max_iter": 10}),
+    # replay (lightning_modules/unlearning/replay.py): Adam passes over the revised samples (their protected
+    # attributes' terms) and a fresh replay of unchanged ones; the last row learns every attribute of the revised
+    # samples (the ablation that shows why only the protected terms)
+    ("replay/all (2 passes, 1:1)", "replay", {"passes": 2, "replay_ratio": 1.0}),
+    ("replay/all (2 passes, 3:1, veil unlearn's default)", "replay", {"passes": 2, "replay_ratio": 3.0}),
+    ("replay/all (2 passes, 1:1, every attribute's terms)", "replay", {"passes": 2, "replay_ratio": 1.0,
+                                                                        "revised_terms": "all"}),
 )
+SLOW_S = 10.0  # an update slower than this is timed once (the table says so), faster ones args.repeats times
 
 
 def _trained(out: Path, make) -> tuple:
@@ -276,72 +283,124 @@ def run_large(args, log) -> list[dict]:
         dm_rev = FaceDataModule.from_spec(data.dm_rev.spec())
         dm_rev._dataset = data.dm_rev.dataset
         tag = f"{frac:g}"
-        retrained, retrain_s = _trained(work / f"retrained{tag}",
-                                        lambda o: TC.train_classifier(recipe=recipe, datamodule=dm_rev, out=o))
-        log(f"{frac:.0%}: {m} changed ({flips} with eyeglasses flipped); retrained in {retrain_s:.0f}s")
+        retrains = []  # the reference (seed 0) and the others: the spread a method is held to
+        for seed in range(args.seeds):
+            seeded = dataclasses.replace(recipe, seed=seed)
+            folder = work / (f"retrained{tag}" if seed == 0 else f"retrained{tag}_seed{seed}")
+            retrains.append(_trained(folder, lambda o, r=seeded: TC.train_classifier(recipe=r, datamodule=dm_rev,
+                                                                                   out=o)))
+        retrained, retrain_s = retrains[0]
+        retrain_median = statistics.median(t for _, t in retrains)
+        log(f"{frac:.0%}: {m} changed ({flips} with eyeglasses flipped); retrained with {args.seeds} seeds in "
+            f"{', '.join(f'{t:.0f}s' for _, t in retrains)}")
         ft1, ft1_s = _trained(work / f"finetune1_{tag}", lambda o: TC.fine_tune_classifier(
             model=original, recipe=recipe, datamodule=dm_rev, epochs=1, out=o))
+        ft2, ft2_more = _trained(work / f"finetune2_{tag}", lambda o: TC.fine_tune_classifier(
+            model=ft1, recipe=recipe, datamodule=dm_rev, epochs=1, out=o))
         ft3, more_s = _trained(work / f"finetune3_{tag}", lambda o: TC.fine_tune_classifier(
             model=ft1, recipe=recipe, datamodule=dm_rev, epochs=2, out=o))
-        log(f"{frac:.0%}: fine-tuned 1 epoch in {ft1_s:.0f}s, 3 epochs in {ft1_s + more_s:.0f}s")
-        common = {"fraction": frac, "changed": m, "flipped": flips, "retrain_s": retrain_s, "finetune1_s": ft1_s,
-                  "params": n_params}
+        log(f"{frac:.0%}: fine-tuned 1 epoch in {ft1_s:.0f}s, 2 in {ft1_s + ft2_more:.0f}s, 3 in {ft1_s + more_s:.0f}s")
         ref = _metrics(retrained, data, retrained)
-        base = [("retrained (reference)", retrained, retrain_s), ("no update", original, 0.0),
-                ("fine-tune 1 epoch", ft1, ft1_s), ("fine-tune 3 epochs", ft3, ft1_s + more_s)]
+        spread = _spread([_metrics(model, data, retrained) for model, _ in retrains])
+        fine_tunes = [(1, ft1, ft1_s), (2, ft2, ft1_s + ft2_more), (3, ft3, ft1_s + more_s)]
+        ft_probe = [(e, _metrics(model, data, retrained)["feature_probe_original_accuracy"], t) for e, model, t in fine_tunes]
+        common = {"fraction": frac, "changed": m, "flipped": flips, "retrain_s": retrain_median, "finetune1_s": ft1_s,
+                  "params": n_params, "retrain_seeds": args.seeds, "spread": spread, "finetune_probe": ft_probe}
+        base = [("retrained (seed 0, reference)", retrained, retrain_s)]
+        base += [(f"retrained (seed {k})", model, t) for k, (model, t) in enumerate(retrains) if k]
+        base += [("no update", original, 0.0)] + [(f"fine-tune {e} epoch{'s' if e > 1 else ''}", model, t)
+                                                 for e, model, t in fine_tunes]
         for label, model, seconds in base:
-            rows.append({**common, "method": label, "kind": "baseline", "update_s": seconds,
+            rows.append({**common, "method": label, "kind": "baseline", "update_s": seconds, "repeats": 1,
                          **_row_metrics(_metrics(model, data, retrained), ref, seconds, common)})
         for label, method, knobs in LARGE_METHODS:
             if getattr(args, "only", None) and not any(word in label for word in args.only):
                 continue
-            clf, ckpt = CK.load_classifier(work / "clf", owner=True)
-            unlearner = UJ.FeatureUnlearningModule(clf, method=method, l2=ckpt["veil"].get("l2", {}), **knobs)
-            inputs = UJ.UnlearningInputs(train=data.train, changed=data.changed_positions,
-                                         revised=data.revised_changed, train_features=ckpt["veil"].get("train_features"))
-            info, _ = UJ.run_update(unlearner, inputs, UJ.UnlearnTrainerConfig())
-            seconds = info.pop("seconds")
+            times = []
+            while True:  # median of args.repeats runs from the same start (one run for a slow update)
+                clf, ckpt = CK.load_classifier(work / "clf", owner=True)
+                unlearner = UJ.FeatureUnlearningModule(clf, method=method, l2=ckpt["veil"].get("l2", {}), **knobs)
+                inputs = UJ.UnlearningInputs(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
+                                             train_features=ckpt["veil"].get("train_features"),
+                                             revised_weights=data.revised_weights())
+                info, _ = UJ.run_update(unlearner, inputs, UJ.UnlearnTrainerConfig())
+                times.append(info.pop("seconds"))
+                if len(times) >= args.repeats or times[0] > SLOW_S:
+                    break
+            seconds = statistics.median(times)
             residuals = info.get("residuals") or []
-            rows.append({**common, "method": label, "kind": "update", "update_s": seconds,
+            rows.append({**common, "method": label, "kind": "update", "update_s": seconds, "repeats": len(times),
                          "cg_residual_first": residuals[0] if residuals else None,
                          "cg_residual_last": residuals[-1] if residuals else info.get("relative_residual"),
                          "damping": info.get("damping"), "tau": info.get("tau"),
                          **_row_metrics(_metrics(clf, data, retrained), ref, seconds, common)})
             log(f"{frac:.0%} {label}: {seconds:.2f}s, test acc {rows[-1]['acc']:.4f} "
-                f"(retrained {ref['test_accuracy']:.4f}), probe {rows[-1]['probe']:.3f} (retrained {ref['feature_probe_original_accuracy']:.3f})")
+                f"(retrained {ref['test_accuracy']:.4f}), probe {rows[-1]['probe']:.3f} (retrained "
+                f"{spread['probe'][0]:.3f}-{spread['probe'][1]:.3f})")
         if args.json:  # the rows so far: an interrupted run keeps them
             Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
+def _spread(metrics: list[dict]) -> dict:
+    """(min, max) over the retrained models of each metric the targets use."""
+    keys = {"acc": "test_accuracy", "probe": "feature_probe_original_accuracy", "released": "changed_released_accuracy"}
+    return {short: (min(m[k] for m in metrics), max(m[k] for m in metrics)) for short, k in keys.items()}
+
+
+def _finetune_reaching(probe: float, fine_tunes) -> tuple[int | None, float]:
+    """(epochs, seconds) of the shortest fine-tuning whose probe is at most ``probe`` (None, the longest's time
+    when none reaches it: the ratio is then a lower bound)."""
+    for epochs, ft_probe, seconds in fine_tunes:
+        if ft_probe <= probe:
+            return epochs, seconds
+    return None, fine_tunes[-1][2]
+
+
 def _row_metrics(mt: dict, ref: dict, seconds: float, common: dict) -> dict:
+    """A row's metrics and its marks against issue 33's targets: >= 10x faster than retraining (the median of
+    the seeds' times), >= 3x faster than the fine-tuning that reaches the same probe, test accuracy at least
+    the lowest retrained model's, the probe at most the highest retrained model's (within the seeds' spread
+    or below it)."""
     speed = lambda base: base / seconds if seconds > 0 else None  # noqa: E731
+    ft_epochs, ft_s = _finetune_reaching(mt["feature_probe_original_accuracy"], common["finetune_probe"])
     out = {"acc": mt["test_accuracy"], "acc_retrained": ref["test_accuracy"],
            "released": mt["changed_released_accuracy"], "released_retrained": ref["changed_released_accuracy"],
            "orig_pred": mt["changed_original_attribute_accuracy"],
            "probe": mt["feature_probe_original_accuracy"], "probe_retrained": ref["feature_probe_original_accuracy"],
-           "kl": mt["kl_to_retrained"], "speedup": speed(common["retrain_s"]), "vs_finetune1": speed(common["finetune1_s"])}
-    out.update(ok_speed=(out["speedup"] or 0) >= 50, ok_ft=(out["vs_finetune1"] or 0) >= 5,
-               ok_acc=abs(out["acc"] - out["acc_retrained"]) <= 0.01,
-               ok_probe=out["probe"] <= out["probe_retrained"] + 0.02)
+           "kl": mt["kl_to_retrained"], "speedup": speed(common["retrain_s"]), "vs_finetune1": speed(common["finetune1_s"]),
+           "ft_same_probe_epochs": ft_epochs, "vs_ft_same_probe": speed(ft_s)}
+    (acc_lo, _), (_, probe_hi) = common["spread"]["acc"], common["spread"]["probe"]
+    out.update(ok_speed=(out["speedup"] or 0) >= 10, ok_ft=(out["vs_ft_same_probe"] or 0) >= 3,
+               ok_acc=out["acc"] >= acc_lo, ok_probe=out["probe"] <= probe_hi)
     return out
 
 
 def large_table(rows: list[dict]) -> str:
-    head = ("| revised (changed / flipped) | method | time s | vs retrain | vs 1-epoch FT | test acc | "
+    head = ("| revised (changed / flipped) | method | time s (runs) | vs retrain | vs FT to same probe | test acc | "
             "released acc on changed | probe: original on flipped | KL to retrained | CG residual | tau | targets |")
     lines = [head, "|" + "---|" * 12]
+    fractions = []
     for r in rows:
+        if r["fraction"] not in fractions:
+            fractions.append(r["fraction"])
+            (a0, a1), (p0, p1) = r["spread"]["acc"], r["spread"]["probe"]
+            lines.append(f"| {r['fraction']:.0%} ({r['changed']} / {r['flipped']}) | *retrained, {r['retrain_seeds']} "
+                         f"seeds: spread* | {r['retrain_s']:.2f} (median) | 1.0x | - | {100 * a0:.2f}-{100 * a1:.2f} | - | "
+                         f"{100 * p0:.1f}-{100 * p1:.1f} | - | - | - | - |")
         marks = "-" if r["kind"] == "baseline" else \
             "".join("Y" if r[k] else "n" for k in ("ok_speed", "ok_ft", "ok_acc", "ok_probe"))
         sp = lambda v: "-" if v is None else f"{v:.0f}x" if v >= 10 else f"{v:.1f}x"  # noqa: E731
+        ft = "-" if r["kind"] == "baseline" else (
+            f"{sp(r['vs_ft_same_probe'])} ({r['ft_same_probe_epochs']} ep)" if r["ft_same_probe_epochs"]
+            else f">{sp(r['vs_ft_same_probe'])} (none reaches it)")
         res = "-" if r.get("cg_residual_last") is None else \
             (f"{r['cg_residual_first']:.2f} -> {r['cg_residual_last']:.2f}" if r.get("cg_residual_first") is not None
              else f"{r['cg_residual_last']:.1e}")
         tau = "-" if r.get("tau") is None else f"{r['tau']:g}"
-        lines.append(f"| {r['fraction']:.0%} ({r['changed']} / {r['flipped']}) | {r['method']} | {r['update_s']:.2f} | "
-                     f"{sp(r['speedup'])} | {sp(r['vs_finetune1'])} | {100 * r['acc']:.2f} | {100 * r['released']:.1f} | "
-                     f"{100 * r['probe']:.1f} | {r['kl']:.4f} | {res} | {tau} | {marks} |")
+        lines.append(f"| {r['fraction']:.0%} ({r['changed']} / {r['flipped']}) | {r['method']} | {r['update_s']:.2f} "
+                     f"({r.get('repeats', 1)}) | {sp(r['speedup'])} | {ft} | {100 * r['acc']:.2f} | "
+                     f"{100 * r['released']:.1f} | {100 * r['probe']:.1f} | {r['kl']:.4f} | {res} | {tau} | {marks} |")
     return "\n".join(lines)
 
 
@@ -363,8 +422,8 @@ def large_plot(rows: list[dict], path: str) -> None:
         x = [100 * r["fraction"] for r in mine]
         style = dict(ls="--", lw=2) if mine[0]["kind"] == "baseline" else dict(ls="-")
         for ax, (key, *_rest) in zip(axes, panels):
-            if (key == "speedup" and label in ("no update", "retrained (reference)")) or \
-                    (key == "kl" and label == "retrained (reference)"):
+            if (key == "speedup" and (label == "no update" or label.startswith("retrained"))) or \
+                    (key == "kl" and label.startswith("retrained (seed 0")):
                 continue
             ys = [100 * r[key] if key in ("acc", "probe") else r[key] for r in mine]
             ax.plot(x, ys, marker="o", color=colours[label], label=label, **style)
@@ -377,7 +436,7 @@ def large_plot(rows: list[dict], path: str) -> None:
     axes[1].set_ylim(97, 100.2)
     if low < 97:
         axes[1].text(0.02, 0.03, f"off the scale: down to {low:.1f}%", transform=axes[1].transAxes, fontsize=8)
-    axes[0].axhline(50, color="grey", ls=":", label="target 50x")
+    axes[0].axhline(10, color="grey", ls=":", label="target 10x")
     handles, names = axes[2].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
@@ -395,7 +454,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe (default 6; --large: "
                                                              "the config's)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10], help="fractions revised")
-    p.add_argument("--repeats", type=int, default=3, help="update timings per method (median reported; small only)")
+    p.add_argument("--repeats", type=int, default=3, help="update timings per method (median reported; --large: "
+                                                          f"an update over {SLOW_S:g} s runs once)")
+    p.add_argument("--seeds", type=int, default=3, help="--large: retrainings per fraction, seeds 0..N-1 (the spread "
+                                                        "the targets use; the time is their median)")
     p.add_argument("--work", default="runs/unlearning_large",
                    help="--large: where the models, edits and revisions are kept (a rerun resumes from them)")
     p.add_argument("--threads", type=int, default=2, help="--large: torch threads (the small setting uses 1)")
@@ -411,8 +473,9 @@ def main(argv=None) -> int:
         args.num_images = args.num_images or 50000
         rows = run_large(args, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(large_table(rows))
-        print(f"\ntargets (updates): speed-up >= 50x over retraining | >= 5x over one epoch of fine-tuning | test "
-              f"accuracy within 1 point of retrained | feature-probe leakage <= retrained + 2 points; "
+        print(f"\ntargets (updates, issue 33): >= 10x faster than retraining (median of the seeds) | >= 3x faster than "
+              f"the shortest fine-tuning (1-3 epochs) whose probe is as low | test accuracy >= the lowest retrained "
+              f"model's | probe <= the highest retrained model's; time s: median of (runs); "
               f"total {time.perf_counter() - start:.0f}s")
         if args.plot:
             large_plot(rows, args.plot)

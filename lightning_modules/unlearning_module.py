@@ -72,7 +72,7 @@ from veil.errors import ConfigError
 from veil.lightning_modules.models.classifier import AttributeClassifier, attribute_bce
 from veil.lightning_modules.unlearning import influence as U
 
-METHODS = ("first", "second", "exact")
+METHODS = ("first", "second", "exact", "replay")
 SOLVERS = ("cg", "cr", "lissa", "direct")
 CURVATURES = ("hessian", "ggn")
 PRECONDITIONERS = (None, "kfac", "kfac-curvlinops", "ekfac")
@@ -108,6 +108,7 @@ class UnlearningInputs:
     changed: torch.Tensor  # (m,) positions in ``train`` of the revised samples
     revised: tuple[torch.Tensor, torch.Tensor]  # (m, ...) their revision, in the order of ``changed``
     train_features: torch.Tensor | None = None  # (N, D)
+    revised_weights: torch.Tensor | None = None  # (m, k): replay's weight of each revised sample's attribute terms
 
     def shard(self, rank: int, world: int) -> "UnlearningInputs":
         """Rank ``rank``'s share: training positions p with p % world == rank, renumbered p // world."""
@@ -117,7 +118,8 @@ class UnlearningInputs:
         mine = changed % world == rank
         return UnlearningInputs(train=tuple(t[rank::world] for t in self.train), changed=changed[mine] // world,
                                 revised=tuple(t[mine] for t in self.revised),
-                                train_features=None if self.train_features is None else self.train_features[rank::world])
+                                train_features=None if self.train_features is None else self.train_features[rank::world],
+                                revised_weights=None if self.revised_weights is None else self.revised_weights[mine])
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,12 @@ class FeatureUnlearningModule(L.LightningModule):
         curvature: str = "hessian",
         preconditioner: str | None = None,
         line_search: bool | None = None,
+        passes: int = 2,
+        lr: float = 3e-4,
+        replay_ratio: float = 3.0,
+        replay_batch_size: int = 128,
+        optimizer: str = "adam",
+        revised_terms: str = "protected",
     ):
         super().__init__()
         _check_knobs(method, solver, damping, tau, batch_size, hessian_samples)
@@ -182,6 +190,14 @@ class FeatureUnlearningModule(L.LightningModule):
             if outside:
                 raise ConfigError(f"exact works on the convex head only; {outside[:3]} are outside it "
                                   f"(use --params head, or --method second)", option="--method")
+        if method == "replay":
+            from veil.lightning_modules.unlearning.replay import check_replay_knobs
+
+            check_replay_knobs(passes, lr, replay_ratio)
+        if revised_terms not in ("protected", "all"):
+            raise ConfigError(f"{revised_terms!r}: protected or all", option="--revised-terms")
+        self.passes, self.lr, self.replay_ratio, self.optimizer = passes, float(lr), float(replay_ratio), optimizer
+        self.revised_terms, self.replay_batch_size = revised_terms, int(replay_batch_size)
         self.model, self.method, self.solver = model, method, solver
         self.names = U.select_parameter_names(model, params)
         self.l2 = dict(l2 or {})
@@ -242,7 +258,8 @@ class FeatureUnlearningModule(L.LightningModule):
         start = time.perf_counter()
         with torch.enable_grad():  # the predict loop runs under no_grad; the update differentiates
             info = self.unlearn(train=shard.train, changed=shard.changed, revised=shard.revised,
-                                train_features=shard.train_features, processes=processes)
+                                train_features=shard.train_features, revised_weights=shard.revised_weights,
+                                processes=processes)
         seconds = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
         info["seconds"] = float(self.all_gather(seconds).max() if world > 1 else seconds)  # the slowest rank's
         return info
@@ -261,7 +278,7 @@ class FeatureUnlearningModule(L.LightningModule):
     # ------------------------------------------------------------------ the update
     def unlearn(self, *, train: tuple[torch.Tensor, torch.Tensor], changed: torch.Tensor,
                 revised: tuple[torch.Tensor, torch.Tensor], train_features: torch.Tensor | None = None,
-                processes: Processes = Processes()) -> dict[str, Any]:
+                revised_weights: torch.Tensor | None = None, processes: Processes = Processes()) -> dict[str, Any]:
         """Update the selected parameters in place; returns what was done (step norm, solver, counts).
 
         The arguments are the fields of ``UnlearningInputs`` (this rank's shard under a Trainer).
@@ -272,6 +289,8 @@ class FeatureUnlearningModule(L.LightningModule):
         x_new, attrs_new = revised
         if len(changed) != len(x_new) or len(x_new) != len(attrs_new):
             raise ConfigError(f"unlearn: {len(changed)} changed positions but {len(x_new)} revised samples; pair them")
+        if self.method == "replay":
+            return self._replay(x, attrs, changed, x_new, attrs_new, revised_weights, processes)
         use_cache = self.frozen_features and train_features is not None and len(train_features) == len(x)
         z_train, z_new = (train_features if use_cache else self.inputs(x)), self.inputs(x_new)
         obj = self.objective()
@@ -312,6 +331,26 @@ class FeatureUnlearningModule(L.LightningModule):
                 step = self._search(obj, theta, step, pairs, n, info, reduce) * step
             new = theta - step
         info["step_norm"] = float((new - theta).norm())
+        obj.assign(new)
+        return info
+
+    def _replay(self, x, attrs, changed, x_new, attrs_new, weights, processes: Processes) -> dict[str, Any]:
+        """``replay`` (``unlearning/replay.py``): Adam passes over Z~ and a replay of unchanged samples."""
+        from veil.lightning_modules.unlearning.replay import replay_descent
+
+        kept = torch.ones(len(x), dtype=torch.bool)
+        kept[changed] = False
+        obj = self.objective()
+        theta = obj.flat()
+        new, done = replay_descent(obj, theta, revised=(self.inputs(x_new), attrs_new),
+                                   pool=(self.inputs(x[kept]), attrs[kept]), passes=self.passes, lr=self.lr,
+                                   replay_ratio=self.replay_ratio, batch_size=self.replay_batch_size, seed=self.seed,
+                                   rank=processes.rank, optimizer=self.optimizer,
+                                   revised_weights=weights if self.revised_terms == "protected" else None,
+                                   reduce=processes.sum)
+        n = int(processes.sum(torch.tensor([float(len(x))])).item())
+        info = {"method": self.method, "parameters": list(self.names), "num_parameters": len(theta), "train_size": n,
+                "damping": None, "cached_features": False, **done, "step_norm": float((new - theta).norm())}
         obj.assign(new)
         return info
 

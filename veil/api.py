@@ -204,27 +204,32 @@ def train_classifier(*, out: str | Path, config: str | Path | None = None, data:
     return Run(Path(out), record)
 
 
-def unlearn(*, model: str | Path, revision: str | Path, out: str | Path, method: str = "second",
-            params: Sequence[str] | None = ("head",), force: bool = False, compare_retrain: bool = False,
+def unlearn(*, model: str | Path, revision: str | Path, out: str | Path, method: str = "replay",
+            params: Sequence[str] | None | str = "default", force: bool = False, compare_retrain: bool = False,
             trainer: Overrides | None = None, ledger: str | Path | None = None, tau: float | None = None,
             damping: float | None = None, solver: str | None = None, curvature: str = "hessian",
             preconditioner: str | None = None, line_search: bool | None = None, cg_max_iter: int = 100,
             lissa_iterations: int = 300, lissa_scale: float | None = None, hessian_samples: int | None = None,
-            seed: int = 0) -> Run:
+            seed: int = 0, passes: int = 2, lr: float = 3e-4, replay_ratio: float = 3.0,
+            revised_terms: str = "protected") -> Run:
     """``veil unlearn``: update the classifier run ``model`` to ``revision`` in closed form, into ``out``.
 
-    The defaults are the command's (second order on the head, direct solve); ``params=None`` or ``["all"]``
-    updates every parameter; ``trainer``: ``{"trainer.devices": 2, ...}``. Recorded in the dataset's privacy
+    The defaults are the command's (``replay`` on every layer, docs/unlearning.md); ``params=None`` or ``["all"]``
+    updates every parameter, ``"default"`` the method's own choice (the head; every layer for ``replay``); ``trainer``: ``{"trainer.devices": 2, ...}``. Recorded in the dataset's privacy
     database as a run that is not private (refused before any work under a finite training budget)."""
     from veil.jobs.unlearn import run_unlearn, trainer_config, wait_for_other_ranks
 
+    if params == "default":
+        params = None if method == "replay" else ["head"]
     params = None if params is None or "all" in params else list(params)
     report = run_unlearn(
         model=model, revision=revision, method=method, out=out, force=force, compare_retrain=compare_retrain,
         params=params, trainer=trainer_config(_overrides(trainer)), tau=tau, damping=damping, solver=solver,
         cg_max_iter=cg_max_iter, lissa_iterations=lissa_iterations, lissa_scale=lissa_scale,
         hessian_samples=hessian_samples, seed=seed, curvature=curvature,
-        preconditioner=None if preconditioner == "none" else preconditioner, line_search=line_search, ledger=ledger)
+        preconditioner=None if preconditioner == "none" else preconditioner, line_search=line_search, ledger=ledger,
+        **({"passes": passes, "lr": lr, "replay_ratio": replay_ratio, "revised_terms": revised_terms}
+           if method == "replay" else {}))
     wait_for_other_ranks()
     return Run(Path(out), report)
 

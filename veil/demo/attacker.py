@@ -20,12 +20,12 @@ attacker is not significantly better than the labels' guarantee allows.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from veil.lightning_modules.data.synthetic_faces import SyntheticFaces
+from veil.privacy.bounds import wilson_interval  # re-exported: it lives below veil.jobs, which uses it too
 
 __all__ = ["AttributeCNN", "fit", "train_attacker", "adaptive_attacker", "predict", "probability",
            "wilson_interval", "stratified_halves", "attack_row"]
@@ -93,18 +93,6 @@ def predict(model, images: torch.Tensor) -> torch.Tensor:
 def probability(model, images: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) -> (B,k): P(attribute = +1) per attribute."""
     return torch.cat([torch.sigmoid(model(b)) for b in images.split(256)])
-
-
-def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``successes`` / ``n`` (95% for the default z); (0, 1) for n = 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    if not 0 <= successes <= n:
-        raise ValueError(f"wilson_interval: {successes} successes out of {n}")
-    p, z2 = successes / n, z * z
-    center = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def stratified_halves(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,12 +137,12 @@ def _stage_rows(name: str, s: dict) -> list[tuple[str, str]]:
 
         return edits_rows(s)
     if name == "unlearning":
-        acc, mem = s.get("test_accuracy") or {}, s.get("remembered") or {}
+        acc = s.get("test_accuracy") or {}
         return [
             ("update speed-up over retraining", _times(s.get("speedup"))),
             ("test accuracy updated / retrained", f"{_pct(acc.get('updated'))} / {_pct(acc.get('retrained'))}"),
-            ("remembered original / updated / retrained",
-             " / ".join(_pct(mem.get(k)) for k in ("original", "updated", "retrained"))),
+            ("feature probe: original / updated / retrained",
+             " / ".join(_probe(s, k) for k in _UNLEARNING_MODELS) + f" (n={_int(s.get('feature_probe_samples'))})"),
         ]
     if name == "export":
         lat = s.get("latency_ms") or {}
@@ -287,19 +287,40 @@ def _edits_html(s: dict, out_dir: Path) -> str:
     return edits_html(s, out_dir)
 
 
+_UNLEARNING_MODELS = ("original", "updated", "retrained")
+
+
+def _probe_ci(s: dict, model: str) -> list | None:
+    """The unlearning stage's Wilson 95% interval [lo, hi] of ``model``'s feature probe, or None."""
+    ci = (s.get("feature_probe_ci95") or {}).get(model)
+    return ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+
+
+def _probe(s: dict, model: str) -> str:
+    """ "28.2% [20.1%, 37.9%]": ``model``'s feature probe of the original value and its 95% interval."""
+    ci = _probe_ci(s, model)
+    return _pct((s.get("feature_probe") or {}).get(model)) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
 def _unlearning_html(s: dict, out_dir: Path) -> str:
-    acc, mem = s.get("test_accuracy") or {}, s.get("remembered") or {}
-    models = ["original", "updated", "retrained"]
-    plot = _bars("Unlearning: accuracy and what is remembered", models,
-                 {"test accuracy": [acc.get(k) for k in models], "remembered": [mem.get(k) for k in models]},
-                 ylabel="accuracy", label=_pct, ylim=(0.0, 1.1))
-    caption = (f"Test accuracy, and accuracy on the original values of the {_int(s.get('changed'))} changed samples "
-               f"(\"remembered\"; lower is better). The update took {_secs(s.get('update_seconds'))}, "
-               f"retraining {_secs(s.get('retrain_seconds'))}: {_times(s.get('speedup'))} faster.")
+    acc, probe = s.get("test_accuracy") or {}, s.get("feature_probe") or {}
+    models = list(_UNLEARNING_MODELS)
+    plot = _bars("Unlearning: accuracy and what the features still hold", models,
+                 {"test accuracy": [acc.get(k) for k in models], "feature probe": [probe.get(k) for k in models]},
+                 ylabel="accuracy", label=_pct, ylim=(0.0, 1.1),
+                 errors={"feature probe": [_probe_ci(s, k) for k in models]})
+    n = _int(s.get("feature_probe_samples"))
+    caption = (f"Test accuracy, and the feature probe: a linear probe of each flipped protected attribute, fit on "
+               f"the model's penultimate features of the test images, read on the {n} flipped (changed sample, "
+               f"attribute) entries of the {_int(s.get('changed'))} changed samples: how often it says the original "
+               f"value (lower is better; the retrained model never saw it), with its Wilson 95% interval. The "
+               f"update took {_secs(s.get('update_seconds'))}, retraining {_secs(s.get('retrain_seconds'))}: "
+               f"{_times(s.get('speedup'))} faster.")
     facts = _kv([("changed samples", _int(s.get("changed"))), ("method", _fmt(s.get("method"))),
                  ("update", _secs(s.get("update_seconds"))), ("retraining", _secs(s.get("retrain_seconds"))),
-                 ("speed-up", _times(s.get("speedup")))])
-    table = _table(["model", "test accuracy", "remembered"], [[k, _pct(acc.get(k)), _pct(mem.get(k))] for k in models])
+                 ("speed-up", _times(s.get("speedup"))), ("feature probe read on (n)", n)])
+    table = _table(["model", "test accuracy", "feature probe [95%]"],
+                   [[k, _pct(acc.get(k)), _probe(s, k)] for k in models])
     return facts + _figure(plot, caption, "(no accuracies recorded)") + table
 
 

@@ -66,6 +66,7 @@ from veil.lightning_modules.unlearning_module import (
     UnlearningInputs,
 )
 from veil.outputs import check_out_dir, out_lock, staged_dir, write_json_atomic
+from veil.privacy.bounds import wilson_interval
 
 
 @dataclass
@@ -124,6 +125,16 @@ class UnlearningData:
                    original, flipped, len(rev_ds.changed_indices) - len(changed), protected)
 
 
+def _revised_weights(self) -> torch.Tensor | None:
+    """(m, k): 1 for the attributes each change protected (released by randomized response), 0 for the others,
+    whose labels are the originals of a face the edit re-rendered: ``replay`` learns only the former from the
+    revised samples (lightning_modules/unlearning/replay.py); None when the revision names none."""
+    return None if self.protected is None else self.protected.float()
+
+
+UnlearningData.revised_weights = _revised_weights
+
+
 def snapshot(model: AttributeClassifier) -> AttributeClassifier:
     return copy.deepcopy(model).eval()
 
@@ -143,11 +154,18 @@ def base_report(*, method, params, info, data: UnlearningData, seconds: float) -
 
 def add_model_metrics(report: dict[str, Any], key: str, model, data: UnlearningData) -> None:
     """Test accuracy, what the model predicts for the flipped attributes of the changed samples, and
-    what its penultimate features still say of their original values (``feature_probe_leakage``)."""
+    what its penultimate features still say of their original values (``feature_probe_counts``): the
+    probe's accuracy, its Wilson 95% interval ``feature_probe_interval`` [lo, hi] (None when nothing
+    was flipped) and ``feature_probe_samples``, the (sample, attribute) entries it is read on (the same
+    number for every model); each under ``report[metric][key]``."""
     report.setdefault("test_accuracy", {})[key] = test_accuracy(model, data.test)
     logits = predict(model, data.revised_changed[0])  # (m, k) on the revised images
     report.setdefault("changed_released_accuracy", {})[key] = released_accuracy(model, data, logits=logits)
-    report.setdefault("feature_probe_original_accuracy", {})[key] = feature_probe_leakage(model, data)
+    correct, n = feature_probe_counts(model, data)
+    report.setdefault("feature_probe_original_accuracy", {})[key] = correct / n if n else float("nan")
+    report.setdefault("feature_probe_interval", {})[key] = list(wilson_interval(correct, n)) if n else None
+    # the same entries for every model; per model like every metric (bench/unlearning.py reads report[k][key])
+    report.setdefault("feature_probe_samples", {})[key] = n
     mask = data.flipped
     said_original = ((logits > 0) == (data.original_changed > 0))[mask].float()
     p_original = torch.sigmoid(logits * data.original_changed)[mask]  # probability given to the original value
@@ -167,30 +185,37 @@ def released_accuracy(model, data: UnlearningData, *, logits: torch.Tensor | Non
     return float(((logits > 0) == (data.revised_changed[1] > 0))[data.protected].float().mean())
 
 
-@torch.no_grad()
 def feature_probe_leakage(model, data: UnlearningData, *, l2: float = 1e-3) -> float:
+    """The accuracy of ``feature_probe_counts``'s probe (correct / read on); NaN when nothing was flipped."""
+    correct, n = feature_probe_counts(model, data, l2=l2)
+    return correct / n if n else float("nan")
+
+
+@torch.no_grad()
+def feature_probe_counts(model, data: UnlearningData, *, l2: float = 1e-3) -> tuple[int, int]:
     """How much of the *original* protected attributes the model's penultimate features still hold.
 
     A linear probe (L2-regularised logistic regression, Newton to its optimum) of each attribute the
     revision flipped somewhere is fit on the features of the held-out test images and their labels;
-    returned is its accuracy at predicting the *original* value on the changed samples whose release
-    flipped it, from the features of their *revised* images. A model that never saw the originals (the
-    retrained one) sits near what the edited pixels show; a model that memorised the originals scores
-    higher. NaN when nothing was flipped."""
+    returned is (correct, n): how often, of the n (changed sample, attribute) entries whose release
+    flipped the attribute, it predicts the *original* value from the features of their *revised* image.
+    A model that never saw the originals (the retrained one) sits near what the edited pixels show; a
+    model that memorised the originals scores higher. (0, 0) when nothing was flipped (or no test image)."""
     from types import SimpleNamespace
 
     from veil.jobs.train_classifier import refit_head
 
     cols = data.flipped.any(0)
     if not cols.any() or not len(data.test[0]):
-        return float("nan")
+        return 0, 0
     feats = features_of(model, data.test[0])
     probe = SimpleNamespace(head=torch.nn.Linear(feats.shape[1], int(cols.sum())))
     torch.nn.init.zeros_(probe.head.weight), torch.nn.init.zeros_(probe.head.bias)
     with torch.enable_grad():
         refit_head(probe, feats, data.test[1][:, cols], l2=l2)
     said = probe.head(features_of(model, data.revised_changed[0])) > 0
-    return float((said == (data.original_changed[:, cols] > 0))[data.flipped[:, cols]].float().mean())
+    hits = (said == (data.original_changed[:, cols] > 0))[data.flipped[:, cols]]
+    return int(hits.sum()), int(hits.numel())
 
 
 @torch.no_grad()
@@ -333,7 +358,7 @@ def unlearn_and_measure(clf, ckpt: dict[str, Any], data: UnlearningData, *, meth
     residual_before = unlearner.gradient_residual(data.revised_train)
     cache = ckpt["veil"].get("train_features")
     inputs = UnlearningInputs(train=data.train, changed=data.changed_positions, revised=data.revised_changed,
-                              train_features=cache)
+                              train_features=cache, revised_weights=data.revised_weights())
     with console.stage(f"the {method} update on {len(data.changed_positions)} changed samples"):
         info, global_zero = run_update(unlearner, inputs, trainer or UnlearnTrainerConfig())
     seconds = info.pop("seconds")  # the update itself on the slowest rank, not the Trainer's setup

@@ -26,6 +26,9 @@ Which prior: the one the attacker holds. ``bench/edit_eval.py`` uses each attrib
 the dataset's training split (an owner-side evaluation may read it). An attacker who also knows
 attributes correlated with the protected one (the unprotected ones are released as they are) has a
 sharper prior, hence a higher acc*; the posterior-odds bound holds for that prior too.
+
+A measured accuracy (an attacker's, or ``veil unlearn``'s feature probe) comes with its Wilson score 95%
+interval (``wilson_interval``): the demo's attack rows, the unlearning report and its verdict use it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import math
 from veil.errors import ConfigError
 from veil.privacy.mechanism import keep_probability
 
-__all__ = ["bayes_accuracy_bound"]
+__all__ = ["bayes_accuracy_bound", "wilson_interval"]
 
 
 def bayes_accuracy_bound(*, epsilon: float, prior: float) -> float:
@@ -45,3 +48,15 @@ def bayes_accuracy_bound(*, epsilon: float, prior: float) -> float:
         raise ConfigError(f"prior={prior!r}: must be a probability P(a = +1) in [0, 1]")
     p, keep = float(prior), keep_probability(epsilon=epsilon)
     return max(p * keep, (1 - p) * (1 - keep)) + max(p * (1 - keep), (1 - p) * keep)
+
+
+def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes`` / ``n`` (95% for the default z); (0, 1) for n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: {successes} successes out of {n}")
+    p, z2 = successes / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, center - half), min(1.0, center + half)

@@ -210,6 +210,17 @@ def test_two_gloo_processes_give_the_one_process_update(setup, tmp_path):
         assert step.norm() > 1e-4  # the update is not a no-op
         # Sums in another order differ in the last float32 bits, and CG (damping 0.01) amplifies that.
         assert (step2 - step).norm() < 1e-3 * step.norm(), (method, float((step2 - step).norm() / step.norm()))
+    # replay: each rank replays from its own shard, so 2 ranks draw other samples than 1 process (the update is
+    # checked against a dense reference in test_replay.py); here the ranks agree bit for bit and it moved
+    dumps = [torch.load(tmp_path / f"replay_devices2_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert torch.equal(dumps[0]["flat"], dumps[1]["flat"]), "replay: ranks disagree"
+    reports = [dict(d["report"]) for d in dumps]
+    assert [r.pop("_global_zero") for r in reports] == [True, False]
+    features = [r.pop("_train_features", None) for r in reports]
+    assert reports[0] == reports[1] and (features[0] is None or torch.equal(features[0], features[1]))
+    assert reports[0]["update"]["steps"] == 2 * reports[0]["update"]["steps_per_pass"]
+    original = torch.cat([p.detach().flatten() for p in CK.load_classifier(ckpt_path)[0].parameters()])
+    assert (dumps[0]["flat"] - original).norm() > 1e-4
 
 
 def test_cli_unlearn_on_two_ddp_processes_matches_one(setup, tmp_path):
@@ -237,9 +248,9 @@ def test_cli_unlearn_on_two_ddp_processes_matches_one(setup, tmp_path):
     torch.testing.assert_close(c2["veil"]["train_features"], c1["veil"]["train_features"])
 
 
-def test_cli_unlearn_default_is_the_fast_head_update_and_out_is_never_overwritten(setup, tmp_path, capsys):
-    """No method options: second order on the head with the direct solve (the README's table). An existing
-    --out is refused before any work unless --force, which replaces the results (other owner files stay)."""
+def test_cli_unlearn_default_is_replay_on_every_layer_and_out_is_never_overwritten(setup, tmp_path, capsys):
+    """No method options: replay on every layer, its protected terms only (the README's table, issue 33). An
+    existing --out is refused before any work unless --force, which replaces the results (other owner files stay)."""
     from veil.cli import main
 
     ckpt_path, revision, _, _ = setup
@@ -247,8 +258,12 @@ def test_cli_unlearn_default_is_the_fast_head_update_and_out_is_never_overwritte
     args = ["unlearn", "--model", str(ckpt_path), "--revision", str(revision), "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "unlearn_report.json").read_text())  # strict JSON: json.loads would accept NaN
-    assert report["method"] == "second" and report["params"] == ["head"] and report["update"]["solver"] == "direct"
-    assert all(n.startswith("head.") for n in report["update"]["parameters"]) and report["update"]["cached_features"]
+    assert report["method"] == "replay" and report["params"] is None
+    update = report["update"]
+    assert update["passes"] == 2 and update["lr"] == 3e-4 and update["replay_ratio"] == 3.0
+    assert len(update["parameters"]) == len(list(CK.load_classifier(ckpt_path)[0].parameters()))  # every layer
+    assert update["steps"] == 2 * update["steps_per_pass"] and update["replayed_per_pass"] == 3 * update["revised_samples"]
+    assert "feature_probe_interval" in report and "replay (2 passes of Adam" in capsys.readouterr().out
     (out / "private" / "notes.txt").write_text("owner notes")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()

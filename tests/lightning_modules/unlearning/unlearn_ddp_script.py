@@ -3,7 +3,8 @@
     python unlearn_ddp_script.py CKPT REVISION OUT DEVICES
 
 Used by test_unlearning.py as a subprocess: Lightning's CPU DDP re-launches this script once per
-extra rank, so it needs the ``__main__`` guard. For ("second", ["proj"]) and ("first", ["head"]),
+extra rank, so it needs the ``__main__`` guard. For ("second", ["proj"]), ("first", ["head"]) and
+("replay", every parameter),
 every rank runs ``unlearn_and_measure`` through the Trainer (each takes the training positions p
 with p % DEVICES == rank; the module sums over ranks) and saves its updated parameters and report
 as OUT/{method}_devices{DEVICES}_rank{r}.pt. Every rank then checks that no gloo thread is left,
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helpers"))
 from dp_helpers import gloo_threads  # noqa: E402
 
-CONFIGS = (("second", ["proj"]), ("first", ["head"]))
+CONFIGS = (("second", ["proj"]), ("first", ["head"]), ("replay", None))
 
 
 def main(ckpt: str, revision: str, out: str, devices: int) -> None:
@@ -41,8 +42,9 @@ def main(ckpt: str, revision: str, out: str, devices: int) -> None:
     for method, params in CONFIGS:
         model, record = CK.load_classifier(ckpt, owner=True)
         data = UJ.UnlearningData.build(record, revision)
+        knobs = {"passes": 2, "lr": 1e-3} if method == "replay" else {"hessian_samples": 10**9}
         report = UJ.unlearn_and_measure(model, record, data, method=method, params=params, trainer=cfg,
-                                        hessian_samples=10**9, batch_size=64)
+                                        batch_size=64, **knobs)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save({"flat": flat, "report": report},
                    Path(out) / f"{method}_devices{devices}_rank{rank_zero_only.rank}.pt")

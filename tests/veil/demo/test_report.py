@@ -78,6 +78,10 @@ def _report() -> dict:
             "unlearning": {"seconds": 60.0, "proves": "Unlearning proves: the update matches retraining.", "changed": 30,
                            "method": "second order, head", "update_seconds": 0.02, "retrain_seconds": 3.5, "speedup": 175.0,
                            "test_accuracy": {"original": 0.95, "updated": 0.95, "retrained": 0.95},
+                           "feature_probe": {"original": 0.282, "updated": 0.27, "retrained": 0.218},
+                           "feature_probe_ci95": {"original": [0.201, 0.379], "updated": [0.19, 0.36],
+                                                  "retrained": [0.15, 0.3]},
+                           "feature_probe_samples": 110,
                            "remembered": {"original": 0.6, "updated": 0.3, "retrained": 0.25}},
             "export": {"seconds": 90.0, "proves": "Export proves: ONNX Runtime matches PyTorch.", "parity_max_abs_error": 8.6e-6,
                        "tolerance": 0.002, "latency_ms": {"ort_p50": 120.0, "torch_p50": 200.0}, "speedup": 1.67,
@@ -129,6 +133,9 @@ def test_summary_rows_give_each_stage_its_key_numbers():
     assert by_stage["edits"]["attacker on the accepted releases [95%] (bound)"] == "50.0% [9.0%, 91.0%] (73.0%)"
     assert by_stage["edits"]["record epsilon, max (labels / pixels)"] == "1 (1 / 0) at delta 1e-06"
     assert by_stage["unlearning"]["update speed-up over retraining"] == "175×"
+    assert by_stage["unlearning"]["feature probe: original / updated / retrained"] == (
+        "28.2% [20.1%, 37.9%] / 27.0% [19.0%, 36.0%] / 21.8% [15.0%, 30.0%] (n=110)")
+    assert not any("remembered" in what for what in by_stage["unlearning"])  # 0% for all three: not shown
     assert by_stage["export"]["ORT speed-up"] == "1.67×"
     assert by_stage["export"]["p50 latency ORT / PyTorch"] == "120.0 ms / 200.0 ms"
     assert by_stage["serve"]["decision / release id"] == "accepted / 33"
