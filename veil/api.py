@@ -258,7 +258,7 @@ def privacy_account(data: Mapping[str, Any] | str | Path | None = None, *,
     if isinstance(data, (str, Path)):
         from veil.data_arg import revision_base
 
-        data = revision_base(data)
+        data = revision_base(data, check=not ledger)  # without --ledger the base locates the database
     data = dict(data or {})
     if not data and not ledger:
         raise ConfigError("--data or --ledger: say which dataset's privacy database (e.g. --data source=synthetic,seed=0)")

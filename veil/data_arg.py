@@ -165,14 +165,17 @@ def check_recorded_data(spec: Mapping[str, Any], given: Mapping[str, Any], *, or
                             f"another dataset's account; {remedy}")
 
 
-def revision_base(revision: str | Path) -> dict[str, Any]:
+def revision_base(revision: str | Path, *, check: bool = True) -> dict[str, Any]:
     """The base dataset spec a revision's manifest records, its paths checked as a model's are
     (``check_recorded_data``): a revision is tied to the images it was made from, so a base folder that moved,
-    vanished or now holds other images is refused naming the revision, not used in its place."""
+    vanished or now holds other images is refused naming the revision, not used in its place. ``check=False``
+    where the spec names nothing that is read or charged (the database was given with --ledger)."""
     from veil.privacy.revision_manifest import load_manifest
 
     base = dict(load_manifest(revision)["base"])
-    check_recorded_data(base, {}, origin=f"the revision {revision} (its manifest.json)", option="--data/--revision",
-                        remedy="a revision belongs to the images it was made from: put that folder back where it "
-                               "was recorded")
+    if check:
+        check_recorded_data(base, {}, origin=f"the revision {revision} (its manifest.json)",
+                            option="--data/--revision",
+                            remedy="a revision belongs to the images it was made from: put that folder back where "
+                                   "it was recorded")
     return base

@@ -172,7 +172,7 @@ def _publish(args) -> int:
     from veil.data_arg import revision_base
     from veil.privacy.revision_manifest import publish_revision
 
-    base = revision_base(args.revision)
+    base = revision_base(args.revision, check=not (args.ledger or args.data))  # the base locates the database
     with _dataset_ledger(args, base) as ledger:  # the key of the pseudonyms: only in the owner's database
         out = publish_revision(args.revision, args.out, id_key=ledger.pseudonym_key())
     n = len(json.loads((out / "manifest.json").read_text())["changes"])
