@@ -30,7 +30,6 @@ over. Both commands write ``--out`` all or nothing (``veil.outputs.staged_dir``)
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import secrets
@@ -54,6 +53,7 @@ from veil.jobs.prepare_faces import (
     read_photo,
 )
 from veil.outputs import check_out_dir, publish, staged_dir
+from veil.privacy.locations import file_digest
 
 __all__ = ["FORMAT", "PRIVATE_RECORD", "SIZES", "list_photos", "run_paste_back", "run_prepare"]
 
@@ -200,7 +200,7 @@ def _prepare_photo(name: str, path: Path, stage: Path, *, size, margin, min_face
         faces.append({"id": face_id, "index": index, "box": list(box), "square": list(square)})
     where = ", ".join(f"face {f['index']} at x={f['box'][0]}" for f in faces)
     console.say(f"{name}: {len(faces)} face{'s' * (len(faces) != 1)} (left to right: {where})")
-    return {"name": name, "photo": str(path.resolve()), "sha256": _sha256(path), "width": int(rgb.shape[1]),
+    return {"name": name, "photo": str(path.resolve()), "sha256": file_digest(path), "width": int(rgb.shape[1]),
             "height": int(rgb.shape[0]), "faces": faces}
 
 
@@ -210,14 +210,6 @@ def _new_id(used: set) -> str:
         if face_id not in used:
             used.add(face_id)
             return face_id
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_private(stage: Path, record: dict) -> None:
@@ -321,7 +313,7 @@ def run_paste_back(*, dataset, edits, out) -> dict:
     with staged_dir(out, names, created=created, prefix=".veil-paste-") as stage:
         for photo, name in zip(console.bar(todo, desc="photos"), names):
             path = Path(photo["photo"])
-            if not path.is_file() or _sha256(path) != photo["sha256"]:
+            if not path.is_file() or file_digest(path) != photo["sha256"]:
                 raise DataError(f"{path}: the photo {photo['name']} is missing or changed since `veil prepare` "
                                 f"(its SHA-256 differs); its face boxes would not fit; restore it")
             rgb = read_photo(path)

@@ -84,6 +84,12 @@ class UnlearningData:
     changed_elsewhere: int  # changed samples outside the training split (not unlearned)
     protected: torch.Tensor | None = None  # (m, k) bool: the attributes each change protected (released by RR)
 
+    def revised_weights(self) -> torch.Tensor | None:
+        """(m, k): 1 for the attributes each change protected (released by randomized response), 0 for the others,
+        whose labels are the originals of a face the edit re-rendered: ``replay`` learns only the former from the
+        revised samples (lightning_modules/unlearning/replay.py); None when the revision names none."""
+        return None if self.protected is None else self.protected.float()
+
     @classmethod
     def build(cls, ckpt: dict[str, Any], revision, *, base=None, origin: str = "the model") -> "UnlearningData":
         """``base``: a FaceDataModule of the checkpoint's data whose images are loaded already (benchmarks);
@@ -123,16 +129,6 @@ class UnlearningData:
         rx[positions], ra[positions] = revised_changed
         return cls(dm_rev, train, positions, revised_changed, (rx, ra), tensors(rev_ds, dm_rev.split_indices("test")),
                    original, flipped, len(rev_ds.changed_indices) - len(changed), protected)
-
-
-def _revised_weights(self) -> torch.Tensor | None:
-    """(m, k): 1 for the attributes each change protected (released by randomized response), 0 for the others,
-    whose labels are the originals of a face the edit re-rendered: ``replay`` learns only the former from the
-    revised samples (lightning_modules/unlearning/replay.py); None when the revision names none."""
-    return None if self.protected is None else self.protected.float()
-
-
-UnlearningData.revised_weights = _revised_weights
 
 
 def snapshot(model: AttributeClassifier) -> AttributeClassifier:
