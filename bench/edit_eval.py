@@ -18,6 +18,15 @@ levels (``--levels``, default low,medium,high,max, each an (epsilon, strength)) 
 levels, the grid ``--strengths`` x ``--epsilons`` x ``--encodings`` (invert, noise, fresh; "fresh:1" gives
 an encoding its own strength instead of every ``--strengths``). ``--label`` names the rows of one run.
 
+Pooling (the grid's third axis, "poolR" in ``--encodings``): the "noise" encoding of the image average-pooled to
+R x R blocks and upsampled back (``pooled``), i.e. only the block means reach the model. Its price is the
+"noise" encoding's at the same strength, and that is tight, not a bound left loose: ``pooled`` is an orthogonal
+projection, so it never lengthens the difference of two images, and two flat images (all -1, all +1) keep the
+whole sensitivity 2 sqrt(3 H W). Nor could a finer accounting help: the block means of a "noise" release
+already carry the pooled release at the same mu (averaging k^2 noise samples divides the noise by k as
+pooling divides the sensitivity), so a pooled release is a post-processing of the unpooled one at equal
+price. The rows measure what that costs in utility.
+
 The price. Each row carries the formal price of ONE release at its setting, exactly as the ledger charges
 it (``formal_price``: the editor's ``pixel_mus``, every encoding the check may draw, and one randomized
 response per protected attribute, priced and composed by ``veil.privacy.accounting`` at delta 1e-6): the
@@ -72,6 +81,7 @@ import functools
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -221,11 +231,32 @@ def release(a: torch.Tensor, ids: list[str], *, names: list[str], protect: list[
     return torch.tensor([[d[n] for n in names] for d in draws], dtype=torch.float32)
 
 
+def pool_of(encoding: str) -> int | None:
+    """R of a pooled grid encoding "poolR" (the "noise" encoding of the image pooled to R x R), else None."""
+    m = re.fullmatch(r"pool([1-9][0-9]*)", encoding)
+    return int(m.group(1)) if m else None
+
+
+def pooled(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B,3,H,W) clipped to [-1, 1], averaged over (H/r x W/r) blocks and upsampled back to (B,3,H,W): the
+    orthogonal projection onto block-constant images (idempotent and self-adjoint, so it never lengthens a
+    difference; two flat images keep theirs). ValueError unless r divides H and W."""
+    h, w = x.shape[-2:]
+    if r < 1 or h % r or w % r:
+        raise ValueError(f"pool{r}: the pooled side {r} must divide the image size {h}x{w}")
+    k = (h // r, w // r)
+    blocks = nn.functional.avg_pool2d(x.clamp(-1.0, 1.0), kernel_size=k)
+    return blocks.repeat_interleave(k[0], dim=-2).repeat_interleave(k[1], dim=-1)
+
+
 def edit_cell(editor: PrivateEditor, x, a, released, *, strength: float, encoding: str, protect: list[str],
               inversions: dict, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edits (N,3,H,W), passed (N,) bool, attempts (N,) long): checked when the editor can check, else
     every edit passes at its first attempt and an inversion is cached in ``inversions`` per (key, strength)
-    (a "noise" or "fresh" encoding is drawn afresh for each cell, as each release draws it)."""
+    (a "noise" or "fresh" encoding is drawn afresh for each cell, as each release draws it). "poolR": the
+    "noise" encoding of ``pooled(x, R)``."""
+    if (r := pool_of(encoding)) is not None:
+        x, encoding = pooled(x, r), "noise"
     if editor.can_check:
         checked = editor.edit_checked(x, a, released, strength=strength, protected=protect, encoding=encoding)
         return checked.images, checked.passed, checked.attempts
@@ -262,6 +293,7 @@ def formal_price(editor: PrivateEditor, *, epsilon: float, strength: float, enco
     response per protected attribute, priced and composed by ``veil.privacy.accounting`` at ``delta``. Also the
     accuracy bound that composed epsilon allows on each protected attribute: acc*(eps, prior) + delta (an
     (eps, delta)-DP release moves any guess at most delta past the pure-DP bound); 1 where eps is unbounded."""
+    encoding = "noise" if pool_of(encoding) else encoding  # pooled: the "noise" price, tight (``pooled``)
     mus = editor.pixel_mus(strength=strength, encoding=encoding, check=editor.can_check)
     price = price_release(epsilon=epsilon, protected=protect, encoding=encoding, pixel_mus=mus)
     g = compose([price], delta=delta)
@@ -299,6 +331,9 @@ def evaluate(args) -> dict:
         raise SystemExit(f"--protect {args.protect!r}: choose attributes from {names}")
     dm = FaceDataModule(**{**spec, "attributes": names})
     x, a, ids = load_images(dm, (dm.split_indices("val") + dm.split_indices("test"))[: args.num_images])
+    for r in {pool_of(enc) for *_, enc in args.cells} - {None}:
+        if x.shape[-1] % r or x.shape[-2] % r:
+            raise SystemExit(f"--encodings pool{r}: {r} must divide the image size {x.shape[-2]}x{x.shape[-1]}")
     train = dm.split_indices("train")
     adv_rows = random.Random(args.seed).sample(train, min(args.adaptive_images, len(train)))
     x_adv, a_adv, ids_adv = load_images(dm, sorted(adv_rows))  # the adaptive attacker's: training split
@@ -321,6 +356,7 @@ def evaluate(args) -> dict:
         released = rr(a, ids, epsilon=eps, stream="eval")
         edited, passed, attempts = edit_cell(editor, x, a, released, key="eval", **cell)
         row = {"label": about["label"], "level": level, "strength": strength, "encoding": encoding,
+               "pool": pool_of(encoding),
                "adaptive_n": int(adv_passed.sum()),
                **score_row(naive, adaptive, edited, x, a, released, passed, attempts, checked=editor.can_check,
                            names=names, protect=protect, epsilon=eps, priors=priors)}
@@ -350,10 +386,15 @@ def _eps(v) -> str:
     return "n/a" if math.isnan(v) else "unbounded" if math.isinf(v) else f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
+def _encoding_name(row: dict) -> str:
+    """"noise"; "pool4" (the "noise" encoding of the image pooled to 4 x 4); rows written before encodings
+    existed were all inverted."""
+    return row.get("encoding", "invert")
+
+
 def _cell_name(row: dict) -> str:
-    """"high"; "high, invert" where the row overrode the level's encoding; "s 0.7, eps 1, noise" in a grid
-    (rows written before encodings existed were all inverted)."""
-    enc = row.get("encoding", "invert")
+    """"high"; "high, invert" where the row overrode the level's encoding; "s 0.7, eps 1, noise" in a grid."""
+    enc = _encoding_name(row)
     if row["level"]:
         return row["level"] + ("" if enc == LEVELS[row["level"]].encoding else f", {enc}")
     return f"s {row['strength']:g}, eps {_num(row['epsilon']):g}, {enc}"
@@ -401,7 +442,7 @@ def markdown(runs: list[dict]) -> str:
         for r in run["rows"]:
             check, price = r.get("check") or {}, r.get("price") or {}
             cells = [run["label"], r["level"] or "-", _fmt(r["epsilon"], "g"), f"{r['strength']:.2f}",
-                     r.get("encoding", "invert"), *(_eps(price.get(k)) for k in PRICE_KEYS), str(r["n"]),
+                     _encoding_name(r), *(_eps(price.get(k)) for k in PRICE_KEYS), str(r["n"]),
                      _fmt(check.get("redone"), ".2f"), _fmt(check.get("refused"), ".2f")]
             for p in protect:
                 excess = _excess(_stronger(r, p), r["bound"][p], r["n"])
@@ -436,7 +477,9 @@ NOTES = (
     "pixels per release (every encoding the check may draw, composed); pixels / labels / composed eps = "
     f"epsilon at delta {DEFAULT_RELEASE_DELTA:g} of the pixels alone, the labels alone and both, for ONE release, "
     "composed by dp-accounting's PLD accountant exactly as the ledger charges it (veil.privacy.accounting); "
-    "0 = the image is not read (fresh); unbounded = DDIM inversion (no bound on the pixels).",
+    "0 = the image is not read (fresh); unbounded = DDIM inversion (no bound on the pixels); poolR = the noise "
+    "encoding of the image average-pooled to R x R blocks, priced as noise (tight: pooling is an orthogonal "
+    "projection that keeps the difference of two flat images).",
     "naive = attacker trained on original faces; adaptive = the naive one fine-tuned on the pipeline's own "
     "edits of training-split images with their ORIGINAL attributes; n = edits that passed the check (the "
     "ones released), on which every number but re-done / refused is computed.",
@@ -498,6 +541,12 @@ def _draw_price_group(axes, rows: list[dict], xs: list[float], style: dict, name
                 ms=14, mew=2)
 
 
+def _marker(encoding: str) -> str:
+    """The plot's marker of an encoding: one per encoding and per pooled size."""
+    pool = pool_of(encoding)
+    return {"noise": "o", "fresh": "s", "invert": "^"}.get(encoding) or {2: "P", 4: "v", 8: "D", 16: "X"}.get(pool, "*")
+
+
 def plot_price(runs: list[dict], path: Path) -> None:
     """Utility (SSIM; follows dotted) and, per protected attribute, the stronger attack minus the labels' bound
     (error bar: 2 standard errors; grey: the room the composed epsilon's formal bound allows) against the
@@ -511,10 +560,10 @@ def plot_price(runs: list[dict], path: Path) -> None:
     for k, run in enumerate(runs):
         groups: dict[tuple, list] = {}
         for r in run["rows"]:
-            groups.setdefault((r.get("encoding", "invert"), _num(r["epsilon"])), []).append(r)
+            groups.setdefault((_encoding_name(r), _num(r["epsilon"])), []).append(r)
         for (enc, e), rows in groups.items():
             rows.sort(key=lambda r: x_of(_num(r["price"]["epsilon"])))
-            style = dict(color=f"C{rr.index(e)}", marker={"noise": "o", "fresh": "s"}.get(enc, "^"),
+            style = dict(color=f"C{rr.index(e)}", marker=_marker(enc),
                          ls=["-", "--", ":", "-."][k % 4])
             name = f"{enc}, RR eps {e:g}" + (f" ({run['label']})" if len(runs) > 1 else "")
             _draw_price_group(axes, rows, [x_of(_num(r["price"]["epsilon"])) for r in rows], style, name,
@@ -647,9 +696,11 @@ def _encodings(args, p) -> list[tuple[str, float | None]]:
             strength = float(own) if own else None
         except ValueError:
             strength = math.nan
-        if item and (name not in ENCODINGS or (strength is not None and not 0 < strength <= 1)):
-            p.error(f"--encodings {args.encodings!r}: choose from {list(ENCODINGS)}, each optionally with its own "
-                    f"strength in (0, 1] as ENCODING:STRENGTH")
+        if item and ((name not in ENCODINGS and pool_of(name) is None) or
+                     (strength is not None and not 0 < strength <= 1)):
+            p.error(f"--encodings {args.encodings!r}: choose from {list(ENCODINGS)} or poolR (the noise encoding of "
+                    f"the image pooled to R x R), each optionally with its own strength in (0, 1] as "
+                    f"ENCODING:STRENGTH")
         out += [(name, strength)] if item else []
     if args.encodings is not None and not out:
         p.error(f"--encodings {args.encodings!r}: choose from {list(ENCODINGS)}")
@@ -670,8 +721,9 @@ def main(argv=None) -> None:
     p.add_argument("--levels", help=f"comma-separated privacy levels (default {','.join(LEVELS)})")
     p.add_argument("--strengths", help=f"instead of --levels, a grid: strengths (default {GRID['strengths']})")
     p.add_argument("--epsilons", help=f"... by epsilons (default {GRID['epsilons']})")
-    p.add_argument("--encodings", help=f"... by encodings: invert, noise and/or fresh, each at every strength or at "
-                                       f"its own as ENCODING:STRENGTH (default {GRID['encodings']})")
+    p.add_argument("--encodings", help=f"... by encodings: invert, noise, fresh and/or poolR (noise of the image "
+                                       f"pooled to R x R), each at every strength or at its own as "
+                                       f"ENCODING:STRENGTH (default {GRID['encodings']})")
     for name, help_ in (("num-images", "edited images (val + test splits)"),
                         ("adaptive-images", "training-split images the adaptive attacker edits per row"),
                         ("attacker-images", "naive attacker's training images"),

@@ -236,7 +236,7 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
     monkeypatch.setattr(bench.PrivateEditor, "invert", lambda self, x, *a, **kw: inverted.append(len(x)) or
                         invert(self, x, *a, **kw))
     bench.main(["--checkpoint", str(root / "cond"), "--strengths", "0.7", "--epsilons", "1,inf", "--label", "control",
-                "--encodings", "invert,noise,fresh:1", "--out", str(tmp_path / "c"), *SMALL])
+                "--encodings", "invert,noise,fresh:1,pool2", "--out", str(tmp_path / "c"), *SMALL])
     assert inverted == [16, 8]  # no check: one inversion per image set, shared by both epsilons; noise, fresh: none
     guided, control = _strict_json(tmp_path / "g" / "edit_eval.json"), _strict_json(tmp_path / "c" / "edit_eval.json")
     assert guided["backend"] == "guided" and guided["label"].startswith("guided, DP eps ")
@@ -259,8 +259,12 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
         # two passed there (an independent checker refuses some edits the guide would have passed)
         assert r["n"] >= 2 or r["kid"] is None
     cells = [(r["level"], r["epsilon"], r["strength"], r["encoding"]) for r in control["rows"]]
-    assert cells == [(None, e, s, enc) for enc, s in (("invert", 0.7), ("noise", 0.7), ("fresh", 1.0))
+    assert cells == [(None, e, s, enc) for enc, s in (("invert", 0.7), ("noise", 0.7), ("fresh", 1.0), ("pool2", 0.7))
                      for e in (1.0, "inf")]  # inf: strict JSON
+    assert [r["pool"] for r in control["rows"]] == [None] * 6 + [2, 2]
+    # pooled: priced as the unpooled noise encoding at its strength (tight: ``test_pooling_...``)
+    assert control["rows"][6]["price"] == control["rows"][2]["price"]
+    assert control["rows"][6]["ssim"] != control["rows"][2]["ssim"]
     assert [r["encoding"] for r in guided["rows"]] == [bench.LEVELS[n].encoding for n in ("low", "max")]
     for r in control["rows"]:  # no classifier: no check, every edit released
         assert r["check"] is None and r["n"] == 8 and isinstance(r["kid"], float)
@@ -285,7 +289,8 @@ def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tin
                 "--out", str(tmp_path / "m")])
     merged = (tmp_path / "m" / "edit_eval.md").read_text()
     table = [line for line in merged.split("\n\n")[1].splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 6
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [guided["label"]] * 2 + ["control"] * 8
+    assert f"| control | - | 1 | 0.70 | pool2 | {bench._eps(control['rows'][2]['price']['pixel_mu'])} |" in merged
     assert "| control | - | 1 | 0.70 | invert | unbounded | unbounded | 2 | unbounded | 8 | n/a | n/a |" in merged
     noise_inf = control["rows"][3]["price"]  # RR eps inf: the labels are unbounded whatever the pixels cost
     assert f"| control | - | inf | 0.70 | noise | {bench._eps(noise_inf['pixel_mu'])} | " \
@@ -305,8 +310,9 @@ def _assert_priced_as_the_ledger(bench, run, editor):
     assert run["rows"]
     for r in run["rows"]:
         eps = bench._num(r["epsilon"])
-        mus = editor.pixel_mus(strength=r["strength"], encoding=r["encoding"], check=editor.can_check)
-        g = compose([price_release(epsilon=eps, protected=run["protect"], encoding=r["encoding"], pixel_mus=mus)],
+        encoding = "noise" if r.get("pool") else r["encoding"]  # pooled: the noise price
+        mus = editor.pixel_mus(strength=r["strength"], encoding=encoding, check=editor.can_check)
+        g = compose([price_release(epsilon=eps, protected=run["protect"], encoding=encoding, pixel_mus=mus)],
                     delta=DEFAULT_RELEASE_DELTA)
         price = r["price"]
         assert price["delta"] == DEFAULT_RELEASE_DELTA and price["encodings_priced"] == len(mus)
@@ -319,7 +325,29 @@ def _assert_priced_as_the_ledger(bench, run, editor):
             assert price["formal_bound"][p] == pytest.approx(want)
         pixels = {"invert": math.inf, "fresh": 0.0}.get(r["encoding"])
         assert pixels is None or bench._num(price["pixels_epsilon"]) == pixels
-        assert (r["encoding"] == "noise") == (0 < bench._num(price["pixel_mu"]) < math.inf)
+        assert (encoding == "noise") == (0 < bench._num(price["pixel_mu"]) < math.inf)
+
+
+def test_pooling_is_a_projection_whose_noise_price_is_tight(bench):
+    """pooled(x, r): idempotent and self-adjoint (an orthogonal projection), so it never lengthens the difference
+    of two images and the "noise" encoding's sensitivity 2 sqrt(3 H W) still bounds it; two flat images (all -1,
+    all +1) keep that whole difference, so the pooled rows' price (the noise price) is tight, not loose."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(8, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    for r in (1, 2, 4, 8, 16):
+        p = bench.pooled(x, r)
+        assert torch.allclose(bench.pooled(p, r), p)  # idempotent
+        assert torch.allclose((p * y).sum(), (x * bench.pooled(y, r)).sum())  # self-adjoint
+        assert ((p - bench.pooled(y, r)).flatten(1).norm(dim=1) <= (x - y).flatten(1).norm(dim=1) + 1e-12).all()
+        assert len(torch.unique(p[0, 0])) <= r * r  # only the r x r block means survive
+        flat = torch.ones(1, 3, 16, 16, dtype=torch.float64)
+        assert (bench.pooled(flat, r) - bench.pooled(-flat, r)).norm() == pytest.approx(
+            image_sensitivity((3, 16, 16)))
+    assert torch.equal(bench.pooled(torch.full((1, 3, 4, 4), 5.0), 2), torch.ones(1, 3, 4, 4))  # clipped first
+    assert bench.pooled(x, 16).equal(x.clamp(-1, 1))  # r = the size: the image itself
+    assert [bench.pool_of(e) for e in ("pool4", "noise", "pool", "pool04", "pool0")] == [4, None, None, None, None]
+    with pytest.raises(ValueError, match="divide"):
+        bench.pooled(x, 3)
 
 
 class _PricedEditor:
@@ -386,9 +414,11 @@ def test_cells_of_levels_grids_and_encodings(bench):
         [(None, e, s, "noise") for s in (0.55, 0.7) for e in (0.0, 1.0)] + \
         [(None, e, 1.0, "fresh") for e in (0.0, 1.0)] + [(None, e, 0.4, "invert") for e in (0.0, 1.0)]
     assert cells(epsilons="2", encodings="fresh:1") == [(None, 2.0, 1.0, "fresh")]
+    assert cells(strengths="1", epsilons="0", encodings="noise,pool4") == [(None, 0.0, 1.0, "noise"),
+                                                                           (None, 0.0, 1.0, "pool4")]
     for bad in (dict(levels="max", strengths="0.7"), dict(encodings="blur"), dict(levels="max", encodings=","),
                 dict(levels="max", encodings="fresh:1"), dict(encodings="noise:0"), dict(encodings="noise:x"),
-                dict(encodings="fresh:1.5")):
+                dict(encodings="fresh:1.5"), dict(encodings="pool0"), dict(encodings="pool")):
         with pytest.raises(SystemExit):
             cells(**bad)
     other = "invert" if lv["max"].encoding == "noise" else "noise"
