@@ -151,7 +151,12 @@ class _Traced(nn.Module):
 
 
 def _trace_with_gradients(step: nn.Module, example: tuple) -> nn.Module:
+    """make_fx of the step with its state as inputs. Only dim 0 of the inputs (the batch) is symbolic: the
+    state and every other dim enter as fake tensors of static shape. (make_fx's own symbolic mode makes every
+    dim of every parameter a symbol, and its shape algebra then took 100 s of a tiny model's 2-minute export.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     state = {**dict(step.named_parameters()), **dict(step.named_buffers())}
     names, values = list(state), [v.detach() for v in state.values()]
@@ -159,8 +164,15 @@ def _trace_with_gradients(step: nn.Module, example: tuple) -> nn.Module:
     def fn(state_values, *inputs):
         return torch.func.functional_call(step, dict(zip(names, state_values)), inputs)
 
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(x: torch.Tensor, batch: bool) -> torch.Tensor:
+        sizes = [DimDynamic.DYNAMIC if batch and i == 0 else DimDynamic.STATIC for i in range(x.dim())]
+        return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
     decompositions = {torch.ops.aten.convolution_backward.default: _conv_input_grad}
-    graph = make_fx(fn, tracing_mode="symbolic", decomposition_table=decompositions)(values, *example)
+    graph = make_fx(fn, tracing_mode="symbolic", decomposition_table=decompositions)(
+        [fake(v, False) for v in values], *[fake(x, True) for x in example])
     return _Traced(graph, values)
 
 
