@@ -2,7 +2,7 @@
 
     veil demo                      # ~5 min on a 2-core CPU (shipped models): runs/demo/report.html, report.json, a summary table
     veil demo --fresh              # start over and retrain every model here (~15 min)
-    veil demo --quick --out D      # ~3 min, tiny models: checks the plumbing (the test runs it)
+    veil demo --quick --out D      # ~1.5 min, tiny models: checks the plumbing (the test runs it)
     veil demo --serve              # then keep serving the page (upload the faces in OUT/serve/faces; Ctrl-C)
 
 Stages: models -> edits -> unlearning -> export -> serve (``veil.demo.pipeline``). An
@@ -22,7 +22,7 @@ def add_subcommand(sub) -> None:
                                    "the dataset's ledger, unlearn the revision from a published classifier, export "
                                    "to ONNX, serve one edit over HTTP; write OUT/report.html and report.json.")
     p.add_argument("--out", default="runs/demo", help="the demo's folder (default runs/demo; reused to resume)")
-    p.add_argument("--quick", action="store_true", help="tiny models, a few images (~3 min): the plumbing only")
+    p.add_argument("--quick", action="store_true", help="tiny models, a few images (~1.5 min): the plumbing only")
     p.add_argument("--fresh", action="store_true",
                    help="start over in --out and retrain every model from the embedded data instead of using the "
                         "shipped ones (~15 min on a 2-core CPU; the public UNet then gets 5 minutes and draws roughly)")

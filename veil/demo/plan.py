@@ -7,7 +7,7 @@ the guide are the ones shipped in ``veil/demo/models/`` (trained longer than the
 budget: their COMMAND files say how; the demo takes ~5 minutes on a 2-core CPU). With ``--fresh``
 every model is trained here with the sizes below, within about 15 minutes (the public UNet gets a
 5-minute wall-clock cap, so it is a rough denoiser: the edits show the mechanism, not photo
-quality; the guide trains on 8000 faces, the shipped one on 20000); ``--quick`` (about 3 minutes,
+quality; the guide trains on 8000 faces, the shipped one on 20000); ``--quick`` (about 1.5 minutes,
 used by the test) trains tiny models for a few steps: its numbers check the plumbing, not quality.
 The checker (a small DP classifier of clean images on the private faces that checks the guided edits:
 the guide never checks its own edits) is always trained here, in well under a minute; its epsilon is
