@@ -187,7 +187,10 @@ def test_export_refuses_to_overwrite_and_a_failed_verification_leaves_nothing(mo
     from veil.export import graphs
 
     def made(name):
-        return lambda editor, path: (shutil.copyfile(exports / "conditional" / name, path), {"copied": name})[1]
+        def export_step(editor, path):
+            shutil.copyfile(exports / "conditional" / name, path)
+            return {"copied": name}
+        return export_step
 
     monkeypatch.setattr(graphs, "export_denoise_step", made("denoise_step.onnx"))
     monkeypatch.setattr(graphs, "export_invert_step", made("invert_step.onnx"))
