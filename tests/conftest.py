@@ -41,6 +41,8 @@ def pytest_configure(config):
     import tempfile
 
     config._veil_home = os.environ["VEIL_HOME"] = tempfile.mkdtemp(prefix="veil_home_session_")
+    if hasattr(config.option, "loadscopereorder"):  # xdist would otherwise re-sort the modules by test count,
+        config.option.loadscopereorder = False        # putting the long few-test modules last (the run's tail)
     config._prebuild = None
     workers = getattr(config.option, "numprocesses", None)
     if workers and not hasattr(config, "workerinput") and _cache_on():
@@ -61,29 +63,17 @@ HEAVY = (
     "tests/veil/test_packaging.py::",
     "tests/veil/test_readme_commands.py::",
 )
-CACHED = {"models", "exports"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark ``HEAVY`` tests ``heavy``, and order whole modules so that two xdist workers finish together: first
-    the heavy modules, then the rest, and last the modules that read the cached models and exports (built
-    meanwhile by the prebuild beside the workers, so that no worker waits on it), heavy ones first again. The
-    order inside a module is kept."""
-    heavy, cached = set(), set()
+    """Mark ``HEAVY`` tests ``heavy``; run the modules in ``module_order.sort_items``' order (no cached model
+    first, then the modules that read one; the longest first in each)."""
+    from module_order import sort_items
+
     for item in items:
-        module = item.nodeid.split("::")[0]
         if item.nodeid.startswith(HEAVY):
             item.add_marker(pytest.mark.heavy)
-            heavy.add(module)
-        if CACHED & set(getattr(item, "fixturenames", ())):
-            cached.add(module)
-    first_seen = {m: i for i, m in enumerate(dict.fromkeys(item.nodeid.split("::")[0] for item in items))}
-
-    def key(item):
-        module = item.nodeid.split("::")[0]
-        return module in cached, module not in heavy, first_seen[module]
-
-    items.sort(key=key)  # stable: a module's tests keep their order
+    sort_items(items)
 
 
 def _cache_on() -> bool:
