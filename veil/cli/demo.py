@@ -32,6 +32,7 @@ def add_subcommand(sub) -> None:
 
 
 def _demo(args) -> int:
+    import os
     import subprocess
     from pathlib import Path
 
@@ -53,6 +54,8 @@ def _demo(args) -> int:
     print(f"serving the page: http://127.0.0.1:{args.port}/ ; upload any of the {len(list(faces.glob('*.png')))} "
           f"demo faces in {faces} (Ctrl-C stops)", flush=True)
     try:
-        return subprocess.call(serve_command(out, "--port", str(args.port)))
+        # the demo's own privacy account, as during its stages (run_demo put the caller's VEIL_HOME back)
+        env = {**os.environ, "VEIL_HOME": str((out / "veil_home").resolve())}
+        return subprocess.call(serve_command(out, "--port", str(args.port)), env=env)
     except KeyboardInterrupt:
         return 0

@@ -33,6 +33,7 @@ databases in ``~/.veil``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -94,11 +95,34 @@ def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callabl
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)  # owner-only: the report and grids show the private originals, veil_home holds seeds
     write_json_atomic(meta, {"plan": plan.name, "retrain": retrain})
-    os.environ["VEIL_HOME"] = str((out / "veil_home").resolve())  # the demo's own privacy databases
+    with _demo_process_state(out):
+        return _run_stages(out, plan, quick, progress)
+
+
+@contextlib.contextmanager
+def _demo_process_state(out: Path):
+    """For the demo's duration: its own privacy databases (VEIL_HOME) and Lightning's loggers at WARNING (no "GPU
+    available", tips, model tables); both put back after it, so that a caller's later commands are as before."""
     import lightning.pytorch  # noqa: F401  (it sets its loggers to INFO when imported: import it first)
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # no "GPU available", tips, model tables
-        logging.getLogger(name).setLevel(logging.WARNING)
+    home = os.environ.get("VEIL_HOME")
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    os.environ["VEIL_HOME"] = str((out / "veil_home").resolve())
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if home is None:
+            os.environ.pop("VEIL_HOME", None)
+        else:
+            os.environ["VEIL_HOME"] = home
+
+
+def _run_stages(out: Path, plan, quick: bool, progress) -> dict:
     started, report = time.perf_counter(), {"format": "veil-demo-report/1", "quick": quick, "stages": {}}
     for i, stage in enumerate(STAGES, 1):
         done = out / stage / "stage.json"

@@ -8,6 +8,7 @@ import contextlib
 import html as html_lib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -115,10 +116,17 @@ def test_quick_demo_end_to_end(quick_demo, capsys, monkeypatch):
     assert all(escape(s["proves"]) in html for s in stages.values()) and "data:image/png;base64," in html
     assert "update speed-up over retraining" in printed_err and "--serve" in printed_out
 
-    # a second run resumes: every stage is reused, the numbers are the same
+    # a second run resumes: every stage is reused, the numbers are the same; the process is left as it was (the
+    # caller's VEIL_HOME, Lightning's log levels: a later `veil train` in it still logs "GPU available")
+    monkeypatch.setenv("VEIL_HOME", str(out / "callers_home"))
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    for logger in loggers:
+        monkeypatch.setattr(logger, "level", logging.INFO)  # as `import lightning` sets them
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     assert "done earlier" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["stages"] == stages
+    assert os.environ["VEIL_HOME"] == str(out / "callers_home") and not (out / "callers_home").exists()
+    assert [logger.level for logger in loggers] == [logging.INFO] * 3
 
 
 # ------------------------------------------------------------------ every printed command is valid as printed
