@@ -13,6 +13,10 @@ from pathlib import Path
 # and any test that trains (tests/bench included, which runs first) imports it: set it before any test
 # module loads, not only in tests/kernels/conftest.py (run the compiled kernels with TRITON_INTERPRET=0).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# One torch (OpenMP) thread in every test process, the xdist workers and every subprocess a test starts (they
+# inherit it): the two workers already fill the two cores, and a second thread per process spin-waits against the
+# other worker (a 3 s training test took 20 s beside the other worker with two threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
