@@ -109,11 +109,18 @@ def _host(value) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()
 
 
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when it is a whole number >= 1 (what torch follows too: one setting for replicas or
+    processes that share a machine), else the machine's cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else (os.cpu_count() or 1)
+
+
 class OrtBackend:
     """``veil.editing.backend.EditBackend`` over a ``veil export`` folder (see the module docstring).
 
     ``providers``: "auto" (CUDA if a session confirms it, else CPU), "cpu" or "cuda" (an error if CUDA
-    cannot be used); ``threads``: ONNX Runtime intra-op threads (default: the machine's cores);
+    cannot be used); ``threads``: ONNX Runtime intra-op threads (default: ``default_threads()``);
     ``cache_dir``: where optimized models are kept (default ``<export>/ort_cache``; None: no cache);
     ``guidance_scale``: classifier-free guidance w instead of the export's.
     """
@@ -136,7 +143,7 @@ class OrtBackend:
         self.batch_size = batch_size
         clf = meta.get("classifier")
         self.classifiers: dict[str, list[str]] = {"check": list(clf["attribute_names"])} if clf else {}
-        self.threads = int(threads or os.cpu_count() or 1)
+        self.threads = int(threads or default_threads())
         if cache_dir is True:
             cache_dir = self.folder / "ort_cache"
         self.cache_dir = Path(cache_dir) if cache_dir else None

@@ -2,6 +2,7 @@
 the metadata, the loading checks, no torch on the runtime side, and `veil edit --runtime ort`."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -321,3 +322,12 @@ def test_the_guided_exports_classifier_is_its_checker_not_its_guide(models, expo
     got = editor.logits(x.numpy())
     np.testing.assert_allclose(got, judge.logits(x).numpy(), atol=1e-4)
     assert np.abs(got - guide.logits(x).numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("", None), ("0", None), ("two", None),
+                                             (" 2 ", 2)])
+def test_default_threads_follow_omp_num_threads_else_the_cores(monkeypatch, value, expected):
+    from veil.export.runtime import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert default_threads() == (expected or os.cpu_count())

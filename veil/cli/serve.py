@@ -43,7 +43,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--preview-every", type=positive_int, default=2, help="stream a preview every N steps (default 2)")
     p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps of a full edit (default: the export's)")
-    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: $OMP_NUM_THREADS if set, else all cores)")
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime providers")
     p.add_argument("--max-upload-bytes", type=positive_int, default=8 << 20, help="largest upload (default 8 MiB)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
