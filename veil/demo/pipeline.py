@@ -101,16 +101,19 @@ def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callabl
 
 @contextlib.contextmanager
 def _demo_process_state(out: Path):
-    """For the demo's duration: its own privacy databases (VEIL_HOME) and Lightning's loggers at WARNING (no "GPU
-    available", tips, model tables); both put back after it, so that a caller's later commands are as before."""
+    """For the demo's duration: its own privacy databases (VEIL_HOME), Lightning's loggers at WARNING (no "GPU
+    available", tips, model tables) and the ONNX exporter's registry at ERROR (a dozen "torchvision is not
+    installed"); all put back after it, so that a caller's later commands are as before."""
     import lightning.pytorch  # noqa: F401  (it sets its loggers to INFO when imported: import it first)
 
     home = os.environ.get("VEIL_HOME")
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    quiet = {"lightning.pytorch": logging.WARNING, "lightning.fabric": logging.WARNING, "lightning": logging.WARNING,
+             "torch.onnx._internal.exporter._registration": logging.ERROR}
+    loggers = [logging.getLogger(name) for name in quiet]
     levels = [lg.level for lg in loggers]
     os.environ["VEIL_HOME"] = str((out / "veil_home").resolve())
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(quiet[lg.name])
     try:
         yield
     finally:

@@ -167,9 +167,6 @@ def stage_export(out: Path, plan: DemoPlan, done: dict, progress) -> dict:
     from veil.editing.load import load_editor
     from veil.privacy.levels import LEVELS
 
-    import logging
-
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "torchvision is not installed"
     target = out / "export" / "guided"
     shutil.rmtree(target, ignore_errors=True)
     models = out / "models"
