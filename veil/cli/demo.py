@@ -36,7 +36,7 @@ def _demo(args) -> int:
     import subprocess
     from pathlib import Path
 
-    from veil.demo.pipeline import run_demo
+    from veil.demo.pipeline import demo_home, run_demo
 
     out = Path(args.out)
     report = run_demo(out=out, quick=args.quick, fresh=args.fresh,
@@ -55,7 +55,7 @@ def _demo(args) -> int:
           f"demo faces in {faces} (Ctrl-C stops)", flush=True)
     try:
         # the demo's own privacy account, as during its stages (run_demo put the caller's VEIL_HOME back)
-        env = {**os.environ, "VEIL_HOME": str((out / "veil_home").resolve())}
+        env = {**os.environ, "VEIL_HOME": demo_home(out)}
         return subprocess.call(serve_command(out, "--port", str(args.port)), env=env)
     except KeyboardInterrupt:
         return 0

@@ -99,6 +99,11 @@ def run_demo(*, out, quick: bool = False, fresh: bool = False, progress: Callabl
         return _run_stages(out, plan, quick, progress)
 
 
+def demo_home(out) -> str:
+    """The demo's own VEIL_HOME (its privacy databases), absolute."""
+    return str((Path(out) / "veil_home").resolve())
+
+
 @contextlib.contextmanager
 def _demo_process_state(out: Path):
     """For the demo's duration: its own privacy databases (VEIL_HOME), Lightning's loggers at WARNING (no "GPU
@@ -111,7 +116,7 @@ def _demo_process_state(out: Path):
              "torch.onnx._internal.exporter._registration": logging.ERROR}
     loggers = [logging.getLogger(name) for name in quiet]
     levels = [lg.level for lg in loggers]
-    os.environ["VEIL_HOME"] = str((out / "veil_home").resolve())
+    os.environ["VEIL_HOME"] = demo_home(out)
     for lg in loggers:
         lg.setLevel(quiet[lg.name])
     try:
