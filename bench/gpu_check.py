@@ -1,12 +1,14 @@
 """Every GPU path of veil checked and timed by one command, for the few minutes a GPU is lent.
 
     python bench/gpu_check.py --out docs/gpu/                # on a CUDA machine: about 8 minutes
-    python bench/gpu_check.py --smoke --out /tmp/gpu_smoke   # the same code paths, tiny, on the CPU (~1-2 min)
+    python bench/gpu_check.py --smoke --out /tmp/gpu_smoke   # the same code paths, tiny, on the CPU (~1 min)
     python bench/gpu_check.py --parts dp,kernels --out /tmp/gpu   # some parts only
     python bench/gpu_check.py --prepare --work bench/out/gpu_work   # only make the models (any machine)
 
-Parts, in order, each in its own subprocess with its own time budget (``--budget part=seconds``); a part
-that fails, overruns or crashes is recorded with its reason and the next one runs:
+Parts, in order, each in its own process with its own time budget (``--budget part=seconds``); a part
+that fails, overruns or crashes is recorded with its reason and the next one runs. A part's process is a fork
+of one forkserver that imported the heavy modules once (``PRELOAD``); ``--fresh-processes``: a new interpreter
+for each part:
 
   env      versions: Python, torch (CUDA device), Triton, ONNX Runtime and its providers, Opacus, diffusers
   models   the conditional UNet of configs/synthetic32.yaml trained one step and exported (``veil export
@@ -746,29 +748,102 @@ def part_serve(part: Part) -> None:
 
 
 # =========================================================================================== the parent
-def _run_part(args, name: str, budget: float, state: Path, log, unit: int = 0) -> dict:
-    """One part in a subprocess with ``budget`` seconds; its JSON record, completed by the parent if the child
-    crashed or overran."""
-    record = state / f"{name}_{unit}.json"
-    cmd = [sys.executable, __file__, "--part", name, "--unit", str(unit), "--state", str(state),
-           "--deadline", str(time.time() + budget - 3), "--work", args.work]
-    cmd += ["--smoke"] if args.smoke else []
-    cmd += ["--checkpoint", args.checkpoint, "--export", args.export] if args.checkpoint and args.export else []
-    env = {**os.environ, "TRITON_INTERPRET": "1" if args.smoke else "0", "PYTHONUNBUFFERED": "1"}
+# What every part process starts with: the heavy imports of the parts, made once by a forkserver (a fresh
+# interpreter that imports these and then forks one child per part: each part is still its own process, with its
+# own budget and process group, but no longer spends 5-10 s importing torch, Lightning, Opacus and diffusers).
+# None of them touches CUDA on import (a CUDA context made before a fork is unusable in the child; the child
+# checks, and ``--fresh-processes`` starts each part as a new interpreter instead).
+PRELOAD = ("numpy", "torch", "onnxruntime", "triton", "lightning", "opacus", "diffusers", "httpx",
+           "veil.lightning_modules.editing.editor", "veil.export.runtime")
+
+
+def _part_env(args) -> dict[str, str]:
+    env = {"TRITON_INTERPRET": "1" if args.smoke else "0", "PYTHONUNBUFFERED": "1",
+           "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}  # torch.cuda.is_available() without initialising CUDA
     if args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU paths, also on a machine with a GPU
+    return env
+
+
+class _Launcher:
+    """Starts a part's process: ``python gpu_check.py --part ...`` afresh (``fresh``), or a fork of the forkserver
+    that imported PRELOAD once, running the same ``main``. Either way the part gets its own session (process
+    group: killed at its budget with its servers and pytest) and writes to the log it is given."""
+
+    def __init__(self, args, *, fresh: bool):
+        self.fresh, self.env = fresh, _part_env(args)
+        self.ctx = None
+        if not fresh:
+            import multiprocessing
+
+            os.environ.update(self.env)  # the forkserver, started at the first part, inherits it (Triton reads
+            self.ctx = multiprocessing.get_context("forkserver")  # TRITON_INTERPRET when a kernel is defined)
+            self.ctx.set_forkserver_preload([m for m in PRELOAD if importlib.util.find_spec(m.split(".")[0])])
+
+    def start(self, argv: list[str], log):
+        if self.fresh:
+            return subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, env={**os.environ, **self.env},
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = self.ctx.Process(target=_forked_part, args=(argv, log.name), name=f"gpu_check {argv[1]}")
+        proc.start()
+        return proc
+
+    @staticmethod
+    def wait(proc, timeout: float) -> int | None:
+        """The exit status, or None (and the part's whole process group killed) past ``timeout`` seconds."""
+        if isinstance(proc, subprocess.Popen):
+            try:
+                return proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return None
+        proc.join(timeout)
+        if proc.exitcode is not None:
+            return proc.exitcode
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: the child calls setsid() first
+        except ProcessLookupError:
+            pass
+        proc.kill()
+        proc.join()
+        return None
+
+
+def _forked_part(argv: list[str], log_path: str) -> None:
+    """A forkserver child: its own session, stdout and stderr appended to the log, then ``main(argv)``."""
+    os.setsid()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout, line-buffered
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.chdir(ROOT)
+    import torch
+
+    if torch.cuda._is_in_bad_fork():  # the forkserver made a CUDA context: nothing CUDA works in this fork
+        raise SystemExit("CUDA was initialised before the fork (a PRELOAD module touched it): rerun with "
+                         "--fresh-processes")
+    main(argv)
+
+
+def _run_part(args, name: str, budget: float, state: Path, log, unit: int = 0) -> dict:
+    """One part in its own process with ``budget`` seconds; its JSON record, completed by the parent if the child
+    crashed or overran."""
+    record = state / f"{name}_{unit}.json"
+    argv = ["--part", name, "--unit", str(unit), "--state", str(state),
+            "--deadline", str(time.time() + budget - 3), "--work", args.work]
+    argv += ["--smoke"] if args.smoke else []
+    argv += ["--checkpoint", args.checkpoint, "--export", args.export] if args.checkpoint and args.export else []
     log.write(f"\n===== {name} {unit} (budget {budget:.0f} s)\n")
     log.flush()
     t0 = time.perf_counter()
-    # its own process group, so that a part killed at its budget takes its servers and pytest with it
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=budget)
-        why = None if rc == 0 else f"the part's process exited {rc} (see gpu_check.log)"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    rc = args.launcher.wait(args.launcher.start(argv, log), budget)
+    if rc is None:
         why = f"over its budget of {budget:.0f} s (killed; rows so far kept)"
+    else:
+        why = None if rc == 0 else f"the part's process exited {rc} (see gpu_check.log)"
     data = json.loads(record.read_text()) if record.is_file() else {"status": "running", "rows": [], "checks": []}
     if why and data.get("status") in ("running", "ok", None):
         data.update(status="failed", reason=why)
@@ -809,10 +884,13 @@ def run_all(args) -> dict:
     report = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "smoke": args.smoke, "budgets": budgets, "parts": {}}
     parts = report["parts"]
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp, open(out / "gpu_check.log", "w") as log:
+    args.launcher = _Launcher(args, fresh=args.fresh_processes)
+    (out / "gpu_check.log").write_text("")  # then appended to, by this process and by each part's
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp, open(out / "gpu_check.log", "a") as log:
         state = Path(tmp)
         parts["env"] = _run_part(args, "env", budgets["env"], state, log)
-        with open(state / "models.log", "w") as models_log:  # the models are made while the tests run
+        (state / "models.log").write_text("")
+        with open(state / "models.log", "a") as models_log:  # the models are made while the tests run
             thread = threading.Thread(target=lambda: parts.update(
                 models=_run_part(args, "models", budgets["models"], state, models_log)))
             if "models" in selected:
@@ -990,6 +1068,9 @@ def main(argv=None) -> None:
     p.add_argument("--prepare", action="store_true", help="only make the models into --work, then stop")
     p.add_argument("--parts", default="tests,dp,kernels,edit,serve",
                    help="which parts to run, comma-separated (env always; models with edit or serve)")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="start each part as a new Python process (by default each is a fork of one process that "
+                        "imported torch & co once)")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part
     p.add_argument("--unit", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)

@@ -80,14 +80,38 @@ def test_smoke_runs_every_part_and_checks_it(models, exports, tmp_path):
 
 
 def test_a_failing_part_is_recorded_and_the_rest_runs(tmp_path):
+    """Parts forked from the forkserver (the default): one fails on bad input, one is killed at its budget."""
     out = tmp_path / "out"
     missing = tmp_path / "no_such_export"
-    result = _run("--smoke", "--parts", "edit,serve", "--out", str(out), "--checkpoint", str(missing),
-                  "--export", str(missing), cwd=tmp_path)  # from another folder: paths are the script's own
+    result = _run("--smoke", "--parts", "tests,edit,serve", "--budget", "tests=0.2", "--out", str(out),
+                  "--checkpoint", str(missing), "--export", str(missing),
+                  cwd=tmp_path)  # from another folder: paths are the script's own
     parts = json.loads((out / "gpu_check.json").read_text())["parts"]
-    assert list(parts) == ["env", "models", "edit", "serve"]
-    assert parts["env"]["status"] == "ok"
+    assert list(parts) == ["env", "models", "tests", "edit", "serve"]
+    assert parts["env"]["status"] == "ok" and parts["env"]["info"]["triton_interpret"] == "1"
+    # the tests part runs pytest for at least 5 s whatever its budget: killed at 0.2 s with its pytest
+    assert parts["tests"]["status"] == "failed" and "over its budget of 0 s" in parts["tests"]["reason"]
+    assert parts["tests"]["seconds"] < 5
     assert parts["models"]["status"] == "failed" and "no_such_export" in parts["models"]["reason"]
     assert parts["edit"]["status"] == "failed" and "no models" in parts["edit"]["reason"]
     assert parts["serve"]["status"] == "failed" and "no export" in parts["serve"]["reason"]
     assert "| edit | failed |" in result.stdout
+
+
+def test_fresh_processes_run_a_part_and_kill_one_past_its_budget(tmp_path):
+    """``--fresh-processes``: each part a new interpreter (the fallback should a fork ever be unsafe)."""
+    import argparse
+
+    from bench_helpers import load_bench
+
+    gpu_check = load_bench("gpu_check")
+    args = argparse.Namespace(smoke=True, work=str(tmp_path / "work"), checkpoint=None, export=None)
+    args.launcher = gpu_check._Launcher(args, fresh=True)
+    assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] == "1"  # this process unchanged
+    (tmp_path / "state").mkdir()
+    with open(tmp_path / "log", "a") as log:
+        ok = gpu_check._run_part(args, "env", 300, tmp_path / "state", log)
+        killed = gpu_check._run_part(args, "env", 0.2, tmp_path / "state", log, unit=1)
+    assert ok["status"] == "ok" and ok["info"]["triton_interpret"] == "1" and ok["info"]["torch"]
+    assert killed["status"] == "failed" and "over its budget" in killed["reason"] and killed["seconds"] < 60
+    assert "===== env 1 (budget 0 s)" in (tmp_path / "log").read_text()
