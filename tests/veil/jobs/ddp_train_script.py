@@ -2,8 +2,8 @@
 
     python ddp_train_script.py OUT DEVICES
 
-Used by test_train_diffusion.py as a subprocess: Lightning's CPU DDP (gloo) re-launches this script once
-per extra rank, so it needs the ``__main__`` guard.
+Used by test_train_diffusion.py: DEVICES=2 as a subprocess (Lightning's CPU DDP (gloo) re-launches this script
+once per extra rank, so it needs the ``__main__`` guard), DEVICES=1 in the test's own process (``main``).
 """
 
 import sys
@@ -38,11 +38,16 @@ def main(out: str, devices: int) -> None:
         trainer.callbacks.append(DumpParameters(Path(out_dir)))
         return trainer
 
+    before = gloo_threads()  # none in a fresh process; run in a test process, whatever it had
     train.build_trainer = build_with_dump
-    train.run_training(cfg, out, progress=False)
+    try:
+        train.run_training(cfg, out, progress=False)
+    finally:
+        train.build_trainer = build
     # The job destroys the group its Trainer made: no gloo thread may run on into interpreter exit
     # (the cause of the unlearning test's old SIGABRT, training.process_group).
-    assert not gloo_threads(), f"process-group threads {gloo_threads()} outlived training"
+    left = sorted(set(gloo_threads().items()) - set(before.items()))
+    assert not left, f"process-group threads {left} outlived training"
 
 
 if __name__ == "__main__":
