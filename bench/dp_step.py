@@ -25,7 +25,8 @@ ghost, opacus-ghost and Opacus's hooks (the reference: per-sample gradients, Opa
 on a small batch with the same loss draws, at a clipping norm that clips half the examples; a mismatch
 stops the run.
 
-Each configuration runs in a fresh subprocess so peak memory is its own: on CUDA the peak of
+Each configuration runs in a process of its own (a fork of one forkserver that imported torch & co once:
+bench/forked.py; ``--fresh-processes``: a new interpreter each) so peak memory is its own: on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` during a step above the memory held before it; on the CPU the
 growth of the process's peak RSS (ru_maxrss) during the first step. Times are the median of
 ``--repeats`` steps after ``--warmup`` (CUDA events on CUDA). Ratios are against the non-private step,
@@ -42,10 +43,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 MODES = ("nonprivate", "opacus", "opacus-ghost", "fused", "ghost")
@@ -362,14 +365,35 @@ def _param_count(config: str, overrides: list[str]) -> int:
     return sum(p.numel() for p in module.model.parameters())
 
 
+PRELOAD = ("numpy", "torch", "lightning", "opacus", "diffusers", "veil.lightning_modules.dp.grad_sample")
+_FORKSERVER = []
+
+
 def _subprocess(args, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--config", args.config, "--model", args.model, "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats), "--device", args.device, *[f"--set={o}" for o in args.set], *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        print(out.stderr[-2000:], file=sys.stderr)
+    """One configuration in a process of its own: forked from bench/forked.py's forkserver (torch & co imported
+    once), or with ``--fresh-processes`` a new interpreter; its last stdout line, JSON."""
+    argv = ["--config", args.config, "--model", args.model, "--warmup", str(args.warmup), "--repeats",
+            str(args.repeats), "--device", args.device, *[f"--set={o}" for o in args.set], *extra]
+    if args.fresh_processes:
+        done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
+        rc, stdout, stderr = done.returncode, done.stdout, done.stderr
+    else:
+        if not _FORKSERVER:
+            bench = os.path.dirname(os.path.abspath(__file__))
+            if bench not in sys.path:
+                sys.path.insert(0, bench)
+            import forked  # by name: the forkserver unpickles its child function from it
+
+            _FORKSERVER.append(forked.Forkserver(preload=PRELOAD))
+        server = _FORKSERVER[0]
+        with tempfile.TemporaryDirectory(prefix="dp_step_") as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            rc = server.wait(server.start(__file__, argv, stdout=out, stderr=err))
+            stdout, stderr = (open(p).read() if os.path.exists(p) else "" for p in (out, err))
+    if rc != 0:
+        print(stderr[-2000:], file=sys.stderr)
         raise SystemExit(f"bench/dp_step.py {' '.join(extra)} failed")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _check_before_timing(args, overrides: list[str]) -> None:
@@ -385,7 +409,7 @@ def _check_before_timing(args, overrides: list[str]) -> None:
 
 
 def _time_row(args, mode: str, batch: int, k: int, n_params: int) -> dict:
-    """One configuration in a fresh subprocess, or the reason it is not run."""
+    """One configuration in a process of its own, or the reason it is not run."""
     need = batch * k * n_params * 4 / 2**30
     if mode in HOOKS_MODES and need > args.max_grad_sample_gib:
         print(f"  {mode} B={batch} K={k}: not run, per-sample gradients alone need {need:.1f} GiB",
@@ -399,7 +423,7 @@ def _time_row(args, mode: str, batch: int, k: int, n_params: int) -> dict:
 
 
 def _largest(args, mode: str, k: int) -> str:
-    """The "largest B" cell: a doubling search in a fresh subprocess on CUDA; "n/a (CPU)" on the CPU."""
+    """The "largest B" cell: a doubling search in a process of its own on CUDA; "n/a (CPU)" on the CPU."""
     if not args.device.startswith("cuda"):
         return "n/a (CPU)"
     found = _subprocess(args, "--largest-cap", str(args.largest_cap), "--largest-seconds", str(args.largest_seconds),
@@ -447,6 +471,9 @@ def main(argv=None) -> None:
     parser.add_argument("--check-batch", type=int, default=4, help="batch of the opacus-ghost check (0: no check)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="run each configuration in a new Python process (by default each is a fork of one "
+                             "process that imported torch & co once)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     parser.add_argument("--largest", help=argparse.SUPPRESS)  # internal: one doubling search, print JSON
     args = parser.parse_args(argv)

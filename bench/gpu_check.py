@@ -748,11 +748,9 @@ def part_serve(part: Part) -> None:
 
 
 # =========================================================================================== the parent
-# What every part process starts with: the heavy imports of the parts, made once by a forkserver (a fresh
-# interpreter that imports these and then forks one child per part: each part is still its own process, with its
-# own budget and process group, but no longer spends 5-10 s importing torch, Lightning, Opacus and diffusers).
-# None of them touches CUDA on import (a CUDA context made before a fork is unusable in the child; the child
-# checks, and ``--fresh-processes`` starts each part as a new interpreter instead).
+# What every part process starts with (bench/forked.py): the heavy imports of the parts, made once by a
+# forkserver that then forks one child per part. Each part is still its own process, with its own budget and
+# process group; ``--fresh-processes`` starts a new interpreter for each instead.
 PRELOAD = ("numpy", "torch", "onnxruntime", "triton", "lightning", "opacus", "diffusers", "httpx",
            "veil.lightning_modules.editing.editor", "veil.export.runtime")
 
@@ -766,66 +764,36 @@ def _part_env(args) -> dict[str, str]:
 
 
 class _Launcher:
-    """Starts a part's process: ``python gpu_check.py --part ...`` afresh (``fresh``), or a fork of the forkserver
-    that imported PRELOAD once, running the same ``main``. Either way the part gets its own session (process
-    group: killed at its budget with its servers and pytest) and writes to the log it is given."""
+    """Starts a part's process, ``gpu_check.py --part ...``: a fork of bench/forked.py's forkserver, or
+    (``fresh``) a new interpreter. Either way in its own session (killed at its budget with its servers and
+    pytest), writing to the log it is given."""
 
     def __init__(self, args, *, fresh: bool):
         self.fresh, self.env = fresh, _part_env(args)
-        self.ctx = None
+        self.server = None
         if not fresh:
-            import multiprocessing
+            if str(BENCH) not in sys.path:
+                sys.path.insert(0, str(BENCH))
+            import forked  # by name (not _sibling): the forkserver unpickles its child function from it
 
-            os.environ.update(self.env)  # the forkserver, started at the first part, inherits it (Triton reads
-            self.ctx = multiprocessing.get_context("forkserver")  # TRITON_INTERPRET when a kernel is defined)
-            self.ctx.set_forkserver_preload([m for m in PRELOAD if importlib.util.find_spec(m.split(".")[0])])
+            self.server = forked.Forkserver(preload=PRELOAD, env=self.env)
 
     def start(self, argv: list[str], log):
         if self.fresh:
             return subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, env={**os.environ, **self.env},
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        proc = self.ctx.Process(target=_forked_part, args=(argv, log.name), name=f"gpu_check {argv[1]}")
-        proc.start()
-        return proc
+        return self.server.start(__file__, argv, stdout=log.name, cwd=str(ROOT))
 
-    @staticmethod
-    def wait(proc, timeout: float) -> int | None:
+    def wait(self, proc, timeout: float) -> int | None:
         """The exit status, or None (and the part's whole process group killed) past ``timeout`` seconds."""
-        if isinstance(proc, subprocess.Popen):
-            try:
-                return proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return None
-        proc.join(timeout)
-        if proc.exitcode is not None:
-            return proc.exitcode
+        if not self.fresh:
+            return self.server.wait(proc, timeout)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its session: the child calls setsid() first
-        except ProcessLookupError:
-            pass
-        proc.kill()
-        proc.join()
-        return None
-
-
-def _forked_part(argv: list[str], log_path: str) -> None:
-    """A forkserver child: its own session, stdout and stderr appended to the log, then ``main(argv)``."""
-    os.setsid()
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout, line-buffered
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    os.chdir(ROOT)
-    import torch
-
-    if torch.cuda._is_in_bad_fork():  # the forkserver made a CUDA context: nothing CUDA works in this fork
-        raise SystemExit("CUDA was initialised before the fork (a PRELOAD module touched it): rerun with "
-                         "--fresh-processes")
-    main(argv)
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
 
 
 def _run_part(args, name: str, budget: float, state: Path, log, unit: int = 0) -> dict:
