@@ -30,3 +30,45 @@ def test_epsilon_is_computed_once_per_state_and_follows_every_step(name, monkeyp
     assert other.epsilon() == pytest.approx(first)
     other.load_state_dict(acc.state_dict())  # a resume: the history changes, so does epsilon
     assert other.epsilon() == pytest.approx(second)
+
+
+def test_opacus_rdp_memo_returns_the_same_bits_and_is_used_by_prv():
+    """The memoised ``_compute_rdp`` (Opacus's RDP at one order) equals the original on every input, a repeat is
+    a cache hit, an unhashable argument still works, and a PRV epsilon goes through it."""
+    import numpy as np
+    from opacus.accountants.analysis import rdp
+    from opacus.accountants.analysis.prv import prvs
+
+    from veil.lightning_modules.dp.accounting import memoize_opacus_rdp
+
+    memoize_opacus_rdp()
+    memoize_opacus_rdp()  # idempotent: one wrapper, not two
+    memo, original = rdp._compute_rdp, rdp._compute_rdp.__wrapped__
+    assert prvs._compute_rdp is memo and not getattr(original, "veil_memoized", False)
+    for q, sigma, alpha in [(0.01, 1.1, 1.5), (0.3, 0.7, 2.0), (0.05, 3.0, 32.0), (0.0, 1.0, 1.5), (1.0, 2.0, 4.0),
+                            (0.2, 0.0, 1.5), (0.1, 1.0, float("inf"))]:
+        assert memo(q, sigma, alpha) == original(q, sigma, alpha)
+    hits = memo.cache_info().hits
+    assert memo(0.01, 1.1, 1.5) == original(0.01, 1.1, 1.5) and memo.cache_info().hits == hits + 1
+    alpha = np.array(1.5)  # a 0-d array: a number to Opacus, unhashable to the memo, so computed each time
+    assert memo(0.01, 1.1, alpha) == original(0.01, 1.1, 1.5) and memo.cache_info().hits == hits + 1
+    acc = make_accountant("prv")
+    acc.step(noise_multiplier=0.913, sample_rate=0.0371)
+    misses = memo.cache_info().misses
+    epsilon_of(acc, delta=1e-5)
+    assert memo.cache_info().misses > misses  # the PRV domain's RDP went through the memo
+
+
+def test_the_noise_search_runs_once_for_the_same_public_inputs():
+    from veil.lightning_modules.dp.accounting import _solve_noise_multiplier, resolve_noise_multiplier
+
+    cfg = DPConfig(enabled=True, noise_multiplier=None, target_epsilon=3.0, accountant="rdp")
+    hits = _solve_noise_multiplier.cache_info().hits
+    sigma = resolve_noise_multiplier(cfg, sample_rate=0.02, steps=50, delta=1e-5)
+    assert resolve_noise_multiplier(cfg, sample_rate=0.02, steps=50, delta=1e-5) == sigma
+    assert _solve_noise_multiplier.cache_info().hits == hits + 1
+    assert resolve_noise_multiplier(cfg, sample_rate=0.02, steps=60, delta=1e-5) > sigma  # other inputs: solved
+    acc = make_accountant("rdp")
+    acc.step(noise_multiplier=sigma, sample_rate=0.02)
+    acc.history[-1] = (sigma, 0.02, 50)
+    assert 2.98 <= epsilon_of(acc, delta=1e-5) <= 3.0  # Opacus's search: within its tolerance under the target
