@@ -1,6 +1,6 @@
 """Unlearn under Lightning DDP on CPU (gloo), or in one process, and dump each rank's result.
 
-    python unlearn_ddp_script.py CKPT REVISION OUT DEVICES
+    python unlearn_ddp_script.py CKPT REVISION OUT DEVICES [VEIL ARGS...]
 
 Used by test_unlearning.py as a subprocess: Lightning's CPU DDP re-launches this script once per
 extra rank, so it needs the ``__main__`` guard. For ("second", ["proj"]), ("first", ["head"]) and
@@ -8,7 +8,9 @@ extra rank, so it needs the ``__main__`` guard. For ("second", ["proj"]), ("firs
 every rank runs ``unlearn_and_measure`` through the Trainer (each takes the training positions p
 with p % DEVICES == rank; the module sums over ranks) and saves its updated parameters and report
 as OUT/{method}_devices{DEVICES}_rank{r}.pt. Every rank then checks that no gloo thread is left,
-and rank 0 waits for the others, so the exit status is that of all ranks.
+and rank 0 waits for the others, so the exit status is that of all ranks. VEIL ARGS, when given, then run as
+the command line ``veil VEIL ARGS`` on every rank (``veil.cli.main``: a ``veil unlearn --set
+trainer.devices=2 ...`` under the same launch, instead of launching 2 more processes for it).
 
 The gloo-thread check guards the cause of the SIGABRT ("terminate called without an active
 exception") that the earlier, hand-rolled version of this script (mp.spawn, init_process_group,
@@ -31,7 +33,7 @@ from dp_helpers import gloo_threads  # noqa: E402
 CONFIGS = (("second", ["proj"]), ("first", ["head"]), ("replay", None))
 
 
-def main(ckpt: str, revision: str, out: str, devices: int) -> None:
+def main(ckpt: str, revision: str, out: str, devices: int, veil_args: list[str] | None = None) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from veil.lightning_modules import checkpoints as CK
@@ -50,9 +52,14 @@ def main(ckpt: str, revision: str, out: str, devices: int) -> None:
                    Path(out) / f"{method}_devices{devices}_rank{rank_zero_only.rank}.pt")
         left = sorted(set(gloo_threads().items()) - set(before.items()))
         assert not left, f"rank {rank_zero_only.rank}: process-group threads {left} outlived the update"
+    if veil_args:
+        from veil.cli import main as veil
+
+        code = veil(veil_args)  # on rank 0 it waits for the other ranks at its end, as `veil unlearn` does
+        assert code == 0, f"rank {rank_zero_only.rank}: veil {' '.join(veil_args)} exited {code}"
     UJ.wait_for_other_ranks()
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # before any process group exists; Lightning sets 1 per rank on 2 cores too
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:])
