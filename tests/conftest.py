@@ -58,14 +58,21 @@ def pytest_configure(config):
 
 # Minutes-long end-to-end tests: in CI and `make test` like every other test; `make test-quick` leaves them out
 # while developing (each is the only test of what it runs end to end: never drop them from CI).
-HEAVY = (
+HEAVY = (  # the end-to-end tests of 10 s or more here (tests/module_seconds.json), left out by `make test-quick`
     "tests/veil/demo/test_demo.py::",
     "tests/bench/test_unlearning_bench.py::",
+    "tests/bench/test_gpu_check.py::test_smoke_runs_every_part",
+    "tests/bench/test_edit_eval.py::test_end_to_end",
+    "tests/bench/test_serve_bench.py::test_serve_bench_measures_both_modes",
     "tests/veil/jobs/test_train_diffusion.py::test_ddp_two_processes",
     "tests/lightning_modules/unlearning/test_unlearning.py::test_two_gloo_processes",
-    "tests/lightning_modules/unlearning/test_unlearning.py::test_cli_unlearn_on_two_ddp_processes",
+    "tests/lightning_modules/editing/test_label_free_any_attributes.py::test_the_export_of_a_label_free_unet",
+    "tests/serve/test_replicas.py::test_replicas_share_one_ledger",
+    "tests/serve/test_e2e.py::test_release_survives_sigkill_mid_burst",
     "tests/veil/test_packaging.py::",
     "tests/veil/test_readme_commands.py::",
+    "tests/veil/test_own_photos_walkthrough.py::test_the_own_photos_block",
+    "tests/veil/test_python_api.py::test_the_readme_block_runs",
 )
 
 

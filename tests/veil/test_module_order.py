@@ -47,3 +47,20 @@ def test_xdist_keeps_the_order(request):
     """pytest-xdist's loadscope re-sorts modules by their number of tests unless told not to (tests/conftest.py)."""
     if hasattr(request.config.option, "loadscopereorder"):
         assert request.config.option.loadscopereorder is False
+
+
+def test_every_heavy_entry_names_a_test_that_exists():
+    """conftest's HEAVY prefixes (what `make test-quick` leaves out) name existing modules and test functions: a
+    renamed or merged test would otherwise silently come back into the quick subset."""
+    import ast
+    import re
+
+    tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())  # read, not imported: tests/ has 3 conftests
+    heavy = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["HEAVY"])
+    assert len(heavy) > 5 and len(heavy) == len(set(heavy))
+    for entry in heavy:
+        module, _, name = entry.partition("::")
+        assert (ROOT / module).is_file(), entry
+        if name:
+            assert re.search(rf"^def {re.escape(name)}", (ROOT / module).read_text(), re.M), entry
