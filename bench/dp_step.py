@@ -46,7 +46,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -366,30 +365,26 @@ def _param_count(config: str, overrides: list[str]) -> int:
 
 
 PRELOAD = ("numpy", "torch", "lightning", "opacus", "diffusers", "veil.lightning_modules.dp.grad_sample")
-_FORKSERVER = []
+_CHILDREN = []
 
 
 def _subprocess(args, *extra: str) -> dict:
-    """One configuration in a process of its own: forked from bench/forked.py's forkserver (torch & co imported
-    once), or with ``--fresh-processes`` a new interpreter; its last stdout line, JSON."""
+    """One configuration in a process of its own (bench/forked.py: forked from its forkserver, torch & co imported
+    once, or with ``--fresh-processes`` a new interpreter); its last stdout line, JSON."""
     argv = ["--config", args.config, "--model", args.model, "--warmup", str(args.warmup), "--repeats",
             str(args.repeats), "--device", args.device, *[f"--set={o}" for o in args.set], *extra]
-    if args.fresh_processes:
-        done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
-        rc, stdout, stderr = done.returncode, done.stdout, done.stderr
-    else:
-        if not _FORKSERVER:
-            bench = os.path.dirname(os.path.abspath(__file__))
-            if bench not in sys.path:
-                sys.path.insert(0, bench)
-            import forked  # by name: the forkserver unpickles its child function from it
+    if not _CHILDREN:
+        bench = os.path.dirname(os.path.abspath(__file__))
+        if bench not in sys.path:
+            sys.path.insert(0, bench)
+        import forked  # by name: the forkserver unpickles its child function from it
 
-            _FORKSERVER.append(forked.Forkserver(preload=PRELOAD))
-        server = _FORKSERVER[0]
-        with tempfile.TemporaryDirectory(prefix="dp_step_") as tmp:
-            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            rc = server.wait(server.start(__file__, argv, stdout=out, stderr=err))
-            stdout, stderr = (open(p).read() if os.path.exists(p) else "" for p in (out, err))
+        _CHILDREN.append(forked.Children(preload=PRELOAD, fresh=args.fresh_processes))
+    children = _CHILDREN[0]
+    with tempfile.TemporaryDirectory(prefix="dp_step_") as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        rc = children.wait(children.start(__file__, argv, stdout=out, stderr=err))
+        stdout, stderr = (open(p).read() if os.path.exists(p) else "" for p in (out, err))
     if rc != 0:
         print(stderr[-2000:], file=sys.stderr)
         raise SystemExit(f"bench/dp_step.py {' '.join(extra)} failed")

@@ -1,10 +1,10 @@
 """A bench script's child runs (``main(argv)`` in a process of its own) forked from one forkserver that imported
 the heavy modules once, instead of a new interpreter each (5-10 s of torch, Lightning, Opacus and diffusers
-imports per run on a small CPU).
+imports per run on a small CPU); ``fresh=True``: a new interpreter each (``python script argv``), as before.
 
-    server = Forkserver(preload=("torch", "lightning"), env={"TRITON_INTERPRET": "1"})
-    proc = server.start(__file__, ["--one", "ghost:64:1"], stdout="out.txt", stderr="err.txt")
-    rc = server.wait(proc, timeout=600)   # None: past the timeout, killed with its whole process group
+    children = Children(preload=("torch", "lightning"), env={"TRITON_INTERPRET": "1"})
+    proc = children.start(__file__, ["--one", "ghost:64:1"], stdout="out.txt", stderr="err.txt")
+    rc = children.wait(proc, timeout=600)   # None: past the timeout, killed with its whole process group
 
 Each run is still its own process (its own peak memory, its own CUDA context, its own session: killed with
 the servers and subprocesses it started). A fork is only safe for CUDA while the forking process has no CUDA
@@ -19,22 +19,27 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 
 
-class Forkserver:
-    def __init__(self, *, preload: Sequence[str], env: dict[str, str] | None = None):
-        """Starts the forkserver now (it imports ``preload`` while this process goes on) with ``env`` added to
-        this process's environment, which is then put back. One per process: Python has one forkserver, and a
-        second Forkserver reuses it, preload and environment included."""
+class Children:
+    def __init__(self, *, preload: Sequence[str], env: dict[str, str] | None = None, fresh: bool = False):
+        """Forked children: starts the forkserver now (it imports ``preload`` while this process goes on) with
+        ``env`` added to this process's environment, which is then put back. One per process: Python has one
+        forkserver, and a second Children reuses it, preload and environment included. ``fresh``: no
+        forkserver; each child is a new interpreter with ``env`` added to its environment."""
+        self.fresh, self.env = fresh, {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", **(env or {})}
+        if fresh:
+            return
         import multiprocessing
         from multiprocessing import forkserver
 
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([m for m in preload if importlib.util.find_spec(m.split(".")[0])])
         saved = dict(os.environ)
-        os.environ.update({"PYTORCH_NVML_BASED_CUDA_CHECK": "1", **(env or {})})
+        os.environ.update(self.env)
         try:
             forkserver.ensure_running()
         finally:
@@ -42,8 +47,12 @@ class Forkserver:
             os.environ.update(saved)
 
     def start(self, script: str, argv: list[str], *, stdout: str, stderr: str | None = None, cwd: str | None = None):
-        """``script``'s ``main(argv)`` in a forked child, its output appended to ``stdout`` (and ``stderr``,
-        or the same file)."""
+        """``script``'s ``main(argv)`` in a child of its own session, its output appended to ``stdout`` (and
+        ``stderr``, or the same file)."""
+        if self.fresh:
+            with open(stdout, "ab") as out, open(stderr or stdout, "ab") as err:
+                return subprocess.Popen([sys.executable, str(script), *argv], cwd=cwd, env={**os.environ, **self.env},
+                                        stdout=out, stderr=err, start_new_session=True)
         proc = self.ctx.Process(target=_child, args=(str(script), list(argv), str(stdout), str(stderr or stdout),
                                                      cwd or os.getcwd()), name=f"{os.path.basename(script)} child")
         proc.start()
@@ -52,15 +61,21 @@ class Forkserver:
     @staticmethod
     def wait(proc, timeout: float | None = None) -> int | None:
         """The child's exit status, or None past ``timeout`` seconds (then it and its process group are killed)."""
-        proc.join(timeout)
-        if proc.exitcode is not None:
-            return proc.exitcode
+        if isinstance(proc, subprocess.Popen):
+            try:
+                return proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            proc.join(timeout)
+            if proc.exitcode is not None:
+                return proc.exitcode
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its session: the child calls setsid() first
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: a fresh child's from Popen, a forked one's setsid()
         except ProcessLookupError:
             pass
         proc.kill()
-        proc.join()
+        (proc.wait if isinstance(proc, subprocess.Popen) else proc.join)()
         return None
 
 

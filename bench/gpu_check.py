@@ -50,7 +50,6 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -755,45 +754,17 @@ PRELOAD = ("numpy", "torch", "onnxruntime", "triton", "lightning", "opacus", "di
            "veil.lightning_modules.editing.editor", "veil.export.runtime")
 
 
-def _part_env(args) -> dict[str, str]:
-    env = {"TRITON_INTERPRET": "1" if args.smoke else "0", "PYTHONUNBUFFERED": "1",
-           "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}  # torch.cuda.is_available() without initialising CUDA
+def _children(args):
+    """How the parts start (bench/forked.py): forked, or (``--fresh-processes``) as new interpreters; the
+    environment every part gets."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import forked  # by name (not _sibling): the forkserver unpickles its child function from it
+
+    env = {"TRITON_INTERPRET": "1" if args.smoke else "0", "PYTHONUNBUFFERED": "1"}
     if args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU paths, also on a machine with a GPU
-    return env
-
-
-class _Launcher:
-    """Starts a part's process, ``gpu_check.py --part ...``: a fork of bench/forked.py's forkserver, or
-    (``fresh``) a new interpreter. Either way in its own session (killed at its budget with its servers and
-    pytest), writing to the log it is given."""
-
-    def __init__(self, args, *, fresh: bool):
-        self.fresh, self.env = fresh, _part_env(args)
-        self.server = None
-        if not fresh:
-            if str(BENCH) not in sys.path:
-                sys.path.insert(0, str(BENCH))
-            import forked  # by name (not _sibling): the forkserver unpickles its child function from it
-
-            self.server = forked.Forkserver(preload=PRELOAD, env=self.env)
-
-    def start(self, argv: list[str], log):
-        if self.fresh:
-            return subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, env={**os.environ, **self.env},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self.server.start(__file__, argv, stdout=log.name, cwd=str(ROOT))
-
-    def wait(self, proc, timeout: float) -> int | None:
-        """The exit status, or None (and the part's whole process group killed) past ``timeout`` seconds."""
-        if not self.fresh:
-            return self.server.wait(proc, timeout)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return None
+    return forked.Children(preload=PRELOAD, env=env, fresh=args.fresh_processes)
 
 
 def _run_part(args, name: str, budget: float, state: Path, log, unit: int = 0) -> dict:
@@ -807,7 +778,7 @@ def _run_part(args, name: str, budget: float, state: Path, log, unit: int = 0) -
     log.write(f"\n===== {name} {unit} (budget {budget:.0f} s)\n")
     log.flush()
     t0 = time.perf_counter()
-    rc = args.launcher.wait(args.launcher.start(argv, log), budget)
+    rc = args.children.wait(args.children.start(__file__, argv, stdout=log.name, cwd=str(ROOT)), budget)
     if rc is None:
         why = f"over its budget of {budget:.0f} s (killed; rows so far kept)"
     else:
@@ -852,7 +823,7 @@ def run_all(args) -> dict:
     report = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "smoke": args.smoke, "budgets": budgets, "parts": {}}
     parts = report["parts"]
-    args.launcher = _Launcher(args, fresh=args.fresh_processes)
+    args.children = _children(args)
     (out / "gpu_check.log").write_text("")  # then appended to, by this process and by each part's
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp, open(out / "gpu_check.log", "a") as log:
         state = Path(tmp)

@@ -105,8 +105,9 @@ def test_fresh_processes_run_a_part_and_kill_one_past_its_budget(tmp_path):
     from bench_helpers import load_bench
 
     gpu_check = load_bench("gpu_check")
-    args = argparse.Namespace(smoke=True, work=str(tmp_path / "work"), checkpoint=None, export=None)
-    args.launcher = gpu_check._Launcher(args, fresh=True)
+    args = argparse.Namespace(smoke=True, fresh_processes=True, work=str(tmp_path / "work"), checkpoint=None,
+                              export=None)
+    args.children = gpu_check._children(args)
     assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] == "1"  # this process unchanged
     (tmp_path / "state").mkdir()
     with open(tmp_path / "log", "a") as log:
