@@ -108,7 +108,8 @@ def export_model(*, checkpoint, out, classifier=None, classifier_scale: float = 
     check_out_dir(out, holds=EXPORT_FILES)  # before any work: writable, and never replacing an export
     with staged_dir(out, created=created, prefix=".veil-export-") as stage:  # on failure: removed, OUT too if made here
         info = {}
-        with console.stage("exporting the denoise step to ONNX (traced and checked: about a minute on a CPU)"):
+        with console.stage("exporting the denoise step to ONNX (traced and checked: about a minute on a CPU, seconds for an "
+                           "architecture exported before)"):
             info["denoise_step.onnx"] = graphs.export_denoise_step(editor, stage / "denoise_step.onnx")
         with console.stage("exporting the inversion step to ONNX"):
             info["invert_step.onnx"] = graphs.export_invert_step(editor, stage / "invert_step.onnx")

@@ -186,17 +186,21 @@ def _export(module: nn.Module, example: tuple, path, inputs: list[str], outputs:
     one symbol, which ``_check_one_batch`` asserts). ``optimize=False``: onnxscript's constant folding
     fails on the ``SplitToSequence`` of the classifier-free chunk(2) of a dynamic 2B batch; ONNX Runtime
     folds constants itself when it loads the graph."""
+    import onnx
+
+    from veil.export import graph_cache
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in example)
     with torch.no_grad():
-        program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=inputs, output_names=outputs,
-                                    dynamic_shapes=dynamic, opset_version=OPSET, external_data=False,
-                                    optimize=False, verbose=False, report=False)
-    _check_one_batch(program.model_proto, inputs + outputs)
-    program.save(str(path), external_data=False)
+        program = graph_cache.capture(module.eval(), example, dynamic)
+        model, cached = graph_cache.to_onnx(program, input_names=inputs, output_names=outputs, opset_version=OPSET,
+                                            optimize=False)
+    _check_one_batch(model, inputs + outputs)
+    onnx.save_model(model, str(path))
     return {"inputs": list(inputs), "outputs": list(outputs), "opset": OPSET, "exporter": exporter,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "translation": "cached" if cached else "translated"}
 
 
 def _check_one_batch(model, names: list[str]) -> None:

@@ -45,6 +45,13 @@ def pytest_configure(config):
     import tempfile
 
     config._veil_home = os.environ["VEIL_HOME"] = tempfile.mkdtemp(prefix="veil_home_session_")
+    # `veil export`'s graph cache (veil.export.graph_cache, keyed by the captured graph: sound across source
+    # changes) beside the other cached test artifacts, never the real ~/.cache/veil; with VEIL_TEST_CACHE=off, one
+    # per session (every graph translated once per run). Shared by the workers and every subprocess (inherited).
+    from disk_cache import cache_root
+
+    root = cache_root()
+    os.environ["VEIL_EXPORT_CACHE"] = str(root / "onnx-graphs" if root else Path(config._veil_home) / "onnx-graphs")
     if hasattr(config.option, "loadscopereorder"):  # xdist would otherwise re-sort the modules by test count,
         config.option.loadscopereorder = False        # putting the long few-test modules last (the run's tail)
     config._prebuild = None

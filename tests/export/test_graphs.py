@@ -76,7 +76,8 @@ def test_graphs_have_the_named_inputs_outputs_one_dynamic_batch_and_the_pinned_o
     for name, info in meta.items():
         inputs, outputs = expected[name]
         assert info == {"inputs": inputs, "outputs": outputs, "opset": G.OPSET, "exporter": info["exporter"],
-                        "torch": torch.__version__}
+                        "torch": torch.__version__, "translation": info["translation"]}
+        assert info["translation"] in ("translated", "cached")  # veil.export.graph_cache (test_graph_cache.py)
         assert info["exporter"].endswith("torch.onnx.export(dynamo=True)")
         model = onnx.load(out / f"{name}.onnx")
         assert [i.name for i in model.graph.input] == inputs  # the schedule table is a constant, not an input
