@@ -7,7 +7,8 @@ architecture after more training, or the same model with another checker, decomp
 graph again. So ``to_onnx`` keys the ONNX graph by everything the translation reads:
 
     the graph's code (every node, its arguments and literal constants, the shapes, strides and devices of every
-    value, the source lines each node came from, less the per-process number of FX-generated code), the signature (which input is a parameter, a buffer, a constant
+    value, the source lines each node came from, less the per-process number of FX-generated code), each node's
+    module path, the signature (which input is a parameter, a buffer, a constant
     or a user input, by name), the symbolic ranges of the shapes, the name, shape and dtype of every parameter and
     buffer, the values of the lifted constants, the options given to torch.onnx, and the versions of torch, onnx
     and onnxscript
@@ -16,13 +17,14 @@ and on a hit fills the cached graph's initializers, by name, with this program's
 is cached only where every initializer of the translated model is one of the program's tensors, bit for bit
 (checked when it is written): the cached file holds the graph and the initializers' names, shapes and types, and
 no weight (``TEMPLATE``). Whatever the key does not hold, the cache cannot replay. ``veil export`` verifies
-every export against PyTorch after this step, cached or not. The per-process number torch gives FX-generated
-code is taken out of the key and out of the nodes' source-line metadata, so a graph translates to the same bytes
-in every process and a filled template is byte for byte the translation (``bench/export_time.py`` checks it).
+every export against PyTorch after this step, cached or not. Every translation drops the source lines torch.onnx
+writes into each node's metadata (absolute paths of the exporting machine, ``_drop_source_lines``), so a graph
+translates to the same bytes in every process and folder, and a filled template is byte for byte the translation
+(``bench/export_time.py`` checks it).
 
 Where: ``$VEIL_EXPORT_CACHE``, else ``$XDG_CACHE_HOME/veil/onnx-graphs`` (``~/.cache/veil/onnx-graphs``);
 ``VEIL_EXPORT_CACHE=off`` translates every time. Files are written whole (a temporary file renamed) under a
-lock per graph, so concurrent exports share the folder safely and translate a graph once. Each graph is a few MB (mostly the source line of each node); one unused for 30 days is deleted
+lock per graph, so concurrent exports share the folder safely and translate a graph once. Each graph is a few MB (mostly each node's module path); one unused for 30 days is deleted
 when another is written, and deleting the folder is always safe.
 """
 
@@ -49,6 +51,7 @@ TEMPLATE = "{key}.onnx"
 PRUNE_AFTER_DAYS = 30
 # the source "file" of code FX generated (make_fx's trace of the guided step) is named by a counter of the process
 _GENERATED = re.compile(r"<eval_with_key>\.\d+")
+SOURCE_LINES = "pkg.torch.onnx.stack_trace"  # node metadata torch.onnx writes: dropped (_drop_source_lines)
 
 
 def cache_dir() -> Path | None:
@@ -109,6 +112,11 @@ def program_key(program: torch.export.ExportedProgram, options: dict[str, Any]) 
     put(json.dumps(options, sort_keys=True, default=str))
     graph = program.graph_module.print_readable(print_output=False, include_stride=True, include_device=True)
     put(_GENERATED.sub("<eval_with_key>", graph))  # make_fx's generated code is numbered per process
+    for module in program.graph_module.modules():  # the module path of each node: the ONNX nodes' namespace
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                stack = node.meta.get("nn_module_stack") or {}
+                put(f"{node.name} {[(k, v[0], str(v[1])) for k, v in stack.items()]}")
     put(str(program.graph_signature))
     put(repr(sorted((str(k), str(v)) for k, v in program.range_constraints.items())))
     for name, t in sorted(program.state_dict.items()):
@@ -220,23 +228,26 @@ def to_onnx(program: torch.export.ExportedProgram, **options):
 def _translate(program, options):
     model = torch.onnx.export(program, (), dynamo=True, external_data=False, verbose=False, report=False,
                               **options).model_proto
-    _renumber_generated(model.graph)
+    _drop_source_lines(model.graph)
     return model
 
 
-def _renumber_generated(graph) -> None:
-    """The source lines torch.onnx keeps per node (``metadata_props``) without the per-process number of
-    FX-generated code: one graph translates to the same bytes in any process (cached or not, and so the same
-    sha256 in veil_export.json for the same weights)."""
+def _drop_source_lines(graph) -> None:
+    """Remove the source lines torch.onnx keeps per node (``pkg.torch.onnx.stack_trace``): absolute paths of the
+    exporting machine (a home folder names its user) in a file meant for sharing, a third of its bytes, and the
+    per-process number of FX-generated code. ONNX Runtime never reads them; the module path of each node
+    (``namespace``, ``pkg.torch.onnx.name_scopes``) stays. A graph then has the same bytes wherever it is exported."""
     from onnx import AttributeProto
 
     for node in graph.node:
-        for prop in node.metadata_props:
-            if "<eval_with_key>" in prop.value:
-                prop.value = _GENERATED.sub("<eval_with_key>", prop.value)
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key != SOURCE_LINES]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            for key, value in keep:
+                node.metadata_props.add(key=key, value=value)
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs):
-                _renumber_generated(sub)
+                _drop_source_lines(sub)
 
 
 @contextlib.contextmanager
