@@ -199,3 +199,14 @@ def test_fx_generated_code_keys_and_translates_the_same_in_any_process(cache, tm
     assert first.SerializeToString() == second.SerializeToString()
     keys = {p.key for n in first.graph.node for p in n.metadata_props}
     assert "namespace" in keys and graph_cache.SOURCE_LINES not in keys  # no source lines, numbered or not
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
+    """VEIL_EXPORT_CACHE naming a file (or a read-only folder): the export translates and succeeds, nothing cached."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(graph_cache.CACHE_ENV, str(blocked))
+    for name in ("a", "b"):
+        assert _run(_weights(0), tmp_path / f"{name}.onnx")["translation"] == "translated"
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert blocked.read_text() == "not a folder"
