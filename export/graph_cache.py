@@ -123,7 +123,7 @@ def program_key(program: torch.export.ExportedProgram, options: dict[str, Any]) 
         put(f"{name} {tuple(t.shape)} {t.dtype} {t.stride()} {t.device.type}")
     for name, t in sorted(program.constants.items()):  # lifted constants: their values are part of the graph
         put(f"{name} {tuple(t.shape)} {t.dtype}")
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_raw(t))
     return h.hexdigest()
 
 
@@ -138,20 +138,33 @@ def _has_subgraph_initializers(graph) -> bool:
     return False
 
 
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes as ONNX's ``raw_data`` holds them (little-endian, row-major), any dtype (bfloat16 too)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _onnx_dtype(t: torch.Tensor) -> int | None:
+    from onnx import TensorProto as T
+
+    return {torch.float32: T.FLOAT, torch.float16: T.FLOAT16, torch.bfloat16: T.BFLOAT16, torch.float64: T.DOUBLE,
+            torch.int64: T.INT64, torch.int32: T.INT32, torch.int16: T.INT16, torch.int8: T.INT8,
+            torch.uint8: T.UINT8, torch.bool: T.BOOL}.get(t.dtype)
+
+
+def _fits(init, t: torch.Tensor | None) -> bool:
+    return t is not None and list(init.dims) == list(t.shape) and init.data_type == _onnx_dtype(t)
+
+
 def _template(model, tensors: dict[str, torch.Tensor]):
     """A copy of ``model`` with its initializers' data removed, or None where an initializer is not one of
     ``tensors`` bit for bit (it could not be filled again from another program's tensors)."""
-    from onnx import ModelProto, numpy_helper
+    from onnx import ModelProto
 
     if _has_subgraph_initializers(model.graph) or len(model.graph.sparse_initializer):
         return None
     for init in model.graph.initializer:
         t = tensors.get(init.name)
-        if t is None or init.data_location != 0 or not init.HasField("raw_data"):
-            return None
-        want = t.detach().cpu().contiguous().numpy()
-        got = numpy_helper.to_array(init)
-        if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
+        if not _fits(init, t) or init.data_location != 0 or not init.HasField("raw_data") or init.raw_data != _raw(t):
             return None
     template = ModelProto()
     template.CopyFrom(model)
@@ -162,16 +175,11 @@ def _template(model, tensors: dict[str, torch.Tensor]):
 
 def _fill(template, tensors: dict[str, torch.Tensor]):
     """The template with this program's tensors as its initializers, or None where one does not fit."""
-    from onnx import helper
-
     for init in template.graph.initializer:
         t = tensors.get(init.name)
-        if t is None:
+        if not _fits(init, t):
             return None
-        array = t.detach().cpu().contiguous().numpy()
-        if list(init.dims) != list(array.shape) or helper.np_dtype_to_tensor_dtype(array.dtype) != init.data_type:
-            return None
-        init.raw_data = array.tobytes()
+        init.raw_data = _raw(t)
     return template
 
 

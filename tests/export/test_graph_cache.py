@@ -210,3 +210,16 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
         assert _run(_weights(0), tmp_path / f"{name}.onnx")["translation"] == "translated"
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert blocked.read_text() == "not a folder"
+
+
+def test_templates_hold_and_fill_any_dtype_bfloat16_included():
+    """Bytes, not numpy arrays (numpy has no bfloat16): a half-precision export's graph caches like a float32 one."""
+    t = torch.randn(2, 3).to(torch.bfloat16)
+    init = onnx.helper.make_tensor("w", onnx.TensorProto.BFLOAT16, [2, 3], graph_cache._raw(t), raw=True)
+    proto = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[init]))
+    template = graph_cache._template(proto, {"w": t})
+    assert template is not None and template.graph.initializer[0].raw_data == b""
+    other = t * 2
+    filled = graph_cache._fill(template, {"w": other})
+    assert filled.graph.initializer[0].raw_data == graph_cache._raw(other) != graph_cache._raw(t)
+    assert graph_cache._fill(template, {"w": other.float()}) is None  # another dtype: not this graph's
