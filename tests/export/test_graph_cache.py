@@ -66,7 +66,8 @@ def test_a_graph_is_translated_once_and_its_template_holds_no_weight(cache, tmp_
     monkeypatch.setenv(graph_cache.CACHE_ENV, "off")
     assert _run(model, tmp_path / "c.onnx")["translation"] == "translated"
     # the cached file is byte for byte what torch.onnx translates, with or without the cache
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    a, b, c = ((tmp_path / f"{n}.onnx").read_bytes() for n in "abc")
+    assert a == b == c
     [template] = cache.glob("*.onnx")
     kept = onnx.load(str(template))
     assert {i.name for i in kept.graph.initializer} == {"conv.weight", "conv.bias", "norm.weight", "norm.bias",
@@ -193,7 +194,8 @@ def test_fx_generated_code_keys_and_translates_the_same_in_any_process(cache, tm
     texts = [p.graph_module.print_readable(print_output=False) for p in programs]
     assert texts[0] != texts[1] and "<eval_with_key>." in texts[0]  # the numbers differ...
     options = {"input_names": ["x"], "output_names": ["y"], "opset_version": 18, "optimize": False}
-    assert graph_cache.program_key(programs[0], options) == graph_cache.program_key(programs[1], options)  # ...not the key
+    keys = [graph_cache.program_key(p, options) for p in programs]
+    assert keys[0] == keys[1]  # ...not the key
     (first, hit0), (second, hit1) = (graph_cache.to_onnx(p, **options) for p in programs)
     assert (hit0, hit1) == (False, True)
     assert first.SerializeToString() == second.SerializeToString()

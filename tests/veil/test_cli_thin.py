@@ -16,7 +16,8 @@ CLASSIFIER_RECORD = {"privacy": {"private": True, "epsilon": 8.0}, "steps": 5, "
 SWEEP_REPORT = {"rows": [1, 2], "ids": ["synth-0-000001"], "backend": "conditional", "model_privacy": "M"}
 EXPORT_META = {"verification": {"max_abs_error": {"edit": 1e-5}, "tolerance": 1e-3}, "files": ["denoise_step.onnx"],
                "backend": "conditional", "resolution": 32, "versions": {"opset": 18}, "model_privacy": "M",
-               "check": "none"}
+               "check": "none", "graphs": {"denoise_step.onnx": {"translation": "cached"},
+                                           "invert_step.onnx": {"translation": "translated"}}}
 UNLEARN_REPORT = {"update_seconds": 0.01, "test_accuracy": {"before": 0.9, "after": 0.9},
                   "privacy": {"note": "not private", "ledger": "L.sqlite"}}
 # The jobs under the API: the CLI must not call them itself.
@@ -73,7 +74,8 @@ CASES = {
                 "--guidance", "1.5", "--steps", "20", "--no-ema", "--out", "O"],
                [("export_onnx", (), dict(checkpoint="X", classifier="CLF", classifier_scale=3.0, checker="J",
                                          steps=20, guidance=1.5, use_ema=False, out="O"))],
-               "wrote O: denoise_step.onnx"),
+               "wrote O: denoise_step.onnx + veil_export.json (conditional backend, 32x32, opset 18); 1 of 2 graphs "
+               "filled from the graph cache"),
     "unlearn": (["unlearn", "--model", "M", "--revision", "REV", "--out", "U", "--method", "first", "--params", "head",
                  "--params", "proj", "--tau", "0.5", "--preconditioner", "none", "--line-search", "off",
                  "--set", "trainer.devices=1", "--force", "--json", "--ledger", "L.sqlite"],

@@ -46,8 +46,11 @@ def _export(args) -> int:
                            guidance=args.guidance, use_ema=not args.no_ema, out=args.out).meta
     v = meta["verification"]
     worst = max(v["max_abs_error"].values())
+    cached = [name for name, g in meta["graphs"].items() if g.get("translation") == "cached"]
+    graphs = (f"; {len(cached)} of {len(meta['graphs'])} graphs filled from the graph cache (an architecture "
+              f"exported before; VEIL_EXPORT_CACHE=off translates)" if cached else "")
     print(f"wrote {args.out}: {', '.join(meta['files'])} + veil_export.json ({meta['backend']} backend, "
-          f"{meta['resolution']}x{meta['resolution']}, opset {meta['versions']['opset']}); verified: whole edits "
-          f"through ONNX Runtime within {worst:.2g} of PyTorch (tolerance {v['tolerance']:g}); "
+          f"{meta['resolution']}x{meta['resolution']}, opset {meta['versions']['opset']}){graphs}; verified: "
+          f"whole edits through ONNX Runtime within {worst:.2g} of PyTorch (tolerance {v['tolerance']:g}); "
           f"models: {meta['model_privacy']}; check: {meta['check']}")
     return 0
