@@ -1,8 +1,8 @@
 """The ONNX translation of a captured program, cached by the program's graph, never by its weights.
 
 ``torch.onnx.export(dynamo=True)`` is three steps: capture (``torch.export``), decompose, translate to ONNX. On
-the CPU the last two are most of an export (about 20 of the 30 s of the README's tiny guided export), and they
-depend on the captured graph only, not on the values of its weights: re-exporting a model of the same
+the CPU the last two are most of an export (``bench/export_time.py``: about two thirds of its graphs' time), and
+they depend on the captured graph only, not on the values of its weights: re-exporting a model of the same
 architecture after more training, or the same model with another checker, decomposes and translates the same
 graph again. So ``to_onnx`` keys the ONNX graph by everything the translation reads:
 
@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -127,15 +126,15 @@ def program_key(program: torch.export.ExportedProgram, options: dict[str, Any]) 
     return h.hexdigest()
 
 
-def _has_subgraph_initializers(graph) -> bool:
+def _subgraphs(node) -> list:
+    """The graphs a node holds as attributes (an If's branches, a Loop's body)."""
     from onnx import AttributeProto
 
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-            if any(len(g.initializer) or _has_subgraph_initializers(g) for g in subs):
-                return True
-    return False
+    return [g for a in node.attribute for g in ([a.g] if a.type == AttributeProto.GRAPH else list(a.graphs))]
+
+
+def _has_subgraph_initializers(graph) -> bool:
+    return any(len(g.initializer) or _has_subgraph_initializers(g) for n in graph.node for g in _subgraphs(n))
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -193,8 +192,10 @@ def _read(path: Path):
 
 
 def _write(path: Path, template) -> None:
-    """Written whole: a temporary file in the same folder, renamed (an error only skips the cache); graphs unused
-    for ``PRUNE_AFTER_DAYS`` are deleted then."""
+    """Written whole (``veil.outputs.write_bytes_atomic``; an error only skips the cache); graphs unused for
+    ``PRUNE_AFTER_DAYS`` are deleted then."""
+    from veil.outputs import write_bytes_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         old = time.time() - PRUNE_AFTER_DAYS * 86400
@@ -202,10 +203,7 @@ def _write(path: Path, template) -> None:
             if stale.stat().st_mtime < old:
                 stale.unlink(missing_ok=True)
                 stale.with_suffix(".lock").unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-        with os.fdopen(fd, "wb") as f:
-            f.write(template.SerializeToString())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, template.SerializeToString())
     except OSError:
         return
 
@@ -245,17 +243,14 @@ def _drop_source_lines(graph) -> None:
     exporting machine (a home folder names its user) in a file meant for sharing, a third of its bytes, and the
     per-process number of FX-generated code. ONNX Runtime never reads them; the module path of each node
     (``namespace``, ``pkg.torch.onnx.name_scopes``) stays. A graph then has the same bytes wherever it is exported."""
-    from onnx import AttributeProto
-
     for node in graph.node:
         keep = [(p.key, p.value) for p in node.metadata_props if p.key != SOURCE_LINES]
         if len(keep) != len(node.metadata_props):
             del node.metadata_props[:]
             for key, value in keep:
                 node.metadata_props.add(key=key, value=value)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs):
-                _drop_source_lines(sub)
+        for sub in _subgraphs(node):
+            _drop_source_lines(sub)
 
 
 @contextlib.contextmanager
