@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -192,10 +193,10 @@ def _read(path: Path):
 
 
 def _write(path: Path, template) -> None:
-    """Written whole (``veil.outputs.write_bytes_atomic``; an error only skips the cache); graphs unused for
-    ``PRUNE_AFTER_DAYS`` are deleted then."""
-    from veil.outputs import write_bytes_atomic
-
+    """Written whole: a temporary file in the same folder, renamed (an error only skips the cache; the temporary
+    file is removed); graphs unused for ``PRUNE_AFTER_DAYS`` are deleted then. (Not ``veil.outputs``: the graph
+    layer imports no --out helper, pyproject's import-linter layers.)"""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         old = time.time() - PRUNE_AFTER_DAYS * 86400
@@ -203,9 +204,13 @@ def _write(path: Path, template) -> None:
             if stale.stat().st_mtime < old:
                 stale.unlink(missing_ok=True)
                 stale.with_suffix(".lock").unlink(missing_ok=True)
-        write_bytes_atomic(path, template.SerializeToString())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
+        with os.fdopen(fd, "wb") as f:
+            f.write(template.SerializeToString())
+        os.replace(tmp, path)
     except OSError:
-        return
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def to_onnx(program: torch.export.ExportedProgram, **options):

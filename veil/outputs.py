@@ -69,20 +69,11 @@ def dumps_strict(obj: Any, **kwargs) -> str:
 
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    return _write_atomic(path, text, "w")
-
-
-def write_bytes_atomic(path, data: bytes) -> Path:
-    """``write_text_atomic`` for bytes."""
-    return _write_atomic(path, data, "wb")
-
-
-def _write_atomic(path, data, mode: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
