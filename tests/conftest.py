@@ -1,5 +1,6 @@
 """Test-suite setup: the shared helper modules in ``tests/helpers/`` are importable from every test folder,
-the ``single_thread`` fixture, the tiny exports (``models``, ``exports``), and the autouse ``veil_home`` fixture.
+the ``single_thread`` fixture, the tiny models and exports (``models``, ``exports``), and the autouse ``veil_home``
+fixture.
 
 (Test folders have no ``__init__.py``, so helpers are uniquely named modules on ``sys.path``
 rather than conftest files, which would shadow each other on ``from conftest import``.)
@@ -22,7 +23,24 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
-from export_models import exports, models  # noqa: E402,F401  (session fixtures: tests/export and tests/serve)
+
+
+# The session fixtures of the cached tiny models and exports (tests/helpers/export_models.py), imported when a test
+# first asks for them: the controller process, `-m` subsets and `pytest tests/kernels` then never import Lightning.
+@pytest.fixture(scope="session")
+def models():
+    """``build_models``' folder (unet, guide, judge, cond), cached."""
+    from export_models import cached_models
+
+    return cached_models()
+
+
+@pytest.fixture(scope="session")
+def exports(models):
+    """``build_exports``' folder (guided, conditional), cached."""
+    from export_models import cached_exports
+
+    return cached_exports()
 
 
 @pytest.fixture(scope="module")

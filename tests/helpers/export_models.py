@@ -1,9 +1,8 @@
 """Tiny models and their `veil export`s (exporting the guided step takes a minute or more here, so every test
-folder shares them): the session fixtures ``models`` and ``exports``, registered for every test folder by
-tests/conftest.py. Built once per source state and cached on disk (``disk_cache``: rebuilt whenever a source
-file that builds them changes; ``VEIL_TEST_CACHE=off`` builds them afresh); tests read them and copy before
-writing. ``python tests/helpers/export_models.py`` builds both ahead of a run (``make test`` starts it beside
-pytest's workers)."""
+folder shares them): what the session fixtures ``models`` and ``exports`` of tests/conftest.py return. Built once
+per source state and cached on disk (``disk_cache``: rebuilt whenever a source file that builds them changes;
+``VEIL_TEST_CACHE=off`` builds them afresh); tests read them and copy before writing. ``python
+tests/helpers/export_models.py`` builds both ahead of a run (``make test`` starts it beside pytest's workers)."""
 
 import os
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, when run as a script
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling helpers
 
-import pytest  # noqa: E402
 from disk_cache import cached_dir  # noqa: E402
 from dp_helpers import TINY, train_cli  # noqa: E402
 from unlearn_helpers import RECIPE, datamodule, one_thread  # noqa: E402
@@ -65,18 +63,6 @@ def cached_models() -> Path:
 def cached_exports() -> Path:
     models = cached_models()
     return cached_dir("exports", lambda out: build_exports(out, models), extra=str(models))
-
-
-@pytest.fixture(scope="session")
-def models():
-    """``build_models``' folder (unet, guide, judge, cond), cached."""
-    return cached_models()
-
-
-@pytest.fixture(scope="session")
-def exports(models):
-    """``build_exports``' folder (guided, conditional), cached."""
-    return cached_exports()
 
 
 if __name__ == "__main__":  # build both ahead of the tests (their privacy records go to a throwaway VEIL_HOME)

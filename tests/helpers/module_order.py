@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-CACHED = {"models", "exports"}  # the session fixtures of tests/helpers/export_models.py
+CACHED = {"models", "exports"}  # the session fixtures of tests/conftest.py (tests/helpers/export_models.py)
 TABLE = Path(__file__).resolve().parents[1] / "module_seconds.json"
 LINE = re.compile(r"^([\d.]+)s (?:call|setup|teardown)\s+(tests/\S+?\.py)::")
 
