@@ -11,11 +11,8 @@ import math
 import pytest
 from bench_helpers import load_bench
 import torch
-from dp_helpers import TINY, train_cli
-from unlearn_helpers import RECIPE, datamodule
 
 from veil.editing.load import load_editor
-from veil.jobs import train_classifier as TC
 from veil.privacy.accounting import DEFAULT_RELEASE_DELTA, compose, gaussian_mu, image_sensitivity, price_release
 from veil.privacy.bounds import bayes_accuracy_bound
 from veil.privacy.mechanism import keep_probability
@@ -198,25 +195,6 @@ def test_adaptive_attacker_learns_labels_readable_from_the_images_and_leaves_the
 
 
 # ------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """A label-free tiny UNet with a tiny noise-conditional DP classifier (the guided pipeline) and a tiny DP
-    classifier of clean images that checks it (``judge``: a guided edit is never checked by its guide), and a
-    tiny attribute-conditional DP UNet (the conditional backend, no check); as tests/.../test_guidance.py."""
-    noisy = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
-    dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 1.0, "accountant": "rdp",
-          "max_physical_batch_size": 16, "noise_multiplicity": 2}
-    root = tmp_path_factory.mktemp("edit_eval")
-    assert train_cli(root / "unet", TINY, "optim.cond_drop_prob=1.0", "dp.enabled=false") == 0
-    recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": dp, "model": noisy})
-    TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "guide")
-    recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False,
-                                    "dp": {**dp, "noise_multiplier": 2.0, "noise_multiplicity": 1}})
-    TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "judge")
-    assert train_cli(root / "cond", TINY) == 0
-    return root
-
-
 SMALL = ["--quick", "--num-images", "8", "--adaptive-images", "16", "--steps", "3", "--attacker-images", "64",
          "--attacker-epochs", "1", "--adaptive-epochs", "1", "--threads", "1"]
 
@@ -228,8 +206,11 @@ def _strict_json(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, tiny_models, tmp_path, monkeypatch):
-    root = tiny_models
+def test_end_to_end_guided_and_conditional_runs_and_their_combination(bench, models, tmp_path, monkeypatch):
+    """On the session's cached tiny models (tests/helpers/export_models.py): a label-free UNet with a noise-conditional
+    DP classifier (the guided pipeline), a DP classifier of clean images that checks it (``judge``: a guided edit is
+    never checked by its guide), and an attribute-conditional UNet (the conditional backend, no check)."""
+    root = models
     bench.main(["--checkpoint", str(root / "unet"), "--classifier", str(root / "guide"), "--levels", "low,max",
                 "--checker", str(root / "judge"), "--out", str(tmp_path / "g"), *SMALL])
     inverted, invert = [], bench.PrivateEditor.invert

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from dp_helpers import TINY, train_cli
 from unlearn_helpers import RECIPE, datamodule, one_thread
 
 from veil.errors import ConfigError
@@ -214,12 +213,9 @@ def test_combined_privacy_counts_unknown_data_as_the_same_and_handles_none():
 
 
 @pytest.fixture(scope="module")
-def tiny_public_and_guide(tmp_path_factory):
-    with one_thread():
-        root = tmp_path_factory.mktemp("guided")
-        assert train_cli(root / "unet", TINY, "optim.cond_drop_prob=1.0", "dp.enabled=false") == 0
-        _train_guide(root / "guide")
-        return root
+def tiny_public_and_guide(models):
+    """The session's cached label-free tiny UNet and its tiny DP guide (``_train_guide``'s recipe), in ``models``."""
+    return models
 
 
 def test_load_guidance_classifier_checks_kind_and_schedule(tiny_public_and_guide, tmp_path):

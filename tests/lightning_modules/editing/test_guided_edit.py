@@ -1,6 +1,6 @@
 """Issue 13: the guided edit backend (a label-free UNet steered by a noise-conditional DP classifier),
 the check that an edit shows what it releases, attributes proposed for unlabelled images, and what
-an edit costs: on tiny models trained from a seed in the test. Issue 30: the check of a guided edit is
+an edit costs: on the session's cached tiny models. Issue 30: the check of a guided edit is
 never its guide (a separate --checker, here ``judge``, or --no-check)."""
 
 import json
@@ -9,8 +9,7 @@ import secrets
 
 import pytest
 import torch
-from dp_helpers import TINY, train_cli
-from unlearn_helpers import RECIPE, datamodule, one_thread
+from unlearn_helpers import datamodule
 
 from veil.cli import main
 from veil.errors import ConfigError, EditRefused
@@ -18,32 +17,21 @@ from veil.lightning_modules.checkpoints import load_diffusion_checkpoint
 from veil.lightning_modules.editing import editor as E
 from veil.jobs import edit as J
 from veil.lightning_modules.editing.editor import RETRY_STRENGTH_STEP, PrivateEditor
-from veil.jobs import train_classifier as TC
 from veil.privacy.ledger import PrivacyLedger
 from veil.privacy.revision_manifest import pseudonym
 from veil.privacy.session import EditSession
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-NOISY = {"channels": [8, 8, 8], "feature_dim": 8, "norm_num_groups": 4, "noise_conditional": True}
 PROTECTED = ["smiling"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """A label-free tiny UNet (never sees a label), a tiny noise-conditional classifier trained with DP-SGD (the
-    guide), and a tiny classifier of clean images trained with DP-SGD (``judge``: the check of guided edits)."""
-    with one_thread():
-        root = tmp_path_factory.mktemp("guided_edit")
-        assert train_cli(root / "unet", TINY, "optim.cond_drop_prob=1.0", "dp.enabled=false") == 0
-        dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 1.0, "accountant": "rdp",
-              "max_physical_batch_size": 16, "noise_multiplicity": 2}
-        recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": dp, "model": dict(NOISY)})
-        TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "guide")
-        judge = {**dp, "noise_multiplier": 2.0, "noise_multiplicity": 1}
-        recipe = TC.ClassifierRecipe(**{**RECIPE, "epochs": 1, "refit_head": False, "dp": judge})
-        TC.train_classifier(recipe=recipe, datamodule=datamodule(num_images=160, poisson=True), out=root / "judge")
-        return root
+def pipeline(models):
+    """The session's cached tiny models (tests/helpers/export_models.py): a label-free tiny UNet (never sees a label),
+    a tiny noise-conditional classifier trained with DP-SGD (the guide), and a tiny classifier of clean images
+    trained with DP-SGD (``judge``: the check of guided edits)."""
+    return models
 
 
 def _editor(pipeline, scale=30.0, **kw) -> PrivateEditor:
