@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 
 # The session fixtures of the cached tiny models and exports (tests/helpers/export_models.py), imported when a test
-# first asks for them: the controller process, `-m` subsets and `pytest tests/kernels` then never import Lightning.
+# first asks for them: the xdist controller and `pytest tests/kernels` (bench/gpu_check.py's tests part) then never
+# import Lightning (~4 s of CPU each).
 @pytest.fixture(scope="session")
 def models():
     """``build_models``' folder (unet, guide, judge, cond), cached."""
