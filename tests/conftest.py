@@ -24,7 +24,6 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 
-
 # The session fixtures of the cached tiny models and exports (tests/helpers/export_models.py), imported when a test
 # first asks for them: the xdist controller and `pytest tests/kernels` (bench/gpu_check.py's tests part) then never
 # import Lightning (~4 s of CPU each).

@@ -212,16 +212,10 @@ def test_combined_privacy_counts_unknown_data_as_the_same_and_handles_none():
     assert S.combined_privacy(old, None).startswith("denoiser: not private (trained before")
 
 
-@pytest.fixture(scope="module")
-def tiny_public_and_guide(models):
-    """The session's cached label-free tiny UNet and its tiny DP guide (``_train_guide``'s recipe), in ``models``."""
-    return models
-
-
-def test_load_guidance_classifier_checks_kind_and_schedule(tiny_public_and_guide, tmp_path):
+def test_load_guidance_classifier_checks_kind_and_schedule(models, tmp_path):
     from veil.lightning_modules.diffusion.schedule import default_scheduler_config
 
-    root = tiny_public_and_guide
+    root = models
     with pytest.raises(ConfigError, match="noise schedule"):
         G.load_guidance_classifier(root / "guide", scale=1.0,
                                    scheduler_config=default_scheduler_config(500))
@@ -233,10 +227,10 @@ def test_load_guidance_classifier_checks_kind_and_schedule(tiny_public_and_guide
         G.load_guidance_classifier(tmp_path, scale=1.0, scheduler_config=default_scheduler_config())
 
 
-def test_cli_sample_with_a_guidance_classifier(tiny_public_and_guide, tmp_path, capsys):
+def test_cli_sample_with_a_guidance_classifier(models, tmp_path, capsys):
     from veil.cli import main
 
-    root = tiny_public_and_guide
+    root = models
     out = tmp_path / "g.png"
     args = ["sample", "--checkpoint", str(root / "unet"), "--classifier", str(root / "guide"),
             "--attributes", "smiling=1", "--n", "2", "--steps", "3", "--out", str(out)]

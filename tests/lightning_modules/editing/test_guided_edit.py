@@ -1,7 +1,8 @@
 """Issue 13: the guided edit backend (a label-free UNet steered by a noise-conditional DP classifier),
 the check that an edit shows what it releases, attributes proposed for unlabelled images, and what
-an edit costs: on the session's cached tiny models. Issue 30: the check of a guided edit is
-never its guide (a separate --checker, here ``judge``, or --no-check)."""
+an edit costs: on the session's cached tiny models (``models``: a label-free UNet, its DP guide and the DP
+``judge``). Issue 30: the check of a guided edit is never its guide (a separate --checker, here ``judge``, or
+--no-check)."""
 
 import json
 import math
@@ -26,18 +27,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PROTECTED = ["smiling"]
 
 
-@pytest.fixture(scope="module")
-def pipeline(models):
-    """The session's cached tiny models (tests/helpers/export_models.py): a label-free tiny UNet (never sees a label),
-    a tiny noise-conditional classifier trained with DP-SGD (the guide), and a tiny classifier of clean images
-    trained with DP-SGD (``judge``: the check of guided edits)."""
-    return models
-
-
-def _editor(pipeline, scale=30.0, **kw) -> PrivateEditor:
+def _editor(models, scale=30.0, **kw) -> PrivateEditor:
     """The guided editor, checked by the judge (``checker=None``: no check)."""
-    return PrivateEditor.from_checkpoint(pipeline / "unet", classifier=pipeline / "guide", classifier_scale=scale,
-                                         checker=kw.pop("checker", pipeline / "judge"),
+    return PrivateEditor.from_checkpoint(models / "unet", classifier=models / "guide", classifier_scale=scale,
+                                         checker=kw.pop("checker", models / "judge"),
                                          num_steps=kw.pop("num_steps", 8), **kw)
 
 
@@ -54,34 +47,34 @@ def _with(a, name, editor, value):
     return out
 
 
-def test_the_backend_follows_from_what_is_given(pipeline):
-    guided = _editor(pipeline)
+def test_the_backend_follows_from_what_is_given(models):
+    guided = _editor(models)
     assert guided.backend == "guided" and guided.label_free and guided.can_check
-    unchecked = _editor(pipeline, checker=None)  # issue 30: the guide never checks
+    unchecked = _editor(models, checker=None)  # issue 30: the guide never checks
     assert unchecked.backend == "guided" and unchecked.checker is None and not unchecked.can_check
-    for nothing_steers in ({}, {"classifier": pipeline / "guide", "classifier_scale": 0.0}):  # label-free UNet
+    for nothing_steers in ({}, {"classifier": models / "guide", "classifier_scale": 0.0}):  # label-free UNet
         with pytest.raises(ConfigError, match="without attribute labels"):
-            PrivateEditor.from_checkpoint(pipeline / "unet", **nothing_steers)
+            PrivateEditor.from_checkpoint(models / "unet", **nothing_steers)
     assert [c["role"] for c in guided.costs] == ["denoiser", "guidance classifier", "check classifier"]
     assert guided.costs[1]["private"] and guided.costs[0]["label_free"] and not guided.costs[0]["private"]
 
 
-def test_guided_backend_moves_the_classifier_logit_towards_the_target(pipeline):
-    editor = _editor(pipeline, scale=30.0, keep_unprotected=False)  # steer smiling only
+def test_guided_backend_moves_the_classifier_logit_towards_the_target(models):
+    editor = _editor(models, scale=30.0, keep_unprotected=False)  # steer smiling only
     x, a = _faces(editor)
     j = editor.guide.attribute_names.index("smiling")
     logit = lambda images: editor.guide.logits(images)[:, j]  # noqa: E731  (what the guide steers, at t = 0)
     up = editor.edit(x, a, _with(a, "smiling", editor, 1.0), strength=0.7, protected=PROTECTED)
     down = editor.edit(x, a, _with(a, "smiling", editor, -1.0), strength=0.7, protected=PROTECTED)
     assert bool((logit(up) > logit(down)).all()), (logit(up), logit(down))
-    unguided = _editor(pipeline, scale=1e-9, keep_unprotected=False)  # the same walk with (almost) no push
+    unguided = _editor(models, scale=1e-9, keep_unprotected=False)  # the same walk with (almost) no push
     plain = unguided.edit(x, a, _with(a, "smiling", editor, 1.0), strength=0.7, protected=PROTECTED)
     assert logit(up).mean() > logit(plain).mean() > logit(down).mean()
 
 
-def test_guided_inversion_never_sees_the_protected_values(pipeline):
+def test_guided_inversion_never_sees_the_protected_values(models):
     """The label-free denoiser is called with zeros only, and x_t0 does not depend on the protected values."""
-    editor = _editor(pipeline)
+    editor = _editor(models)
     x, a = _faces(editor, n=2)
     seen = []
     inner = editor.model.forward
@@ -100,8 +93,8 @@ def test_guided_inversion_never_sees_the_protected_values(pipeline):
     torch.testing.assert_close(one, other, rtol=0, atol=0)
 
 
-def test_a_guided_edit_is_deterministic(pipeline):
-    editor = _editor(pipeline)
+def test_a_guided_edit_is_deterministic(models):
+    editor = _editor(models)
     x, a = _faces(editor, n=3)
     target = _with(a, "smiling", editor, 1.0)
     first = editor.edit(x, a, target, strength=0.5, protected=PROTECTED)
@@ -110,8 +103,8 @@ def test_a_guided_edit_is_deterministic(pipeline):
     torch.testing.assert_close(first[1:2], batched_one, rtol=1e-5, atol=1e-5)
 
 
-def test_check_redoes_failing_edits_stronger_and_reports_the_rest(pipeline, monkeypatch):
-    editor = _editor(pipeline, max_retries=2)
+def test_check_redoes_failing_edits_stronger_and_reports_the_rest(models, monkeypatch):
+    editor = _editor(models, max_retries=2)
     x, a = _faces(editor, n=3)
     calls = []
 
@@ -129,8 +122,8 @@ def test_check_redoes_failing_edits_stronger_and_reports_the_rest(pipeline, monk
     assert got.row(2) == {"passed": False, "attempts": 3, "strength": 0.8, "guidance_factor": 2.25, "shown": {"smiling": 0.3}}
 
 
-def test_the_checker_reads_the_released_value(pipeline):
-    editor = _editor(pipeline)
+def test_the_checker_reads_the_released_value(models):
+    editor = _editor(models)
     x, a = _faces(editor, n=4)
     j = editor.checker.attribute_names.index("smiling")
     p_up = torch.sigmoid(editor.checker.logits(x)[:, j])
@@ -139,8 +132,8 @@ def test_the_checker_reads_the_released_value(pipeline):
     torch.testing.assert_close(editor.shown(x, _with(a, "smiling", editor, -1.0), protected=PROTECTED)[:, 0], 1 - p_up)
 
 
-def test_attributes_of_an_unlabelled_image_are_proposed_with_confidence(pipeline):
-    editor = _editor(pipeline)
+def test_attributes_of_an_unlabelled_image_are_proposed_with_confidence(models):
+    editor = _editor(models)
     x, _ = _faces(editor, n=3)
     proposed = editor.propose(x)
     logits = editor.checker.logits(x)
@@ -152,7 +145,7 @@ def test_attributes_of_an_unlabelled_image_are_proposed_with_confidence(pipeline
             assert 0.5 <= guess["confidence"] <= 1
 
 
-def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp_path, veil_home, monkeypatch):
+def test_run_edit_guided_reports_costs_checks_and_charges_refusals(models, tmp_path, veil_home, monkeypatch):
     real_shown = PrivateEditor.shown
 
     def shown(self, edited, targets, *, protected):  # the second image never shows its released value
@@ -164,7 +157,7 @@ def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp
 
     shown.refusing = False
     monkeypatch.setattr(PrivateEditor, "shown", shown)
-    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
+    report = J.run_edit(checkpoint=models / "unet", classifier=models / "guide", checker=models / "judge",
                         out=tmp_path / "e", protect=PROTECTED, first=3, level="high", steps=6, max_retries=0,
                         check_threshold=0.01)
     assert report["backend"] == "guided" and report["classifier_scale"] == 10.0
@@ -196,20 +189,20 @@ def test_run_edit_guided_reports_costs_checks_and_charges_refusals(pipeline, tmp
         assert book.summary()["releases"]["refused"] == 1
 
 
-def test_a_release_needs_a_check_or_an_explicit_no_check(pipeline, tmp_path, veil_home, capsys):
-    base = ["edit", "--checkpoint", str(pipeline / "unet"), "--protect", "smiling", "--first", "2", "--steps", "4"]
+def test_a_release_needs_a_check_or_an_explicit_no_check(models, tmp_path, veil_home, capsys):
+    base = ["edit", "--checkpoint", str(models / "unet"), "--protect", "smiling", "--first", "2", "--steps", "4"]
     assert main(base + ["--out", str(tmp_path / "a"), "--classifier-scale", "3"]) == 2
     assert "--classifier-scale: only with --classifier" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "b")]) == 2  # label-free UNet, no classifier: nothing checks
     assert "--no-check" in capsys.readouterr().err
     assert not (veil_home / "datasets").exists()  # refused before anything was opened or charged
     # issue 30: a checked guided edit without --checker is refused before anything loads (the guide never checks)
-    guided = base + ["--classifier", str(pipeline / "guide"), "--level", "max"]
+    guided = base + ["--classifier", str(models / "guide"), "--level", "max"]
     assert main(guided + ["--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "--checker" in err and "--no-check" in err and "guided" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists() and not (veil_home / "datasets").exists()
-    assert main(guided + ["--checker", str(pipeline / "judge"), "--out", str(tmp_path / "d")]) == 0
+    assert main(guided + ["--checker", str(models / "judge"), "--out", str(tmp_path / "d")]) == 0
     said = capsys.readouterr().out
     assert "(guided backend)" in said and "check: each released protected value" in said and "--checker" in said
     assert "guidance classifier: epsilon" in said and "check classifier: epsilon" in said
@@ -219,8 +212,8 @@ def test_a_release_needs_a_check_or_an_explicit_no_check(pipeline, tmp_path, vei
     assert json.loads((tmp_path / "e/edit_report.json").read_text())["check"]["enabled"] is False
 
 
-def test_a_session_records_a_refused_edit_and_raises(pipeline, tmp_path, monkeypatch):
-    editor = _editor(pipeline, max_retries=0)
+def test_a_session_records_a_refused_edit_and_raises(models, tmp_path, monkeypatch):
+    editor = _editor(models, max_retries=0)
     x, a = _faces(editor, n=1)
     attrs = {n: int(v) for n, v in zip(editor.attribute_names, a[0].tolist())}
     monkeypatch.setattr(PrivateEditor, "shown", lambda self, e, t, *, protected: torch.zeros(e.shape[0], 1))
@@ -234,14 +227,14 @@ def test_a_session_records_a_refused_edit_and_raises(pipeline, tmp_path, monkeyp
         assert ledger.releases()[0].models == editor.costs
 
 
-def test_the_guidance_step_traces_into_one_graph(pipeline):
+def test_the_guidance_step_traces_into_one_graph(models):
     """The export issue's premise: make_fx traces a guided DDIM step (classifier gradient included) into a
     graph of plain ops that computes what the eager step computes."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from veil.lightning_modules.diffusion.ddim import ddim_denoise_step
 
-    editor = _editor(pipeline)
+    editor = _editor(models)
     x = torch.randn(2, 3, 32, 32)
     t, t_prev = torch.tensor([300, 300]), torch.tensor([200, 200])
     attrs, targets = torch.zeros(2, 6), torch.tensor([[1.0, 0, 0, 0, 0, -1], [0, 1.0, 0, 0, 0, 0]])
@@ -252,40 +245,40 @@ def test_the_guidance_step_traces_into_one_graph(pipeline):
 
     graph = make_fx(step)(x, t, t_prev, targets)
     torch.testing.assert_close(graph(x, t, t_prev, targets), step(x, t, t_prev, targets), rtol=1e-4, atol=1e-5)
-    assert load_diffusion_checkpoint(pipeline / "unet").cond_drop_prob == 1.0
+    assert load_diffusion_checkpoint(models / "unet").cond_drop_prob == 1.0
 
 
-def test_sweep_previews_with_the_guided_backend(pipeline, tmp_path, veil_home, capsys):
+def test_sweep_previews_with_the_guided_backend(models, tmp_path, veil_home, capsys):
     out = tmp_path / "sweep"
-    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+    assert main(["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
                  "--protect", "smiling", "--first", "2", "--steps", "4", "--sweep", "--out", str(out)]) == 0
     report = json.loads((out / "sweep.json").read_text())
     assert report["backend"] == "guided" and len(report["rows"]) == 4 and "guided backend" in capsys.readouterr().out
     assert not (veil_home / "datasets").exists()  # previews open no ledger
-    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+    assert main(["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
                  "--protect", "smiling", "--first", "2", "--sweep", "--no-check", "--out", str(tmp_path / "x")]) == 2
     assert "--no-check" in capsys.readouterr().err
-    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+    assert main(["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
                  "--protect", "smiling", "--first", "2", "--steps", "4", "--sweep", "--sweep-epsilons", "0,1",
                  "--strength", "0.6", "--encoding", "invert", "--out", str(tmp_path / "inv")]) == 0
     rows = json.loads((tmp_path / "inv" / "sweep.json").read_text())["rows"]
     assert [(r["level"]["epsilon"], r["level"]["strength"], r["level"]["encoding"]) for r in rows] == \
         [(0.0, 0.6, "invert"), (1.0, 0.6, "invert")]
     with pytest.raises(SystemExit):
-        main(["edit", "--checkpoint", str(pipeline / "unet"), "--protect", "smiling", "--first", "2",
+        main(["edit", "--checkpoint", str(models / "unet"), "--protect", "smiling", "--first", "2",
               "--encoding", "blur", "--out", str(tmp_path / "y")])
     assert "--encoding" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("encoding", ["invert", "noise"])
-def test_a_seeded_guided_release_repeats_its_draws_and_only_inverted_pixels(pipeline, tmp_path, encoding):
+def test_a_seeded_guided_release_repeats_its_draws_and_only_inverted_pixels(models, tmp_path, encoding):
     """A fixed --seed gives the same draws (each run its own database: the draw depends on how often the
     image was released before); the pixels repeat with inversion, never with the secret encoding noise."""
     for run in ("a", "b"):  # issue 30: inversion only where the pixels are said unprotected; noise is priced high
         with PrivacyLedger(tmp_path / f"{run}.sqlite", budget=math.inf) as book:
             if encoding == "invert":
                 book.set_pixel_policy("not-protected", reason="this test releases inversions")
-    reports = [J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
+    reports = [J.run_edit(checkpoint=models / "unet", classifier=models / "guide", checker=models / "judge",
                           out=tmp_path / run,
                           protect=PROTECTED, first=2, level="max", encoding=encoding, steps=4, seed=4,
                           ledger=tmp_path / f"{run}.sqlite",
@@ -300,8 +293,8 @@ def test_a_seeded_guided_release_repeats_its_draws_and_only_inverted_pixels(pipe
     assert same == [encoding == "invert"] * len(same)
 
 
-def test_noise_encoding_is_the_forward_process_with_fresh_secret_noise(pipeline, monkeypatch):
-    editor = _editor(pipeline)
+def test_noise_encoding_is_the_forward_process_with_fresh_secret_noise(models, monkeypatch):
+    editor = _editor(models)
     x, a = _faces(editor, n=2)
     noise = torch.randn_like(x)
     for strength in (0.5, 1.0):
@@ -326,9 +319,9 @@ def test_noise_encoding_is_the_forward_process_with_fresh_secret_noise(pipeline,
         editor.encode(x, a, strength=0.5, protected=[], encoding="noise")
 
 
-def test_previews_of_one_image_share_one_noise_draw(pipeline, monkeypatch):
+def test_previews_of_one_image_share_one_noise_draw(models, monkeypatch):
     """Candidates of a session's preview differ only by their released values: one encoding for all."""
-    editor = _editor(pipeline)
+    editor = _editor(models)
     x, a = _faces(editor, n=1)
     originals = dict(zip(editor.attribute_names, a[0].int().tolist()))
     seeds = []
@@ -340,10 +333,10 @@ def test_previews_of_one_image_share_one_noise_draw(pipeline, monkeypatch):
     torch.testing.assert_close(out[0], out[1])
 
 
-def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stated(pipeline, tmp_path, veil_home):
+def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stated(models, tmp_path, veil_home):
     """--checker: a classifier that did not steer the edit checks it (the guide can be fooled by its own
     guidance); it is the one read, and its training privacy is listed in the cost."""
-    editor, *_ = J.load_edit_inputs(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
+    editor, *_ = J.load_edit_inputs(checkpoint=models / "unet", classifier=models / "guide", checker=models / "judge",
                                     data=None, ids=None, first=2, protect=PROTECTED, steps=4, guidance=None)
     assert editor.backend == "guided" and editor.checker is not editor.guide
     assert not editor.checker.model.noise_conditional  # a classifier of clean images can judge
@@ -354,9 +347,9 @@ def test_an_independent_checker_judges_instead_of_the_guide_and_its_cost_is_stat
     j = editor.checker.attribute_names.index("smiling")
     torch.testing.assert_close(editor.shown(x, target, protected=PROTECTED)[:, 0],
                                torch.sigmoid(editor.checker.logits(x)[:, j]))
-    report = J.run_edit(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=pipeline / "judge",
+    report = J.run_edit(checkpoint=models / "unet", classifier=models / "guide", checker=models / "judge",
                         out=tmp_path / "e", protect=PROTECTED, first=2, level="high", steps=4, check_threshold=0.01)
-    assert report["checker"] == str(pipeline / "judge") and len(report["cost"]["models"]) == 3
+    assert report["checker"] == str(models / "judge") and len(report["cost"]["models"]) == 3
 
 
 # -- issue 30: the check is not the model that guided the edit ---------------------------------------------------
@@ -374,39 +367,39 @@ def _release_with_head(source, target, fn):
     return target
 
 
-def test_a_checker_with_the_guides_weights_is_refused(pipeline, tmp_path, veil_home, capsys):
+def test_a_checker_with_the_guides_weights_is_refused(models, tmp_path, veil_home, capsys):
     """The same release as the guide, or a copy of it under another name, is not a check: refused naming
     --checker, before anything is edited or charged."""
-    copy = _release_with_head(pipeline / "guide", tmp_path / "copy", lambda v: v)  # same weights, new path
-    for same in (pipeline / "guide", copy):
+    copy = _release_with_head(models / "guide", tmp_path / "copy", lambda v: v)  # same weights, new path
+    for same in (models / "guide", copy):
         with pytest.raises(ConfigError, match="--checker: the same weights as --classifier"):
-            _editor(pipeline, checker=same)
-    assert main(["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"),
+            _editor(models, checker=same)
+    assert main(["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"),
                  "--checker", str(copy), "--protect", "smiling", "--first", "2", "--steps", "4",
                  "--out", str(tmp_path / "o")]) == 2
     assert "same weights" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (veil_home / "datasets").exists()
-    guide = E._load_models(pipeline / "unet", use_ema=True, classifier=pipeline / "guide", classifier_scale=30.0,
+    guide = E._load_models(models / "unet", use_ema=True, classifier=models / "guide", classifier_scale=30.0,
                            checker=None)[1]
-    assert E.weights_digest(guide) != E.weights_digest(_editor(pipeline).checker)
+    assert E.weights_digest(guide) != E.weights_digest(_editor(models).checker)
 
 
-def test_a_checker_that_does_not_know_a_protected_attribute_is_refused(pipeline, tmp_path):
-    judge = _release_with_head(pipeline / "judge", tmp_path / "judge", lambda v: v)
+def test_a_checker_that_does_not_know_a_protected_attribute_is_refused(models, tmp_path):
+    judge = _release_with_head(models / "judge", tmp_path / "judge", lambda v: v)
     meta_path = judge / "model" / "veil_model.json"
     meta = json.loads(meta_path.read_text())
     meta["attribute_names"] = ["not_smiling" if n == "smiling" else n for n in meta["attribute_names"]]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"--protect: the check classifier \(--checker.*does not know \['smiling'\]"):
-        J.load_edit_inputs(checkpoint=pipeline / "unet", classifier=pipeline / "guide", checker=judge, data=None,
+        J.load_edit_inputs(checkpoint=models / "unet", classifier=models / "guide", checker=judge, data=None,
                            ids=None, first=2, protect=PROTECTED, steps=4, guidance=None)
 
 
-def test_a_released_edit_is_checked_by_the_checker_not_the_guide(pipeline, tmp_path):
+def test_a_released_edit_is_checked_by_the_checker_not_the_guide(models, tmp_path):
     """A checker that reads the opposite of the guide (its head negated: P = 1 - P_guide) decides: every row the
     guide would accept is refused, and what the check read is the checker's reading, not the guide's."""
-    contrarian = _release_with_head(pipeline / "guide", tmp_path / "contrarian", lambda v: -v)
-    editor = _editor(pipeline, checker=contrarian, max_retries=0)
+    contrarian = _release_with_head(models / "guide", tmp_path / "contrarian", lambda v: -v)
+    editor = _editor(models, checker=contrarian, max_retries=0)
     x, a = _faces(editor, n=4)
     targets = _with(a, "smiling", editor, 1.0)
     checked = editor.edit_checked(x, a, targets, strength=0.7, protected=PROTECTED)
@@ -419,9 +412,9 @@ def test_a_released_edit_is_checked_by_the_checker_not_the_guide(pipeline, tmp_p
     assert not bool(checked.passed[guide_accepts].any())  # ... and the checker refuses every one of them
 
 
-def test_a_strength_that_walks_no_step_is_refused(pipeline, tmp_path, veil_home, capsys):
+def test_a_strength_that_walks_no_step_is_refused(models, tmp_path, veil_home, capsys):
     """Issue 31: --strength 1e-300 (t0 = 0: no DDIM step, the image released unchanged) exits 2 with one line."""
-    base = ["edit", "--checkpoint", str(pipeline / "unet"), "--classifier", str(pipeline / "guide"), "--no-check",
+    base = ["edit", "--checkpoint", str(models / "unet"), "--classifier", str(models / "guide"), "--no-check",
             "--protect", "smiling", "--first", "2", "--steps", "10", "--level", "max"]
     for strength in ("1e-300", "0.04"):  # at 10 steps one step is r / T = 0.1: the least strength is above 0.05
         assert main(base + ["--strength", strength, "--out", str(tmp_path / strength)]) == 2
